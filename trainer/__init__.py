@@ -1,0 +1,1 @@
+"""Training core: config tree, process-group bootstrap, Llama model, DeepSpeed engine, fit loop, checkpoints."""
