@@ -12,7 +12,7 @@ import sys
 from importlib import import_module
 
 # Order here is the order in `pretrain --help`: the data flow, left to right.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("launch.commands.train",)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,117 @@
+"""`pretrain train`: train a model from a run config. `--dry-run` resolves and checks the config for its world size,
+prints parameter count, FLOPs per token, memory per GPU and the generated DeepSpeed config, and exits (no torch)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+EXAMPLES = """\
+examples:
+  pretrain train --config configs/tiny.yaml --dry-run
+  pretrain train --config configs/7b.yaml --dry-run optim.lr=1.5e-4 train.max_steps=1000
+  pretrain train --config configs/70b.yaml --world-size 512 --dry-run parallel.pp=8
+
+World size for --dry-run: --world-size, else $WORLD_SIZE, else launch.nodes × launch.gpus_per_node.
+Overrides are dotted keys with YAML values (optim.betas=[0.9,0.95], data.datasets.0.weight=2); put them together.
+"""
+
+
+class TrainingNotAvailableError(RuntimeError):
+    user_error = True
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a model from a config (--dry-run: resolve, validate, estimate)",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", required=True, metavar="YAML", help="run config, e.g. configs/tiny.yaml")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4 parallel.tp=2"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="resolve, validate and estimate; do not train")
+    parser.add_argument("--world-size", type=int, metavar="N", help="number of processes to validate against (dry run)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from trainer.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    world_size, world_source = _world_size(args.world_size, cfg.launch.nodes, cfg.launch.gpus_per_node)
+    derived = cfg.validate_for_world(world_size)
+    if not args.dry_run:
+        raise TrainingNotAvailableError(
+            "training itself lands with the training-core work (bootstrap, engine, fit); for now use --dry-run to "
+            "check a config"
+        )
+    print(_dry_run_report(cfg, derived, args, world_source))
+    return 0
+
+
+def _world_size(flag: int | None, nodes: int, gpus_per_node: int) -> tuple[int, str]:
+    if flag is not None:
+        return flag, "--world-size"
+    env = os.environ.get("WORLD_SIZE")
+    if env:
+        if not env.isdigit():
+            from trainer.config import ConfigError
+
+            raise ConfigError(f"WORLD_SIZE={env!r} is not a whole number: unset it or pass --world-size N")
+        return int(env), "$WORLD_SIZE"
+    return nodes * gpus_per_node, f"launch: {nodes} nodes × {gpus_per_node} gpus_per_node"
+
+
+def _dry_run_report(cfg: Any, derived: Any, args: argparse.Namespace, world_source: str) -> str:
+    from trainer.deepspeed_config import build_deepspeed_config
+    from trainer.estimate import count_parameters, estimate_memory, flops_per_token
+
+    params = count_parameters(cfg.model, derived.padded_vocab_size)
+    flops = flops_per_token(cfg.model, derived.padded_vocab_size, cfg.train.seq_len)
+    memory = estimate_memory(cfg, derived)
+    overrides = f" (+{len(args.overrides)} overrides)" if args.overrides else ""
+    lines = [
+        f"config       {args.config}{overrides}: {cfg.name}",
+        f"world        {derived.world_size} processes ({world_source}) on {derived.device} = "
+        f"tp {derived.tp} × pp {derived.pp} × dp {derived.dp}",
+        f"batch        {derived.global_batch_size} samples × {cfg.train.seq_len} tokens = "
+        f"{derived.global_batch_size_tokens:,} tokens/step = micro {derived.micro_batch_size_per_gpu} × "
+        f"grad_accum {derived.grad_accum_steps} × dp {derived.dp}",
+        f"parameters   {params.total:,} ({_si(params.total)}; non-embedding {_si(params.non_embedding)}; "
+        f"vocab {cfg.model.vocab_size:,} padded to {derived.padded_vocab_size:,})",
+        f"FLOPs/token  {flops.total:.3e} training (matmul {flops.matmul:.3e} + attention {flops.attention:.3e}); "
+        f"{flops.total * derived.global_batch_size_tokens:.3e} per step",
+        *_memory_lines(cfg, memory),
+        "DeepSpeed config:",
+        json.dumps(build_deepspeed_config(cfg, derived), indent=2),
+    ]
+    return "\n".join(lines)
+
+
+def _memory_lines(cfg: Any, memory: Any) -> list[str]:
+    gib = 2**30
+    lines = [
+        f"memory/GPU   {memory.total_bytes / gib:.1f} GiB on the busiest stage "
+        f"({memory.params_per_gpu:,} params there): "
+        f"weights {memory.weights_bytes / gib:.1f} + grads {memory.grads_bytes / gib:.1f} + optimizer "
+        f"{memory.optimizer_bytes / gib:.1f} + activations {memory.activations_bytes / gib:.1f} GiB",
+        f"             ({cfg.precision.dtype}, ZeRO-{cfg.zero.stage}, activation checkpointing "
+        f"{cfg.parallel.activation_checkpointing}, {memory.in_flight_micro_batches} micro-batch(es) in flight; "
+        f"add CUDA context, comm buffers, fragmentation)",
+    ]
+    if memory.cpu_offload_bytes:
+        lines.append(f"             offloaded to host memory: {memory.cpu_offload_bytes / gib:.1f} GiB per GPU")
+    return lines
+
+
+def _si(count: int) -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= scale:
+            return f"{count / scale:.2f} {suffix}"
+    return str(count)

@@ -1,0 +1,98 @@
+"""`pretrain train --dry-run` for every shipped config, run the way a user runs it: `python -m launch train ...`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+# The size each config's name promises; tiny has no nominal size (its exact count is checked in test_model.py).
+NOMINAL_PARAMS = {"125m": 125e6, "1b": 1e9, "7b": 7e9, "70b": 70e9}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _train_command_is_registered() -> None:
+    from launch.cli import COMMAND_MODULES
+
+    assert "launch.commands.train" in COMMAND_MODULES, "add 'launch.commands.train' to COMMAND_MODULES in launch/cli.py"
+
+
+def pretrain(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, "-m", "launch", "train", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=60
+    )
+
+
+def reported_params(stdout: str) -> int:
+    match = re.search(r"^parameters\s+([\d,]+)", stdout, re.MULTILINE)
+    assert match, stdout
+    return int(match.group(1).replace(",", ""))
+
+
+def deepspeed_json(stdout: str) -> dict:
+    return json.loads(stdout.split("DeepSpeed config:\n", 1)[1])
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_dry_runs(config: Path) -> None:
+    out = pretrain("--config", f"configs/{config.name}", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    params = reported_params(out.stdout)
+    if config.stem in NOMINAL_PARAMS:
+        assert abs(params - NOMINAL_PARAMS[config.stem]) / NOMINAL_PARAMS[config.stem] < 0.15, params
+    for heading in ("world ", "batch ", "FLOPs/token ", "memory/GPU "):
+        assert f"\n{heading}" in out.stdout
+    ds = deepspeed_json(out.stdout)
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * int(
+        re.search(r"× dp (\d+)\n", out.stdout).group(1)
+    )
+
+
+def test_overrides_and_world_size_flag() -> None:
+    out = pretrain("--config", "configs/7b.yaml", "--world-size", "64", "--dry-run", "parallel.tp=4", "optim.lr=1e-4")
+    assert out.returncode == 0, out.stderr
+    assert "64 processes (--world-size) on cuda = tp 4 × pp 1 × dp 16" in out.stdout
+    assert "(+2 overrides)" in out.stdout
+    ds = deepspeed_json(out.stdout)
+    assert ds["optimizer"]["params"]["lr"] == 1e-4 and ds["gradient_accumulation_steps"] == 1024 // (2 * 16)
+
+
+def test_world_size_from_environment() -> None:
+    out = pretrain("--config", "configs/tiny.yaml", "--dry-run", env_extra={"WORLD_SIZE": "4"})
+    assert out.returncode == 0, out.stderr
+    assert "4 processes ($WORLD_SIZE) on cpu = tp 1 × pp 1 × dp 4" in out.stdout
+
+
+def test_config_errors_print_cleanly() -> None:
+    out = pretrain("--config", "configs/tiny.yaml", "--dry-run", "optim.lrr=1e-3")
+    assert out.returncode == 2
+    assert "optim.lrr: unknown key: did you mean optim.lr?" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = pretrain("--config", "configs/70b.yaml", "--dry-run", "zero.stage=3")
+    assert out.returncode == 2 and "set zero.stage=1 or parallel.pp=1" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_training_without_dry_run_says_what_to_do() -> None:
+    out = pretrain("--config", "configs/tiny.yaml")
+    assert out.returncode == 2
+    assert "use --dry-run" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_dry_run_imports_nothing_heavy() -> None:
+    code = (
+        "import sys; from launch.cli import main\n"
+        "rc = main(['train', '--config', 'configs/70b.yaml', '--dry-run'])\n"
+        "print('HEAVY', [m for m in sys.modules if m.split('.')[0] in ('torch', 'deepspeed', 'megatron')])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stdout

@@ -1,0 +1,102 @@
+"""Estimates used by --dry-run: exact counts, FLOPs formula, memory accounting under each ZeRO stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trainer.config import load_config
+from trainer.estimate import count_parameters, estimate_memory, flops_per_token
+
+REPO = Path(__file__).resolve().parents[2]
+GIB = 2**30
+
+
+def setup(name: str, *overrides: str, world: int | None = None):
+    cfg = load_config(REPO / "configs" / f"{name}.yaml", overrides)
+    return cfg, cfg.validate_for_world(world or cfg.launch.nodes * cfg.launch.gpus_per_node)
+
+
+def test_llama2_7b_parameter_count_is_the_published_one() -> None:
+    cfg, derived = setup("7b")
+    assert count_parameters(cfg.model, derived.padded_vocab_size).total == 6_738_415_616  # Llama-2-7b-hf
+
+
+def test_llama2_70b_parameter_count_is_the_published_one() -> None:
+    cfg, _ = setup("70b")
+    assert count_parameters(cfg.model, cfg.model.vocab_size).total == 68_976_648_192  # Llama-2-70b-hf, vocab 32000
+    assert count_parameters(cfg.model, 32768).total == 68_976_648_192 + 2 * 768 * 8192  # + padding rows, untied
+
+
+def test_flops_per_token_formula() -> None:
+    cfg, derived = setup("7b")
+    flops = flops_per_token(cfg.model, derived.padded_vocab_size, cfg.train.seq_len)
+    counts = count_parameters(cfg.model, derived.padded_vocab_size)
+    norms = cfg.model.num_layers * 2 * 4096 + 4096
+    assert flops.matmul == 6 * (
+        counts.total - counts.embedding - norms
+    )  # untied: lm_head is a matmul, embedding is not
+    assert flops.attention == 12 * 32 * 4096 * 4096
+    tied_cfg, tied = setup("1b")
+    tied_counts = count_parameters(tied_cfg.model, tied.padded_vocab_size)
+    tied_flops = flops_per_token(tied_cfg.model, tied.padded_vocab_size, 2048)
+    assert (
+        tied_counts.lm_head == 0 and tied_flops.matmul > 6 * tied_counts.non_embedding
+    )  # the tied head still multiplies
+
+
+def test_single_gpu_state_is_the_whole_model() -> None:
+    cfg, derived = setup("tiny", world=1)
+    memory = estimate_memory(cfg, derived)
+    total = count_parameters(cfg.model, derived.padded_vocab_size).total
+    assert memory.params_per_gpu == total
+    assert (memory.weights_bytes, memory.grads_bytes, memory.optimizer_bytes) == (4 * total, 4 * total, 8 * total)
+
+
+@pytest.mark.parametrize(
+    ("stage", "weights_div", "grads_div", "optim_div"), [(0, 1, 1, 1), (1, 1, 1, 16), (2, 1, 16, 16), (3, 16, 16, 16)]
+)
+def test_zero_stages_partition_over_dp(stage: int, weights_div: int, grads_div: int, optim_div: int) -> None:
+    cfg, derived = setup("1b", f"zero.stage={stage}")
+    memory = estimate_memory(cfg, derived)
+    params = memory.params_per_gpu
+    assert derived.dp == 16
+    assert memory.weights_bytes == 2 * params // weights_div
+    assert memory.grads_bytes == 2 * params // grads_div
+    assert memory.optimizer_bytes == 12 * params // optim_div
+
+
+def test_offload_moves_state_to_host() -> None:
+    cfg, derived = setup("1b", "zero.stage=3", "zero.offload_optimizer=cpu", "zero.offload_param=cpu")
+    memory = estimate_memory(cfg, derived)
+    assert memory.optimizer_bytes == 0 and memory.weights_bytes == 0
+    assert memory.cpu_offload_bytes == (12 + 2) * memory.params_per_gpu // 16
+
+
+def test_tensor_and_pipeline_split_the_weights() -> None:
+    cfg, derived = setup("70b")
+    memory = estimate_memory(cfg, derived)
+    counts = count_parameters(cfg.model, derived.padded_vocab_size)
+    # 20 of 80 layers per stage, 1/8 of each per TP rank, plus the embedding or head shard: about total / 32.
+    assert memory.params_per_gpu == pytest.approx(counts.total / 32, rel=0.05)
+    assert memory.in_flight_micro_batches == 4  # 1F1B: pp micro-batches live on the first stage
+
+
+def test_activation_checkpointing_and_sequence_parallel_shrink_activations() -> None:
+    def activations(*overrides: str) -> int:
+        cfg, derived = setup("7b", *overrides)
+        return estimate_memory(cfg, derived).activations_bytes
+
+    none, selective, full = (
+        activations(f"parallel.activation_checkpointing={m}") for m in ("none", "selective", "full")
+    )
+    assert full < selective < none
+    assert activations("parallel.sequence_parallel=false") > activations("parallel.sequence_parallel=true")
+
+
+@pytest.mark.parametrize("name", ["125m", "1b", "7b", "70b"])
+def test_shipped_gpu_configs_fit_an_80gb_gpu(name: str) -> None:
+    cfg, derived = setup(name)
+    total = estimate_memory(cfg, derived).total_bytes
+    assert total < 0.8 * 80e9, f"{name}: {total / GIB:.1f} GiB leaves too little headroom on an 80 GB GPU"

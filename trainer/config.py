@@ -1,0 +1,670 @@
+"""The run config: one typed tree, a sub-config per component, loaded from YAML plus dotted overrides.
+
+    cfg = load_config("configs/7b.yaml", ["optim.lr=3e-4", "parallel.tp=2"])
+    derived = cfg.validate_for_world(world_size=32)     # dp, grad_accum_steps, padded_vocab_size, ...
+    save_resolved(cfg, "runs/x/config.yaml", derived)
+
+Two levels of checking, on purpose:
+- `load_config` (pydantic, `extra="forbid"`, strict types) checks that the config is self-consistent: types, ranges,
+  unknown keys (with a close-match suggestion), model shape, sections that contradict each other.
+- `Config.validate_for_world` checks that the run plan fits a world: tp/pp/dp, ZeRO with pipeline, batch divisibility,
+  fp16 on CPU. A config can be loaded to inspect or convert a checkpoint without naming a cluster.
+Every message names the dotted path and says what to do. Derived values (dp, grad_accum_steps, padded vocab, ...) live
+in the separate `Derived` object and are never written back into user fields, so a resolved config round-trips.
+
+This module is imported by `--help` and `--dry-run` paths: keep it free of torch (import time < 1 s).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import math
+import os
+import re
+import types
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# Megatron's convention: pad the embedding rows so each TP shard holds a multiple of 128 rows (tensor-core friendly).
+VOCAB_PAD_MULTIPLE = 128
+
+
+class ConfigError(ValueError):
+    """A config problem the user can fix; the message names the dotted path and the fix."""
+
+    user_error = True  # launch/cli.py prints these without a traceback
+
+
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class _Section(BaseModel):
+    # strict: YAML already gives typed values, so "2" for an int or `true` for an int is a mistake worth reporting.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+class ModelConfig(_Section):
+    vocab_size: PositiveInt  # the tokenizer's vocabulary; the embedding is padded beyond it (Derived.padded_vocab_size)
+    hidden_size: PositiveInt
+    intermediate_size: PositiveInt  # SwiGLU inner width
+    num_layers: PositiveInt
+    num_heads: PositiveInt
+    num_kv_heads: PositiveInt  # = num_heads for multi-head attention; fewer for grouped-query attention
+    head_dim: PositiveInt | None = None  # None: hidden_size // num_heads
+    rope_theta: PositiveFloat = 10000.0
+    rms_norm_eps: PositiveFloat = 1e-5
+    tie_embeddings: bool = False
+    max_seq_len: PositiveInt = 2048  # context length recorded for export (HF max_position_embeddings)
+    init_std: PositiveFloat = 0.02
+
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+
+class ParallelConfig(_Section):
+    tp: PositiveInt = 1
+    pp: PositiveInt = 1
+    dp: PositiveInt | Literal["auto"] = "auto"  # auto: world_size // (tp * pp)
+    sequence_parallel: bool = False
+    # selective: recompute cheap elementwise ops (norms, rotary, SiLU*mul), keep matmul and attention outputs.
+    activation_checkpointing: Literal["none", "selective", "full"] = "none"
+
+
+OffloadDevice = Literal["none", "cpu", "nvme"]
+
+
+class ZeroConfig(_Section):
+    stage: Annotated[int, Field(ge=0, le=3)] = 0
+    offload_optimizer: OffloadDevice = "none"
+    offload_param: OffloadDevice = "none"  # ZeRO-3 only
+    nvme_path: str | None = None
+    overlap_comm: bool = True
+    reduce_bucket_size_elements: PositiveInt = 500_000_000
+    allgather_bucket_size_elements: PositiveInt = 500_000_000
+    stage3_prefetch_bucket_size_elements: PositiveInt = 50_000_000
+    stage3_param_persistence_threshold_elements: NonNegativeInt = 100_000
+
+
+class PrecisionConfig(_Section):
+    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    # Accumulate gradients across micro-steps in fp32 (DeepSpeed data_types.grad_accum_dtype); needs ZeRO >= 1.
+    fp32_grad_accumulation: bool = False
+    # fp16 only. "dynamic" = DeepSpeed dynamic loss scaling; a number = static scale.
+    loss_scale: PositiveFloat | Literal["dynamic"] = "dynamic"
+    initial_loss_scale_power: Annotated[int, Field(ge=0, le=40)] = 16
+    loss_scale_window_steps: PositiveInt = 1000
+    loss_scale_hysteresis: PositiveInt = 2
+    min_loss_scale: PositiveInt = 1
+
+
+class NoDecayConfig(_Section):
+    """Which parameter kinds are excluded from weight decay."""
+
+    norms: bool = True
+    biases: bool = True
+    embeddings: bool = False
+
+
+class OptimConfig(_Section):
+    lr: PositiveFloat = 3e-4  # peak learning rate, reached at the end of warmup
+    min_lr_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1  # floor = lr * min_lr_ratio, reached at max_steps
+    warmup_steps: NonNegativeInt = 0
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.1
+    betas: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(default=[0.9, 0.95], min_length=2, max_length=2)
+    eps: PositiveFloat = 1e-8
+    grad_clip: Annotated[float, Field(ge=0.0)] = 1.0  # max global grad norm; 0 turns clipping off
+    no_decay_on: NoDecayConfig = Field(default_factory=NoDecayConfig)
+
+
+class TrainConfig(_Section):
+    seq_len: PositiveInt
+    micro_batch_size_per_gpu: PositiveInt  # samples per micro-step per DP rank
+    global_batch_size: PositiveInt  # samples per optimizer step, over all DP ranks and micro-steps
+    max_steps: PositiveInt  # optimizer steps
+    seed: NonNegativeInt = 1234
+    log_interval_steps: PositiveInt = 10
+    eval_interval_steps: NonNegativeInt = 1000  # 0: no periodic eval
+    eval_steps: NonNegativeInt = 20  # micro-batches per eval
+
+
+class DatasetEntry(_Section):
+    path: Annotated[str, Field(min_length=1)]  # a prepared dataset directory (holds manifest.json)
+    weight: PositiveFloat = 1.0  # relative share of training tokens in the mixture
+
+
+class DataConfig(_Section):
+    synthetic: bool = False  # random tokens, no files: for debugging and benchmarks
+    datasets: list[DatasetEntry] = Field(default_factory=list)
+    train_split: str = "train"
+    eval_split: str = "val"
+    num_workers: NonNegativeInt = 2
+    cache_dir: str | None = None
+
+
+class CheckpointConfig(_Section):
+    dir: str | None = None  # None: <run_dir>/checkpoints
+    save_interval_steps: NonNegativeInt = 1000  # 0: off
+    save_interval_minutes: Annotated[float, Field(ge=0.0)] = 0.0  # 0: off; whichever interval comes first saves
+    keep_last: PositiveInt = 3
+    resume: Annotated[str, Field(min_length=1)] = "auto"  # auto (latest in dir if any) | none | a checkpoint path
+    async_save: bool = False
+
+
+class LoggingConfig(_Section):
+    run_dir: str | None = None  # None: runs/<name>
+    tensorboard: bool = True
+    jsonl: bool = True
+    gpu_peak_tflops: PositiveFloat | None = None  # dense bf16 peak for MFU; None: looked up from the device name
+
+
+# Slurm --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S
+_SLURM_TIME = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d{1,2}(:\d{1,2}){0,2})$")
+
+
+class LaunchConfig(_Section):
+    nodes: PositiveInt = 1
+    gpus_per_node: PositiveInt = 8  # on CPU: processes per node
+    device: Literal["cuda", "cpu"] = "cuda"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time_limit: str | None = None  # Slurm --time, e.g. "2-00:00:00"
+    constraint: str | None = None
+    exclusive: bool = True
+    extra_sbatch: list[str] = Field(default_factory=list)  # whole lines: "#SBATCH --mail-type=END"
+    env_setup: list[str] = Field(default_factory=list)  # shell lines run before the launcher (module load, source venv)
+    container: str | None = None  # container image for srun --container-image
+
+
+class Config(_Section):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "run"
+    model: ModelConfig
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    zero: ZeroConfig = Field(default_factory=ZeroConfig)
+    precision: PrecisionConfig = Field(default_factory=PrecisionConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig
+    data: DataConfig
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+
+    @model_validator(mode="after")
+    def _self_consistent(self) -> Config:
+        problems = _static_problems(self)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    @property
+    def run_dir(self) -> str:
+        return self.logging.run_dir or os.path.join("runs", self.name)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
+
+    def validate_for_world(self, world_size: int, device: str | None = None) -> Derived:
+        """Check that this run plan fits `world_size` processes on `device` (default: launch.device).
+
+        Raises ConfigError listing every problem; returns the derived values otherwise.
+        """
+        device = device or self.launch.device
+        problems = _world_problems(self, world_size, device)
+        if problems:
+            raise ConfigError(f"config does not fit world size {world_size} on {device}:\n" + _bullets(problems))
+        return _derive(self, world_size, device)
+
+
+@dataclasses.dataclass(frozen=True)
+class Derived:
+    """Values computed from a Config and a world; never written back into the Config."""
+
+    world_size: int
+    device: str
+    tp: int
+    pp: int
+    dp: int
+    grad_accum_steps: int  # micro-steps per optimizer step on each DP rank
+    micro_batch_size_per_gpu: int
+    global_batch_size: int  # samples per optimizer step
+    global_batch_size_tokens: int
+    head_dim: int
+    padded_vocab_size: int  # embedding rows: vocab_size rounded up to a multiple of tp * 128
+    layers_per_stage: int
+    run_dir: str
+    checkpoint_dir: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    multiple = tp * VOCAB_PAD_MULTIPLE
+    return math.ceil(vocab_size / multiple) * multiple
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checks
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _set_str(values: Sequence[int]) -> str:
+    return "{" + ", ".join(str(v) for v in values) + "}"
+
+
+def _bullets(lines: Sequence[str]) -> str:
+    return "\n".join(f"  - {line}" for line in lines)
+
+
+def _static_problems(cfg: Config) -> list[str]:
+    """Contradictions inside the config itself (no world needed)."""
+    return (
+        _model_problems(cfg.model)
+        + _schedule_problems(cfg)
+        + _data_problems(cfg.data)
+        + _zero_precision_problems(cfg)
+        + _launch_problems(cfg.launch)
+    )
+
+
+def _model_problems(m: ModelConfig) -> list[str]:
+    problems = []
+    if m.head_dim is None and m.hidden_size % m.num_heads:
+        problems.append(
+            f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads}) when "
+            f"model.head_dim is unset: set model.head_dim, or num_heads in {_set_str(_divisors(m.hidden_size)[:12])}"
+        )
+    elif m.resolved_head_dim() % 2:
+        problems.append(
+            f"model.head_dim ({m.resolved_head_dim()}) must be even (rotary rotates pairs): choose an even head_dim"
+        )
+    if m.num_heads % m.num_kv_heads:
+        problems.append(
+            f"model.num_heads ({m.num_heads}) must be divisible by model.num_kv_heads ({m.num_kv_heads}) for "
+            f"grouped-query attention: choose num_kv_heads in {_set_str(_divisors(m.num_heads))}"
+        )
+    return problems
+
+
+def _schedule_problems(cfg: Config) -> list[str]:
+    problems = []
+    if cfg.train.seq_len > cfg.model.max_seq_len:
+        problems.append(
+            f"train.seq_len ({cfg.train.seq_len}) must not exceed model.max_seq_len ({cfg.model.max_seq_len}): "
+            f"raise model.max_seq_len or lower train.seq_len"
+        )
+    if cfg.optim.warmup_steps > cfg.train.max_steps:
+        problems.append(
+            f"optim.warmup_steps ({cfg.optim.warmup_steps}) must not exceed train.max_steps ({cfg.train.max_steps}): "
+            f"lower warmup_steps or raise max_steps"
+        )
+    return problems
+
+
+def _data_problems(data: DataConfig) -> list[str]:
+    if data.synthetic and data.datasets:
+        return [
+            "data.synthetic is true but data.datasets is not empty: remove data.datasets or set data.synthetic=false"
+        ]
+    if not data.synthetic and not data.datasets:
+        return [
+            "data.datasets is empty: add a prepared dataset (data.datasets=[{path: data/mydata, weight: 1.0}]) "
+            "or set data.synthetic=true"
+        ]
+    return []
+
+
+def _zero_precision_problems(cfg: Config) -> list[str]:
+    z, p, problems = cfg.zero, cfg.precision, []
+    if z.offload_param != "none" and z.stage != 3:
+        problems.append(
+            f"zero.offload_param ({z.offload_param}) needs zero.stage=3 (got {z.stage}): "
+            f"set zero.stage=3 or zero.offload_param=none"
+        )
+    if z.offload_optimizer != "none" and z.stage == 0:
+        problems.append(
+            f"zero.offload_optimizer ({z.offload_optimizer}) needs zero.stage >= 1: "
+            f"set zero.stage=1 (or higher) or zero.offload_optimizer=none"
+        )
+    if "nvme" in (z.offload_param, z.offload_optimizer) and not z.nvme_path:
+        problems.append("zero offload to nvme needs zero.nvme_path: set zero.nvme_path=/local/nvme or offload to cpu")
+    if p.loss_scale != "dynamic" and p.dtype != "fp16":
+        problems.append(
+            f"precision.loss_scale ({p.loss_scale}) only applies to fp16: remove it or set precision.dtype=fp16"
+        )
+    if p.fp32_grad_accumulation and p.dtype != "fp32" and z.stage == 0:
+        # DeepSpeed raises "unsupported mix of model_dtype and grad_accum_dtype" without ZeRO (deepspeed-cpu.md).
+        problems.append(
+            f"precision.fp32_grad_accumulation with precision.dtype={p.dtype} needs zero.stage >= 1 (DeepSpeed "
+            f"rejects it under ZeRO-0): set zero.stage=1 or precision.fp32_grad_accumulation=false"
+        )
+    return problems
+
+
+def _launch_problems(launch: LaunchConfig) -> list[str]:
+    problems = []
+    if launch.time_limit is not None and not _SLURM_TIME.match(launch.time_limit):
+        problems.append(
+            f"launch.time_limit ({launch.time_limit!r}) is not a Slurm time: write e.g. '2-00:00:00' or '04:00:00'"
+        )
+    for i, line in enumerate(launch.extra_sbatch):
+        if not line.startswith("#SBATCH "):
+            problems.append(
+                f"launch.extra_sbatch.{i} ({line!r}) must be a whole directive line: write '#SBATCH {line.strip()}'"
+            )
+    return problems
+
+
+def _world_problems(cfg: Config, world_size: int, device: str) -> list[str]:
+    """Does the run plan fit `world_size` processes? Each message: dotted path, numbers, the fix."""
+    if world_size < 1:
+        return [f"world size ({world_size}) must be >= 1: pass --world-size or set launch.nodes and gpus_per_node"]
+    problems = _model_split_problems(cfg) + _pipeline_problems(cfg, device)
+    dp, dp_problem = _data_parallel_size(cfg.parallel, world_size)
+    if dp_problem:
+        problems.append(dp_problem)
+    else:
+        problems += _batch_problems(cfg.train, dp)
+    return problems
+
+
+def _model_split_problems(cfg: Config) -> list[str]:
+    m, par, problems = cfg.model, cfg.parallel, []
+    for field, count in (("num_heads", m.num_heads), ("num_kv_heads", m.num_kv_heads)):
+        if count % par.tp:
+            choices = _set_str(_divisors(math.gcd(m.num_heads, m.num_kv_heads)))
+            problems.append(f"parallel.tp ({par.tp}) must divide model.{field} ({count}): choose tp in {choices}")
+    if m.num_layers % par.pp:
+        problems.append(
+            f"parallel.pp ({par.pp}) must divide model.num_layers ({m.num_layers}): "
+            f"choose pp in {_set_str(_divisors(m.num_layers))}"
+        )
+    if par.sequence_parallel and par.tp == 1:
+        problems.append(
+            "parallel.sequence_parallel needs parallel.tp > 1 (it shards activations over the TP group): "
+            "set parallel.tp=2 (or more) or parallel.sequence_parallel=false"
+        )
+    elif par.sequence_parallel and cfg.train.seq_len % par.tp:
+        problems.append(
+            f"train.seq_len ({cfg.train.seq_len}) must be divisible by parallel.tp ({par.tp}) with "
+            f"parallel.sequence_parallel: choose a seq_len that is a multiple of {par.tp}"
+        )
+    return problems
+
+
+def _pipeline_problems(cfg: Config, device: str) -> list[str]:
+    problems = []
+    if cfg.parallel.pp > 1 and cfg.zero.stage >= 2:
+        problems.append(
+            f"zero.stage ({cfg.zero.stage}) cannot be combined with parallel.pp ({cfg.parallel.pp}) > 1 (DeepSpeed "
+            f"pipeline allows ZeRO <= 1): set zero.stage=1 or parallel.pp=1"
+        )
+    if cfg.precision.dtype == "fp16" and device == "cpu":
+        problems.append(
+            "precision.dtype=fp16 cannot run on CPU (DeepSpeed: 'Type fp16 is not supported on your device'): "
+            "set precision.dtype=bf16 or fp32"
+        )
+    return problems
+
+
+def _data_parallel_size(par: ParallelConfig, world_size: int) -> tuple[int, str | None]:
+    model_parallel = par.tp * par.pp
+    if par.dp == "auto":
+        if world_size % model_parallel:
+            return 0, (
+                f"parallel.tp × parallel.pp ({par.tp} × {par.pp} = {model_parallel}) must divide the world size "
+                f"({world_size}): choose tp × pp in {_set_str(_divisors(world_size))}"
+            )
+        return world_size // model_parallel, None
+    if model_parallel * par.dp != world_size:
+        fix = "set parallel.dp=auto"
+        if world_size % model_parallel == 0:
+            fix += f" or parallel.dp={world_size // model_parallel}"
+        return 0, (
+            f"parallel.tp × parallel.pp × parallel.dp ({par.tp} × {par.pp} × {par.dp} = {model_parallel * par.dp}) "
+            f"must equal the world size ({world_size}): {fix}"
+        )
+    return par.dp, None
+
+
+def _batch_problems(train: TrainConfig, dp: int) -> list[str]:
+    per_step = train.micro_batch_size_per_gpu * dp
+    if train.global_batch_size % per_step == 0:
+        return []
+    lower = max(per_step, train.global_batch_size // per_step * per_step)
+    fix = f"set train.global_batch_size to a multiple of {per_step} (e.g. {lower} or {lower + per_step})"
+    if train.global_batch_size % dp == 0:
+        micro_choices = _divisors(train.global_batch_size // dp)
+        fix += f", or train.micro_batch_size_per_gpu in {_set_str(micro_choices[:12])}"
+    return [
+        f"train.global_batch_size ({train.global_batch_size}) must be divisible by "
+        f"train.micro_batch_size_per_gpu × dp ({train.micro_batch_size_per_gpu} × {dp} = {per_step}): {fix}"
+    ]
+
+
+def _derive(cfg: Config, world_size: int, device: str) -> Derived:
+    par, train = cfg.parallel, cfg.train
+    dp, _ = _data_parallel_size(par, world_size)
+    return Derived(
+        world_size=world_size,
+        device=device,
+        tp=par.tp,
+        pp=par.pp,
+        dp=dp,
+        grad_accum_steps=train.global_batch_size // (train.micro_batch_size_per_gpu * dp),
+        micro_batch_size_per_gpu=train.micro_batch_size_per_gpu,
+        global_batch_size=train.global_batch_size,
+        global_batch_size_tokens=train.global_batch_size * train.seq_len,
+        head_dim=cfg.model.resolved_head_dim(),
+        padded_vocab_size=padded_vocab_size(cfg.model.vocab_size, par.tp),
+        layers_per_stage=cfg.model.num_layers // par.pp,
+        run_dir=cfg.run_dir,
+        checkpoint_dir=cfg.checkpoint_dir,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading: YAML file + dotted overrides → one dict → one pydantic validation
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads `3e-4` as a float (YAML 1.1 wants `3.0e-4`; people write lr: 3e-4)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml_value(text: str) -> Any:
+    """A CLI override value, typed as YAML types it: `2` int, `3e-4` float, `true` bool, `[a, b]` list."""
+    try:
+        return yaml.load(text, Loader=_YamlLoader)
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"override value {text!r} is not valid YAML ({err.__class__.__name__}): quote it or fix the syntax"
+        ) from None
+
+
+def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config, apply `key.sub=value` overrides, validate. Raises ConfigError with every problem."""
+    tree = _read_yaml(Path(path))
+    return parse_config(apply_overrides(tree, overrides), source=str(path))
+
+
+def parse_config(tree: dict[str, Any], source: str = "<dict>") -> Config:
+    tree = {key: ({} if value is None and key in Config.model_fields else value) for key, value in tree.items()}
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(f"invalid config {source}:\n" + _bullets(_describe_errors(err))) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        shipped = sorted(p.name for p in Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []
+        hint = f" (configs/ has: {', '.join(shipped)})" if shipped else ""
+        raise ConfigError(f"config file {path} not found: pass --config with an existing YAML file{hint}")
+    try:
+        tree = yaml.load(path.read_text(encoding="utf-8"), Loader=_YamlLoader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(
+            f"config file {path} must hold a mapping of sections (model:, train:, ...), got {type(tree).__name__}"
+        )
+    return tree
+
+
+def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """The one merge: each `a.b.c=value` sets one leaf (list items by index: data.datasets.0.weight=2).
+
+    Unknown keys are not checked here: validation rejects them with the dotted path and a suggestion, the same way it
+    rejects unknown keys written in the YAML file.
+    """
+    tree = copy.deepcopy(tree)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. optim.lr=3e-4")
+        _set_dotted(tree, parts, parse_yaml_value(raw))
+    return tree
+
+
+def _set_dotted(tree: dict[str, Any], parts: list[str], value: Any) -> None:
+    node: Any = tree  # always a dict or a list: checked after each step down
+    for depth, part in enumerate(parts[:-1]):
+        here = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            node = node[_list_index(node, part, here)]
+        else:
+            if node.get(part) is None:  # a section the YAML leaves out (or writes empty) starts empty
+                node[part] = {}
+            node = node[part]
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"override {'.'.join(parts)}: {here} is a value, not a section: write {here}=<value>")
+    if isinstance(node, list):
+        node[_list_index(node, parts[-1], ".".join(parts))] = value
+    else:
+        node[parts[-1]] = value
+
+
+def _list_index(items: list[Any], part: str, path: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(
+            f"override {path}: {part!r} is not an index of a {len(items)}-item list: "
+            f"use 0..{len(items) - 1}, or set the whole list"
+        )
+    return int(part)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Turning pydantic errors into dotted-path messages with a fix
+
+
+def _section_type(annotation: Any) -> Any:
+    """The config class, or ('list', item type), behind a field annotation; None for a leaf value."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _section_type(get_args(annotation)[0])
+    if origin is list:
+        return ("list", _section_type(get_args(annotation)[0]))
+    if origin in (Union, types.UnionType):
+        members = [_section_type(a) for a in get_args(annotation) if a is not type(None)]
+        return members[0] if len(members) == 1 else None
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _walk_loc(loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel] | None, bool]:
+    """(dotted parts naming config keys, section holding the last key, whether the last key is unknown).
+
+    pydantic appends union-member tags (e.g. 'int', "literal['auto']") to a leaf's loc: they are dropped here.
+    """
+    parts: list[str] = []
+    node: Any = Config
+    section: type[BaseModel] | None = Config
+    for part in loc:
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            section = node
+            parts.append(str(part))
+            if part not in node.model_fields:
+                return parts, section, True
+            node = _section_type(node.model_fields[part].annotation)
+        elif isinstance(node, tuple) and isinstance(part, int):
+            parts.append(str(part))
+            node = node[1]
+        else:
+            break
+    return parts, section, False
+
+
+def _unknown_key_message(parts: list[str], section: type[BaseModel]) -> str:
+    path, parent = ".".join(parts), ".".join(parts[:-1])
+    prefix = f"{parent}." if parent else ""
+    valid = list(section.model_fields)
+    close = difflib.get_close_matches(parts[-1], valid, n=1, cutoff=0.6)
+    if close:
+        return f"{path}: unknown key: did you mean {prefix}{close[0]}?"
+    return f"{path}: unknown key: valid keys{' under ' + parent if parent else ''} are {', '.join(valid)}"
+
+
+def _describe_errors(err: ValidationError) -> list[str]:
+    lines: list[str] = []
+    leaf_errors: dict[str, tuple[list[str], Any]] = {}  # path → (messages, offending input)
+    for item in err.errors():
+        parts, section, unknown = _walk_loc(tuple(item["loc"]))
+        path = ".".join(parts)
+        if unknown and section is not None:
+            lines.append(_unknown_key_message(parts, section))
+        elif item["type"] == "value_error":  # our cross-field checks: already "path (value) ...: fix", one per line
+            lines.extend(str(item["ctx"]["error"]).split("\n"))
+        elif item["type"] == "missing":
+            lines.append(f"{path}: required key is missing: add it to the YAML or pass {path}=<value>")
+        else:
+            # A union field (dp: int | "auto") reports one error per member: they are merged into one line below.
+            leaf_errors.setdefault(path, ([], item.get("input")))[0].append(item["msg"])
+    for path, (messages, got) in leaf_errors.items():
+        lines.append(f"{path}: {' or '.join(messages)} (got {got!r})")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def dump_resolved(cfg: Config, derived: Derived | None = None) -> str:
+    """The resolved config as YAML: every user field with defaults filled in; derived values as comments only."""
+    header = ["# Resolved config (all defaults filled in). Reproduce the run with: pretrain train --config <this file>"]
+    if derived is not None:
+        header.append(f"# Derived for world size {derived.world_size} (comments, not read back):")
+        header += [f"#   {key}: {value}" for key, value in derived.as_dict().items()]
+    body = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=False)
+    return "\n".join(header) + "\n" + body
+
+
+def save_resolved(cfg: Config, path: str | os.PathLike[str], derived: Derived | None = None) -> Path:
+    """Write the resolved YAML atomically (temp file + rename), so a crash never leaves half a config."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    tmp.write_text(dump_resolved(cfg, derived), encoding="utf-8")
+    os.replace(tmp, target)
+    return target

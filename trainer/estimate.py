@@ -1,0 +1,195 @@
+"""Parameter count, FLOPs per token and memory per GPU from a config alone (pure Python, no torch): `--dry-run`.
+
+The parameter count is exact for trainer.model.Llama (tested against sum(p.numel())). FLOPs and memory are
+estimates with the assumptions stated next to each formula.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from trainer.config import Config, Derived, ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamCount:
+    embedding: int  # embed_tokens, padded rows included
+    per_layer: int
+    layers: int  # per_layer * num_layers
+    final_norm: int
+    lm_head: int  # 0 when tied to the embedding
+
+    @property
+    def total(self) -> int:
+        return self.embedding + self.layers + self.final_norm + self.lm_head
+
+    @property
+    def non_embedding(self) -> int:
+        return self.layers + self.final_norm
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerShape:
+    hidden: int
+    q_width: int  # num_heads * head_dim
+    kv_width: int  # num_kv_heads * head_dim
+    intermediate: int
+
+    @property
+    def linear_params(self) -> int:
+        attention = self.hidden * self.q_width * 2 + self.hidden * self.kv_width * 2  # q, o + k, v
+        return attention + 3 * self.hidden * self.intermediate  # gate, up, down
+
+    @property
+    def norm_params(self) -> int:
+        return 2 * self.hidden  # input_layernorm, post_attention_layernorm
+
+
+def layer_shape(model: ModelConfig) -> LayerShape:
+    hd = model.resolved_head_dim()
+    return LayerShape(model.hidden_size, model.num_heads * hd, model.num_kv_heads * hd, model.intermediate_size)
+
+
+def count_parameters(model: ModelConfig, padded_vocab_size: int) -> ParamCount:
+    shape = layer_shape(model)
+    per_layer = shape.linear_params + shape.norm_params
+    vocab_rows = padded_vocab_size * model.hidden_size
+    return ParamCount(
+        embedding=vocab_rows,
+        per_layer=per_layer,
+        layers=per_layer * model.num_layers,
+        final_norm=model.hidden_size,
+        lm_head=0 if model.tie_embeddings else vocab_rows,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class FlopsPerToken:
+    matmul: int  # 6 × (parameters that take part in a matmul): forward 2N, backward 4N
+    attention: int  # QKᵀ and AV, which no parameter counts
+
+    @property
+    def total(self) -> int:
+        return self.matmul + self.attention
+
+
+def flops_per_token(model: ModelConfig, padded_vocab_size: int, seq_len: int) -> FlopsPerToken:
+    """Training FLOPs per token (forward + backward), the numerator of MFU.
+
+    Matmul parameters: every linear plus lm_head (a matmul even when tied); the embedding lookup and norms are free.
+    Attention: forward QKᵀ + AV is 4 · T · nh·hd per token per layer, ×3 for training; the causal mask is not halved
+    (PaLM/Megatron MFU convention). Recomputation for activation checkpointing is not counted (it is not model work).
+    """
+    shape = layer_shape(model)
+    matmul_params = shape.linear_params * model.num_layers + padded_vocab_size * model.hidden_size
+    attention = 12 * model.num_layers * seq_len * shape.q_width
+    return FlopsPerToken(matmul=6 * matmul_params, attention=attention)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per GPU on the busiest pipeline stage. Excludes the CUDA context, NCCL and DeepSpeed buckets, and the
+    allocator's fragmentation: keep ~10-20 % of the device free on top of `total_bytes`."""
+
+    params_per_gpu: int  # this rank's model-parallel shard, before ZeRO partitioning
+    weights_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int  # fp32 master copy (mixed precision) + Adam m and v
+    activations_bytes: int
+    cpu_offload_bytes: int  # optimizer state / weights that ZeRO offload keeps in host memory instead
+    in_flight_micro_batches: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.activations_bytes
+
+
+def estimate_memory(cfg: Config, derived: Derived) -> MemoryEstimate:
+    params = _stage_params_per_gpu(cfg.model, derived)
+    weights, grads, optimizer, offloaded = _state_bytes(cfg, derived, params)
+    activations, in_flight = _activation_bytes(cfg, derived)
+    return MemoryEstimate(params, weights, grads, optimizer, activations, offloaded, in_flight)
+
+
+def _stage_params_per_gpu(model: ModelConfig, derived: Derived) -> int:
+    """Parameters on the busiest pipeline stage, per TP rank. Linears and vocab rows split over tp; norms replicate.
+
+    The first stage holds the embedding, the last the final norm and lm_head (with tied embeddings and pp > 1 the last
+    stage holds a copy of the embedding as its lm_head, kept in sync by an extra all-reduce).
+    """
+    shape, tp = layer_shape(model), derived.tp
+    layer = shape.linear_params // tp + shape.norm_params
+    vocab_shard = derived.padded_vocab_size * model.hidden_size // tp
+    layers = derived.layers_per_stage * layer
+    head = model.hidden_size + (0 if model.tie_embeddings and derived.pp == 1 else vocab_shard)
+    if derived.pp == 1:
+        return vocab_shard + layers + head
+    return max(vocab_shard + layers, layers + head)
+
+
+def _state_bytes(cfg: Config, derived: Derived, params: int) -> tuple[int, int, int, int]:
+    """(weights, grads, optimizer, offloaded) bytes. ZeRO-1 partitions optimizer state over dp, ZeRO-2 also grads,
+    ZeRO-3 also weights. Mixed precision: 2-byte weights and grads (4 with fp32 grad accumulation) and 12 bytes of
+    optimizer state (fp32 master, m, v); fp32: 4 + 4 + 8."""
+    mixed = cfg.precision.dtype != "fp32"
+    weight_b = 2 if mixed else 4
+    grad_b = 4 if (not mixed or cfg.precision.fp32_grad_accumulation) else 2
+    optim_b = 12 if mixed else 8
+    stage, dp = cfg.zero.stage, derived.dp
+    weights = params * weight_b // (dp if stage >= 3 else 1)
+    grads = params * grad_b // (dp if stage >= 2 else 1)
+    optimizer = params * optim_b // (dp if stage >= 1 else 1)
+    offloaded = 0
+    if cfg.zero.offload_optimizer != "none":
+        offloaded, optimizer = offloaded + optimizer, 0
+    if cfg.zero.offload_param != "none":
+        offloaded, weights = offloaded + weights, 0
+    return weights, grads, optimizer, offloaded
+
+
+def _activation_bytes(cfg: Config, derived: Derived) -> tuple[int, int]:
+    """Activations kept for backward on the busiest stage, and the micro-batches in flight there.
+
+    With 1F1B the first stage holds min(pp, grad_accum) micro-batches; the last holds one plus the logits.
+    """
+    tokens = cfg.train.seq_len * derived.micro_batch_size_per_gpu
+    per_layer = _layer_activation_bytes_per_token(cfg, derived) * tokens
+    act_b = 4 if cfg.precision.dtype == "fp32" else 2
+    # Last stage: the final norm as in a layer; logits (activation dtype) + their fp32 copy for the loss (mixed
+    # precision only) + the fp32 log-softmax that cross entropy saves.
+    logits = tokens * derived.padded_vocab_size // derived.tp * (act_b + 4 + (4 if act_b < 4 else 0))
+    working = 0
+    if cfg.parallel.activation_checkpointing == "full":
+        # Backward recomputes one layer at a time: that layer's full activations exist on top of the saved inputs.
+        working = _layer_activation_bytes_per_token(cfg, derived, mode="none") * tokens
+    sp = derived.tp if cfg.parallel.sequence_parallel else 1
+    final_norm = tokens * (4 + act_b) * cfg.model.hidden_size // sp
+    in_flight = 1 if derived.pp == 1 else min(derived.pp, derived.grad_accum_steps)
+    stage_layers = derived.layers_per_stage * per_layer
+    first = in_flight * stage_layers + working
+    last = stage_layers + working + final_norm + logits
+    return max(first, last), in_flight
+
+
+def _layer_activation_bytes_per_token(cfg: Config, derived: Derived, mode: str | None = None) -> int:
+    """Bytes one decoder layer saves for backward, per token, on one GPU.
+
+    H-wide tensors (residual stream, norm outputs) are replicated over TP unless sequence parallel shards them;
+    head- and intermediate-wide tensors are split by TP. Attention is flash/memory-efficient SDPA (no T×T matrix;
+    native GQA, so K and V stay nkv wide), saving q, k, v, its output and a fp32 log-sum-exp per head.
+    - none: each RMSNorm saves its fp32 input and its output; attention saves q, k, v, out and o_proj's input;
+      SwiGLU saves gate, silu(gate), up and down_proj's input.
+    - selective: matmul and attention outputs are kept, elementwise ops (norms, rotary, SiLU·mul) recomputed.
+    - full: only the layer input is kept (the recompute working set is added by the caller).
+    """
+    mode = mode or cfg.parallel.activation_checkpointing
+    shape, tp = layer_shape(cfg.model), derived.tp
+    sp = tp if cfg.parallel.sequence_parallel else 1
+    a = 4 if cfg.precision.dtype == "fp32" else 2
+    lse = 4 * cfg.model.num_heads // tp
+    h, q, kv, inter = shape.hidden, shape.q_width // tp, shape.kv_width // tp, shape.intermediate // tp
+    if mode == "full":
+        return a * h // sp
+    if mode == "selective":
+        return a * 3 * h // sp + a * (2 * q + 2 * kv + 2 * inter) + lse
+    return 2 * (4 + a) * h // sp + a * (3 * q + 2 * kv + 4 * inter) + lse
