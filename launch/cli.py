@@ -12,7 +12,11 @@ import sys
 from importlib import import_module
 
 # Order here is the order in `pretrain --help`: the data flow, left to right.
-COMMAND_MODULES: tuple[str, ...] = ("launch.commands.train",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "launch.commands.data",
+    "launch.commands.inspect",
+    "launch.commands.train",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,291 @@
+"""prepare.py: exact counts, eos between documents, packing, byte-identical re-runs for any num_proc, val splits,
+uint16/uint32, and shards that plain webdataset reads back. Plus one run of the real CLI."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from data_pipeline.errors import BadInputError, DataPipelineError
+from data_pipeline.manifest import Manifest
+from data_pipeline.prepare import PrepareConfig, PrepareResult, prepare
+from data_pipeline.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SEQ_LEN = 63  # samples of 64 tokens
+SAMPLES_PER_SHARD = 7
+
+
+def _documents(num_docs: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    syllables = ["ka", "lo", "mi", "ne", "ru", "ta", "shi", "po", "de", "an", "el", "or", "um", "ix"]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(150)]
+    docs = []
+    for _ in range(num_docs):
+        lines = [" " * rng.choice((0, 4)) + " ".join(rng.choice(words) for _ in range(rng.randint(1, 9)))
+                 for _ in range(rng.randint(1, 6))]
+        docs.append("\n".join(lines) + rng.choice(("", "\n", " é\n")))
+    return docs
+
+
+def _jsonl(docs: list[str]) -> bytes:
+    return b"".join(json.dumps({"text": d}).encode() + b"\n" for d in docs)
+
+
+class Corpus:
+    """Inputs in the order they are passed, the good documents in reading order, and the bad records."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        sizes_and_seeds = ((40, 1), (20, 2), (3, 3), (10, 4))
+        jsonl_docs, gz_docs, text_docs, parquet_docs = (_documents(n, s) for n, s in sizes_and_seeds)
+        (root / "a.jsonl").write_bytes(_jsonl(jsonl_docs[:20]) + b'{"text": broken\n' + _jsonl(jsonl_docs[20:])
+                                       + b'{"text": "   "}\n')
+        (root / "b.jsonl.gz").write_bytes(gzip.compress(_jsonl(gz_docs), mtime=0))
+        (root / "texts").mkdir()
+        for i, doc in enumerate(text_docs):
+            (root / "texts" / f"{i}.txt").write_text(doc, encoding="utf-8")
+        (root / "texts" / "9-empty.txt").write_bytes(b"")
+        column = pa.array(parquet_docs[:5] + [None] + parquet_docs[5:], type=pa.string())
+        pq.write_table(pa.table({"text": column}), root / "c.parquet", row_group_size=4)
+        self.inputs = (str(root / "a.jsonl"), str(root / "b.jsonl.gz"), str(root / "texts"), str(root / "c.parquet"))
+        self.docs = jsonl_docs + gz_docs + text_docs + parquet_docs
+        self.doc_sources = (["a.jsonl"] * 40 + ["b.jsonl.gz"] * 20 + [f"texts/{i}.txt" for i in range(3)]
+                            + ["c.parquet"] * 10)
+        self.bad_rows = [("a.jsonl", "21", "malformed_json"), ("a.jsonl", "42", "empty_document"),
+                         ("texts/9-empty.txt", "0", "empty_file"), ("c.parquet", "6", "text_not_string")]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
+    return Corpus(tmp_path_factory.mktemp("prep_corpus"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("prep_tok")
+    (root / "train.jsonl").write_bytes(_jsonl(_documents(400, 99)))
+    out = root / "tok"
+    train_tokenizer(TokenizerTrainConfig(inputs=(str(root / "train.jsonl"),), output_dir=str(out), vocab_size=320,
+                                         input_sentence_size=0, num_threads=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir: Path) -> Tokenizer:
+    return Tokenizer.load(tokenizer_dir)
+
+
+def _stream(tokenizer: Tokenizer, docs: list[str]) -> np.ndarray:
+    """The definition: each document's ids followed by eos, concatenated in input order."""
+    parts = [np.append(ids, tokenizer.eos_id) for ids in tokenizer.encode(docs)]
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.int32)
+
+
+def _run(corpus: Corpus, tokenizer_dir: Path, out: Path, **overrides: object) -> PrepareResult:
+    settings: dict[str, object] = {"seq_len": SEQ_LEN, "samples_per_shard": SAMPLES_PER_SHARD, "num_proc": 1,
+                                   "progress": False}
+    settings.update(overrides)
+    return prepare(PrepareConfig(inputs=corpus.inputs, tokenizer=str(tokenizer_dir), output_dir=str(out),
+                                 **settings))  # type: ignore[arg-type]
+
+
+def _read_webdataset(out: Path, split: str, manifest: Manifest) -> tuple[list[str], np.ndarray]:
+    import webdataset
+
+    urls = [str(out / s.path) for s in manifest.split(split).shards]
+    keys, arrays = [], []
+    for sample in webdataset.WebDataset(urls, shardshuffle=False).decode():
+        keys.append(sample["__key__"])
+        arrays.append(sample["npy"])
+    assert all(a.dtype == np.dtype(manifest.dtype) and a.shape == (SEQ_LEN + 1,) for a in arrays)
+    return keys, (np.stack(arrays) if arrays else np.empty((0, SEQ_LEN + 1)))
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_counts_stream_eos_and_webdataset_readback(corpus: Corpus, tokenizer_dir: Path, tokenizer: Tokenizer,
+                                                   tmp_path: Path) -> None:
+    result = _run(corpus, tokenizer_dir, tmp_path / "out")
+    manifest = Manifest.load(tmp_path / "out")
+    stream = _stream(tokenizer, corpus.docs)
+    sample_len = SEQ_LEN + 1
+    num_samples = len(stream) // sample_len
+    train = manifest.split("train")
+    assert list(manifest.splits) == ["train"] and manifest.dtype == "uint16"
+    assert (train.num_documents, train.num_samples) == (73, num_samples)
+    assert (train.num_tokens, train.dropped_tail_tokens) == (num_samples * sample_len, len(stream) % sample_len)
+    assert [s.num_samples for s in train.shards] == [SAMPLES_PER_SHARD] * (num_samples // SAMPLES_PER_SHARD) + (
+        [num_samples % SAMPLES_PER_SHARD] if num_samples % SAMPLES_PER_SHARD else [])
+
+    keys, samples = _read_webdataset(tmp_path / "out", "train", manifest)
+    assert keys == [f"train-{i // SAMPLES_PER_SHARD:06d}-{i % SAMPLES_PER_SHARD:06d}" for i in range(num_samples)]
+    assert np.array_equal(samples.reshape(-1), stream[: num_samples * sample_len])
+    # eos sits exactly after each document, so documents can be recovered from the packed stream.
+    flat = samples.reshape(-1)
+    doc_ends = np.cumsum([len(ids) + 1 for ids in tokenizer.encode(corpus.docs)]) - 1
+    assert np.array_equal(np.flatnonzero(flat == tokenizer.eos_id), doc_ends[doc_ends < len(flat)])
+    assert tokenizer.decode(flat[: doc_ends[0]]) == corpus.docs[0]
+
+    assert manifest.bad_input == {"total": 4, "report_file": "bad_input_report.tsv",
+                                  "by_reason": {"empty_document": 1, "empty_file": 1, "malformed_json": 1,
+                                                "text_not_string": 1}}
+    rows = [tuple(line.split("\t")[:3]) for line in result.report_path.read_text().splitlines()]
+    assert rows == [("file", "line", "reason"), *corpus.bad_rows]
+    assert [(s["path"], s["split"], s["num_documents"], s["num_skipped"]) for s in manifest.sources] == [
+        ("a.jsonl", "train", 40, 2), ("b.jsonl.gz", "train", 20, 0), ("texts/0.txt", "train", 1, 0),
+        ("texts/1.txt", "train", 1, 0), ("texts/2.txt", "train", 1, 0), ("texts/9-empty.txt", "train", 0, 1),
+        ("c.parquet", "train", 10, 1)]
+    assert manifest.sources[0]["num_bytes"] == sum(len(d.encode()) for d in corpus.docs[:40])
+    assert manifest.tokenizer.fingerprint == tokenizer.fingerprint and manifest.tokenizer.eos_id == 2
+    assert (tmp_path / "out/tokenizer/tokenizer.model").read_bytes() == (tokenizer_dir / "tokenizer.model").read_bytes()
+    assert (tmp_path / "out/tokenizer/tokenizer.json").read_bytes() == (tokenizer_dir / "tokenizer.json").read_bytes()
+    assert str(tmp_path) not in (tmp_path / "out/manifest.json").read_text()  # no host paths
+
+
+def test_reruns_and_num_proc_give_byte_identical_files(corpus: Corpus, tokenizer_dir: Path, tmp_path: Path) -> None:
+    _run(corpus, tokenizer_dir, tmp_path / "one")
+    first = _tree_bytes(tmp_path / "one")
+    # Small batches so that two workers really interleave; the output must not notice.
+    _run(corpus, tokenizer_dir, tmp_path / "two", num_proc=2, batch_max_docs=3)
+    assert _tree_bytes(tmp_path / "two") == first
+    _run(corpus, tokenizer_dir, tmp_path / "one", overwrite=True)
+    assert _tree_bytes(tmp_path / "one") == first
+    expected_files = {"manifest.json", "bad_input_report.tsv", "tokenizer/tokenizer.model", "train/train-000000.tar"}
+    assert expected_files <= set(first)
+
+
+def test_existing_dataset_is_refused_unless_overwrite(corpus: Corpus, tokenizer_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _run(corpus, tokenizer_dir, out, samples_per_shard=2)
+    many_shards = sorted(p.name for p in (out / "train").iterdir())
+    with pytest.raises(DataPipelineError, match="already holds a prepared dataset .*pass --overwrite"):
+        _run(corpus, tokenizer_dir, out)
+    result = _run(corpus, tokenizer_dir, out, overwrite=True, samples_per_shard=50)
+    # No stale shard of the first run is left behind.
+    assert sorted(p.name for p in (out / "train").iterdir()) == [
+        s.path.split("/")[-1] for s in result.manifest.split("train").shards]
+    assert len(many_shards) > len(result.manifest.split("train").shards)
+
+
+def _is_val(text: str, seed: int, fraction: float) -> bool:
+    """The documented split rule: keyed blake2b of the UTF-8 text, as a fraction of 2**64."""
+    digest = hashlib.blake2b(text.encode(), digest_size=8, key=seed.to_bytes(8, "little", signed=True)).digest()
+    return int.from_bytes(digest, "little") < fraction * 2**64
+
+
+def test_val_split_by_fraction(corpus: Corpus, tokenizer_dir: Path, tokenizer: Tokenizer, tmp_path: Path) -> None:
+    result = _run(corpus, tokenizer_dir, tmp_path / "out", val_fraction=0.3, seed=5)
+    manifest = result.manifest
+    is_val = [_is_val(d, 5, 0.3) for d in corpus.docs]
+    assert 5 < sum(is_val) < 40
+    for split, wanted in (("train", False), ("val", True)):
+        docs = [d for d, v in zip(corpus.docs, is_val) if v == wanted]
+        stream = _stream(tokenizer, docs)
+        info = manifest.split(split)
+        assert info.num_documents == len(docs)
+        assert info.num_samples == len(stream) // (SEQ_LEN + 1)
+        assert info.dropped_tail_tokens == len(stream) % (SEQ_LEN + 1)
+        keys, samples = _read_webdataset(tmp_path / "out", split, manifest)
+        assert np.array_equal(samples.reshape(-1), stream[: info.num_tokens])
+        assert all(k.startswith(f"{split}-") for k in keys)
+    val_sources = {s["path"]: s["num_documents"] for s in manifest.sources if s["split"] == "val"}
+    expected = {}
+    for source, v in zip(corpus.doc_sources, is_val):
+        if v:
+            expected[source] = expected.get(source, 0) + 1
+    assert val_sources == expected
+    assert sum(s["num_skipped"] for s in manifest.sources) == manifest.bad_input["total"] == 4
+    assert manifest.prepare_args["val_fraction"] == 0.3 and manifest.prepare_args["val_split"] == "fraction"
+
+
+def test_val_split_by_files(corpus: Corpus, tokenizer_dir: Path, tokenizer: Tokenizer, tmp_path: Path) -> None:
+    val_docs = _documents(12, 7)
+    (tmp_path / "heldout.jsonl").write_bytes(_jsonl(val_docs))
+    result = _run(corpus, tokenizer_dir, tmp_path / "out", val_inputs=(str(tmp_path / "heldout.jsonl"),))
+    val = result.manifest.split("val")
+    stream = _stream(tokenizer, val_docs)
+    assert (val.num_documents, val.num_samples) == (12, len(stream) // (SEQ_LEN + 1))
+    assert result.manifest.split("train").num_documents == 73
+    assert result.manifest.sources[-1] == {"path": "heldout.jsonl", "split": "val", "num_documents": 12,
+                                           "num_bytes": sum(len(d.encode()) for d in val_docs), "num_skipped": 0}
+    _, samples = _read_webdataset(tmp_path / "out", "val", result.manifest)
+    assert np.array_equal(samples.reshape(-1), stream[: val.num_tokens])
+    with pytest.raises(DataPipelineError, match="either --val-input .* or --val-fraction"):
+        _run(corpus, tokenizer_dir, tmp_path / "x", val_inputs=(str(tmp_path / "heldout.jsonl"),), val_fraction=0.1)
+    with pytest.raises(DataPipelineError, match="both --input and --val-input"):
+        _run(corpus, tokenizer_dir, tmp_path / "y", val_inputs=(corpus.inputs[0],))
+
+
+def test_vocab_over_65536_uses_uint32(corpus: Corpus, tmp_path: Path) -> None:
+    import sentencepiece as spm
+
+    # 65,600 user-defined symbols push the byte and learned pieces past id 65,535 (fast to train).
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus.docs[:20]), model_writer=model, model_type="bpe", vocab_size=65950,
+        user_defined_symbols=[f"<u{i}>" for i in range(65600)], byte_fallback=True, hard_vocab_limit=False,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+        minloglevel=2,
+    )
+    (tmp_path / "big.model").write_bytes(model.getvalue())
+    tokenizer = Tokenizer.load(tmp_path / "big.model")
+    assert tokenizer.vocab_size > 65536
+    result = _run(corpus, tmp_path / "big.model", tmp_path / "out")
+    assert result.manifest.dtype == "uint32"
+    _, samples = _read_webdataset(tmp_path / "out", "train", result.manifest)
+    stream = _stream(tokenizer, corpus.docs)
+    assert samples.max() > 65535 and np.array_equal(samples.reshape(-1), stream[: samples.size])
+    # A bare .model has no tokenizer.json: the dataset gets one generated from the model.
+    assert json.loads((tmp_path / "out/tokenizer/tokenizer.json").read_text())["fingerprint"] == tokenizer.fingerprint
+
+
+def test_strict_mode_stops_without_a_manifest(corpus: Corpus, tokenizer_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(BadInputError, match="a.jsonl:21: malformed_json"):
+        _run(corpus, tokenizer_dir, tmp_path / "out", strict=True, num_proc=2)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert not list((tmp_path / "out").rglob("*.tmp"))
+
+
+def test_too_little_text_for_one_sample(corpus: Corpus, tokenizer_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataPipelineError, match="fewer tokens than one sample of 100001"):
+        _run(corpus, tokenizer_dir, tmp_path / "out", seq_len=100_000)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_cli_tokenizer_train_then_prepare(corpus: Corpus, tmp_path: Path) -> None:
+    from launch.cli import COMMAND_MODULES
+
+    assert "launch.commands.data" in COMMAND_MODULES, "add 'launch.commands.data' to COMMAND_MODULES in launch/cli.py"
+
+    def pretrain(*args: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "launch", *args], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=120, check=False)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    out = pretrain("tokenizer", "train", "--input", corpus.inputs[0], "--input", corpus.inputs[2],
+                   "--output", str(tmp_path / "tok"), "--vocab-size", "300", "--num-threads", "2")
+    assert "trained bpe tokenizer: 300 pieces" in out and "bad input: 3 skipped" in out
+    out = pretrain("prepare", *[a for i in corpus.inputs for a in ("--input", i)], "--tokenizer", str(tmp_path / "tok"),
+                   "--output", str(tmp_path / "data"), "--seq-len", "31", "--num-proc", "2", "--no-progress")
+    assert "train: " in out and "val: " in out and "4 skipped" in out
+    manifest = Manifest.load(tmp_path / "data")
+    assert manifest.prepare_args["val_fraction"] == 0.01 and manifest.seq_len == 31
+    proc = subprocess.run([sys.executable, "-m", "launch", "prepare", "--input", str(tmp_path / "missing"),
+                           "--tokenizer", str(tmp_path / "tok"), "--output", str(tmp_path / "d2")],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2 and "input path does not exist" in proc.stderr and "Traceback" not in proc.stderr

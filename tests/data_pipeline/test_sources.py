@@ -1,0 +1,283 @@
+"""sources.py: every bad-input case is skipped, counted by reason and located by file:line; strict mode fails fast."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import zlib
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from data_pipeline.errors import BadInputError, DataPipelineError
+from data_pipeline.sources import (
+    REPORT_HEADER,
+    BadInputReport,
+    Document,
+    SourceFile,
+    expand_inputs,
+    iter_documents,
+)
+
+
+def _read(paths, **kwargs) -> tuple[list[Document], BadInputReport]:
+    report = BadInputReport()
+    docs = list(iter_documents(paths, report=report, **kwargs))
+    return docs, report
+
+
+def _rows(report: BadInputReport) -> list[tuple[str, int, str]]:
+    return [(r.file, r.line, r.reason) for r in report.records]
+
+
+def _numbered_lines(n: int) -> bytes:
+    # Varied content so the compressed stream is long enough to cut in the middle.
+    lines = (json.dumps({"text": f"doc {i} " + "x" * (i % 37) + str(i * 7919)}).encode() + b"\n" for i in range(n))
+    return b"".join(lines)
+
+
+def _complete_lines(decompressed_prefix: bytes) -> int:
+    return decompressed_prefix.count(b"\n")
+
+
+MIXED_JSONL = b"\n".join(
+    [
+        b'{"text": "hello"}',  # 1 ok
+        b'{"text": "world"',  # 2 malformed_json
+        b"[1, 2]",  # 3 not_an_object
+        b'{"body": "x"}',  # 4 missing_text_key
+        b'{"text": 5}',  # 5 text_not_string
+        b'{"text": "caf\xe9"}',  # 6 invalid_utf8 (latin-1 byte)
+        b'{"text": "a\\ud800b"}',  # 7 lone_surrogate
+        b'{"text": "  \\n\\t "}',  # 8 empty_document
+        b"",  # 9 blank line: not a record
+        b'{"text": "pair \\ud83d\\ude00 ok"}',  # 10 ok: a valid surrogate pair
+        b'{"text": "x", "n": ' + b"9" * 5000 + b"}",  # 11 malformed_json: Python refuses >4300-digit ints
+        b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # 12 malformed_json: deeper than the recursion limit
+    ]
+) + b"\n"
+
+
+def test_jsonl_every_record_problem_is_counted_with_its_line(tmp_path: Path) -> None:
+    (tmp_path / "mixed.jsonl").write_bytes(MIXED_JSONL)
+    docs, report = _read([tmp_path / "mixed.jsonl"])
+    assert [(d.text, d.line) for d in docs] == [("hello", 1), ("pair \U0001F600 ok", 10)]
+    assert all(d.source == "mixed.jsonl" for d in docs)  # absolute input → name relative to its parent
+    assert _rows(report) == [
+        ("mixed.jsonl", 2, "malformed_json"),
+        ("mixed.jsonl", 3, "not_an_object"),
+        ("mixed.jsonl", 4, "missing_text_key"),
+        ("mixed.jsonl", 5, "text_not_string"),
+        ("mixed.jsonl", 6, "invalid_utf8"),
+        ("mixed.jsonl", 7, "lone_surrogate"),
+        ("mixed.jsonl", 8, "empty_document"),
+        ("mixed.jsonl", 11, "malformed_json"),
+        ("mixed.jsonl", 12, "malformed_json"),
+    ]
+    assert report.total == 9
+    assert report.by_reason == {
+        "empty_document": 1, "invalid_utf8": 1, "lone_surrogate": 1, "malformed_json": 3,
+        "missing_text_key": 1, "not_an_object": 1, "text_not_string": 1,
+    }
+    assert "0xe9" in report.records[4].detail
+
+
+def test_text_key_bom_and_json_suffixes(tmp_path: Path) -> None:
+    (tmp_path / "a.json").write_bytes(b'\xef\xbb\xbf{"content": "first"}\n{"content": "second"}')  # no final \n
+    (tmp_path / "b.ndjson").write_bytes(b'{"content": "third"}\r\n')
+    docs, report = _read([tmp_path / "a.json", tmp_path / "b.ndjson"], text_key="content")
+    assert [d.text for d in docs] == ["first", "second", "third"]
+    assert report.total == 0
+
+
+def test_empty_and_blank_only_files(tmp_path: Path) -> None:
+    (tmp_path / "zero.jsonl").write_bytes(b"")
+    (tmp_path / "blank.jsonl").write_bytes(b"\n\n  \n")
+    (tmp_path / "zero.txt").write_bytes(b"")
+    docs, report = _read([tmp_path / "zero.jsonl", tmp_path / "blank.jsonl", tmp_path / "zero.txt"])
+    assert docs == []
+    assert _rows(report) == [("zero.jsonl", 0, "empty_file"), ("blank.jsonl", 0, "empty_file"),
+                             ("zero.txt", 0, "empty_file")]
+
+
+def test_truncated_gzip_keeps_the_lines_before_the_cut(tmp_path: Path) -> None:
+    payload = _numbered_lines(3000)
+    full = gzip.compress(payload, mtime=0)
+    cut = full[: len(full) // 2]
+    (tmp_path / "cut.jsonl.gz").write_bytes(cut)
+    kept_lines = _complete_lines(zlib.decompressobj(wbits=31).decompress(cut))
+    assert 0 < kept_lines < 3000
+    docs, report = _read([tmp_path / "cut.jsonl.gz"])
+    assert len(docs) == kept_lines
+    assert docs[-1].line == kept_lines
+    assert _rows(report) == [("cut.jsonl.gz", kept_lines + 1, "truncated_gzip")]
+
+
+def test_corrupt_gzip_is_reported_and_flagged_untrustworthy(tmp_path: Path) -> None:
+    full = bytearray(gzip.compress(_numbered_lines(50), mtime=0))
+    full[-8] ^= 0xFF  # the CRC32 trailer: every line decompresses, then the check fails at the end
+    (tmp_path / "crc.jsonl.gz").write_bytes(bytes(full))
+    (tmp_path / "tail.jsonl.gz").write_bytes(gzip.compress(_numbered_lines(5), mtime=0) + b"garbage!")
+    docs, report = _read([tmp_path / "crc.jsonl.gz", tmp_path / "tail.jsonl.gz"])
+    assert len(docs) == 55
+    assert _rows(report) == [("crc.jsonl.gz", 51, "corrupt_gzip"), ("tail.jsonl.gz", 6, "corrupt_gzip")]
+    assert "may be garbled" in report.records[0].detail
+
+
+def test_not_gzip_at_all(tmp_path: Path) -> None:
+    (tmp_path / "fake.jsonl.gz").write_bytes(b'{"text": "plain, not gzip"}\n')
+    docs, report = _read([tmp_path / "fake.jsonl.gz"])
+    assert docs == [] and _rows(report) == [("fake.jsonl.gz", 1, "corrupt_gzip")]
+
+
+def test_zstd_multi_frame_truncated_and_corrupt(tmp_path: Path) -> None:
+    cctx = zstandard.ZstdCompressor(level=3)
+    (tmp_path / "two.jsonl.zst").write_bytes(cctx.compress(_numbered_lines(10)) + cctx.compress(_numbered_lines(7)))
+    full = cctx.compress(_numbered_lines(12000))  # > 128 KiB: several zstd blocks, so a cut keeps some lines
+    cut = full[: len(full) // 2]
+    (tmp_path / "cut.jsonl.zst").write_bytes(cut)
+    kept_lines = _complete_lines(zstandard.ZstdDecompressor().decompressobj().decompress(cut))
+    assert 0 < kept_lines < 12000
+    (tmp_path / "junk.jsonl.zst").write_bytes(b"this is not zstd data at all")
+    docs, report = _read([tmp_path / "two.jsonl.zst", tmp_path / "cut.jsonl.zst", tmp_path / "junk.jsonl.zst"])
+    assert len(docs) == 17 + kept_lines
+    assert [d.line for d in docs[:17]] == list(range(1, 11)) + list(range(11, 18))
+    assert _rows(report) == [("cut.jsonl.zst", kept_lines + 1, "truncated_zstd"), ("junk.jsonl.zst", 1, "corrupt_zstd")]
+
+
+def _write_parquet(path: Path, values: list[bytes | None], name: str = "text", row_group_size: int = 128) -> None:
+    # Build as binary, then view as string: pyarrow would refuse invalid UTF-8 in a string array.
+    column = pa.array(values, type=pa.binary()).view(pa.string())
+    pq.write_table(pa.table({name: column, "id": list(range(len(values)))}), path, row_group_size=row_group_size)
+
+
+def test_parquet_rows_across_batches(tmp_path: Path) -> None:
+    values: list[bytes | None] = [f"row {i}".encode() for i in range(300)]
+    values[1] = None  # row 2
+    values[2] = b"   "  # row 3
+    values[289] = b"bad \xff byte"  # row 290, in the second 256-row batch
+    _write_parquet(tmp_path / "t.parquet", values)
+    docs, report = _read([tmp_path / "t.parquet"])
+    assert len(docs) == 297
+    assert docs[0] == Document("row 0", "t.parquet", 1) and docs[-1] == Document("row 299", "t.parquet", 300)
+    assert _rows(report) == [("t.parquet", 2, "text_not_string"), ("t.parquet", 3, "empty_document"),
+                             ("t.parquet", 290, "invalid_utf8")]
+
+
+def test_parquet_whole_file_problems(tmp_path: Path) -> None:
+    _write_parquet(tmp_path / "other.parquet", [b"a", b"b"], name="body")
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "ints.parquet")
+    (tmp_path / "junk.parquet").write_bytes(b"PAR1 definitely not parquet")
+    _write_parquet(tmp_path / "empty.parquet", [])
+    docs, report = _read([tmp_path / n for n in ("other.parquet", "ints.parquet", "junk.parquet", "empty.parquet")])
+    assert docs == []
+    assert _rows(report) == [("other.parquet", 0, "missing_text_column"), ("ints.parquet", 0, "text_not_string"),
+                             ("junk.parquet", 0, "corrupt_parquet"), ("empty.parquet", 0, "empty_file")]
+    docs, report = _read([tmp_path / "other.parquet"], text_key="body")
+    assert [d.text for d in docs] == ["a", "b"] and report.total == 0
+
+
+def _make_text_tree(root: Path) -> None:
+    (root / "sub").mkdir(parents=True)
+    (root / ".git").mkdir()
+    (root / "b.txt").write_text("second file\n  indented\n")
+    (root / "sub" / "a.txt").write_text("nested\n")
+    (root / "c.py").write_text("def f():\n    return 1\n")
+    (root / ".hidden.txt").write_text("hidden\n")
+    (root / ".git" / "x.txt").write_text("git internals\n")
+    (root / "latin1.txt").write_bytes("line one\ncaf\xe9\n".encode("latin-1"))
+    (root / "ws.txt").write_text(" \n\t\n")
+    (root / "zero.txt").write_bytes(b"")
+    (root / "gone.txt").symlink_to(root / "does-not-exist")  # a broken link: listed, but cannot be opened
+
+
+def test_text_directory_globs_order_and_bad_files(tmp_path: Path) -> None:
+    _make_text_tree(tmp_path / "corpus")
+    files = expand_inputs([tmp_path / "corpus"], ["*.txt", "*.py"])
+    assert [f.name for f in files] == ["corpus/b.txt", "corpus/c.py", "corpus/gone.txt", "corpus/latin1.txt",
+                                       "corpus/sub/a.txt", "corpus/ws.txt", "corpus/zero.txt"]
+    docs, report = _read(files)
+    assert [(d.source, d.text, d.line) for d in docs] == [
+        ("corpus/b.txt", "second file\n  indented\n", 1),
+        ("corpus/c.py", "def f():\n    return 1\n", 1),
+        ("corpus/sub/a.txt", "nested\n", 1),
+    ]
+    assert _rows(report) == [("corpus/gone.txt", 0, "unreadable_file"), ("corpus/latin1.txt", 2, "invalid_utf8"),
+                             ("corpus/ws.txt", 1, "empty_document"), ("corpus/zero.txt", 0, "empty_file")]
+    # Default glob is *.txt only; a path pattern with '/' matches the relative path.
+    assert "corpus/c.py" not in [f.name for f in expand_inputs([tmp_path / "corpus"])]
+    assert [f.name for f in expand_inputs([tmp_path / "corpus"], ["sub/*.txt"])] == ["corpus/sub/a.txt"]
+
+
+def test_compressed_text_file(tmp_path: Path) -> None:
+    (tmp_path / "a.txt.gz").write_bytes(gzip.compress(b"one\ntwo\n", mtime=0))
+    cut = gzip.compress(_numbered_lines(100), mtime=0)[:-12]
+    (tmp_path / "b.txt.gz").write_bytes(cut)
+    kept_lines = _complete_lines(zlib.decompressobj(wbits=31).decompress(cut))
+    docs, report = _read([tmp_path / "a.txt.gz", tmp_path / "b.txt.gz"])
+    assert [d.text for d in docs] == ["one\ntwo\n"]  # half a document is not a document: b.txt.gz is skipped
+    assert _rows(report) == [("b.txt.gz", kept_lines + 1, "truncated_gzip")]
+
+
+def test_expand_inputs_names_order_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "z.txt").write_text("z")
+    (tmp_path / "d" / "a.txt").write_text("a")
+    (tmp_path / "one.jsonl").write_text('{"text": "x"}\n')
+    monkeypatch.chdir(tmp_path)
+    # Argument order is kept; relative inputs keep their relative form; a file reached twice is read once.
+    files = expand_inputs(["one.jsonl", "d", "d/a.txt"])
+    assert files == [SourceFile(Path("one.jsonl"), "one.jsonl"), SourceFile(Path("d/a.txt"), "d/a.txt"),
+                     SourceFile(Path("d/z.txt"), "d/z.txt")]
+    with pytest.raises(DataPipelineError, match="does not exist: missing.jsonl"):
+        expand_inputs(["missing.jsonl"])
+    with pytest.raises(DataPipelineError, match="no files matching \\*.parquet under d; pass --include"):
+        expand_inputs(["d"], ["*.parquet"])
+    with pytest.raises(DataPipelineError, match="no input files"):
+        expand_inputs([])
+
+
+def test_strict_mode_raises_on_first_problem_with_location_and_hint(tmp_path: Path) -> None:
+    (tmp_path / "mixed.jsonl").write_bytes(MIXED_JSONL)
+    report = BadInputReport(strict=True)
+    docs: list[Document] = []
+    with pytest.raises(BadInputError) as exc_info:
+        docs.extend(iter_documents([tmp_path / "mixed.jsonl"], report=report))  # keeps what came before the raise
+    message = str(exc_info.value)
+    assert message.startswith("mixed.jsonl:2: malformed_json: ")
+    assert "hint: each line of a JSON Lines file must be one complete JSON object" in message
+    assert "--strict" in message
+    assert [d.line for d in docs] == [1]
+    assert exc_info.value.user_error is True
+
+
+def test_strict_mode_for_a_file_level_problem(tmp_path: Path) -> None:
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(_numbered_lines(10), mtime=0)[:-10])
+    with pytest.raises(BadInputError, match=r"(?s)cut.jsonl.gz:\d+: truncated_gzip: .*hint: "):
+        list(iter_documents([tmp_path / "cut.jsonl.gz"], report=BadInputReport(strict=True)))
+
+
+def test_report_tsv_has_header_and_one_row_per_problem(tmp_path: Path) -> None:
+    (tmp_path / "mixed.jsonl").write_bytes(MIXED_JSONL)
+    _, report = _read([tmp_path / "mixed.jsonl"])
+    path = report.write_tsv(tmp_path / "bad_input_report.tsv")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert lines[0] + "\n" == REPORT_HEADER == "file\tline\treason\tdetail\n"
+    assert len(lines) == 1 + 9
+    assert all(len(line.split("\t")) == 4 for line in lines)
+    assert lines[1].startswith("mixed.jsonl\t2\tmalformed_json\t")
+    assert "9 skipped" in report.summary() and report.count_for_file("mixed.jsonl") == 9
+    assert BadInputReport().write_tsv(tmp_path / "empty.tsv").read_text() == REPORT_HEADER
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can read files without read permission")
+def test_permission_denied_is_unreadable(tmp_path: Path) -> None:
+    path = tmp_path / "secret.jsonl"
+    path.write_text('{"text": "x"}\n')
+    path.chmod(0)
+    docs, report = _read([path])
+    assert docs == [] and _rows(report) == [("secret.jsonl", 1, "unreadable_file")]
