@@ -105,12 +105,7 @@ class _TarShardFile:
         self.num_bytes = 0
 
     def add_member(self, name: str, payload: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(payload)
-        info.mtime = 0
-        info.mode = 0o444
-        info.uname = info.gname = "bigdata"
-        self._write(info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape"))
+        self._write(_member_header(name, len(payload)))
         self._write(payload)
         padding_bytes = -len(payload) % tarfile.BLOCKSIZE
         if padding_bytes:
@@ -130,6 +125,42 @@ class _TarShardFile:
         self.digest.update(data)
         self.num_bytes += len(data)
         self.raw.write(data)
+
+
+_NAME_FIELD = slice(0, 100)      # USTAR header: member name, NUL-padded
+_CHKSUM_FIELD = slice(148, 156)  # header checksum: six octal digits, NUL, space
+_header_templates: dict[int, tuple[bytes, int]] = {}
+
+
+def _tarinfo_header(name: str, size_bytes: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = size_bytes
+    info.mtime = 0
+    info.mode = 0o444
+    info.uname = info.gname = "bigdata"
+    return info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
+def _member_header(name: str, size_bytes: int) -> bytes:
+    """The USTAR header tarfile would build for this member, from a per-size template.
+
+    Every member of a shard has the same size, so all header bytes but the name and checksum repeat; building the
+    header with tarfile costs ~50 us per sample, which is ~15 % of unigram encode time. The checksum is the byte sum
+    of the header with the checksum field read as spaces: the template's sum plus the name's bytes.
+    """
+    encoded = name.encode("ascii", "surrogateescape")
+    if len(encoded) >= 100 or not name.isascii():
+        return _tarinfo_header(name, size_bytes)  # long or non-ASCII names: let tarfile handle the edge cases
+    template = _header_templates.get(size_bytes)
+    if template is None:
+        base = bytearray(_tarinfo_header("", size_bytes))
+        base[_CHKSUM_FIELD] = b" " * 8
+        template = _header_templates.setdefault(size_bytes, (bytes(base), sum(base)))
+    base, base_sum = template
+    header = bytearray(base)
+    header[: len(encoded)] = encoded
+    header[_CHKSUM_FIELD] = b"%06o\0 " % (base_sum + sum(encoded))
+    return bytes(header)
 
 
 class ShardSetWriter:

@@ -201,3 +201,11 @@ def test_sha256_file_streams_in_chunks(tmp_path: Path) -> None:
     payload = os.urandom(3 * 1024 + 17)
     path.write_bytes(payload)
     assert sha256_file(path, chunk_bytes=1000) == hashlib.sha256(payload).hexdigest()
+
+
+@pytest.mark.parametrize("name", ["train-000000-000001.npy", "val-123456-999999.npy", "k" * 99, "x"])
+@pytest.mark.parametrize("size_bytes", [0, 1, 4226, 10**6])
+def test_templated_member_header_equals_tarfile(name: str, size_bytes: int) -> None:
+    from data_pipeline.shards import _member_header, _tarinfo_header
+
+    assert _member_header(name, size_bytes) == _tarinfo_header(name, size_bytes)
