@@ -16,6 +16,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "launch.commands.data",
     "launch.commands.inspect",
     "launch.commands.train",
+    "launch.commands.convert",
+    "launch.commands.generate",
 )
 
 

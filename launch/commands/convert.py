@@ -1,0 +1,149 @@
+"""`pretrain convert to-hf` and `pretrain convert from-hf`: our weights ⇄ a Hugging Face Llama directory
+(docs/hf_conversion.md). Both work on full, unsharded state dicts; torch, safetensors and transformers are imported
+inside the handlers so `pretrain --help` stays instant."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import Any
+
+TO_HF_EXAMPLE = """\
+example:
+  pretrain convert to-hf --state-dict runs/tiny/weights.safetensors --config configs/tiny.yaml \\
+      --tokenizer data/tiny/tokenizer --output runs/tiny/hf --dtype bf16
+
+  writes runs/tiny/hf/{config.json, model.safetensors, generation_config.json, tokenizer.json,
+  tokenizer_config.json, tokenizer.model}; then, offline:
+      AutoModelForCausalLM.from_pretrained("runs/tiny/hf"); AutoTokenizer.from_pretrained("runs/tiny/hf")
+      pretrain generate --hf runs/tiny/hf --prompt "def main():" --greedy
+
+--state-dict is our full (unsharded) state dict as *.safetensors (e.g. written by `convert from-hf`); reading a
+checkpoint directory of any TP/PP/ZeRO layout arrives with trainer.checkpoint. --config is the run config the
+weights were trained with, or the model.yaml that `convert from-hf` writes; dotted overrides apply to it.
+Vocabulary padding rows are dropped, a tied lm_head is not written (tie_word_embeddings), weights above
+--max-shard-size are split into shards with model.safetensors.index.json.
+"""
+
+FROM_HF_EXAMPLE = """\
+example:
+  pretrain convert from-hf --hf runs/tiny/hf --output runs/tiny-imported --tp 2
+
+  writes runs/tiny-imported/model.safetensors (our parameter names, vocabulary padded to a multiple of
+  tp × 128 rows), runs/tiny-imported/model.yaml (the `model:` section for a run config) and, when the HF
+  directory holds a sentencepiece tokenizer.model, runs/tiny-imported/tokenizer/. Converting that back with
+  `pretrain convert to-hf --state-dict runs/tiny-imported/model.safetensors --config runs/tiny-imported/model.yaml
+  ... --dtype <the source dtype>` reproduces every tensor bit for bit.
+
+Only the Llama architecture is accepted; config.json fields our model does not implement (attention_bias,
+mlp_bias, rope scaling, another hidden_act, attention_dropout) are refused by name. The stored dtype is kept
+unless --dtype is given.
+"""
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's line breaks (the worked example)."""
+
+
+def size_bytes(text: str) -> int:
+    """'5GB' → 5_000_000_000, '512MiB' → 536_870_912, '1000' → 1000 (bytes); argparse reports a ValueError."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: write e.g. 5GB, 500MB, 2GiB or a byte count")
+    value = float(match.group(1)) * _UNITS[(match.group(2) or "b").lower()]
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1 byte")
+    return int(value)
+
+
+def register(subparsers: Any) -> None:
+    group = subparsers.add_parser(
+        "convert", help="convert weights to / from a Hugging Face directory", formatter_class=_HelpFormatter,
+        description="Checkpoint conversion to and from Hugging Face format.", epilog=TO_HF_EXAMPLE,
+    )
+    commands = group.add_subparsers(dest="convert_command", metavar="<subcommand>", required=True)
+    _register_to_hf(commands)
+    _register_from_hf(commands)
+
+
+def _register_to_hf(commands: Any) -> None:
+    parser = commands.add_parser(
+        "to-hf", help="our full state dict + run config → an HF Llama directory", formatter_class=_HelpFormatter,
+        description="Export our weights as a directory that transformers' AutoModelForCausalLM and AutoTokenizer "
+                    "load offline.", epilog=TO_HF_EXAMPLE,
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    # A --checkpoint DIR alternative joins this group when trainer.checkpoint can consolidate sharded checkpoints.
+    source.add_argument("--state-dict", metavar="FILE", help="our full state dict, *.safetensors")
+    parser.add_argument("--config", required=True, metavar="YAML",
+                        help="run config of these weights, or a model.yaml from `convert from-hf`")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, e.g. model.max_seq_len=4096 (all together, after the flags)")
+    parser.add_argument("--output", required=True, metavar="DIR", help="HF directory to write")
+    tokenizer = parser.add_mutually_exclusive_group(required=True)
+    tokenizer.add_argument("--tokenizer", metavar="DIR_OR_MODEL",
+                           help="our tokenizer directory (tokenizer.model), e.g. <dataset>/tokenizer")
+    tokenizer.add_argument("--no-tokenizer", action="store_true",
+                           help="write weights and configs only (AutoTokenizer will not load the directory)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="dtype of the written weights (default: %(default)s, lossless)")
+    parser.add_argument("--max-shard-size", type=size_bytes, default="5GB", metavar="SIZE",
+                        help="split the weights into shards of at most SIZE, e.g. 5GB, 500MB (default: 5GB)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --output")
+    parser.set_defaults(func=run_to_hf)
+
+
+def _register_from_hf(commands: Any) -> None:
+    parser = commands.add_parser(
+        "from-hf", help="an HF Llama directory → our full state dict + model config", formatter_class=_HelpFormatter,
+        description="Import an HF Llama-architecture directory as our full state dict and `model:` config.",
+        epilog=FROM_HF_EXAMPLE,
+    )
+    parser.add_argument("--hf", required=True, metavar="DIR", help="HF model directory (config.json + safetensors)")
+    parser.add_argument("--output", required=True, metavar="DIR",
+                        help="directory for model.safetensors, model.yaml and tokenizer/")
+    parser.add_argument("--tp", type=int, default=1, metavar="N",
+                        help="tensor-parallel degree to train with: decides the vocab padding (default: 1)")
+    parser.add_argument("--dtype", choices=("keep", "fp32", "bf16", "fp16"), default="keep",
+                        help="dtype of the written weights (default: keep the stored dtype)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier import in --output")
+    parser.set_defaults(func=run_from_hf)
+
+
+def run_to_hf(args: argparse.Namespace) -> int:
+    from trainer.hf import export_hf, load_full_state_dict, load_model_config
+
+    model_cfg = load_model_config(args.config, args.overrides)
+    state_dict = load_full_state_dict(args.state_dict)
+    result = export_hf(
+        state_dict, model_cfg, args.output, tokenizer_model=None if args.no_tokenizer else args.tokenizer,
+        dtype=args.dtype, max_shard_bytes=args.max_shard_size, overwrite=args.overwrite,
+    )
+    print(f"wrote {result.out_dir}: {result.num_parameters:,} parameters, {result.weights_bytes / 2**20:.1f} MiB "
+          f"of {result.dtype} weights in {', '.join(result.files)}")
+    tokens = result.special_tokens
+    print(f"special token ids: bos={tokens.bos} eos={tokens.eos} pad={tokens.pad}"
+          + ("" if not args.no_tokenizer else " (no tokenizer written)"))
+    for line in result.tokenizer_mismatches:
+        print(f"warning: the exported tokenizer differs from sentencepiece on a probe text: {line}")
+    return 0
+
+
+def run_from_hf(args: argparse.Namespace) -> int:
+    from trainer.hf import import_hf_to_dir
+
+    written = import_hf_to_dir(args.hf, args.output, tp=args.tp, dtype=None if args.dtype == "keep" else args.dtype,
+                               overwrite=args.overwrite)
+    print(f"wrote {written.out_dir}/model.safetensors: {written.num_tensors} tensors, vocab "
+          f"{written.model_cfg.vocab_size} padded to {written.padded_vocab_rows} rows (tp={args.tp})")
+    print(f"wrote {written.out_dir}/model.yaml (the model: section for a run config)")
+    if written.tokenizer_copied:
+        print(f"wrote {written.out_dir}/tokenizer/ (sentencepiece model + our metadata)")
+    else:
+        print(f"note: {args.hf} has no sentencepiece tokenizer.model; our data pipeline needs one to tokenize for "
+              f"this model")
+    return 0

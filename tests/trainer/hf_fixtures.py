@@ -1,0 +1,83 @@
+"""Shared pieces of the HF conversion tests: a varied corpus, tiny configs, an HF twin loader, KL and greedy decode."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from trainer.config import ModelConfig
+
+VOCAB = 500  # tokenizer pieces; padded to 512 rows at tp=1 (padding is in every test on purpose)
+# 0.1, not the usual 0.02: at 0.02 attention is near-uniform, and a wrong rotary layout moved logits by only 0.005.
+# At 0.1 every pitfall below moves them by > 3 (measured), so "it matches" means something.
+INIT_STD = 0.1
+
+_SNIPPETS = (
+    "def {w}(x, y=1):\n    if x < y and y > 0:\n        return x ** 2  # {w}\n    return None\n",
+    "class {W}:\n\tdef __init__(self):\n\t\tself.{w} = [1, 2, 3]\n",
+    "<div class=\"{w}\">{w} &amp; more</div>\n",
+    "for i in range(10):\n    print(f\"{{i}}: {w}\")\n",
+    "{w} = {{'a': 0x1F, 'b': 3.14159, 'c': -42}}\n",
+    "The {w} costs 12,345.67 EUR; café naïve Ω ß 中文 日本語 😀\n",
+    "if (a != b || c >= d) {{ return a / b; }} // {w}\n",
+    "SELECT {w}, count(*) FROM t WHERE x <> 'y' GROUP BY 1;\n",
+    "    # indented comment with  two  spaces   and tabs\t{w}\n",
+    "~`!@#$%^&*()_+-=[]{{}}|\\:;\"',.<>/? {w}\n",
+)
+
+
+def corpus_documents(num_docs: int, seed: int) -> list[str]:
+    """Code and prose with every printable ASCII character, indentation, digits and some non-ASCII text."""
+    rng = random.Random(seed)
+    syllables = "ka lo mi ne ru ta shi po de an el or um ix qu zo".split()
+    docs = []
+    for _ in range(num_docs):
+        parts = []
+        for _ in range(rng.randint(3, 8)):
+            word = "".join(rng.choice(syllables) for _ in range(rng.randint(1, 3)))
+            parts.append(rng.choice(_SNIPPETS).format(w=word, W=word.capitalize()))
+        docs.append("".join(parts))
+    return docs
+
+
+def write_corpus(path: Path, docs: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs), encoding="utf-8")
+    return path
+
+
+def tiny_config(**changes: object) -> ModelConfig:
+    fields: dict[str, object] = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4, num_kv_heads=2,
+        rope_theta=500000.0, rms_norm_eps=1e-5, max_seq_len=128, init_std=INIT_STD,
+    )
+    fields.update(changes)
+    return ModelConfig(**fields)
+
+
+def per_token_kl(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """KL(p_ref || p_other) per position, summed over the vocabulary, in fp64. (B, T, V) → (B, T)."""
+    log_p = reference.double().log_softmax(-1)
+    log_q = other.double().log_softmax(-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+@torch.no_grad()
+def greedy_ours(model: torch.nn.Module, prompt: torch.Tensor, num_new_tokens: int, vocab_size: int) -> list[int]:
+    """Our own greedy loop: full forward each step, argmax over the real vocabulary (padding rows sliced off)."""
+    ids = prompt.clone()  # (1, T)
+    for _ in range(num_new_tokens):
+        next_id = model(ids)[0, -1, :vocab_size].argmax()
+        ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
+    return ids[0, prompt.shape[1] :].tolist()
+
+
+def load_hf(path: Path) -> torch.nn.Module:
+    """transformers' own loader, with its loading report checked: nothing missing, nothing invented."""
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
+    assert not any(info[kind] for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+    return model.eval()
