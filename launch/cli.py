@@ -16,6 +16,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "launch.commands.data",
     "launch.commands.inspect",
     "launch.commands.train",
+    "launch.commands.launch_local",
     "launch.commands.convert",
     "launch.commands.generate",
 )

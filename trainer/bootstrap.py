@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import socket
 import sys
 import warnings
 from dataclasses import dataclass
@@ -91,6 +92,19 @@ def apply_cpu_shims() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
+def single_process_defaults() -> None:
+    """Without a launcher (no WORLD_SIZE), describe a world of one process on a free localhost port. With a
+    launcher nothing is changed: a variable it failed to set is reported by `init_parallel`."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    for name, value in defaults.items():
+        os.environ.setdefault(name, value)
+
+
 def _init_default_group(backend: str, timeout_s: float) -> None:
     if dist.is_initialized():
         return
@@ -117,6 +131,11 @@ def init_parallel(tp: int, pp: int, *, backend: str | None = None, timeout_s: fl
     else:
         apply_cpu_shims()
     _init_default_group(backend, timeout_s)
+    import deepspeed
+
+    # deepspeed.comm wraps the default group just created (no second rendezvous). deepspeed.initialize would do this
+    # itself, but DeepSpeed's PipelineModule is built before it and already talks through deepspeed.comm.
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     world_size = dist.get_world_size()
     if world_size % (tp * pp) != 0:
         raise ValueError(f"world size {world_size} is not divisible by parallel.tp ({tp}) × parallel.pp ({pp})")

@@ -36,7 +36,18 @@ def build_deepspeed_config(cfg: Config, derived: Derived) -> dict[str, Any]:
         "optimizer": _optimizer_section(cfg),
     }
     ds.update(_precision_sections(cfg.precision))
+    if derived.pp > 1:
+        ds["pipeline"] = _pipeline_section(cfg)
     return ds
+
+
+def _pipeline_section(cfg: Config) -> dict[str, Any]:
+    """With TP, DeepSpeed's pipeline sends each stage boundary activation (and its gradient) as 1/tp slices, one per
+    TP rank, and all-gathers them over the TP group on the receiving stage: less p2p traffic, but it assumes the
+    tensor is identical on every TP rank. Under sequence parallelism each TP rank holds a different sequence shard,
+    so the slicing would splice shards together: send each rank's shard whole instead."""
+    sliced = not cfg.parallel.sequence_parallel
+    return {"pipe_partitioned": sliced, "grad_partitioned": sliced}
 
 
 def _zero_section(zero: ZeroConfig) -> dict[str, Any]:

@@ -105,17 +105,20 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * hd, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        T, B, _ = x.shape  # (T, B, H), sequence-first
         hd = self.head_dim
-        # Head counts come from the projections: under tensor parallelism each rank holds nh/tp and nkv/tp heads.
-        q = self.q_proj(x).view(T, B, -1, hd).permute(1, 2, 0, 3)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(T, B, -1, hd).permute(1, 2, 0, 3)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(T, B, -1, hd).permute(1, 2, 0, 3)  # (B, nkv, T, hd)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (T, B, nh*hd), (T, B, nkv*hd) x2
+        # T comes from the projections, not from x: under sequence parallelism x is this rank's (T/tp, B, H) shard and
+        # the column-parallel projections all-gather it back to the full sequence. Head counts come from the
+        # projections too: under tensor parallelism each rank holds nh/tp and nkv/tp heads.
+        T, B, _ = q.shape
+        q = q.view(T, B, -1, hd).permute(1, 2, 0, 3)  # (B, nh, T, hd)
+        k = k.view(T, B, -1, hd).permute(1, 2, 0, 3)  # (B, nkv, T, hd)
+        v = v.view(T, B, -1, hd).permute(1, 2, 0, 3)  # (B, nkv, T, hd)
         cos, sin = rotary_cos_sin(T, hd, self.rope_theta, x.device, q.dtype)  # (T, hd) each
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         y = causal_attention(q, k, v)  # (B, nh, T, hd)
         y = y.permute(2, 0, 1, 3).reshape(T, B, -1)  # (T, B, nh*hd)
-        return self.o_proj(y)  # (T, B, H)
+        return self.o_proj(y)  # (T, B, H); (T/tp, B, H) under sequence parallelism (o_proj reduce-scatters)
 
 
 class MLP(nn.Module):

@@ -1,5 +1,8 @@
-"""`pretrain train`: train a model from a run config. `--dry-run` resolves and checks the config for its world size,
-prints parameter count, FLOPs per token, memory per GPU and the generated DeepSpeed config, and exits (no torch)."""
+"""`pretrain train`: train a model from a run config, in this process. Under a launcher (torchrun, srun,
+`pretrain launch local`) every process runs this command and reads its place from RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR and MASTER_PORT; without them it trains as a single process. `--dry-run` resolves and checks the config
+for its world size, prints parameter count, FLOPs per token, memory per GPU and the generated DeepSpeed config, and
+exits (no torch)."""
 
 from __future__ import annotations
 
@@ -10,17 +13,16 @@ from typing import Any
 
 EXAMPLES = """\
 examples:
+  pretrain train --config configs/tiny.yaml train.max_steps=20           # train as one process (CPU ok)
+  pretrain launch local --nproc 2 --config configs/tiny.yaml             # the same on 2 processes (torchrun)
   pretrain train --config configs/tiny.yaml --dry-run
   pretrain train --config configs/7b.yaml --dry-run optim.lr=1.5e-4 train.max_steps=1000
   pretrain train --config configs/70b.yaml --world-size 512 --dry-run parallel.pp=8
 
+A run writes <run_dir>/config.yaml, metrics.jsonl, tb/ and logs/rank<N>.log (run_dir: logging.run_dir or runs/<name>).
 World size for --dry-run: --world-size, else $WORLD_SIZE, else launch.nodes × launch.gpus_per_node.
 Overrides are dotted keys with YAML values (optim.betas=[0.9,0.95], data.datasets.0.weight=2); put them together.
 """
-
-
-class TrainingNotAvailableError(RuntimeError):
-    user_error = True
 
 
 def register(subparsers: Any) -> None:
@@ -41,16 +43,19 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.config import load_config
+    from trainer.config import ConfigError, load_config
 
     cfg = load_config(args.config, args.overrides)
+    if not args.dry_run:
+        if args.world_size is not None:
+            raise ConfigError("--world-size only applies with --dry-run: a real run takes its world size from the "
+                              "launcher (WORLD_SIZE), e.g. `pretrain launch local --nproc N ...`")
+        from trainer.train import train  # heavy (torch, deepspeed, megatron): only for a real run
+
+        train(cfg)
+        return 0
     world_size, world_source = _world_size(args.world_size, cfg.launch.nodes, cfg.launch.gpus_per_node)
     derived = cfg.validate_for_world(world_size)
-    if not args.dry_run:
-        raise TrainingNotAvailableError(
-            "training itself lands with the training-core work (bootstrap, engine, fit); for now use --dry-run to "
-            "check a config"
-        )
     print(_dry_run_report(cfg, derived, args, world_source))
     return 0
 

@@ -81,10 +81,11 @@ def test_config_errors_print_cleanly() -> None:
     assert out.returncode == 2 and "set zero.stage=1 or parallel.pp=1" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_training_without_dry_run_says_what_to_do() -> None:
-    out = pretrain("--config", "configs/tiny.yaml")
+def test_world_size_flag_belongs_to_dry_runs() -> None:
+    # A real run takes its world size from the launcher; `pretrain train` without --dry-run trains (test_train_cli.py).
+    out = pretrain("--config", "configs/tiny.yaml", "--world-size", "2")
     assert out.returncode == 2
-    assert "use --dry-run" in out.stderr and "Traceback" not in out.stderr
+    assert "--world-size only applies with --dry-run" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_dry_run_imports_nothing_heavy() -> None:

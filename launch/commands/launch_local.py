@@ -1,0 +1,101 @@
+"""`pretrain launch local`: train on this machine with N processes. Renders and execs
+
+    torchrun --standalone --nproc_per_node N -m launch train --config X [key=value ...]
+
+so every process runs `pretrain train` with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT set by torchrun
+(a free port on localhost; no rendezvous server needed). The config is checked for a world of N processes here,
+once, before any process starts. With launch.device=cpu the processes talk over gloo and each gets
+OMP_NUM_THREADS = usable cores // N; with launch.device=cuda each process takes one GPU (NCCL)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from typing import Any
+
+EXAMPLES = """\
+examples:
+  pretrain launch local --nproc 2 --config configs/tiny.yaml
+      2 CPU processes (tiny.yaml sets launch.device=cpu): DP=2, fp32, writes runs/tiny/{config.yaml,metrics.jsonl,...}
+  pretrain launch local --nproc 2 --config configs/tiny.yaml parallel.tp=2 train.max_steps=20
+      the same model split over 2 processes with tensor parallelism
+  pretrain launch local --nproc 8 --config configs/125m.yaml
+      one 8-GPU node (125m.yaml: launch.device=cuda)
+  pretrain launch local --nproc 2 --config configs/tiny.yaml --dry-run
+      print the torchrun command and environment, start nothing
+
+--nproc defaults to launch.gpus_per_node. Overrides are the same dotted key=value pairs as `pretrain train` takes.
+"""
+
+
+def register(subparsers: Any) -> None:
+    launch = subparsers.add_parser(
+        "launch",
+        help="start training processes (local: torchrun on this machine)",
+        description="Start `pretrain train` in several processes. `launch local` runs them on this machine.",
+        epilog="examples:\n  pretrain launch local --nproc 2 --config configs/tiny.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    where = launch.add_subparsers(dest="launch_target", metavar="<where>", required=True)
+    local = where.add_parser(
+        "local",
+        help="torchrun on this machine, one process per GPU (or CPU slot)",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    local.add_argument("--nproc", type=int, metavar="N", help="processes to start (default: launch.gpus_per_node)")
+    local.add_argument("--config", required=True, metavar="YAML", help="run config, e.g. configs/tiny.yaml")
+    local.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. parallel.tp=2")
+    local.add_argument("--dry-run", action="store_true", help="print the command and environment; start nothing")
+    local.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from trainer.config import ConfigError, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    nproc = cfg.launch.gpus_per_node if args.nproc is None else args.nproc
+    if nproc < 1:
+        raise ConfigError(f"--nproc ({nproc}) must be >= 1")
+    cfg.validate_for_world(nproc)  # one clear error now instead of the same one from N processes
+    env = process_environment(cfg.launch.device, nproc)
+    command = torchrun_command(nproc, args.config, args.overrides)
+    print(" ".join(f"{name}={value}" for name, value in env.items()), shlex.join(command), file=sys.stderr)
+    if args.dry_run:
+        return 0
+    sys.stderr.flush()
+    os.execvpe(command[0], command, {**os.environ, **env})  # torchrun takes over this process (and its signals)
+    return 0  # not reached
+
+
+def torchrun_command(nproc: int, config: str, overrides: list[str]) -> list[str]:
+    """torchrun from this interpreter (`python -m torch.distributed.run` is the torchrun console script), so the
+    processes use the same environment as this command."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "launch", "train", "--config", config, *overrides]
+
+
+def process_environment(device: str, nproc: int) -> dict[str, str]:
+    """Variables set for every process. Checks that CUDA is there when the config asks for GPUs."""
+    from trainer.config import ConfigError
+
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("launch.device is cuda but no CUDA GPU is visible here: add launch.device=cpu to run "
+                              "on CPU processes (gloo), or run on a GPU node")
+        if nproc > torch.cuda.device_count():
+            raise ConfigError(f"--nproc ({nproc}) is more than the {torch.cuda.device_count()} visible GPUs: lower "
+                              "--nproc (one process per GPU)")
+        return {}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return {
+        # Split the cores between the processes (torchrun would otherwise force 1 thread, with a warning); a value
+        # the user exported wins.
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, cores // nproc))),
+        "DS_ACCELERATOR": "cpu",  # DeepSpeed's CPU accelerator (gloo) without its auto-detect warning
+    }

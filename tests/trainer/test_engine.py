@@ -1,0 +1,126 @@
+"""Engine pieces that need no process group: LR schedule, weight-decay groups, the fp16 path, metric reporting."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from trainer.config import ConfigError, OptimConfig, load_config
+from trainer.deepspeed_config import build_deepspeed_config
+from trainer.engine import exempt_from_weight_decay, loss_scale, lr_multiplier, param_groups
+from trainer.hooks import GPU_PEAK_BF16_TFLOPS, format_metrics
+from trainer.model import Llama
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def optim(**fields: object) -> OptimConfig:
+    return OptimConfig(**{"lr": 1.0, "warmup_steps": 4, "min_lr_ratio": 0.1, **fields})
+
+
+def test_warmup_reaches_the_peak_at_its_last_step() -> None:
+    factors = [lr_multiplier(step, optim(), max_steps=20) for step in range(5)]
+    assert factors == [0.25, 0.5, 0.75, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+def test_decay_goes_from_peak_to_floor_at_max_steps(decay: str) -> None:
+    o = optim(decay=decay)
+    assert lr_multiplier(4, o, max_steps=20) == 1.0  # first step after warmup: the peak
+    halfway = lr_multiplier(12, o, max_steps=20)
+    assert halfway == pytest.approx(0.55)  # both shapes cross the middle at the same point
+    assert lr_multiplier(20, o, max_steps=20) == pytest.approx(0.1)  # the floor, after the last step
+    assert lr_multiplier(500, o, max_steps=20) == pytest.approx(0.1)  # never below it
+    if decay == "cosine":
+        assert lr_multiplier(6, o, max_steps=20) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 2 / 16)))
+    else:
+        assert lr_multiplier(6, o, max_steps=20) == pytest.approx(0.1 + 0.9 * (1 - 2 / 16))
+
+
+def test_constant_and_no_warmup() -> None:
+    assert [lr_multiplier(s, optim(decay="constant", warmup_steps=0), 10) for s in (0, 9)] == [1.0, 1.0]
+    assert lr_multiplier(0, optim(warmup_steps=0), 10) == 1.0
+
+
+def testlr_schedule_drives_the_group_lr() -> None:
+    from trainer.engine import lr_schedule
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    sched = lr_schedule(opt, optim(lr=0.5), max_steps=10)
+    seen = []
+    for _ in range(5):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([0.125, 0.25, 0.375, 0.5, 0.5])
+
+
+def test_weight_decay_groups_follow_no_decay_on() -> None:
+    cfg = load_config(TINY)
+    model = Llama(cfg.model, 256)
+    groups = param_groups(model.named_parameters(), cfg.optim)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)] for p in groups[0]["params"]}
+    no_decay = {names[id(p)] for p in groups[1]["params"]}
+    assert groups[0]["weight_decay"] == cfg.optim.weight_decay and groups[1]["weight_decay"] == 0.0
+    assert no_decay == {"norm.weight"} | {f"layers.{i}.{n}_layernorm.weight" for i in (0, 1)
+                                          for n in ("input", "post_attention")}
+    assert "embed_tokens.weight" in decay and "lm_head.weight" in decay  # no_decay_on.embeddings defaults to false
+    with_embeddings = load_config(TINY, ["optim.no_decay_on.embeddings=true"]).optim
+    assert exempt_from_weight_decay("embed_tokens.weight", with_embeddings.no_decay_on)
+    assert exempt_from_weight_decay("layers.0.mlp.up_proj.bias", with_embeddings.no_decay_on)
+    everything = load_config(TINY, ["optim.no_decay_on.norms=false"]).optim
+    assert len(param_groups(model.named_parameters(), everything)) == 1  # an empty group is left out
+
+
+def test_fp16_config_path() -> None:
+    """fp16 cannot run on this CPU (DeepSpeed refuses it), so its path is checked up to the engine: the config is
+    rejected on CPU with the fix, generates dynamic loss scaling for GPUs, and the loss scale is reported."""
+    cfg = load_config(TINY, ["precision.dtype=fp16", "zero.stage=1"])
+    with pytest.raises(ConfigError, match="set precision.dtype=bf16 or fp32"):
+        cfg.validate_for_world(2, "cpu")
+    ds = build_deepspeed_config(cfg, cfg.validate_for_world(2, "cuda"))
+    assert ds["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                          "hysteresis": 2, "min_loss_scale": 1}
+    assert "bf16" not in ds
+    fp16_engine = SimpleNamespace(fp16_enabled=lambda: True, _get_optimizer_loss_scale=lambda: 65536.0)
+    assert loss_scale(fp16_engine) == 65536.0
+    assert loss_scale(SimpleNamespace(fp16_enabled=lambda: False)) is None
+    line = format_metrics(3, 10, {"kind": "train", "loss": 5.0, "lr": 1e-3, "grad_norm": 0.5, "loss_scale": 65536.0,
+                                  "tokens_per_s": 1e5, "tflops_per_gpu": 300.0, "mfu": 0.3, "step_time_s": 1.0,
+                                  "data_wait_s": 0.001, "max_memory_allocated_gib": 40.0})
+    assert "loss_scale 65536" in line and "MFU 30.0%" in line and "ETA 0:00:07" in line
+
+
+def test_peak_table_prefers_specific_names() -> None:
+    def peak(device_name: str) -> float | None:
+        return next((tflops for pattern, tflops in GPU_PEAK_BF16_TFLOPS if pattern in device_name), None)
+
+    assert peak("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak("NVIDIA H100 PCIe") == 756.0
+    assert peak("NVIDIA GH200 480GB") == 989.0
+    assert peak("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak("NVIDIA A10") == 125.0
+    assert peak("NVIDIA L40S") == 362.0 and peak("NVIDIA L4") == 121.0
+    assert peak("Some Future GPU") is None
+
+
+def test_pipeline_with_sequence_parallel_sends_whole_shards() -> None:
+    sp = load_config(REPO / "configs" / "70b.yaml")
+    ds = build_deepspeed_config(sp, sp.validate_for_world(256, "cuda"))
+    assert ds["pipeline"] == {"pipe_partitioned": False, "grad_partitioned": False}
+    plain = load_config(TINY, ["parallel.pp=2"])
+    assert build_deepspeed_config(plain, plain.validate_for_world(2))["pipeline"] == {
+        "pipe_partitioned": True, "grad_partitioned": True}
+    assert "pipeline" not in build_deepspeed_config(load_config(TINY), load_config(TINY).validate_for_world(2))
+
+
+def test_tied_embeddings_with_pipeline_are_rejected_with_the_fix() -> None:
+    cfg = load_config(TINY, ["model.tie_embeddings=true", "parallel.pp=2"])
+    with pytest.raises(ConfigError, match="set model.tie_embeddings=false or parallel.pp=1"):
+        cfg.validate_for_world(2)

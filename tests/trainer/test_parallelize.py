@@ -1,0 +1,137 @@
+"""parallelize in one process (tp = pp = 1): names, deterministic init, activation checkpointing, pipeline bookkeeping.
+
+The multi-rank properties (TP/PP shards are slices of the same full weights, names survive the TP swap) are proven in
+test_parallel_training.py; here is what needs no process group.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from trainer.bootstrap import ParallelContext
+from trainer.config import load_config
+from trainer.model import Llama, lm_loss
+from trainer.parallelize import (
+    StageParts,
+    build_model_on_meta,
+    canonical_name,
+    init_weights_deterministic,
+    parallelize,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def single_rank_context() -> ParallelContext:
+    """A 1-rank grid; tp = pp = 1 needs no process group (nothing is communicated)."""
+    return ParallelContext(rank=0, world_size=1, local_rank=0, tp=1, pp=1, dp=1, tp_rank=0, pp_rank=0, dp_rank=0,
+                           tp_group=None, pp_group=None, dp_group=None, model_parallel_group=None,
+                           device=torch.device("cpu"))
+
+
+def build(*overrides: str) -> tuple[torch.nn.Module, object]:
+    cfg = load_config(TINY, list(overrides))
+    derived = cfg.validate_for_world(1)
+    pmodel = parallelize(build_model_on_meta(cfg.model, derived.padded_vocab_size), cfg, derived,
+                         single_rank_context())
+    return pmodel, cfg
+
+
+def test_names_and_state_dict_keys_equal_the_plain_model() -> None:
+    pmodel, cfg = build()
+    plain = Llama(cfg.model, 256)
+    assert not pmodel.is_pipeline
+    assert [n for n, _ in pmodel.canonical_named_parameters()] == [n for n, _ in plain.named_parameters()]
+    assert list(pmodel.module.state_dict()) == list(plain.state_dict())
+    assert not any(p.is_meta for p in pmodel.module.parameters())
+
+
+def test_init_is_deterministic_per_name_and_independent_of_other_parameters() -> None:
+    first, cfg = build()
+    second, _ = build()
+    for (name, a), (_, b) in zip(first.module.named_parameters(), second.module.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+    # A model holding only some of the parameters (as a pipeline stage does) draws the same values for them.
+    partial = build_model_on_meta(cfg.model, 256)
+    partial.layers[1].to_empty(device="cpu")
+    init_weights_deterministic(partial, cfg.model, cfg.train.seed)
+    assert torch.equal(partial.layers[1].mlp.up_proj.weight, first.module.layers[1].mlp.up_proj.weight)
+    assert partial.layers[0].mlp.up_proj.weight.is_meta
+    # Distribution: norms 1, output projections scaled down by sqrt(2 * num_layers).
+    model = first.module
+    assert torch.equal(model.norm.weight, torch.ones(64))
+    std_q = model.layers[0].self_attn.q_proj.weight.std().item()
+    std_o = model.layers[0].self_attn.o_proj.weight.std().item()
+    assert std_q == pytest.approx(0.02, rel=0.1) and std_o == pytest.approx(0.01, rel=0.1)
+    other_seed, _ = build("train.seed=7")
+    assert not torch.equal(other_seed.module.embed_tokens.weight, model.embed_tokens.weight)
+
+
+def test_tied_embeddings_stay_one_parameter() -> None:
+    pmodel, _ = build("model.tie_embeddings=true")
+    assert pmodel.module.lm_head.weight is pmodel.module.embed_tokens.weight
+    assert "lm_head.weight" not in dict(pmodel.canonical_named_parameters())
+
+
+class _CountMatmuls(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _loss_grads_and_backward_matmuls(mode: str) -> tuple[float, dict[str, torch.Tensor], int]:
+    pmodel, cfg = build(f"parallel.activation_checkpointing={mode}")
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    loss = lm_loss(pmodel.module(tokens[:, :-1]), tokens[:, 1:])
+    with _CountMatmuls() as counter:
+        loss.backward()
+    grads = {name: p.grad.clone() for name, p in pmodel.module.named_parameters()}
+    return loss.item(), grads, counter.count
+
+
+def test_activation_checkpointing_recomputes_what_its_mode_says_and_changes_no_number() -> None:
+    loss_none, grads_none, matmuls_none = _loss_grads_and_backward_matmuls("none")
+    loss_sel, grads_sel, matmuls_sel = _loss_grads_and_backward_matmuls("selective")
+    loss_full, grads_full, matmuls_full = _loss_grads_and_backward_matmuls("full")
+    assert loss_none == loss_sel == loss_full
+    for name, grad in grads_none.items():
+        assert torch.equal(grad, grads_sel[name]), name
+        assert torch.equal(grad, grads_full[name]), name
+    # full re-runs each layer's forward in backward, up to the last tensor backward needs (non-reentrant checkpoint
+    # stops early, before down_proj, whose output nothing saves): 6 projections per layer. selective keeps every
+    # matmul output, so its backward runs exactly the matmuls of the model without checkpointing.
+    assert matmuls_full == matmuls_none + 2 * 6
+    assert matmuls_sel == matmuls_none
+
+
+def test_activation_checkpointing_keeps_names() -> None:
+    pmodel, _ = build("parallel.activation_checkpointing=selective")
+    assert "layers.0.self_attn.q_proj.weight" in dict(pmodel.canonical_named_parameters())
+
+
+@pytest.mark.parametrize(("num_layers", "pp"), [(2, 2), (4, 2), (4, 4), (80, 4), (3, 3), (2, 1)])
+def test_stage_parts_match_deepspeed_type_partition(num_layers: int, pp: int) -> None:
+    from deepspeed.runtime.utils import partition_balanced
+
+    # What PipelineModule(partition_method="type:DecoderLayer") computes for [embed, layers..., head].
+    parts = partition_balanced(weights=[0] + [1] * num_layers + [0], num_parts=pp)
+    for stage in range(pp):
+        assert StageParts.for_stage(num_layers, pp, stage).list_bounds() == (parts[stage], parts[stage + 1])
+
+
+def test_canonical_names_of_pipeline_parameters() -> None:
+    assert canonical_name("0.embed_tokens.weight", 4) == "embed_tokens.weight"
+    assert canonical_name("1.self_attn.q_proj.weight", 4) == "layers.0.self_attn.q_proj.weight"
+    assert canonical_name("4.mlp.down_proj.weight", 4) == "layers.3.mlp.down_proj.weight"
+    assert canonical_name("5.norm.weight", 4) == "norm.weight"
+    assert canonical_name("5.lm_head.weight", 4) == "lm_head.weight"

@@ -1,0 +1,81 @@
+"""Training the way a user starts it: `pretrain train` (one process) and `pretrain launch local --nproc 2` (torchrun),
+as subprocesses, checking the run directory they leave behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer.config import load_config
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def pretrain(*args: str, timeout_s: float = 240) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}  # as from a fresh shell
+    return subprocess.run([sys.executable, "-m", "launch", *args], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=timeout_s)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_pretrain_train_single_process_writes_the_run_directory(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    overrides = ["train.max_steps=4", "optim.warmup_steps=1", "train.log_interval_steps=2",
+                 "train.eval_interval_steps=2", f"logging.run_dir={run_dir}", "logging.tensorboard=true"]
+    out = pretrain("train", "--config", "configs/tiny.yaml", *overrides)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = metrics(run_dir)
+    assert [(r["step"], r["kind"]) for r in records] == [(2, "train"), (2, "eval"), (4, "train"), (4, "eval")]
+    train_record = records[2]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "step_time_s", "data_wait_s",
+                "max_rss_gib"):
+        assert isinstance(train_record[key], float) and train_record[key] >= 0, key
+    assert train_record["mfu"] is None and train_record["loss_scale"] is None  # CPU: no MFU; fp32: no loss scale
+    assert records[3]["val_ppl"] > 1.0
+    resolved = load_config(run_dir / "config.yaml")  # the resolved config reproduces the run
+    assert resolved == load_config(REPO / "configs" / "tiny.yaml", overrides)
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    assert "step 4/4 | loss" in log and "val_loss" in log
+    assert "step 4/4 | loss" in out.stderr  # the logging rank prints the same lines
+
+
+def test_launch_local_two_processes_on_a_prepared_dataset(tmp_path: Path) -> None:
+    import numpy as np
+
+    from data_pipeline.manifest import write_dataset_from_arrays
+
+    rng = np.random.default_rng(0)
+    write_dataset_from_arrays(tmp_path / "data", {"train": rng.integers(0, 256, (128, 65)),
+                                                  "val": rng.integers(0, 256, (32, 65))}, samples_per_shard=32)
+    run_dir = tmp_path / "run"
+    out = pretrain("launch", "local", "--nproc", "2", "--config", "configs/tiny.yaml", "train.max_steps=3",
+                   "optim.warmup_steps=1", "train.log_interval_steps=1", f"logging.run_dir={run_dir}",
+                   "data.synthetic=false", f"data.datasets=[{{path: {tmp_path / 'data'}}}]", "data.num_workers=1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "torch.distributed.run --standalone --nproc_per_node=2 -m launch train" in out.stderr
+    records = metrics(run_dir)
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
+    assert [r["kind"] for r in records][-1] == "eval"  # the final validation pass
+    for rank in (0, 1):
+        assert "rank %d/2: tp 0/1 pp 0/1 dp %d/2" % (rank, rank) in (run_dir / "logs" / f"rank{rank}.log").read_text()
+
+
+def test_launch_local_refuses_gpus_it_does_not_have() -> None:
+    if "cuda" in subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available() and 'cuda')"],
+                                capture_output=True, text=True).stdout:
+        pytest.skip("this machine has a GPU")
+    out = pretrain("launch", "local", "--nproc", "8", "--config", "configs/125m.yaml", timeout_s=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "add launch.device=cpu" in out.stderr

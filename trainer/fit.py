@@ -1,0 +1,95 @@
+"""The training loop: `fit` runs optimizer steps and calls the hooks; `train_step` is one optimizer step.
+
+Everything that is not the step itself (logging, throughput, checkpoints, preemption) is a hook (trainer.hooks).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from trainer.hooks import EvalOutput, Hook, RunContext, StepOutput, TrainState
+
+
+class TimedBatches:
+    """The training iterator, timing how long each `next` waits for the data loader."""
+
+    def __init__(self, batches: Iterator[Any]) -> None:
+        self._batches = batches
+        self._wait_s = 0.0
+
+    def __iter__(self) -> TimedBatches:
+        return self
+
+    def __next__(self) -> Any:
+        start_s = time.perf_counter()
+        batch = next(self._batches)
+        self._wait_s += time.perf_counter() - start_s
+        return batch
+
+    def take_wait_s(self) -> float:
+        wait_s, self._wait_s = self._wait_s, 0.0
+        return wait_s
+
+
+def fit(run: RunContext, hooks: Hook) -> TrainState:
+    """Train until train.max_steps (or until a hook sets state.stop_reason); return the final state."""
+    state = TrainState()
+    hooks.on_train_start(run, state)  # a checkpointer restores engine, loader and state.step here
+    # After on_train_start: the iterator starts where the (possibly just restored) loader state says.
+    batches = TimedBatches(iter(run.train_loader))
+    max_steps, eval_interval = run.cfg.train.max_steps, run.cfg.train.eval_interval_steps
+    while state.step < max_steps and state.stop_reason is None:
+        hooks.on_step_start(run, state)
+        lr = run.engine.get_lr()[0]  # read before the step: the engine advances the schedule inside it
+        start_s = time.perf_counter()
+        loss = train_step(run, batches)
+        state.step += 1
+        hooks.on_step_end(run, state, StepOutput(state.step, loss, lr, time.perf_counter() - start_s,
+                                                 batches.take_wait_s()))
+        if run.eval_loader is not None and eval_interval and (
+                state.step % eval_interval == 0 or state.step == max_steps):
+            hooks.on_eval(run, state, evaluate(run, state.step))
+    hooks.on_train_end(run, state)
+    return state
+
+
+def train_step(run: RunContext, batches: Iterator[Any]) -> torch.Tensor:
+    """One optimizer step over grad_accum_steps micro-batches. Returns the mean loss as a tensor (no host sync)."""
+    engine = run.engine
+    if run.model.is_pipeline:
+        # DeepSpeed's 1F1B schedule pulls grad_accum micro-batches (first and last stage), interleaves forward and
+        # backward across stages, reduces gradients over DP and steps the optimizer. Its loss is the global mean.
+        return engine.train_batch(batches)
+    total = torch.zeros((), device=run.ctx.device)
+    for _ in range(run.derived.grad_accum_steps):
+        tokens, labels = next(batches)
+        logits = engine(tokens.to(run.ctx.device, non_blocking=True))
+        loss = run.model.loss_fn(logits, labels.to(run.ctx.device, non_blocking=True))
+        engine.backward(loss)  # scales by 1/grad_accum; the last micro-step reduces gradients over DP
+        engine.step()  # steps optimizer and LR schedule only at the accumulation boundary
+        total += loss.detach()
+    return total / run.derived.grad_accum_steps
+
+
+@torch.no_grad()
+def evaluate(run: RunContext, step: int) -> EvalOutput:
+    """Mean loss over the validation pass of every DP rank (every rank gets the same value)."""
+    assert run.eval_loader is not None
+    num_microbatches = len(run.eval_loader)
+    if run.model.is_pipeline:
+        # Runs the forward schedule over the stages, averages over micro-batches and DP, broadcasts to every stage.
+        loss = run.engine.eval_batch(iter(run.eval_loader), num_micro_batches=num_microbatches)
+        return EvalOutput(step, float(loss), num_microbatches)
+    run.engine.eval()
+    total = torch.zeros((), device=run.ctx.device)
+    for tokens, labels in run.eval_loader:
+        logits = run.engine(tokens.to(run.ctx.device, non_blocking=True))
+        total += run.model.loss_fn(logits, labels.to(run.ctx.device, non_blocking=True)).float()
+    run.engine.train()
+    dist.all_reduce(total, group=run.ctx.dp_group)
+    return EvalOutput(step, total.item() / (num_microbatches * run.ctx.dp), num_microbatches)

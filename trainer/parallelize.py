@@ -1,0 +1,432 @@
+"""Turn the plain Llama (trainer.model) into this rank's part of the parallel model.
+
+    model = build_model_on_meta(cfg.model, derived.padded_vocab_size)   # shapes only, no memory
+    pmodel = parallelize(model, cfg, derived, ctx)                       # this rank's TP shards of its PP stage
+
+The steps run in one fixed order (each constraint is commented where it is applied in `parallelize`):
+  1. pick this pipeline stage's parts      (so the other stages' layers are never allocated: they stay on meta)
+  2. tensor-parallel swap                  q/k/v/gate/up → ColumnParallelLinear, o/down → RowParallelLinear,
+                                           embed_tokens → VocabParallelEmbedding, lm_head → ColumnParallelLinear
+  3. materialise + deterministic init      full weights drawn per parameter, this rank's slice copied in
+  4. sequence-parallel gradient hooks
+  5. activation checkpointing              none | selective | full, per decoder layer
+  6. pipeline partition                    DeepSpeed PipelineModule over [embed, layer 0..L-1, head]
+
+Names: every parameter keeps the name it has in the plain model (`layers.0.self_attn.q_proj.weight`). The TP layers
+are megatron's classes subclassed to return only the output tensor (megatron's return `(output, bias)`), not wrapped,
+and activation checkpointing replaces a layer's `forward` instead of wrapping the layer. Under pipeline parallelism
+DeepSpeed names a stage's parameters `<index in the layer list>.<name inside the part>`; `canonical_name` maps them
+back. Checkpoints and HF export key on the canonical names.
+
+Weights are TP- and PP-invariant: each parameter is drawn in full from a generator seeded by (seed, canonical name),
+one parameter at a time (memory bounded by the largest single tensor), and each rank keeps its slice. TP=2 or PP=2
+therefore starts from exactly the TP=1 weights (with the same padded vocabulary).
+
+Why DeepSpeed's PipelineModule and not megatron-core's 1F1B schedules: the optimizer, ZeRO partitioning, gradient
+accumulation and loss scaling all live in the DeepSpeed engine, and only DeepSpeed's PipelineEngine runs a 1F1B
+schedule *inside* that engine (`engine.train_batch`). megatron's schedules drive megatron's own optimizer and DDP
+wrapper, and need three more CUDA shims on CPU (notes/megatron-core-cpu.md). The topology passed to PipelineModule is
+`deepspeed_topology(ctx)`, whose rank layout equals megatron's groups (tests/trainer/test_bootstrap.py), so the TP
+collectives inside a stage and DeepSpeed's pipeline/data groups agree rank by rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import io
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+    noop_context_fn,
+)
+
+from trainer.bootstrap import ParallelContext, deepspeed_topology
+from trainer.config import Config, Derived, ModelConfig
+from trainer.model import DecoderLayer, Llama, init_std_for, lm_loss
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The result
+
+
+@dataclass
+class ParallelModel:
+    """This rank's model: the Llama itself (pp == 1) or a DeepSpeed PipelineModule holding this stage's parts."""
+
+    module: nn.Module
+    loss_fn: LossFn  # (logits (B, T, V/tp), labels (B, T)) → mean loss over the micro-batch
+    num_layers: int
+    is_pipeline: bool
+
+    def canonical_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name in the unsharded, unpipelined model, this rank's parameter (a TP shard where `tp_partition_dim`))."""
+        for name, param in self.module.named_parameters():
+            yield (canonical_name(name, self.num_layers) if self.is_pipeline else name), param
+
+
+def tp_partition_dim(param: torch.Tensor) -> int | None:
+    """The dim along which `param` is split over the TP group (megatron's attributes), or None when replicated.
+    The full tensor is the TP ranks' shards concatenated in TP-rank order along that dim."""
+    return int(param.partition_dim) if getattr(param, "tensor_model_parallel", False) else None
+
+
+def canonical_name(pipeline_name: str, num_layers: int) -> str:
+    """PipelineModule name → plain-model name: `0.embed_tokens.weight` → `embed_tokens.weight`,
+    `3.mlp.up_proj.weight` → `layers.2.mlp.up_proj.weight`, `<num_layers + 1>.norm.weight` → `norm.weight`."""
+    index, _, rest = pipeline_name.partition(".")
+    position = int(index)
+    if position == 0 or position == num_layers + 1:
+        return rest  # EmbedStage / HeadStage keep the plain model's attribute names
+    return f"layers.{position - 1}.{rest}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def build_model_on_meta(model_cfg: ModelConfig, padded_vocab_size: int) -> Llama:
+    """The whole model's structure on the meta device: no memory; `parallelize` allocates only this rank's part."""
+    with torch.device("meta"):
+        return Llama(model_cfg, padded_vocab_size)
+
+
+def parallelize(model: Llama, cfg: Config, derived: Derived, ctx: ParallelContext) -> ParallelModel:
+    """Shard `model` (built by `build_model_on_meta`) for this rank; see the module docstring for the order."""
+    if (derived.tp, derived.pp) != (ctx.tp, ctx.pp):
+        raise ValueError(f"config plans tp={derived.tp} pp={derived.pp} but the process groups are tp={ctx.tp} "
+                         f"pp={ctx.pp}: pass the same config to init_parallel and parallelize")
+    # 1. Before anything allocates: only this stage's parts leave the meta device.
+    parts = StageParts.for_stage(cfg.model.num_layers, ctx.pp, ctx.pp_rank)
+    # 2. Before init, because init copies each rank's slice into the shard shapes the TP layers allocate.
+    if ctx.tp > 1:
+        _swap_tensor_parallel(model, parts, cfg, ctx)
+    # 3. Before activation checkpointing and the pipeline (both only wrap what exists), and before
+    #    deepspeed.initialize, which copies these weights into its fp32 master / ZeRO partitions.
+    _materialize(model, parts, ctx.device)
+    if cfg.model.tie_embeddings:  # after the swap and materialisation, which both replaced the two modules
+        model.lm_head.weight = model.embed_tokens.weight
+    init_weights_deterministic(model, cfg.model, cfg.train.seed, ctx.tp_rank, ctx.tp)
+    # 4. After materialisation, because the hooks attach to the final Parameter objects.
+    if cfg.parallel.sequence_parallel:
+        _all_reduce_sequence_parallel_grads(model, ctx.tp_group)
+    # 5. After the TP swap, so the swap always walks the plain module tree (a wrapper-based checkpoint, as in
+    #    torchtitan, would hide the projections from it); ours only replaces each layer's forward.
+    _apply_activation_checkpointing([model.layers[i] for i in parts.layers], cfg.parallel.activation_checkpointing)
+    loss_fn = lm_loss if ctx.tp == 1 else vocab_parallel_lm_loss
+    if ctx.pp == 1:
+        return ParallelModel(model, loss_fn, cfg.model.num_layers, is_pipeline=False)
+    # 6. Last: PipelineModule registers the finished parts as opaque callables in a flat list.
+    return ParallelModel(_pipeline(model, parts, loss_fn, ctx), loss_fn, cfg.model.num_layers, is_pipeline=True)
+
+
+@dataclass(frozen=True)
+class StageParts:
+    """Which parts of [embed, layer 0..L-1, head] one pipeline stage owns: the first stage also holds the embedding,
+    the last also the final norm and lm_head; each holds num_layers / pp decoder layers (Derived.layers_per_stage)."""
+
+    embed: bool
+    layers: range
+    head: bool
+
+    @classmethod
+    def for_stage(cls, num_layers: int, pp: int, stage: int) -> StageParts:
+        per_stage = num_layers // pp
+        return cls(stage == 0, range(stage * per_stage, (stage + 1) * per_stage), stage == pp - 1)
+
+    def list_bounds(self) -> tuple[int, int]:
+        """[start, stop) of these parts in the PipelineModule layer list [embed, layers..., head]."""
+        start = 0 if self.embed else 1 + self.layers.start
+        return start, 1 + self.layers.stop + (1 if self.head else 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. Tensor parallelism
+
+
+def _noop_init(weight: torch.Tensor) -> None:
+    """megatron's init_method slot: unused, `init_weights_deterministic` fills the weights (TP- and PP-invariant)."""
+
+
+def _megatron_config(cfg: Config, ctx: ParallelContext) -> Any:
+    from megatron.core.model_parallel_config import ModelParallelConfig
+
+    return ModelParallelConfig(
+        tensor_model_parallel_size=ctx.tp,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        # CPU: allocate with torch.empty on the host; GPU: on torch.cuda.current_device() (set by init_parallel).
+        use_cpu_initialization=ctx.device.type == "cpu",
+        perform_initialization=False,  # we copy our own deterministic weights in (step 3)
+        params_dtype=torch.float32,  # fp32 master weights; DeepSpeed casts the module for bf16/fp16 runs
+    )
+
+
+def _tp_layer_classes() -> tuple[type, type, type]:
+    """megatron's TP layers, subclassed so they drop in for nn.Linear / nn.Embedding without renaming anything."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+    class _SameNames:
+        # megatron adds an empty `<layer>._extra_state` entry to state dicts (for Transformer Engine compatibility)
+        # and a load pre-hook that expects it. Restore nn.Module's defaults: state-dict keys = the plain model's.
+        get_extra_state = nn.Module.get_extra_state
+        set_extra_state = nn.Module.set_extra_state
+
+        def _drop_extra_state_hook(self) -> None:
+            self._load_state_dict_pre_hooks.clear()
+
+    class ColumnParallel(_SameNames, ColumnParallelLinear):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._drop_extra_state_hook()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, B, H) → (T, B, out/tp); SP: gathers (T/tp, ...)
+            return super().forward(x)[0]
+
+    class RowParallel(_SameNames, RowParallelLinear):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._drop_extra_state_hook()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, B, in/tp) → (T, B, H) summed; SP: (T/tp, B, H)
+            return super().forward(x)[0]
+
+    class VocabParallel(VocabParallelEmbedding):
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, T) → (B, T, H)
+            out = super().forward(input_ids)
+            # Under SP megatron reduce-scatters over the sequence and returns sequence-first (T/tp, B, H). Hand it
+            # back batch-first like nn.Embedding, as a view: Llama.forward's transpose then restores (T/tp, B, H)
+            # without a copy.
+            return out.transpose(0, 1) if self.reduce_scatter_embeddings else out
+
+    return ColumnParallel, RowParallel, VocabParallel
+
+
+def _swap_tensor_parallel(model: Llama, parts: StageParts, cfg: Config, ctx: ParallelContext) -> None:
+    column_cls, row_cls, vocab_cls = _tp_layer_classes()
+    config, sp = _megatron_config(cfg, ctx), cfg.parallel.sequence_parallel
+
+    def column(old: nn.Linear) -> nn.Module:
+        return _mark_tp(column_cls(old.in_features, old.out_features, config=config, init_method=_noop_init,
+                                   bias=False, gather_output=False, tp_group=ctx.tp_group), dim=0)
+
+    def row(old: nn.Linear) -> nn.Module:
+        return _mark_tp(row_cls(old.in_features, old.out_features, config=config, init_method=_noop_init, bias=False,
+                                input_is_parallel=True, skip_bias_add=False, tp_group=ctx.tp_group), dim=1)
+
+    if parts.embed:
+        old = model.embed_tokens
+        model.embed_tokens = _mark_tp(vocab_cls(old.num_embeddings, old.embedding_dim, init_method=_noop_init,
+                                                reduce_scatter_embeddings=sp, config=config, tp_group=ctx.tp_group),
+                                      dim=0)
+    for index in parts.layers:
+        attn, mlp = model.layers[index].self_attn, model.layers[index].mlp
+        attn.q_proj, attn.k_proj, attn.v_proj = column(attn.q_proj), column(attn.k_proj), column(attn.v_proj)
+        attn.o_proj = row(attn.o_proj)
+        mlp.gate_proj, mlp.up_proj, mlp.down_proj = column(mlp.gate_proj), column(mlp.up_proj), row(mlp.down_proj)
+    if parts.head:
+        # Vocab-parallel logits (gather_output=False): the loss is computed on the shards (vocab_parallel_lm_loss).
+        model.lm_head = column(model.lm_head)
+
+
+def _mark_tp(module: nn.Module, dim: int) -> nn.Module:
+    """Tag the weight as split along `dim` (megatron's attributes). DeepSpeed counts such weights on every TP rank
+    in the grad norm and replicated ones once; our init and the checkpointer read the split dim from it. megatron
+    sets these only when it initialises the weight itself, which we skip."""
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    set_tensor_model_parallel_attributes(module.weight, is_parallel=True, dim=dim, stride=1)
+    return module
+
+
+def vocab_parallel_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """`lm_loss` for vocab-parallel logits: (B, T, V/tp) on each TP rank → the same mean loss on every TP rank.
+
+    megatron's vocab_parallel_cross_entropy reduces over the TP group that bootstrap.init_parallel registered in
+    parallel_state (it takes no group argument); that is the same group as ctx.tp_group. It has no ignore_index, so
+    ignored positions get a valid dummy label and are masked out of the mean.
+    """
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    logits_tbv = logits.transpose(0, 1).float()  # (T, B, V/tp): Llama's native layout, so no copy in fp32
+    labels_tb = labels.transpose(0, 1)  # (T, B)
+    keep = labels_tb != ignore_index
+    per_token = vocab_parallel_cross_entropy(logits_tbv, labels_tb.masked_fill(~keep, 0))  # (T, B)
+    return (per_token * keep).sum() / keep.sum()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. Materialise and initialise
+
+
+def _materialize(model: Llama, parts: StageParts, device: torch.device) -> None:
+    """Allocate (uninitialised) every meta parameter of this stage's parts on `device`; other stages stay on meta."""
+    local: list[nn.Module] = [model.layers[i] for i in parts.layers]
+    if parts.embed:
+        local.append(model.embed_tokens)
+    if parts.head:
+        local += [model.norm, model.lm_head]
+    for part in local:
+        for module in part.modules():
+            if any(p.is_meta for p in module.parameters(recurse=False)):
+                module.to_empty(device=device, recurse=False)
+
+
+def _param_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+@torch.no_grad()
+def init_weights_deterministic(model: nn.Module, model_cfg: ModelConfig, seed: int, tp_rank: int = 0,
+                               tp: int = 1) -> None:
+    """Draw each full parameter from a generator seeded by (seed, name) and keep this rank's TP slice.
+
+    `model` carries plain-model names (a Llama, before any pipeline wrapping). Meta parameters (other pipeline
+    stages) are skipped. The draw happens on the parameter's device, so GPU runs do not pay for CPU sampling; CPU and
+    GPU generators give different (equally valid) numbers.
+    """
+    for name, param in model.named_parameters():
+        if param.is_meta:
+            continue
+        std = init_std_for(name, model_cfg)
+        if std is None:  # a norm weight
+            param.fill_(1.0)
+            continue
+        dim = tp_partition_dim(param)
+        full_shape = list(param.shape)
+        if dim is not None:
+            full_shape[dim] *= tp
+        generator = torch.Generator(device=param.device).manual_seed(_param_seed(seed, name))
+        full = torch.empty(full_shape, device=param.device, dtype=torch.float32).normal_(0.0, std, generator=generator)
+        param.copy_(full if dim is None else full.chunk(tp, dim=dim)[tp_rank])
+        del full  # one full tensor alive at a time
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. Sequence parallelism
+
+
+def _is_norm(name: str) -> bool:
+    return name.endswith("layernorm.weight") or name == "norm.weight"
+
+
+def _all_reduce_sequence_parallel_grads(model: Llama, tp_group: Any) -> None:
+    """Under SP a norm sees only this rank's sequence shard, so its weight gradient is a partial sum over the TP
+    group. A tensor hook sums it before the gradient is accumulated, i.e. before DeepSpeed's own gradient hooks and
+    once per micro-step, so accumulation stays linear. (megatron does the same sum in finalize_model_grads.)"""
+    for name, param in model.named_parameters():
+        if _is_norm(name) and not param.is_meta:
+            param.sequence_parallel = True  # megatron's marker, for readers of the parameter
+            param.register_hook(functools.partial(_sum_over_group, group=tp_group))
+
+
+def _sum_over_group(grad: torch.Tensor, group: Any) -> torch.Tensor:
+    grad = grad.clone()  # autograd may still own `grad`: reduce a copy
+    dist.all_reduce(grad, group=group)
+    return grad
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. Activation checkpointing
+
+
+def _ops(*names: str) -> frozenset[Any]:
+    aten = torch.ops.aten
+    return frozenset(getattr(aten, name).default for name in names if hasattr(aten, name))
+
+
+# Selective: keep what is expensive to recompute (matmuls, attention); recompute elementwise work (norms, rotary,
+# SiLU·mul, residual adds), whose saved inputs cost as much memory as the matmul outputs but little compute.
+_SAVE_OPS = _ops("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                 "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def _selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    if op in _SAVE_OPS:
+        return CheckpointPolicy.MUST_SAVE
+    if getattr(op, "namespace", "") in ("c10d", "_c10d_functional"):
+        # Row-parallel's all-reduce sums in place into a saved matmul output: running it again in the recompute
+        # would sum twice, so its (cached) result is reused. Sequence-parallel all-gathers and reduce-scatters are
+        # run again: their outputs are megatron's reused global buffer or finish after the op returns, so a cached
+        # copy would be stale (torch refuses it as "mutated"); their inputs are saved matmul outputs, so the
+        # recompute costs communication, not matmuls.
+        return CheckpointPolicy.MUST_SAVE if "allreduce" in op.__name__ else CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context() -> tuple[Any, Any]:
+    return create_selective_checkpoint_contexts(_selective_policy)
+
+
+def _apply_activation_checkpointing(layers: list[nn.Module], mode: str) -> None:
+    """Replace each layer's `forward` by a non-reentrant checkpointed call of the original; no wrapper module, so
+    parameter names are unchanged. full: keep only the layer input; selective: see `_SAVE_OPS`."""
+    if mode == "none":
+        return
+    context_fn = _selective_context if mode == "selective" else noop_context_fn
+    for layer in layers:
+        layer.forward = functools.partial(_checkpointed_forward, layer.forward, context_fn)
+
+
+def _checkpointed_forward(forward: Callable[[torch.Tensor], torch.Tensor], context_fn: Callable[[], Any],
+                          x: torch.Tensor) -> torch.Tensor:
+    return checkpoint(forward, x, use_reentrant=False, context_fn=context_fn)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. Pipeline
+
+
+class EmbedStage(nn.Module):
+    """First pipeline part: ids (B, T) → hidden (T, B, H) (Llama.forward's first two lines)."""
+
+    def __init__(self, embed_tokens: nn.Module) -> None:
+        super().__init__()
+        self.embed_tokens = embed_tokens
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids).transpose(0, 1).contiguous()  # (T, B, H); SP: (T/tp, B, H)
+
+
+class HeadStage(nn.Module):
+    """Last pipeline part: hidden (T, B, H) → logits (B, T, V/tp) (Llama.forward's last two lines)."""
+
+    def __init__(self, norm: nn.Module, lm_head: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+        self.lm_head = lm_head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden)).transpose(0, 1)
+
+
+def _pipeline(model: Llama, parts: StageParts, loss_fn: LossFn, ctx: ParallelContext) -> nn.Module:
+    from deepspeed.pipe import PipelineModule
+
+    layers = [EmbedStage(model.embed_tokens), *model.layers, HeadStage(model.norm, model.lm_head)]
+    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints the partition table on rank 0
+        pipe = PipelineModule(
+            layers=layers,
+            loss_fn=loss_fn,
+            topology=deepspeed_topology(ctx),  # DeepSpeed's pipe/data groups = megatron's (same rank layout)
+            # One balanced share of decoder layers per stage; embed goes with the first, head with the last. This is
+            # the split StageParts assumed when it chose which parts to allocate (checked below).
+            partition_method=f"type:^{re.escape(DecoderLayer.__name__)}$",
+            activation_checkpoint_interval=0,  # ours is per layer (step 5), the same with and without a pipeline
+        )
+    if (pipe._local_start, pipe._local_stop) != parts.list_bounds():
+        raise RuntimeError(f"DeepSpeed placed layers [{pipe._local_start}, {pipe._local_stop}) on stage "
+                           f"{ctx.pp_rank} but parallelize allocated {parts.list_bounds()}: check partition_method")
+    return pipe
