@@ -17,6 +17,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "launch.commands.inspect",
     "launch.commands.train",
     "launch.commands.launch_local",
+    "launch.commands.submit",
     "launch.commands.convert",
     "launch.commands.generate",
 )

@@ -183,7 +183,14 @@ class LaunchConfig(_Section):
     exclusive: bool = True
     extra_sbatch: list[str] = Field(default_factory=list)  # whole lines: "#SBATCH --mail-type=END"
     env_setup: list[str] = Field(default_factory=list)  # shell lines run before the launcher (module load, source venv)
-    container: str | None = None  # container image for srun --container-image
+    container: str | None = None  # container image for srun --container-image (pyxis/enroot)
+    container_mounts: list[str] = Field(default_factory=list)  # srun --container-mounts entries, "src:dst"
+    cpus_per_task: PositiveInt | None = None  # None: let Slurm decide (1 per task unless the partition says more)
+    # Preemption / time limit: Slurm sends SIGUSR1 this many seconds before the limit; the trainer checkpoints and
+    # exits with the requeue exit code, and the batch script requeues the job (resume: auto picks up the checkpoint).
+    signal_lead_s: PositiveInt = 180
+    requeue: bool = True
+    chain_jobs: NonNegativeInt = 0  # follow-up jobs submitted with --dependency=afterany on the previous one
 
 
 class Config(_Section):

@@ -1,0 +1,151 @@
+"""Render and submit the sbatch script of a run.
+
+Process model: **one Slurm task per GPU** (`srun --ntasks-per-node=<gpus_per_node>`), each task one training rank with
+RANK=$SLURM_PROCID, LOCAL_RANK=$SLURM_LOCALID, WORLD_SIZE=$SLURM_NTASKS and the rendezvous on the first host of
+$SLURM_JOB_NODELIST. We chose this over one torchrun agent per node because:
+- `--signal=USR1@N` reaches every task of the step directly; with torchrun in between, the agent (which has no USR1
+  handler) would die of the signal before its workers could checkpoint;
+- Slurm already is the process manager: a failed job is restarted by requeue + `resume: auto`, so torchrun's elastic
+  restarts would only add a second, competing restart policy;
+- counts come from Slurm's environment at run time, never restated in the script.
+
+Preemption and time limits: Slurm sends SIGUSR1 `signal_lead_s` before the limit; every rank finishes its step, the
+run checkpoints and exits with `requeue_exit_code`; the batch script then calls `scontrol requeue` and the job comes
+back under the same id (SLURM_RESTART_COUNT=1, ...) and resumes from the newest complete checkpoint. A real
+preemption (PreemptMode=REQUEUE) requeues the job itself.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Environment defaults for GPU jobs; every one is `${VAR:-default}` so a user's exported value wins.
+NCCL_DEFAULTS = {
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",  # a failed collective aborts the job instead of hanging it
+    "NCCL_DEBUG": "WARN",
+    "CUDA_DEVICE_MAX_CONNECTIONS": "1",  # megatron's TP comm/compute overlap assumes in-order kernel launch
+}
+
+
+class SlurmError(RuntimeError):
+    user_error = True
+
+
+@dataclass(frozen=True)
+class SbatchRequest:
+    """What the script needs besides the run config: where things are on the submitting machine."""
+
+    config_path: Path  # the resolved config the job trains from (absolute; written into the run dir)
+    run_dir: Path  # absolute
+    workdir: Path  # the job's working directory (absolute)
+    python: str  # interpreter that has this package installed
+    requeue_exit_code: int
+
+
+def sbatch_directives(launch: Any, name: str, logs_dir: Path) -> list[str]:
+    """`#SBATCH` lines from the `launch` config section, in the order a reader expects."""
+    lines = [
+        f"--job-name={name}",
+        f"--nodes={launch.nodes}",
+        f"--ntasks-per-node={launch.gpus_per_node}",
+    ]
+    if launch.device == "cuda":
+        lines.append(f"--gpus-per-node={launch.gpus_per_node}")
+    optional = {"cpus-per-task": launch.cpus_per_task, "partition": launch.partition, "account": launch.account,
+                "qos": launch.qos, "time": launch.time_limit, "constraint": launch.constraint}
+    lines += [f"--{flag}={value}" for flag, value in optional.items() if value is not None]
+    if launch.exclusive:
+        lines.append("--exclusive")
+    # A requeued job appends to the same log, so one file tells the whole story of a job id.
+    lines += [f"--output={logs_dir}/slurm-%j.out", "--open-mode=append"]
+    if launch.requeue:
+        lines += [f"--signal=USR1@{launch.signal_lead_s}", "--requeue"]
+    else:
+        lines.append("--no-requeue")
+    return [f"#SBATCH {line}" for line in lines] + list(launch.extra_sbatch)
+
+
+def _environment_block(launch: Any) -> list[str]:
+    lines = [
+        "# Rendezvous on the first host of the allocation; the port is derived from the job id so two jobs sharing",
+        "# a node do not collide.",
+        'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        "export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}",
+        "# One intra-op thread pool per rank sized to its CPUs (user value wins).",
+        "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}",
+    ]
+    if launch.device == "cuda":
+        lines += [f"export {var}=${{{var}:-{value}}}" for var, value in NCCL_DEFAULTS.items()]
+    else:
+        lines.append("export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}")
+    return lines
+
+
+def _srun_command(launch: Any, request: SbatchRequest) -> str:
+    srun = ["srun", "--kill-on-bad-exit=1", f"--output={request.run_dir}/logs/slurm-%j-task%t.out"]
+    if launch.container:
+        srun.append(f"--container-image={launch.container}")
+        mounts = [*launch.container_mounts, f"{request.workdir}:{request.workdir}"]
+        srun.append(f"--container-mounts={','.join(mounts)}")
+    train = [request.python, "-m", "launch", "train", "--config", str(request.config_path)]
+    # Each task becomes one rank: map Slurm's ids to the variables torch.distributed and DeepSpeed read.
+    rank_env = ("RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS "
+                "LOCAL_WORLD_SIZE=$SLURM_NTASKS_PER_NODE")
+    inner = f"{rank_env} exec {shlex.join(train)}"
+    return f"{shlex.join(srun)} bash -c {shlex.quote(inner)}"
+
+
+def render_sbatch(cfg: Any, request: SbatchRequest) -> str:
+    """The whole batch script. Deterministic text: rendering the same config twice gives the same script."""
+    launch = cfg.launch
+    body = [
+        "#!/bin/bash",
+        f"# Rendered by `pretrain submit` for run {cfg.name!r}. Edit freely and resubmit with: sbatch {request.run_dir}/sbatch.sh",
+        *sbatch_directives(launch, cfg.name, request.run_dir / "logs"),
+        f"#SBATCH --chdir={request.workdir}",
+        "",
+        "set -uo pipefail",
+        *launch.env_setup,
+        "",
+        *_environment_block(launch),
+        "",
+        'echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $SLURM_NNODES nodes x $SLURM_NTASKS_PER_NODE tasks, '
+        'master $MASTER_ADDR:$MASTER_PORT"',
+        _srun_command(launch, request),
+        "rc=$?",
+        f"if [ $rc -eq {request.requeue_exit_code} ]; then",
+        "    # The run checkpointed on SIGUSR1 (time limit or preemption): queue this job again; it resumes from",
+        "    # the newest complete checkpoint (checkpoint.resume=auto).",
+        '    echo "job $SLURM_JOB_ID: checkpointed on signal, requeueing"',
+        '    scontrol requeue "$SLURM_JOB_ID"',
+        "fi",
+        "exit $rc",
+    ]
+    return "\n".join(body) + "\n"
+
+
+def sbatch_submit(script: Path, dependency_job_id: str | None = None) -> str:
+    """Submit with `sbatch --parsable`; return the job id. Fails with sbatch's own message."""
+    command = ["sbatch", "--parsable"]
+    if dependency_job_id is not None:
+        command.append(f"--dependency=afterany:{dependency_job_id}")
+    command.append(str(script))
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+    except FileNotFoundError as err:
+        raise SlurmError("sbatch not found: run `pretrain submit` on a Slurm login node, or use --dry-run to only "
+                         "render the script") from err
+    if result.returncode != 0:
+        raise SlurmError(f"sbatch refused the job (exit {result.returncode}): {result.stderr.strip()}")
+    return result.stdout.strip().split(";")[0]
+
+
+def default_request(config_path: Path, run_dir: Path, requeue_exit_code: int) -> SbatchRequest:
+    return SbatchRequest(config_path=config_path.resolve(), run_dir=run_dir.resolve(), workdir=Path(os.getcwd()),
+                         python=sys.executable, requeue_exit_code=requeue_exit_code)

@@ -1,0 +1,128 @@
+"""`pretrain submit`: sbatch rendering for real GPU clusters, refusal of bad configs, and real jobs on localhost Slurm."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launch.slurm import SbatchRequest, render_sbatch
+from trainer.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _request(tmp_path: Path) -> SbatchRequest:
+    return SbatchRequest(config_path=tmp_path / "run" / "config.yaml", run_dir=tmp_path / "run", workdir=tmp_path,
+                         python="/opt/venv/bin/python", requeue_exit_code=75)
+
+
+def _directives(script: str) -> list[str]:
+    return [line.removeprefix("#SBATCH ") for line in script.splitlines() if line.startswith("#SBATCH ")]
+
+
+def test_gpu_cluster_script_has_what_a_gpu_cluster_needs(tmp_path: Path) -> None:
+    cfg = load_config(REPO / "configs/7b.yaml", [
+        "launch.partition=gpu", "launch.account=proj", "launch.qos=high", "launch.constraint=h100",
+        "launch.cpus_per_task=12", "launch.signal_lead_s=300",
+        "launch.extra_sbatch=['#SBATCH --mail-type=END']", "launch.env_setup=['module load cuda/12.4', 'source /opt/venv/bin/activate']",
+    ])
+    script = render_sbatch(cfg, _request(tmp_path))
+    directives = _directives(script)
+    for expected in ("--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=12", "--partition=gpu",
+                     "--account=proj", "--qos=high", "--constraint=h100", "--exclusive", "--time=2-00:00:00",
+                     "--signal=USR1@300", "--requeue", "--mail-type=END", "--open-mode=append"):
+        assert expected in directives, f"{expected} missing from {directives}"
+    assert script.index("module load cuda/12.4") < script.index("srun ")
+    assert "export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}" in script
+    assert "export NCCL_DEBUG=${NCCL_DEBUG:-WARN}" in script
+    # Counts come from Slurm's environment at run time, never restated.
+    assert "RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS" in script
+    assert "/opt/venv/bin/python -m launch train --config " + str(tmp_path / "run" / "config.yaml") in script
+    assert "if [ $rc -eq 75 ]; then" in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
+    bash = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
+    assert bash.returncode == 0, bash.stderr
+
+
+def test_cpu_script_uses_no_gpus_and_container_options(tmp_path: Path) -> None:
+    cfg = load_config(REPO / "configs/tiny.yaml", ["launch.container=nvcr.io/nvidia/pytorch:24.05-py3",
+                                                   "launch.container_mounts=['/data:/data']", "launch.requeue=false",
+                                                   "launch.exclusive=false"])
+    script = render_sbatch(cfg, _request(tmp_path))
+    directives = _directives(script)
+    assert not any(d.startswith("--gpus") for d in directives)
+    assert "--no-requeue" in directives and "--exclusive" not in directives
+    assert not any(d.startswith("--signal") for d in directives)
+    assert "--container-image=nvcr.io/nvidia/pytorch:24.05-py3" in script
+    assert f"--container-mounts=/data:/data,{tmp_path}:{tmp_path}" in script
+    assert "NCCL_DEBUG" not in script and "DS_ACCELERATOR" in script
+
+
+def test_rendering_is_deterministic(tmp_path: Path) -> None:
+    cfg = load_config(REPO / "configs/70b.yaml")
+    assert render_sbatch(cfg, _request(tmp_path)) == render_sbatch(cfg, _request(tmp_path))
+
+
+def _pretrain(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "launch", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_bad_config_is_rejected_before_anything_is_submitted(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = _pretrain("submit", "--config", str(REPO / "configs/tiny.yaml"), f"logging.run_dir={run_dir}",
+                       "launch.nodes=2", "launch.gpus_per_node=1", "parallel.tp=3", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "parallel.tp (3)" in result.stderr and "Traceback" not in result.stderr
+    assert not run_dir.exists(), "nothing may be written or submitted for a config that cannot run"
+
+
+def test_dry_run_writes_the_script_next_to_the_resolved_config(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = _pretrain("submit", "--config", str(REPO / "configs/tiny.yaml"), f"logging.run_dir={run_dir}",
+                       "--dry-run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (run_dir / "sbatch.sh").read_text() == result.stdout
+    assert load_config(run_dir / "config.yaml").name == "tiny"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real jobs on the localhost cluster (cluster/start.sh): two slurmd "nodes", one task each, gloo over TCP.
+# ---------------------------------------------------------------------------------------------------------------
+def _wait_for_job(job_id: str, timeout_s: float) -> str:
+    deadline_s = time.monotonic() + timeout_s
+    while subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip():
+        if time.monotonic() > deadline_s:
+            subprocess.run(["scancel", job_id])
+            pytest.fail(f"job {job_id} did not finish within {timeout_s} s")
+        time.sleep(0.5)
+    return subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"],
+                          capture_output=True, text=True).stdout.strip()
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_two_node_job_trains_the_tiny_model(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    common = [f"logging.run_dir={run_dir}", "train.max_steps=6", "train.log_interval_steps=1",
+              "train.eval_interval_steps=0", "checkpoint.save_interval_steps=0", "logging.tensorboard=false"]
+    result = _pretrain("submit", "--config", str(REPO / "configs/tiny.yaml"), "launch.nodes=2",
+                       "launch.gpus_per_node=1", "launch.time_limit=00:10:00", *common, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.split()[2]
+    state = _wait_for_job(job_id, timeout_s=300)
+    log = (run_dir / "logs" / f"slurm-{job_id}.out").read_text()
+    assert state == "COMPLETED", log
+    assert "2 nodes x 1 tasks" in log
+    losses = _losses(run_dir)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    assert losses[6] < losses[1], f"loss did not fall: {losses}"
+    assert (run_dir / "logs" / "rank1.log").exists()
