@@ -410,7 +410,20 @@ def _make_dataloader(stream: TokenStream, num_workers: int, prefetch_factor: int
     # batch_size=None: the stream yields whole micro-batches; workers interleave them round-robin (in order).
     # collate_fn=identity keeps RawMicrobatch as numpy for the pipe (see RawMicrobatch).
     return DataLoader(stream, batch_size=None, num_workers=num_workers, collate_fn=_identity,
-                      prefetch_factor=prefetch_factor)
+                      prefetch_factor=prefetch_factor, worker_init_fn=_ignore_stop_signals)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGUSR1/SIGTERM to the training process.
+
+    Slurm's `--signal=USR1@N` and its time-limit SIGTERM go to every process of the job step, workers included;
+    USR1's default action would kill a worker mid-batch, and the trainer would die of "DataLoader worker exited
+    unexpectedly" instead of finishing its step and checkpointing. The trainer shuts its workers down itself.
+    """
+    import signal
+
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _identity(item: RawMicrobatch) -> RawMicrobatch:

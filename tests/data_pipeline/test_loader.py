@@ -6,6 +6,8 @@ micro-batches of micro-step m in rank order must give global positions [m*mb*dp,
 
 from __future__ import annotations
 
+import itertools
+
 import math
 import shutil
 from pathlib import Path
@@ -364,3 +366,29 @@ def test_global_order_combines_mixture_and_sources() -> None:
     ids = [order.sample_id(p) for p in range(30)]
     assert sum(1 for s, _ in ids if s == 0) == 20
     assert sorted(i for s, i in ids if s == 0) == sorted(list(range(10)) * 2)
+
+
+
+def test_workers_survive_the_stop_signals_slurm_sends_to_the_whole_step(data: dict[str, Path]) -> None:
+    """`--signal=USR1@N` and the time-limit SIGTERM reach DataLoader workers too: they must ignore both and keep
+    serving the same stream, so the trainer can finish its step and checkpoint."""
+    import os
+    import signal
+
+    import psutil
+
+    import time
+
+    num_batches = 40  # well past what the workers prefetch (prefetch_factor × workers), so they must keep working
+    expected = [ids for _t, _l, ids in itertools.islice(iter(_loader(data["a"])), num_batches)]
+    stream = iter(_loader(data["a"], num_workers=2))
+    got = [next(stream)[2] for _ in range(2)]
+    workers = psutil.Process(os.getpid()).children()
+    assert len(workers) == 2
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGUSR1)
+        os.kill(worker.pid, signal.SIGTERM)
+    time.sleep(0.5)  # let a default signal action (termination) take effect before we look
+    assert [w.status() for w in workers if w.status() == psutil.STATUS_ZOMBIE] == []
+    got += [next(stream)[2] for _ in range(num_batches - 2)]
+    assert [ids.tolist() for ids in got] == [ids.tolist() for ids in expected]
