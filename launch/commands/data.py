@@ -117,8 +117,8 @@ def _register_prepare(subparsers: Any) -> None:
                     "and write shards plus manifest.json.",
     )
     _add_input_flags(parser)
-    parser.add_argument("--val-input", action="append", default=[], metavar="PATH",
-                        help="validation file or directory (repeatable); excludes --val-fraction")
+    parser.add_argument("--val-input", action="extend", nargs="+", default=[], metavar="PATH",
+                        help="validation files or directories (several after one flag, or the flag repeated); excludes --val-fraction")
     parser.add_argument("--val-fraction", type=float, default=None,
                         help="share of --input documents held out for validation, chosen by a seeded hash of "
                              "their text (default: 0.01, or 0 with --val-input)")
@@ -154,11 +154,11 @@ def _run_prepare(args: argparse.Namespace) -> int:
 
 
 def _add_input_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", action="append", required=True, metavar="PATH",
-                        help="file or directory (repeatable): .jsonl/.json[.gz|.zst], .parquet, or text files "
+    parser.add_argument("--input", action="extend", nargs="+", required=True, metavar="PATH",
+                        help="files or directories (several after one flag, or the flag repeated): .jsonl/.json[.gz|.zst], .parquet, or text files "
                              "(one document per file); directories are searched recursively for --include")
-    parser.add_argument("--include", action="append", default=None, metavar="GLOB",
-                        help="file-name pattern for directories (repeatable; default: '*.txt'), e.g. "
+    parser.add_argument("--include", action="extend", nargs="+", default=None, metavar="GLOB",
+                        help="file-name patterns for directories (several, or repeated; default: '*.txt'), e.g. "
                              "--include '*.jsonl.zst' --include '*.py'")
     parser.add_argument("--text-key", default="text",
                         help="JSON key / parquet column holding the text (default: %(default)s)")
