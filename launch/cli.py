@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "launch.commands.submit",
     "launch.commands.convert",
     "launch.commands.generate",
+    "launch.commands.report",
 )
 
 
