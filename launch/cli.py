@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "launch.commands.convert",
     "launch.commands.generate",
     "launch.commands.report",
+    "launch.commands.quickstart",
 )
 
 
@@ -45,10 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         # Errors a user can fix (bad path, bad flag, inconsistent input) carry `user_error = True` in every room
         # (see data_pipeline/errors.py): print their message, which says what to do, without a traceback.
-        if not getattr(err, "user_error", False):
+        # Errors with their own `exit_code` (trainer/exit_codes.py, e.g. a diverged run) keep it for the scheduler.
+        code = getattr(err, "exit_code", None)
+        if not getattr(err, "user_error", False) and code is None:
             raise
         print(f"pretrain {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return 2 if code is None else int(code)
     except KeyboardInterrupt:
         print(f"pretrain {args.command}: interrupted", file=sys.stderr)
         return 130
