@@ -149,3 +149,26 @@ def sbatch_submit(script: Path, dependency_job_id: str | None = None) -> str:
 def default_request(config_path: Path, run_dir: Path, requeue_exit_code: int) -> SbatchRequest:
     return SbatchRequest(config_path=config_path.resolve(), run_dir=run_dir.resolve(), workdir=Path(os.getcwd()),
                          python=sys.executable, requeue_exit_code=requeue_exit_code)
+
+
+def job_state(job_id: str) -> str:
+    """The job's state as squeue reports it, finished jobs included (kept for MinJobAge), e.g. COMPLETED."""
+    result = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
+    return result.stdout.strip()
+
+
+def wait_for_job(job_id: str, timeout_s: float, poll_s: float = 0.5) -> str:
+    """Block until the job has left the queue; return its final state (COMPLETED, FAILED, TIMEOUT, ...).
+
+    Waits for the queue to empty rather than for COMPLETED, which would hang on a job that failed or was cancelled.
+    A requeued job stays in the queue (PENDING, then RUNNING again), so this returns only at its real end.
+    """
+    import time
+
+    deadline_s = time.monotonic() + timeout_s
+    while subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip():
+        if time.monotonic() > deadline_s:
+            raise SlurmError(f"job {job_id} still queued or running after {timeout_s:.0f} s "
+                             f"(state {job_state(job_id) or 'unknown'}); cancel it with `scancel {job_id}`")
+        time.sleep(poll_s)
+    return job_state(job_id)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from launch.slurm import wait_for_job
 
 pytestmark = pytest.mark.slurm
 
@@ -20,18 +21,6 @@ value = torch.tensor([rank + 1.0]); dist.all_reduce(value)
 print(f"rank={rank}/{world} node={os.environ['SLURMD_NODENAME']} sum={value.item()}", flush=True)
 dist.destroy_process_group()
 """
-
-
-def wait_for_job(job_id: str, timeout_s: float) -> str:
-    """Poll until the job has left the queue, then return its final state (COMPLETED, FAILED, ...)."""
-    deadline_s = time.monotonic() + timeout_s
-    while subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip():
-        if time.monotonic() > deadline_s:
-            subprocess.run(["scancel", job_id])
-            pytest.fail(f"job {job_id} still queued/running after {timeout_s} s")
-        time.sleep(0.2)
-    out = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
-    return out.stdout.strip()
 
 
 def test_two_node_gloo_all_reduce(tmp_path: Path) -> None:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from launch.slurm import SbatchRequest, render_sbatch
+from launch.slurm import SbatchRequest, render_sbatch, wait_for_job
 from trainer.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -92,17 +91,6 @@ def test_dry_run_writes_the_script_next_to_the_resolved_config(tmp_path: Path) -
 # ---------------------------------------------------------------------------------------------------------------
 # Real jobs on the localhost cluster (cluster/start.sh): two slurmd "nodes", one task each, gloo over TCP.
 # ---------------------------------------------------------------------------------------------------------------
-def _wait_for_job(job_id: str, timeout_s: float) -> str:
-    deadline_s = time.monotonic() + timeout_s
-    while subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip():
-        if time.monotonic() > deadline_s:
-            subprocess.run(["scancel", job_id])
-            pytest.fail(f"job {job_id} did not finish within {timeout_s} s")
-        time.sleep(0.5)
-    return subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"],
-                          capture_output=True, text=True).stdout.strip()
-
-
 def _losses(run_dir: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {row["step"]: row["loss"] for row in rows if "loss" in row}
@@ -118,7 +106,7 @@ def test_two_node_job_trains_the_tiny_model(tmp_path: Path) -> None:
                        "launch.gpus_per_node=1", "launch.time_limit=00:10:00", *common, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     job_id = result.stdout.split()[2]
-    state = _wait_for_job(job_id, timeout_s=300)
+    state = wait_for_job(job_id, timeout_s=300)
     log = (run_dir / "logs" / f"slurm-{job_id}.out").read_text()
     assert state == "COMPLETED", log
     assert "2 nodes x 1 tasks" in log
