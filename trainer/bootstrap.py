@@ -114,7 +114,14 @@ def _init_default_group(backend: str, timeout_s: float) -> None:
                 f"environment variable {var} is not set: start training through `pretrain launch local --nproc N`, "
                 "torchrun, or srun from `pretrain submit`, which set RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT"
             )
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # Groups created later without a timeout (DeepSpeed's pipeline and ZeRO groups) take torch's module default
+    # (30 min for gloo, 10 min for NCCL), not the default group's: make that default ours too.
+    distributed_c10d = sys.modules["torch.distributed.distributed_c10d"]
+    distributed_c10d.default_pg_timeout = timeout
+    if hasattr(distributed_c10d, "default_pg_nccl_timeout"):
+        distributed_c10d.default_pg_nccl_timeout = timeout
+    dist.init_process_group(backend, timeout=timeout)
 
 
 def init_parallel(tp: int, pp: int, *, backend: str | None = None, timeout_s: float = 600.0) -> ParallelContext:

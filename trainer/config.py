@@ -152,12 +152,43 @@ class DataConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    dir: str | None = None  # None: <run_dir>/checkpoints
+    """Format, triggers and resume rules: docs/checkpointing.md."""
+
+    dir: str | None = None  # None: <run_dir>/checkpoints; must be one filesystem that every rank sees
     save_interval_steps: NonNegativeInt = 1000  # 0: off
     save_interval_minutes: Annotated[float, Field(ge=0.0)] = 0.0  # 0: off; whichever interval comes first saves
-    keep_last: PositiveInt = 3
-    resume: Annotated[str, Field(min_length=1)] = "auto"  # auto (latest in dir if any) | none | a checkpoint path
-    async_save: bool = False
+    keep_last: PositiveInt = 3  # older complete checkpoints are deleted only after a newer one is complete
+    # auto: the newest complete checkpoint in `dir` (corrupt ones are skipped), or a fresh start if there is none;
+    # none: always start fresh; a path: that checkpoint directory (or a directory of checkpoints: its newest)
+    resume: Annotated[str, Field(min_length=1)] = "auto"
+    async_save: bool = False  # copy the state to CPU memory, write it in a background thread
+    save_at_end: bool = True  # also save after the last step (unless that step was just saved)
+    verify_on_load: bool = True  # sha256 of every file before a checkpoint is used (split over the ranks)
+    # Resume from a checkpoint of other data (manifest fingerprint, seed, sample length): the new data stream
+    # starts at sample 0. Without it such a resume is refused.
+    allow_data_change: bool = False
+    # How long rank 0 waits for the other ranks' files before it declares an (async) save incomplete.
+    commit_timeout_s: PositiveFloat = 600.0
+
+
+class FaultsConfig(_Section):
+    """Numerical faults and hangs (trainer/faults.py, docs/checkpointing.md)."""
+
+    # A step whose loss or gradients are NaN/inf is not applied (weights, optimizer moments and LR schedule stay).
+    skip_nonfinite: bool = True
+    # After this many consecutive skipped steps, reload the newest checkpoint and continue on the data after the bad
+    # window (0: never roll back, keep skipping).
+    rollback_after_bad_steps: NonNegativeInt = 5
+    max_rollbacks: NonNegativeInt = 3  # then stop with the `diverged` exit code: the run needs a person
+    # Loss-spike skip: a step whose loss is more than this many standard deviations above the mean of the last
+    # `loss_spike_window_steps` applied steps is skipped like a NaN step (0: off).
+    loss_spike_zscore: Annotated[float, Field(ge=0.0)] = 0.0
+    loss_spike_window_steps: Annotated[int, Field(ge=2)] = 100
+    # Watchdog: no finished step (or checkpoint progress) for this long → every rank dumps its Python stacks to its
+    # log and exits with the `hang` exit code (0: off). Keep it above the slowest step + save.
+    hang_timeout_s: Annotated[float, Field(ge=0.0)] = 1800.0
+    # Bound on every collective (torch.distributed timeout): a rank whose peer died fails after this long.
+    collective_timeout_s: PositiveFloat = 600.0
 
 
 class LoggingConfig(_Section):
@@ -203,6 +234,7 @@ class Config(_Section):
     train: TrainConfig
     data: DataConfig
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
 

@@ -1,9 +1,19 @@
-"""Exit codes of `pretrain train` that launchers and batch scripts act on.
+"""Exit codes of `pretrain train` that launchers and batch scripts act on (docs/checkpointing.md).
 
 REQUEUE is sysexits.h's EX_TEMPFAIL ("temporary failure; the user is invited to retry"): the run stopped on a
 signal (Slurm time limit or preemption) after writing a complete checkpoint, and starting it again resumes from
 there. The sbatch script rendered by `pretrain submit` requeues the job on exactly this code.
+
+HANG: the step watchdog saw no progress for faults.hang_timeout_s; every rank dumped its Python stacks to its log.
+Restarting resumes from the newest complete checkpoint (a node or network problem usually clears on another node).
+
+DIVERGED: the loss or gradients stayed NaN/inf (or spiking) after faults.max_rollbacks rollbacks, or there was no
+checkpoint to roll back to. Restarting would repeat it: a person has to look (lower the LR, inspect the data window
+named in the log). Slurm scripts must not requeue on it.
 """
 
 OK = 0
+CONFIG_ERROR = 2  # a user-fixable problem (bad flag, config or path): the message says what to do
 REQUEUE = 75
+HANG = 76
+DIVERGED = 77

@@ -357,7 +357,8 @@ def setup_rank_logging(run_dir: Path, ctx: ParallelContext) -> None:
 
 
 def default_hooks(run: RunContext) -> list[Hook]:
-    """The hooks every run gets. The checkpointer (a later issue) goes after MetricsHook."""
+    """The metrics hooks every run gets; trainer.train.training_hooks adds the watchdog, resume, NaN guard and
+    checkpointer around them."""
     sinks: list[Any] = [ConsoleSink()]
     if run.cfg.logging.jsonl:
         sinks.append(JsonlSink(run.run_dir / "metrics.jsonl"))

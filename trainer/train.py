@@ -1,6 +1,7 @@
-"""The train entry. Build order: config → process groups → seed → model → parallelize → deepspeed.initialize →
-data loaders sharded by DP rank → hooks → fit. Runs under torchrun, srun or any launcher that sets RANK, WORLD_SIZE,
-LOCAL_RANK, MASTER_ADDR, MASTER_PORT; without them it runs as one process (world size 1).
+"""The train entry. Build order: config → stop-signal handlers → process groups → seed → model → parallelize →
+deepspeed.initialize → data loaders sharded by DP rank → hooks (watchdog, resume, metrics, NaN guard, checkpointer)
+→ fit. Runs under torchrun, srun or any launcher that sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT;
+without them it runs as one process (world size 1). Exit codes: trainer/exit_codes.py.
 
     pretrain train --config configs/tiny.yaml train.max_steps=20
     pretrain launch local --nproc 2 --config configs/tiny.yaml
@@ -18,11 +19,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from trainer import exit_codes
 from trainer.bootstrap import ParallelContext, destroy_parallel, init_parallel, single_process_defaults
+from trainer.checkpoint import PREEMPTED, Checkpointer, CheckpointHook, ResumeHook, StopSignals
 from trainer.config import Config, ConfigError, Derived, save_resolved
 from trainer.data import build_eval_loader, build_train_loader
 from trainer.engine import build_engine
 from trainer.estimate import flops_per_token
+from trainer.faults import StepGuard, Watchdog
 from trainer.fit import fit
 from trainer.hooks import Hook, HookList, RunContext, TrainState, default_hooks, setup_rank_logging
 from trainer.parallelize import build_model_on_meta, parallelize
@@ -37,18 +41,46 @@ def train(cfg: Config, extra_hooks: Sequence[Hook] = ()) -> TrainState:
     if derived.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("launch.device is cuda but this process sees no CUDA device: run on a GPU node or set "
                           "launch.device=cpu (gloo)")
+    # Before anything slow: a SIGUSR1/SIGTERM during start-up is kept and honoured after the first step, instead of
+    # killing the process (Python's default for SIGUSR1) with no checkpoint and no requeue code.
+    signals = StopSignals.install()
     owns_group = not dist.is_initialized()  # a test harness may have created it; then it also destroys it
-    ctx = init_parallel(cfg.parallel.tp, cfg.parallel.pp, backend="gloo" if derived.device == "cpu" else "nccl")
+    ctx = init_parallel(cfg.parallel.tp, cfg.parallel.pp, backend="gloo" if derived.device == "cpu" else "nccl",
+                        timeout_s=cfg.faults.collective_timeout_s)
     try:
         run_dir = Path(derived.run_dir)
         setup_rank_logging(run_dir, ctx)
         if ctx.rank == 0:
             save_resolved(cfg, run_dir / "config.yaml", derived)
         run = build_run(cfg, derived, ctx, run_dir)
-        return fit(run, HookList([*default_hooks(run), *extra_hooks]))
+        hooks = training_hooks(run, signals, extra_hooks)
+        try:
+            return fit(run, HookList(hooks))
+        finally:
+            for hook in hooks:
+                if isinstance(hook, Watchdog):
+                    hook.stop()  # after the final save (on_train_end) and on errors: nothing left to watch
     finally:
+        signals.uninstall()
         if owns_group:
             destroy_parallel()  # before exit: gloo ranks abort at exit without it (notes/deepspeed-cpu.md)
+
+
+def training_hooks(run: RunContext, signals: StopSignals, extra_hooks: Sequence[Hook] = ()) -> list[Hook]:
+    """The hook list, in calling order: the watchdog first (it also covers resume), resume before anything reads
+    state.step, metrics before the guard and the checkpointer (a step is logged before it is judged or saved)."""
+    watchdog = Watchdog(run.cfg.faults.hang_timeout_s, run.run_dir / "logs" / f"rank{run.ctx.rank}.log")
+    checkpointer = Checkpointer(run, signals, progress=watchdog.beat)
+    guard = StepGuard(run.cfg.faults, rollback=checkpointer.rollback)
+    checkpointer.register_state("faults", guard.state, guard.load_state)
+    checkpointer.postpone_saves_while(guard.in_bad_streak)
+    return [watchdog, ResumeHook(checkpointer), *default_hooks(run), guard, CheckpointHook(checkpointer),
+            *extra_hooks]
+
+
+def exit_code(state: TrainState) -> int:
+    """The process exit code for a finished `train` (trainer.exit_codes): REQUEUE after a checkpoint on a signal."""
+    return exit_codes.REQUEUE if state.stop_reason == PREEMPTED else exit_codes.OK
 
 
 def build_run(cfg: Config, derived: Derived, ctx: ParallelContext, run_dir: Path) -> RunContext:

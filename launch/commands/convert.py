@@ -18,9 +18,13 @@ example:
       AutoModelForCausalLM.from_pretrained("runs/tiny/hf"); AutoTokenizer.from_pretrained("runs/tiny/hf")
       pretrain generate --hf runs/tiny/hf --prompt "def main():" --greedy
 
---state-dict is our full (unsharded) state dict as *.safetensors (e.g. written by `convert from-hf`); reading a
-checkpoint directory of any TP/PP/ZeRO layout arrives with trainer.checkpoint. --config is the run config the
-weights were trained with, or the model.yaml that `convert from-hf` writes; dotted overrides apply to it.
+  pretrain convert to-hf --checkpoint runs/tiny/checkpoints --tokenizer data/tiny/tokenizer --output runs/tiny/hf
+
+--checkpoint is one of our checkpoints (runs/<name>/checkpoints/step_N) or a directory of them (its newest intact
+one), saved with any TP/PP/DP/ZeRO layout; its config.yaml supplies the model config (--config not needed).
+--state-dict is our full (unsharded) state dict as *.safetensors (e.g. written by `convert from-hf`); then --config
+is the run config the weights were trained with, or the model.yaml that `convert from-hf` writes. Dotted overrides
+apply to either.
 Vocabulary padding rows are dropped, a tied lm_head is not written (tie_word_embeddings), weights above
 --max-shard-size are split into shards with model.safetensors.index.json.
 """
@@ -77,10 +81,12 @@ def _register_to_hf(commands: Any) -> None:
                     "load offline.", epilog=TO_HF_EXAMPLE,
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    # A --checkpoint DIR alternative joins this group when trainer.checkpoint can consolidate sharded checkpoints.
     source.add_argument("--state-dict", metavar="FILE", help="our full state dict, *.safetensors")
-    parser.add_argument("--config", required=True, metavar="YAML",
-                        help="run config of these weights, or a model.yaml from `convert from-hf`")
+    source.add_argument("--checkpoint", metavar="DIR",
+                        help="a checkpoint (step_N) or a directory of them (newest intact), any parallel layout")
+    parser.add_argument("--config", metavar="YAML",
+                        help="run config of --state-dict weights, or a model.yaml from `convert from-hf` "
+                             "(default with --checkpoint: the checkpoint's config.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. model.max_seq_len=4096 (all together, after the flags)")
     parser.add_argument("--output", required=True, metavar="DIR", help="HF directory to write")
@@ -115,10 +121,10 @@ def _register_from_hf(commands: Any) -> None:
 
 
 def run_to_hf(args: argparse.Namespace) -> int:
-    from trainer.hf import export_hf, load_full_state_dict, load_model_config
+    from trainer.hf import export_hf, load_full_state_dict
 
-    model_cfg = load_model_config(args.config, args.overrides)
-    state_dict = load_full_state_dict(args.state_dict)
+    model_cfg = source_model_config(args)
+    state_dict = load_full_state_dict(args.checkpoint or args.state_dict)
     result = export_hf(
         state_dict, model_cfg, args.output, tokenizer_model=None if args.no_tokenizer else args.tokenizer,
         dtype=args.dtype, max_shard_bytes=args.max_shard_size, overwrite=args.overwrite,
@@ -131,6 +137,19 @@ def run_to_hf(args: argparse.Namespace) -> int:
     for line in result.tokenizer_mismatches:
         print(f"warning: the exported tokenizer differs from sentencepiece on a probe text: {line}")
     return 0
+
+
+def source_model_config(args: argparse.Namespace) -> Any:
+    """--config (+ overrides) if given, else the checkpoint's own config.yaml; --state-dict needs --config."""
+    from trainer.hf import HFConversionError, load_model_config
+    from trainer.hf.full_state import checkpoint_model_config
+
+    if args.config is not None:
+        return load_model_config(args.config, args.overrides)
+    if args.checkpoint is None:
+        raise HFConversionError("--state-dict needs --config: the run config the weights were trained with, or the "
+                                "model.yaml `convert from-hf` wrote")
+    return checkpoint_model_config(args.checkpoint, args.overrides)
 
 
 def run_from_hf(args: argparse.Namespace) -> int:

@@ -1,15 +1,19 @@
 """`pretrain generate`: sample text from an HF directory through transformers, a quick sanity check of an export.
-Checkpoints are accepted once trainer.checkpoint exists (they will be exported to a temp HF directory first)."""
+A training checkpoint (--checkpoint) is exported to a temporary HF directory first."""
 
 from __future__ import annotations
 
 import argparse
+import tempfile
+from pathlib import Path
 from typing import Any
 
 EXAMPLES = """\
 examples:
   pretrain generate --hf runs/tiny/hf --prompt "def fibonacci(n):" --greedy --max-new-tokens 48
   pretrain generate --hf runs/tiny/hf --prompt "Once upon a time" --temperature 0.8 --top-p 0.95 --seed 7
+  pretrain generate --checkpoint runs/tiny/checkpoints --prompt "def main():" --greedy
+      (the newest intact checkpoint; its tokenizer is the training data's, or pass --tokenizer DIR)
 
 Prints the prompt followed by the continuation. The prompt is encoded with the directory's tokenizer (BOS first,
 as in training); generation stops at EOS or after --max-new-tokens. Weights that transformers would have to
@@ -23,8 +27,11 @@ def register(subparsers: Any) -> None:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    # A --checkpoint DIR alternative joins this group with trainer.checkpoint.
     source.add_argument("--hf", metavar="DIR", help="HF model directory (e.g. written by `pretrain convert to-hf`)")
+    source.add_argument("--checkpoint", metavar="DIR",
+                        help="a training checkpoint (step_N) or a directory of them (newest intact one)")
+    parser.add_argument("--tokenizer", metavar="DIR_OR_MODEL",
+                        help="with --checkpoint: our tokenizer (default: the one of the checkpoint's first dataset)")
     parser.add_argument("--prompt", required=True, help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="default: %(default)s")
     parser.add_argument("--greedy", action="store_true", help="argmax decoding (ignores --temperature, --top-p)")
@@ -41,9 +48,38 @@ def run(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()  # the weight-loading bar would interleave with the text on a terminal
 
-    result = generate_text(
-        args.hf, args.prompt, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
-        temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-    )
+    with tempfile.TemporaryDirectory(prefix="pretrain-generate-") as scratch:
+        hf_dir = args.hf if args.checkpoint is None else _export_checkpoint(args, Path(scratch) / "hf")
+        result = generate_text(
+            hf_dir, args.prompt, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
+            temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        )
     print(args.prompt + result.text)
     return 0
+
+
+def _export_checkpoint(args: argparse.Namespace, out_dir: Path) -> Path:
+    from trainer.checkpoint import resolve_offline
+    from trainer.config import load_config
+    from trainer.hf import HFConversionError, export_hf, load_full_state_dict
+
+    ckpt = resolve_offline(Path(args.checkpoint))
+    run_cfg = load_config(ckpt / "config.yaml")
+    tokenizer = args.tokenizer or _training_tokenizer(run_cfg)
+    if tokenizer is None:
+        raise HFConversionError(f"{ckpt} was trained without a tokenizer on record (synthetic data, or a dataset "
+                                f"without tokenizer/): pass --tokenizer DIR")
+    export_hf(load_full_state_dict(ckpt), run_cfg.model, out_dir, tokenizer_model=tokenizer)
+    return out_dir
+
+
+def _training_tokenizer(run_cfg: Any) -> str | None:
+    """The sentencepiece model the first training dataset was tokenized with (its manifest names the file)."""
+    from data_pipeline.manifest import Manifest
+
+    if run_cfg.data.synthetic or not run_cfg.data.datasets:
+        return None
+    manifest = Manifest.load(run_cfg.data.datasets[0].path)
+    if manifest.tokenizer.model_file is None:
+        return None
+    return manifest.resolve(manifest.tokenizer.model_file)

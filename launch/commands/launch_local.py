@@ -1,18 +1,23 @@
-"""`pretrain launch local`: train on this machine with N processes. Renders and execs
+"""`pretrain launch local`: train on this machine with N processes. Renders and runs
 
     torchrun --standalone --nproc_per_node N -m launch train --config X [key=value ...]
 
 so every process runs `pretrain train` with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT set by torchrun
 (a free port on localhost; no rendezvous server needed). The config is checked for a world of N processes here,
 once, before any process starts. With launch.device=cpu the processes talk over gloo and each gets
-OMP_NUM_THREADS = usable cores // N; with launch.device=cuda each process takes one GPU (NCCL)."""
+OMP_NUM_THREADS = usable cores // N; with launch.device=cuda each process takes one GPU (NCCL). SIGUSR1/SIGTERM sent
+to this command reach the training processes: they checkpoint and the command exits 75 (docs/checkpointing.md)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
+import signal
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 EXAMPLES = """\
@@ -67,8 +72,55 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
     sys.stderr.flush()
-    os.execvpe(command[0], command, {**os.environ, **env})  # torchrun takes over this process (and its signals)
-    return 0  # not reached
+    return run_forwarding_stop_signals(command, {**os.environ, **env}, Path(cfg.checkpoint_dir))
+
+
+def run_forwarding_stop_signals(command: list[str], env: dict[str, str], checkpoint_dir: Path) -> int:
+    """Run torchrun as a child and pass SIGUSR1/SIGTERM to the training processes themselves: torchrun has no USR1
+    handler (it would die and orphan them) and answers TERM by killing its workers after a grace period. Each
+    training process then finishes its step, the run checkpoints and exits with the requeue code (75); torchrun
+    reports any non-zero worker exit as 1, so 75 is restored when the run's newest checkpoint says it was written
+    for that signal."""
+    proc = subprocess.Popen(command, env=env)
+    forwarded: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        forwarded.append(signum)
+        for child in _children(proc.pid):
+            with contextlib.suppress(OSError):
+                os.kill(child, signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        returncode = proc.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if returncode != 0 and forwarded and _saved_for_signal(checkpoint_dir):
+        from trainer import exit_codes
+
+        return exit_codes.REQUEUE
+    return returncode
+
+
+def _children(pid: int) -> list[int]:
+    import psutil  # a dependency (megatron-core needs it)
+
+    with contextlib.suppress(psutil.Error):
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    return []
+
+
+def _saved_for_signal(checkpoint_dir: Path) -> bool:
+    from trainer.checkpoint.layout import LATEST, read_metadata
+
+    latest = checkpoint_dir / LATEST
+    if not latest.is_file():
+        return False
+    try:
+        return read_metadata(checkpoint_dir / latest.read_text().strip()).get("save_reason") == "signal"
+    except (OSError, ValueError):
+        return False
 
 
 def torchrun_command(nproc: int, config: str, overrides: list[str]) -> list[str]:

@@ -19,7 +19,10 @@ examples:
   pretrain train --config configs/7b.yaml --dry-run optim.lr=1.5e-4 train.max_steps=1000
   pretrain train --config configs/70b.yaml --world-size 512 --dry-run parallel.pp=8
 
-A run writes <run_dir>/config.yaml, metrics.jsonl, tb/ and logs/rank<N>.log (run_dir: logging.run_dir or runs/<name>).
+A run writes <run_dir>/config.yaml, metrics.jsonl, tb/ and logs/rank<N>.log (run_dir: logging.run_dir or runs/<name>)
+and checkpoints/step_<N>/ (checkpoint.dir); it resumes from the newest complete checkpoint (checkpoint.resume=auto).
+Exit codes: 0 done; 2 config error; 75 stopped on SIGUSR1/SIGTERM after a checkpoint (requeue); 76 hang (watchdog);
+77 diverged (NaN/inf after rollbacks). See docs/checkpointing.md.
 World size for --dry-run: --world-size, else $WORLD_SIZE, else launch.nodes × launch.gpus_per_node.
 Overrides are dotted keys with YAML values (optim.betas=[0.9,0.95], data.datasets.0.weight=2); put them together.
 """
@@ -50,10 +53,9 @@ def run(args: argparse.Namespace) -> int:
         if args.world_size is not None:
             raise ConfigError("--world-size only applies with --dry-run: a real run takes its world size from the "
                               "launcher (WORLD_SIZE), e.g. `pretrain launch local --nproc N ...`")
-        from trainer.train import train  # heavy (torch, deepspeed, megatron): only for a real run
+        from trainer.train import exit_code, train  # heavy (torch, deepspeed, megatron): only for a real run
 
-        train(cfg)
-        return 0
+        return exit_code(train(cfg))  # 75 after a checkpoint on SIGUSR1/SIGTERM: requeue (trainer/exit_codes.py)
     world_size, world_source = _world_size(args.world_size, cfg.launch.nodes, cfg.launch.gpus_per_node)
     derived = cfg.validate_for_world(world_size)
     print(_dry_run_report(cfg, derived, args, world_source))

@@ -132,7 +132,8 @@ def test_user_errors_exit_2_with_a_fix(run: dict[str, Path], tmp_path: Path,
                 "--state-dict", str(state_dict), *OVERRIDES, *overrides]
 
     assert "state dict " in _error(to_hf(tmp_path / "nope.safetensors"), capsys)
-    assert "checkpoint directories are not supported yet" in _error(to_hf(tmp_path), capsys)
+    # A directory is read as a checkpoint (trainer.checkpoint); one that holds none says what to pass.
+    assert "is neither a checkpoint (a step_N directory" in _error(to_hf(tmp_path), capsys)
     torch.save({}, tmp_path / "w.pt")
     assert "must be a *.safetensors file" in _error(to_hf(tmp_path / "w.pt"), capsys)
     bad_heads = to_hf(run["weights"], "model.num_kv_heads=3")

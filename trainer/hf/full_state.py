@@ -1,10 +1,10 @@
 """The seam between checkpoints and conversion: a *full* state dict (our parameter names → whole tensors, vocab rows
 padded as in training) plus the ModelConfig it belongs to.
 
-Conversion never sees a TP/PP/ZeRO layout. Today a full state dict comes from a `.safetensors` file (written by
-`convert from-hf`, or by `save_full_state_dict` from a model in memory). When trainer.checkpoint exists, its reader
-plugs in at `load_full_state_dict`: given a checkpoint directory it gathers the shards of every TP/PP/DP/ZeRO rank
-into this same dict (and the checkpoint's config.yaml gives the ModelConfig), and nothing downstream changes.
+Conversion never sees a TP/PP/ZeRO layout. A full state dict comes from a `.safetensors` file (written by
+`convert from-hf`, or by `save_full_state_dict` from a model in memory) or from one of our checkpoint directories
+(trainer.checkpoint: its files already hold full tensors as slices of every TP/PP/DP/ZeRO rank; the reader joins
+them), and the checkpoint's config.yaml gives the ModelConfig.
 
 Canonical form: one entry per parameter, as `Llama.named_parameters()` lists them, so a tied model has no
 lm_head.weight (safetensors cannot store the alias). An lm_head equal to embed_tokens is also accepted.
@@ -34,14 +34,17 @@ _FRAGMENT_STUB: dict[str, Any] = {
 
 
 def load_full_state_dict(path: str | os.PathLike[str]) -> StateDict:
-    """Our full (unsharded) state dict from `path`. THE SEAM: a checkpoint directory is handled here once
-    trainer.checkpoint can consolidate one; until then only a .safetensors file is accepted."""
+    """Our full (unsharded) state dict from `path`: a *.safetensors file, a checkpoint directory (step_N), or a
+    directory of checkpoints (its newest intact one). Checkpoints are checksum-verified; nothing is unpickled."""
     source = Path(path)
     if source.is_dir():
-        raise HFConversionError(
-            f"{source} is a directory: checkpoint directories are not supported yet (trainer.checkpoint does not "
-            f"exist); pass a full state dict file (*.safetensors, e.g. written by `pretrain convert from-hf`)"
-        )
+        from trainer.checkpoint import CheckpointError, read_full_state_dict
+
+        try:
+            state, _ = read_full_state_dict(source)
+        except CheckpointError as err:
+            raise HFConversionError(str(err)) from None
+        return state
     if not source.is_file():
         raise HFConversionError(f"state dict {source} not found: pass an existing *.safetensors file")
     if source.suffix != STATE_DICT_SUFFIX:
@@ -83,6 +86,17 @@ def load_into(model: torch.nn.Module, state: StateDict) -> None:
     allowed_missing = [LM_HEAD] if tied and LM_HEAD not in state else []
     if sorted(missing) != allowed_missing or unexpected:
         raise HFConversionError(f"state dict does not fit the model: missing {missing}, unexpected {unexpected}")
+
+
+def checkpoint_model_config(checkpoint: str | os.PathLike[str], overrides: Sequence[str] = ()) -> ModelConfig:
+    """The `model:` section of the config.yaml inside a checkpoint (the one `load_full_state_dict` would read)."""
+    from trainer.checkpoint import CheckpointError, resolve_offline
+
+    try:
+        ckpt = resolve_offline(Path(checkpoint))
+    except CheckpointError as err:
+        raise HFConversionError(str(err)) from None
+    return load_model_config(ckpt / "config.yaml", overrides)
 
 
 def load_model_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> ModelConfig:
