@@ -88,7 +88,11 @@ def _environment_block(launch: Any) -> list[str]:
 
 
 def _srun_command(launch: Any, request: SbatchRequest) -> str:
-    srun = ["srun", "--kill-on-bad-exit=1", f"--output={request.run_dir}/logs/slurm-%j-task%t.out"]
+    # --kill-on-bad-exit=0: on SIGUSR1 every rank saves its part of the checkpoint and exits 75, at slightly
+    # different moments; killing the step at the first non-zero exit could cut a rank off mid-commit and turn srun's
+    # exit code into a kill instead of 75. A crashed rank is still caught: its peers fail their next collective within
+    # faults.collective_timeout_s, or the step watchdog exits them.
+    srun = ["srun", "--kill-on-bad-exit=0", f"--output={request.run_dir}/logs/slurm-%j-task%t.out"]
     if launch.container:
         srun.append(f"--container-image={launch.container}")
         mounts = [*launch.container_mounts, f"{request.workdir}:{request.workdir}"]

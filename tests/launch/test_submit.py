@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,7 @@ def test_gpu_cluster_script_has_what_a_gpu_cluster_needs(tmp_path: Path) -> None
     # Counts come from Slurm's environment at run time, never restated.
     assert "RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS" in script
     assert "/opt/venv/bin/python -m launch train --config " + str(tmp_path / "run" / "config.yaml") in script
+    assert "srun --kill-on-bad-exit=0 " in script  # ranks exit 75 one by one after a signal; none may be killed
     assert "if [ $rc -eq 75 ]; then" in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
     bash = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
     assert bash.returncode == 0, bash.stderr
@@ -92,7 +94,9 @@ def test_dry_run_writes_the_script_next_to_the_resolved_config(tmp_path: Path) -
 # Real jobs on the localhost cluster (cluster/start.sh): two slurmd "nodes", one task each, gloo over TCP.
 # ---------------------------------------------------------------------------------------------------------------
 def _losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """Per-step training loss; a resumed run appends, so the last line of a step wins."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines if line.endswith("}")]  # a line being written may be partial
     return {row["step"]: row["loss"] for row in rows if "loss" in row}
 
 
@@ -114,3 +118,44 @@ def test_two_node_job_trains_the_tiny_model(tmp_path: Path) -> None:
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     assert losses[6] < losses[1], f"loss did not fall: {losses}"
     assert (run_dir / "logs" / "rank1.log").exists()
+
+
+def _submit_tiny_two_node_job(run_dir: Path, tmp_path: Path, max_steps: int) -> str:
+    overrides = [f"logging.run_dir={run_dir}", f"train.max_steps={max_steps}", "train.log_interval_steps=1",
+                 "train.eval_interval_steps=0", "checkpoint.save_interval_steps=0", "logging.tensorboard=false",
+                 "launch.nodes=2", "launch.gpus_per_node=1", "launch.time_limit=00:10:00"]
+    result = _pretrain("submit", "--config", str(REPO / "configs/tiny.yaml"), *overrides, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()[2]
+
+
+def _wait_for_logged_step(run_dir: Path, step: int, timeout_s: float) -> None:
+    deadline_s = time.monotonic() + timeout_s
+    while time.monotonic() < deadline_s:
+        if (run_dir / "metrics.jsonl").exists() and max(_losses(run_dir), default=0) >= step:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"the job did not log step {step} within {timeout_s} s")
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    """SIGUSR1 (what --signal=USR1@N sends before the time limit) mid-run: every rank finishes its step, the run
+    checkpoints and exits 75, the batch script requeues the job, and the restart resumes from that checkpoint."""
+    max_steps = 300
+    reference_dir, preempted_dir = tmp_path / "reference", tmp_path / "preempted"
+    reference_job = _submit_tiny_two_node_job(reference_dir, tmp_path, max_steps)
+    assert wait_for_job(reference_job, timeout_s=300) == "COMPLETED"
+
+    job_id = _submit_tiny_two_node_job(preempted_dir, tmp_path, max_steps)
+    _wait_for_logged_step(preempted_dir, 20, timeout_s=240)
+    subprocess.run(["scancel", "-s", "USR1", job_id], check=True)  # to every task of the running step
+    state = wait_for_job(job_id, timeout_s=300)
+    log = (preempted_dir / "logs" / f"slurm-{job_id}.out").read_text()
+    assert state == "COMPLETED", log
+    assert "checkpointed on signal, requeueing" in log and "restart 1:" in log, log
+    assert f"job {job_id} restart 0:" in log
+    reference, preempted = _losses(reference_dir), _losses(preempted_dir)
+    assert sorted(preempted) == list(range(1, max_steps + 1))
+    assert preempted == reference, "the resumed run must reproduce the uninterrupted per-step losses exactly"
