@@ -18,6 +18,7 @@ import functools
 import io
 import logging
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -82,6 +83,10 @@ def build_engine(pmodel: ParallelModel, cfg: Config, derived: Derived, ctx: Para
     from deepspeed.utils import logger as deepspeed_logger
 
     deepspeed_logger.setLevel(logging.WARNING)  # it logs its whole config at INFO on rank 0; ours is in config.yaml
+    # torch's LR scheduler checks that optimizer.step is the method it wrapped; DeepSpeed's optimizer wrappers replace
+    # it, so torch warns at the first step although the engine does step the optimizer before the schedule.
+    warnings.filterwarnings("ignore", message=r"Seems like `optimizer\.step\(\)` has been overridden",
+                            category=UserWarning)
     kwargs: dict[str, Any] = {}
     if not pmodel.is_pipeline:
         # A PipelineModule carries its own grid, built from deepspeed_topology(ctx); DeepSpeed refuses mpu= with it.

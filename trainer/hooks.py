@@ -162,24 +162,36 @@ class MetricsHook(Hook):
         self._loss_sum: torch.Tensor | None = None
         self._steps = 0
         self._data_wait_s = 0.0
-        self._interval_start_s = 0.0
+        self._busy_s = 0.0  # time inside steps since the last log line
+        self._step_start_s = 0.0
         self._peak_tflops: float | None = None
 
     def on_train_start(self, run: RunContext, state: TrainState) -> None:
         self._peak_tflops = peak_tflops_per_gpu(run.cfg, run.ctx.device)
-        self._interval_start_s = time.perf_counter()
         for sink in self.sinks:
             sink.open(run, state)
 
+    def on_step_start(self, run: RunContext, state: TrainState) -> None:
+        self._step_start_s = time.perf_counter()
+
     def on_step_end(self, run: RunContext, state: TrainState, out: StepOutput) -> None:
+        if run.ctx.device.type == "cuda" and self._is_log_step(run, state.step):
+            torch.cuda.synchronize(run.ctx.device)  # queued GPU work belongs to this step's time
+        # Throughput counts time inside steps only: eval passes and checkpoint saves between steps are not training
+        # and would otherwise show up as throughput dips in the interval after them.
+        self._busy_s += time.perf_counter() - self._step_start_s
         loss = out.loss.detach().float()
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
         self._steps += 1
         self._data_wait_s += out.data_wait_s
         for sink in self.sinks:
             sink.step(state.step)
-        if state.step % run.cfg.train.log_interval_steps == 0 or state.step == run.cfg.train.max_steps:
+        if self._is_log_step(run, state.step):
             self._emit(run, state.step, self._train_metrics(run, out))
+
+    @staticmethod
+    def _is_log_step(run: RunContext, step: int) -> bool:
+        return step % run.cfg.train.log_interval_steps == 0 or step == run.cfg.train.max_steps
 
     def on_eval(self, run: RunContext, state: TrainState, result: EvalOutput) -> None:
         ppl = math.exp(result.loss) if result.loss < 700 else math.inf  # exp overflows a float past ~709
@@ -194,10 +206,7 @@ class MetricsHook(Hook):
         ctx, derived = run.ctx, run.derived
         loss = self._loss_sum.clone()
         dist.all_reduce(loss, group=ctx.dp_group)  # SUM over DP ranks: each holds its own micro-batches' mean
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize(ctx.device)  # queued GPU work belongs to this interval's time
-        now_s = time.perf_counter()
-        interval_s = now_s - self._interval_start_s
+        interval_s = self._busy_s
         tokens_per_s = self._steps * derived.global_batch_size_tokens / interval_s
         tflops_per_gpu = tokens_per_s * run.flops_per_token / derived.world_size / 1e12
         metrics: dict[str, Any] = {
@@ -213,7 +222,7 @@ class MetricsHook(Hook):
             "data_wait_s": self._data_wait_s / self._steps,  # per step, on the logging rank
             **memory_metrics(ctx.device),
         }
-        self._loss_sum, self._steps, self._data_wait_s, self._interval_start_s = None, 0, 0.0, now_s
+        self._loss_sum, self._steps, self._data_wait_s, self._busy_s = None, 0, 0.0, 0.0
         return metrics
 
     def _emit(self, run: RunContext, step: int, metrics: dict[str, Any]) -> None:
