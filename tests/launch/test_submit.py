@@ -102,22 +102,28 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_two_node_job_trains_the_tiny_model(tmp_path: Path) -> None:
+def test_two_node_job_trains_the_tiny_model_and_a_chained_job_resumes_after_it(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     common = [f"logging.run_dir={run_dir}", "train.max_steps=6", "train.log_interval_steps=1",
               "train.eval_interval_steps=0", "checkpoint.save_interval_steps=0", "logging.tensorboard=false"]
     result = _pretrain("submit", "--config", str(REPO / "configs/tiny.yaml"), "launch.nodes=2",
-                       "launch.gpus_per_node=1", "launch.time_limit=00:10:00", *common, cwd=tmp_path)
+                       "launch.gpus_per_node=1", "launch.time_limit=00:10:00", "launch.chain_jobs=1", *common,
+                       cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    job_id = result.stdout.split()[2]
-    state = wait_for_job(job_id, timeout_s=300)
-    log = (run_dir / "logs" / f"slurm-{job_id}.out").read_text()
-    assert state == "COMPLETED", log
+    words = result.stdout.split()  # "submitted job <first> -> <second> for run 'tiny'"
+    first_job, second_job = words[2], words[4]
+    dependency = subprocess.run(["scontrol", "show", "job", second_job], capture_output=True, text=True).stdout
+    assert f"Dependency=afterany:{first_job}" in dependency
+    assert wait_for_job(first_job, timeout_s=300) == "COMPLETED", (run_dir / "logs" / f"slurm-{first_job}.out").read_text()
+    log = (run_dir / "logs" / f"slurm-{first_job}.out").read_text()
     assert "2 nodes x 1 tasks" in log
     losses = _losses(run_dir)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     assert losses[6] < losses[1], f"loss did not fall: {losses}"
     assert (run_dir / "logs" / "rank1.log").exists()
+    # The follow-up job finds the finished run's final checkpoint (resume: auto) and has nothing left to train.
+    assert wait_for_job(second_job, timeout_s=300) == "COMPLETED", (run_dir / "logs" / f"slurm-{second_job}.out").read_text()
+    assert _losses(run_dir) == losses
 
 
 def _submit_tiny_two_node_job(run_dir: Path, tmp_path: Path, max_steps: int) -> str:
