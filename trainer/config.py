@@ -161,6 +161,10 @@ class CheckpointConfig(_Section):
     # auto: the newest complete checkpoint in `dir` (corrupt ones are skipped), or a fresh start if there is none;
     # none: always start fresh; a path: that checkpoint directory (or a directory of checkpoints: its newest)
     resume: Annotated[str, Field(min_length=1)] = "auto"
+    # Weights only, for a fresh run (no checkpoint to resume from; resume always wins): a *.safetensors full state
+    # dict (`pretrain convert from-hf` output, save_full_state_dict), one of our checkpoint dirs (or a directory of
+    # them: its newest intact one), or an HF Llama directory. Any tp/pp/dp/zero layout (trainer/checkpoint/init_from.py).
+    init_from: str | None = None
     async_save: bool = False  # copy the state to CPU memory, write it in a background thread
     save_at_end: bool = True  # also save after the last step (unless that step was just saved)
     verify_on_load: bool = True  # sha256 of every file before a checkpoint is used (split over the ranks)

@@ -1,5 +1,5 @@
 """The train entry. Build order: config → stop-signal handlers → process groups → seed → model → parallelize →
-deepspeed.initialize → data loaders sharded by DP rank → hooks (watchdog, resume, metrics, NaN guard, checkpointer)
+init_from (weights only, fresh runs) → deepspeed.initialize → data loaders sharded by DP rank → hooks (watchdog, resume, metrics, NaN guard, checkpointer)
 → fit. Runs under torchrun, srun or any launcher that sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT;
 without them it runs as one process (world size 1). Exit codes: trainer/exit_codes.py.
 
@@ -22,6 +22,7 @@ import torch.distributed as dist
 from trainer import exit_codes
 from trainer.bootstrap import ParallelContext, destroy_parallel, init_parallel, single_process_defaults
 from trainer.checkpoint import PREEMPTED, Checkpointer, CheckpointHook, ResumeHook, StopSignals
+from trainer.checkpoint.init_from import init_unless_resuming
 from trainer.config import Config, ConfigError, Derived, save_resolved
 from trainer.data import build_eval_loader, build_train_loader
 from trainer.engine import build_engine
@@ -93,6 +94,9 @@ def build_run(cfg: Config, derived: Derived, ctx: ParallelContext, run_dir: Path
     log.info("rank %d/%d: tp %d/%d pp %d/%d dp %d/%d, %d parameters here", ctx.rank, ctx.world_size,
              ctx.tp_rank, ctx.tp, ctx.pp_rank, ctx.pp, ctx.dp_rank, ctx.dp,
              sum(p.numel() for p in pmodel.module.parameters()))
+    # After parallelize (each rank copies its shards) and before deepspeed.initialize (which builds the fp32 master
+    # and ZeRO partitions from these weights): weights only, and only when there is no checkpoint to resume from.
+    init_unless_resuming(pmodel, cfg, ctx)
     # After parallelize: DeepSpeed builds the optimizer, fp32 master and ZeRO partitions from the final shards.
     engine = build_engine(pmodel, cfg, derived, ctx)
     # After the groups: each loader reads its DP rank's slice of every global batch.

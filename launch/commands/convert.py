@@ -39,6 +39,11 @@ example:
   `pretrain convert to-hf --state-dict runs/tiny-imported/model.safetensors --config runs/tiny-imported/model.yaml
   ... --dtype <the source dtype>` reproduces every tensor bit for bit.
 
+continue pretraining from it (weights only, any tp/pp/dp/zero layout; the vocabulary padding is adjusted):
+  paste runs/tiny-imported/model.yaml's model: section into your run config, then
+  pretrain launch local --nproc 2 --config RUN.yaml checkpoint.init_from=runs/tiny-imported/model.safetensors
+  (a checkpoint to resume from always wins over init_from; an HF directory also works as init_from)
+
 Only the Llama architecture is accepted; config.json fields our model does not implement (attention_bias,
 mlp_bias, rope scaling, another hidden_act, attention_dropout) are refused by name. The stored dtype is kept
 unless --dtype is given.

@@ -153,13 +153,19 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
+def model_shape_changes(saved: Any, model: Any) -> list[tuple[str, Any, Any]]:
+    """("model.<field>", saved, now) for every ModelConfig field that changes the tensors' shapes."""
+    changes = [(f"model.{field}", getattr(saved, field), getattr(model, field))
+               for field in MODEL_SHAPE_FIELDS if getattr(saved, field) != getattr(model, field)]
+    if saved.resolved_head_dim() != model.resolved_head_dim():
+        changes.append(("model.head_dim", saved.resolved_head_dim(), model.resolved_head_dim()))
+    return changes
+
+
 def check_compatible(saved: Config, cfg: Config) -> tuple[bool, list[str]]:
     """(data changed, the other changed fields as "key: old -> new"). Raises CheckpointCompatibilityError naming the
     field when the model shape differs, or the data does while checkpoint.allow_data_change is off."""
-    shape_changes = [(f"model.{field}", getattr(saved.model, field), getattr(cfg.model, field))
-                     for field in MODEL_SHAPE_FIELDS if getattr(saved.model, field) != getattr(cfg.model, field)]
-    if saved.model.resolved_head_dim() != cfg.model.resolved_head_dim():
-        shape_changes.append(("model.head_dim", saved.model.resolved_head_dim(), cfg.model.resolved_head_dim()))
+    shape_changes = model_shape_changes(saved.model, cfg.model)
     if shape_changes:
         key, old, new = shape_changes[0]
         raise CheckpointCompatibilityError(
@@ -216,18 +222,27 @@ def _load_tensors(run: Any, ckpt: Path, index: dict[str, TensorEntry], adam_step
     warned: set[str] = set()
     with tensor_files(ckpt) as files:
         for name, param in run.model.canonical_named_parameters():
-            start, shape = _target_block(param, run.ctx)
             values = []
             for kind in TENSOR_KINDS:
                 key = tensor_key(kind, name)
                 if key not in index:
                     raise CheckpointCompatibilityError(f"{ckpt} has no tensor {key}: it was saved from a different "
                                                        f"model (compare its config.yaml with this run's model section)")
-                _check_global_shape(name, index[key].shape, param, run.ctx, warned)
-                values.append(read_region(files, index[key], key, start, shape))
+                values.append(read_param_block(files, index[key], key, name, param, run.ctx, warned))
             access.write(param, *values, step=adam_step)
             progress()
     access.finish_load()  # collective under ZeRO-1/2: after every rank has written its fragments
+
+
+def read_param_block(files: Any, entry: TensorEntry, key: str, name: str, param: torch.Tensor, ctx: Any,
+                     warned: set[str], hint: str = "resume with the checkpoint's model section") -> torch.Tensor:
+    """This rank's block (fp32) of the global tensor `key` for its parameter `name` (a TP shard where
+    `tp_partition_dim`), under the current TP rank. The stored global shape must be the model's, except for the
+    padded vocabulary rows: shared rows are read, rows the stored tensor lacks are zero, extra stored rows are
+    dropped. Shared by resume (`_load_tensors`) and `init_from` (`init_weights_from`)."""
+    _check_global_shape(name, entry.shape, param, ctx, warned, hint)
+    start, shape = _target_block(param, ctx)
+    return read_region(files, entry, key, start, shape)
 
 
 def _target_block(param: torch.Tensor, ctx: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -240,7 +255,8 @@ def _target_block(param: torch.Tensor, ctx: Any) -> tuple[tuple[int, ...], tuple
     return tuple(start), shape
 
 
-def _check_global_shape(name: str, stored: tuple[int, ...], param: torch.Tensor, ctx: Any, warned: set[str]) -> None:
+def _check_global_shape(name: str, stored: tuple[int, ...], param: torch.Tensor, ctx: Any, warned: set[str],
+                        hint: str = "resume with the checkpoint's model section") -> None:
     shape = list(local_shape(param))
     dim = tp_partition_dim(param)
     if dim is not None:
@@ -254,7 +270,7 @@ def _check_global_shape(name: str, stored: tuple[int, ...], param: torch.Tensor,
                         "loaded, extra rows are zero", name, stored[0], shape[0])
         return
     raise CheckpointCompatibilityError(f"{name}: the checkpoint holds shape {list(stored)} but this model needs "
-                                       f"{shape}: resume with the checkpoint's model section")
+                                       f"{shape}: {hint}")
 
 
 def _load_rng(ctx: Any, ckpt: Path, meta: dict[str, Any]) -> None:
