@@ -1,17 +1,35 @@
-"""prepare throughput vs raw sentencepiece, scaling with num_proc, and peak memory on a larger corpus.
+"""prepare throughput vs raw sentencepiece (steady state, fixed cost apart), scaling with num_proc, peak memory.
 
 Same text, same run: a corpus of real code (this Python's stdlib .py files, as JSON Lines) is written once; then
-  raw       `Tokenizer.encode` (sentencepiece, one thread) over the documents already in memory, in the same
-            256-document batches prepare uses: the ceiling for one process
-  prepare   the whole `prepare()` on the files (read + JSON + tokenize + eos + pack + tar + sha256), num_proc=1, 2
-Each timing is the best of --repeats runs (the machine is shared; the best run is the least disturbed one).
-Target: prepare with num_proc=1 reaches >= 85 % of raw tokens/s.
+  raw       `Tokenizer.encode` (sentencepiece, one thread) over the documents already in memory, in 256-document
+            batches: the ceiling for one process (no reading, no JSON, no writing)
+  raw xN    the same split over N forked processes at once: what N independent tokenizing processes get out of
+            this machine (shared caches and memory bandwidth; on a VM, vCPUs may be SMT siblings)
+  prepare   the whole `prepare()` on the files (read + JSON + tokenize + eos + pack + tar + sha256 + fsync), for
+            each --num-proc
+  fixed     `prepare()` on a tiny corpus (a few documents, one sample): start-up and tear-down that do not grow
+            with the input (tokenizer load, worker start, manifest, report); its few tokens are subtracted at
+            the raw rate
+Steady-state throughput = tokens / (elapsed - fixed): what a long run sustains. Per-process ratio = steady
+throughput / (num_proc × raw): 1.0 means every process tokenizes as fast as raw sentencepiece does alone; "vs raw
+xN" compares with N raw processes run at once instead, which separates prepare's own overhead from the machine's.
+CPU cost ratio = raw CPU s / prepare CPU s for the same tokens (all processes, start-up excluded): the per-core
+cost, which the other jobs on a shared machine disturb less than wall time. Encode share (num_proc=1) = time
+inside sentencepiece / steady-state time of the same prepare run: the per-core efficiency without comparing two
+runs, so the ±10 % that neighbours' load puts on sentencepiece's own speed cancels out.
+Main-process ceiling (num_proc > 1) = tokens / CPU s of the main process (reading, packing, writing, IPC): no
+number of workers goes faster, so this is where scaling stops on a many-core node.
+Each timing is the best of --repeats interleaved runs (the best run is the least disturbed one).
+Target: per-process ratio >= 0.85 for every num_proc up to the cores available.
 
-Peak memory: `prepare` runs in a child process on two corpus sizes; ru_maxrss of the main process and of the
-largest worker should not grow with the corpus (documents stream through; nothing holds the corpus).
+Where the rest goes (`overheads_alone`, each timed alone on the same corpus): reading raw blocks (main process),
+parsing + validating them (workers), writing the shards (main process).
 
-    python bench/bench_prepare.py --quick                    # ~1-2 min: 8 MB corpus, BPE only, RSS on 16/48 MB
-    python bench/bench_prepare.py --corpus-mb 40 --rss-mb 100 500 --model-types bpe unigram    # the full version
+Peak memory: `prepare` runs in a child process on each --rss-mb corpus size; the high-water RSS of the main
+process and of the largest worker should not grow with the corpus (input streams through; nothing holds it).
+
+    python bench/bench_prepare.py --quick                   # ~1 min: 8 MB corpus, unigram only, RSS on 16/64 MB
+    python bench/bench_prepare.py                           # 40 MB, BPE and unigram, num_proc 1 2, RSS 100/400 MB
 """
 
 from __future__ import annotations
@@ -21,19 +39,74 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_pipeline.prepare import PrepareConfig, prepare
 from data_pipeline.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
 
-BATCH_DOCS = PrepareConfig.batch_max_docs
+RAW_BATCH_DOCS = 256
 OUT_DIR = Path(__file__).resolve().parent / "out"
+SEQ_LEN = 2048
+
+
+class Timing:
+    """Best-of-N seconds of one variant: wall, CPU of this process (all its threads) and CPU of its children; and
+    the seconds this process spent inside `Tokenizer.encode` during the fastest run."""
+
+    def __init__(self) -> None:
+        self.wall_s = self.own_cpu_s = self.cpu_s = float("inf")
+        self.encode_s = 0.0
+        self.num_tokens = 0
+
+    def measure(self, run: Callable[[], int]) -> None:
+        own_start, children_start = _cpu_seconds(resource.RUSAGE_SELF), _cpu_seconds(resource.RUSAGE_CHILDREN)
+        with _encode_clock() as encode_clock:
+            wall_start = time.perf_counter()
+            self.num_tokens = run()
+            wall_s = time.perf_counter() - wall_start
+        if wall_s < self.wall_s:
+            self.wall_s, self.encode_s = wall_s, encode_clock[0]
+        own_s = _cpu_seconds(resource.RUSAGE_SELF) - own_start
+        self.own_cpu_s = min(self.own_cpu_s, own_s)
+        self.cpu_s = min(self.cpu_s, own_s + _cpu_seconds(resource.RUSAGE_CHILDREN) - children_start)
+
+
+@contextlib.contextmanager
+def _encode_clock() -> Iterator[list[float]]:
+    """Adds up the seconds spent in `Tokenizer.encode` in this process (prepare runs inline with num_proc=1).
+
+    The share of prepare's time spent encoding is measured within one run, so a neighbour's load that slows
+    sentencepiece slows both sides of it: unlike prepare vs a separate raw run, it does not swing by ±10 %."""
+    total = [0.0]
+    original = Tokenizer.encode
+
+    def timed(tokenizer: Tokenizer, *args: Any, **kwargs: Any) -> Any:
+        start_s = time.perf_counter()
+        try:
+            return original(tokenizer, *args, **kwargs)
+        finally:
+            total[0] += time.perf_counter() - start_s
+
+    Tokenizer.encode = timed  # type: ignore[method-assign]
+    try:
+        yield total
+    finally:
+        Tokenizer.encode = original  # type: ignore[method-assign]
+
+
+def _cpu_seconds(who: int) -> float:
+    # Pool workers are joined when prepare() returns, so RUSAGE_CHILDREN holds their CPU time by then.
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
 
 
 def stdlib_documents() -> list[str]:
@@ -56,6 +129,7 @@ def stdlib_documents() -> list[str]:
 
 def write_corpus(path: Path, docs: list[str], target_bytes: int, files: int = 4) -> int:
     """Cycle through `docs` into `files` JSON Lines files until `target_bytes` of text; returns the text bytes."""
+    path.mkdir(parents=True, exist_ok=True)
     total_bytes, index = 0, 0
     with contextlib.ExitStack() as stack:
         handles = [stack.enter_context(open(path / f"part-{i:02d}.jsonl", "w", encoding="utf-8"))
@@ -76,44 +150,71 @@ def read_corpus(path: Path) -> list[str]:
     return docs
 
 
-def time_raw(tokenizer: Tokenizer, docs: list[str]) -> tuple[float, int]:
-    start_s = time.perf_counter()
+def run_raw(tokenizer: Tokenizer, docs: list[str]) -> int:
     num_tokens = 0
-    for i in range(0, len(docs), BATCH_DOCS):
-        num_tokens += sum(len(ids) + 1 for ids in tokenizer.encode(docs[i : i + BATCH_DOCS], num_threads=1))
-    return time.perf_counter() - start_s, num_tokens
+    for i in range(0, len(docs), RAW_BATCH_DOCS):
+        num_tokens += sum(len(ids) + 1 for ids in tokenizer.encode(docs[i : i + RAW_BATCH_DOCS], num_threads=1))
+    return num_tokens
 
 
-def time_prepare(corpus: Path, tokenizer_dir: Path, out: Path, num_proc: int) -> tuple[float, int]:
-    start_s = time.perf_counter()
+def run_raw_parallel(tokenizer: Tokenizer, docs: list[str], num_proc: int) -> int:
+    """raw in `num_proc` processes at once (forked), each on a contiguous share of the documents: the most that
+    many independent sentencepiece processes get out of this machine, which shares caches and memory bandwidth
+    (and, on a VM, may give SMT siblings as vCPUs). Scaling is judged against this as well as against n × raw."""
+    bounds = [len(docs) * i // num_proc for i in range(num_proc + 1)]
+    read_fd, write_fd = os.pipe()
+    children = []
+    for i in range(1, num_proc):
+        pid = os.fork()
+        if pid == 0:  # child: report its token count through the pipe, never return into the benchmark
+            try:
+                os.write(write_fd, f"{run_raw(tokenizer, docs[bounds[i] : bounds[i + 1]])}\n".encode())
+            finally:
+                os._exit(0)
+        children.append(pid)
+    os.close(write_fd)
+    num_tokens = run_raw(tokenizer, docs[: bounds[1]])
+    for pid in children:
+        os.waitpid(pid, 0)  # waited-for children count in RUSAGE_CHILDREN, so their CPU time is measured
+    with os.fdopen(read_fd) as pipe:
+        return num_tokens + sum(int(line) for line in pipe)
+
+
+def run_prepare(corpus: Path, tokenizer_dir: Path, out: Path, num_proc: int) -> int:
     result = prepare(PrepareConfig(inputs=(str(corpus),), include_globs=("*.jsonl",), tokenizer=str(tokenizer_dir),
-                                   output_dir=str(out), seq_len=2048, num_proc=num_proc, overwrite=True,
+                                   output_dir=str(out), seq_len=SEQ_LEN, num_proc=num_proc, overwrite=True,
                                    progress=False))
-    elapsed_s = time.perf_counter() - start_s
     split = result.manifest.split("train")
-    return elapsed_s, split.num_tokens + split.dropped_tail_tokens
+    return split.num_tokens + split.dropped_tail_tokens
 
 
 def time_overheads(corpus: Path, num_tokens: int, work: Path) -> dict[str, float]:
-    """The two non-tokenizer costs of prepare, alone: reading+parsing the documents, and writing the shards."""
+    """The non-tokenizer costs of prepare, each alone: reading raw blocks, parsing them, writing the shards."""
     import numpy as np
 
     from data_pipeline.shards import ShardSetWriter
-    from data_pipeline.sources import expand_inputs, iter_documents
+    from data_pipeline.sources import RecordBlock, expand_inputs, parse_block, read_blocks
 
+    files = expand_inputs([corpus], ["*.jsonl"])
     start_s = time.perf_counter()
-    for _ in iter_documents(expand_inputs([corpus], ["*.jsonl"])):
-        pass
+    items = list(read_blocks(files, "text", PrepareConfig.batch_max_docs, PrepareConfig.batch_max_bytes))
     read_s = time.perf_counter() - start_s
-    samples = np.random.default_rng(0).integers(0, 8000, size=(num_tokens // 2049, 2049), dtype=np.uint16)
     start_s = time.perf_counter()
-    with ShardSetWriter(work / "write-only", "train", 1000, "uint16", 2049) as writer:
+    for block in items:
+        if isinstance(block, RecordBlock):
+            for _ in parse_block(block, "text"):
+                pass
+    parse_s = time.perf_counter() - start_s
+    samples = np.random.default_rng(0).integers(0, 8000, size=(num_tokens // (SEQ_LEN + 1), SEQ_LEN + 1),
+                                                dtype=np.uint16)
+    start_s = time.perf_counter()
+    with ShardSetWriter(work / "write-only", "train", 1000, "uint16", SEQ_LEN + 1) as writer:
         writer.write_batch(samples)
-    return {"read_parse_s": round(read_s, 3), "shard_write_s": round(time.perf_counter() - start_s, 3),
-            "num_samples_written": len(samples)}
+    return {"read_blocks_s": round(read_s, 3), "parse_s": round(parse_s, 3),
+            "shard_write_s": round(time.perf_counter() - start_s, 3), "num_samples_written": len(samples)}
 
 
-def bench_model_type(model_type: str, corpus: Path, work: Path, args: argparse.Namespace) -> dict[str, object]:
+def bench_model_type(model_type: str, corpus: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     tokenizer_dir = work / f"tok-{model_type}"
     start_s = time.perf_counter()
     train_tokenizer(TokenizerTrainConfig(inputs=(str(corpus),), include_globs=("*.jsonl",),
@@ -123,40 +224,71 @@ def bench_model_type(model_type: str, corpus: Path, work: Path, args: argparse.N
     train_s = time.perf_counter() - start_s
     tokenizer = Tokenizer.load(tokenizer_dir)
     docs = read_corpus(corpus)
-    runs = {"raw": lambda: time_raw(tokenizer, docs)}
+    tiny = work / "tiny"
+    write_corpus(tiny, docs, 40_000, files=1)  # enough for one sample: prepare refuses a dataset without one
+    runs: dict[str, Callable[[], int]] = {"raw": lambda: run_raw(tokenizer, docs)}
     for n in args.num_proc:
-        runs[f"prepare_np{n}"] = lambda n=n: time_prepare(corpus, tokenizer_dir, work / "ds", n)
-    best: dict[str, tuple[float, int]] = {}
+        if n > 1:
+            runs[f"raw_x{n}"] = lambda n=n: run_raw_parallel(tokenizer, docs, n)
+        runs[f"prepare_np{n}"] = lambda n=n: run_prepare(corpus, tokenizer_dir, work / "ds", n)
+        runs[f"fixed_np{n}"] = lambda n=n: run_prepare(tiny, tokenizer_dir, work / "ds-tiny", n)
+    timings = {name: Timing() for name in runs}
     for _ in range(args.repeats):  # interleaved, so a burst of load from other jobs hits every variant alike
         for name, run in runs.items():
-            elapsed_s, num_tokens = run()
-            if name not in best or elapsed_s < best[name][0]:
-                best[name] = (elapsed_s, num_tokens)
-    summary = summarize(model_type, train_s, best)
-    summary["overheads_alone"] = time_overheads(corpus, best["raw"][1], work)
+            timings[name].measure(run)
+    summary = summarize(model_type, args.num_proc, timings)
+    summary["tokenizer_train_s"] = round(train_s, 1)
+    summary["overheads_alone"] = time_overheads(corpus, timings["raw"].num_tokens, work)
     return summary
 
 
-def summarize(model_type: str, train_s: float, best: dict[str, tuple[float, int]]) -> dict[str, object]:
-    raw_s, raw_tokens = best["raw"]
-    rows = {}
-    for name, (elapsed_s, num_tokens) in best.items():
-        assert num_tokens == raw_tokens, f"{name} produced {num_tokens} tokens, raw {raw_tokens}"
-        rows[name] = {"elapsed_s": round(elapsed_s, 3), "tokens_per_s": round(num_tokens / elapsed_s),
-                      "vs_raw_one_process": round(raw_s / elapsed_s, 3)}
-    return {"model_type": model_type, "tokenizer_train_s": round(train_s, 1), "num_tokens": raw_tokens, "runs": rows}
+def summarize(model_type: str, num_procs: list[int], timings: dict[str, Timing]) -> dict[str, Any]:
+    raw = timings["raw"]
+    raw_rate = raw.num_tokens / raw.wall_s
+    rows: dict[str, dict[str, Any]] = {}
+    for n in num_procs:
+        run, fixed = timings[f"prepare_np{n}"], timings[f"fixed_np{n}"]
+        parallel_raw = timings.get(f"raw_x{n}", raw)
+        for other in (run, parallel_raw):
+            assert other.num_tokens == raw.num_tokens, f"{other.num_tokens} tokens, raw {raw.num_tokens}"
+        # The tiny corpus still tokenizes a few thousand tokens; they are not start-up cost.
+        fixed_s = max(fixed.wall_s - fixed.num_tokens / raw_rate, 0.0)
+        fixed_cpu_s = max(fixed.cpu_s - fixed.num_tokens / raw_rate, 0.0)
+        steady_rate = run.num_tokens / (run.wall_s - fixed_s)
+        rows[f"np{n}"] = {
+            "elapsed_s": round(run.wall_s, 3), "fixed_s": round(fixed_s, 3),
+            "tokens_per_s_overall": round(run.num_tokens / run.wall_s),
+            "tokens_per_s_steady": round(steady_rate),
+            "per_process_vs_raw": round(steady_rate / (n * raw_rate), 3),
+            # Inline (np1) only: the part of the steady-state time spent in sentencepiece, i.e. the per-core
+            # efficiency, with the encode time measured inside the same run.
+            "encode_share": round(run.encode_s / (run.wall_s - fixed_s), 3) if n == 1 else None,
+            "raw_parallel_tokens_per_s": round(raw.num_tokens / parallel_raw.wall_s),
+            "vs_raw_parallel": round(steady_rate * parallel_raw.wall_s / raw.num_tokens, 3),
+            "cpu_s": round(run.cpu_s, 3), "fixed_cpu_s": round(fixed_cpu_s, 3),
+            "cpu_cost_vs_raw": round(raw.cpu_s / (run.cpu_s - fixed_cpu_s), 3),
+            "cpu_cost_vs_raw_parallel": round(parallel_raw.cpu_s / (run.cpu_s - fixed_cpu_s), 3),
+            # With workers, the main process only reads, packs and writes: its CPU time per token bounds what any
+            # number of workers can reach (one core for it, its threads not overlapping: a conservative bound).
+            "main_process_cpu_s": round(run.own_cpu_s - fixed.own_cpu_s, 3),
+            "main_process_ceiling_tokens_per_s": (round(run.num_tokens / (run.own_cpu_s - fixed.own_cpu_s))
+                                                  if n > 1 else None),
+        }
+    return {"model_type": model_type, "num_tokens": raw.num_tokens,
+            "raw": {"elapsed_s": round(raw.wall_s, 3), "tokens_per_s": round(raw_rate), "cpu_s": round(raw.cpu_s, 3)},
+            "prepare": rows}
 
 
-def measure_rss(corpus_mb: int, tokenizer_dir: Path, work: Path, docs: list[str], num_proc: int) -> dict[str, object]:
+def measure_rss(corpus_mb: int, tokenizer_dir: Path, work: Path, docs: list[str], num_proc: int) -> dict[str, Any]:
     corpus = work / f"rss-{corpus_mb}mb"
-    corpus.mkdir(exist_ok=True)
     text_bytes = write_corpus(corpus, docs, corpus_mb * 10**6)
     code = (
         "import json, resource, sys\n"
         "from data_pipeline.prepare import PrepareConfig, prepare\n"
         f"r = prepare(PrepareConfig(inputs=({str(corpus)!r},), include_globs=('*.jsonl',),"
         f" tokenizer={str(tokenizer_dir)!r},"
-        f" output_dir={str(work / 'rss-out')!r}, seq_len=2048, num_proc={num_proc}, overwrite=True, progress=False))\n"
+        f" output_dir={str(work / 'rss-out')!r}, seq_len={SEQ_LEN}, num_proc={num_proc}, overwrite=True,"
+        " progress=False))\n"
         # VmHWM, not ru_maxrss: Linux carries the parent's high-water mark across fork+exec into ru_maxrss.
         "hwm_kb = int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])\n"
         "print(json.dumps({'main_kb': hwm_kb,"
@@ -166,21 +298,42 @@ def measure_rss(corpus_mb: int, tokenizer_dir: Path, work: Path, docs: list[str]
     repo_root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, check=True)
     stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    for part in corpus.glob("*.jsonl"):
+        part.unlink()  # the next size needs the disk space
     return {"corpus_text_mb": round(text_bytes / 1e6, 1), "num_proc": num_proc,
             "peak_rss_main_mb": round(stats["main_kb"] / 1024, 1),
             "peak_rss_worker_max_mb": round(stats["worker_max_kb"] / 1024, 1),
             "elapsed_s": round(stats["elapsed_s"], 1), "num_tokens": stats["tokens"]}
 
 
-def print_report(results: list[dict[str, object]], rss: list[dict[str, object]]) -> None:
-    print(f"\n{'model':8} {'run':12} {'elapsed_s':>10} {'Mtok/s':>8} {'vs raw 1 proc':>14}")
+def print_report(results: list[dict[str, Any]], rss: list[dict[str, Any]]) -> None:
+    print(f"\n{'model':8} {'run':5} {'elapsed':>8} {'fixed':>6} {'Mtok/s':>7} {'Mtok/s':>7} {'per-proc':>8} "
+          f"{'raw xN':>7} {'vs raw':>7} {'CPU cost':>8} {'CPU cost':>8}")
+    print(f"{'':8} {'':5} {'s':>8} {'s':>6} {'overall':>7} {'steady':>7} {'vs raw':>8} {'Mtok/s':>7} {'xN':>7} "
+          f"{'vs raw':>8} {'vs raw xN':>8}")
     for res in results:
-        for name, row in res["runs"].items():  # type: ignore[union-attr]
-            print(f"{res['model_type']:8} {name:12} {row['elapsed_s']:>10.2f} {row['tokens_per_s'] / 1e6:>8.2f} "
-                  f"{row['vs_raw_one_process']:>14.2f}")
+        raw = res["raw"]
+        print(f"{res['model_type']:8} {'raw':5} {raw['elapsed_s']:>8.3f} {'':>6} {raw['tokens_per_s'] / 1e6:>7.2f} "
+              f"{raw['tokens_per_s'] / 1e6:>7.2f}")
+        for name, row in res["prepare"].items():
+            print(f"{res['model_type']:8} {name:5} {row['elapsed_s']:>8.3f} {row['fixed_s']:>6.3f} "
+                  f"{row['tokens_per_s_overall'] / 1e6:>7.2f} {row['tokens_per_s_steady'] / 1e6:>7.2f} "
+                  f"{row['per_process_vs_raw']:>8.3f} {row['raw_parallel_tokens_per_s'] / 1e6:>7.2f} "
+                  f"{row['vs_raw_parallel']:>7.3f} {row['cpu_cost_vs_raw']:>8.3f} "
+                  f"{row['cpu_cost_vs_raw_parallel']:>8.3f}")
+        for name, row in res["prepare"].items():
+            if row["encode_share"]:
+                print(f"{res['model_type']:8} {name}: {row['encode_share']:.1%} of the steady-state time is "
+                      "sentencepiece encode (measured inside the same run)")
+            if row["main_process_ceiling_tokens_per_s"]:
+                ceiling = row["main_process_ceiling_tokens_per_s"]
+                print(f"{res['model_type']:8} {name}: main process CPU {row['main_process_cpu_s']:.3f} s -> "
+                      f"ceiling {ceiling / 1e6:.1f} Mtok/s for any num_proc "
+                      f"(= {ceiling / raw['tokens_per_s']:.1f} raw processes)")
         alone = res["overheads_alone"]
-        print(f"{res['model_type']:8} (alone: read+parse {alone['read_parse_s']:.2f} s, shard writing "  # type: ignore[index]
-              f"{alone['shard_write_s']:.2f} s for {alone['num_samples_written']} samples)")  # type: ignore[index]
+        print(f"{res['model_type']:8} alone: read blocks {alone['read_blocks_s']:.3f} s, parse "
+              f"{alone['parse_s']:.3f} s, shard writing {alone['shard_write_s']:.3f} s "
+              f"({alone['num_samples_written']} samples); raw encode {raw['elapsed_s']:.3f} s")
     if rss:
         print(f"\n{'corpus MB':>10} {'num_proc':>8} {'main peak MB':>13} {'worker peak MB':>15} {'elapsed_s':>10}")
         for row in rss:
@@ -196,12 +349,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--train-sentences", type=int, default=200_000, help="tokenizer training sample (lines)")
     parser.add_argument("--num-proc", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rss-mb", type=int, nargs="*", default=[100, 500], help="corpus sizes for peak RSS")
-    parser.add_argument("--quick", action="store_true", help="small smoke version (~1-2 min on 2 cores)")
+    parser.add_argument("--rss-mb", type=int, nargs="*", default=[100, 400], help="corpus sizes for peak RSS")
+    parser.add_argument("--rss-model-type", default="unigram", choices=["bpe", "unigram"],
+                        help="tokenizer for the RSS runs (unigram: ~5x faster on code, same memory behaviour)")
+    parser.add_argument("--quick", action="store_true", help="small smoke version (~2 min on 2 cores)")
     args = parser.parse_args()
     if args.quick:
-        args.corpus_mb, args.model_types, args.train_sentences, args.repeats = 8, ["bpe"], 50_000, 2
-        args.rss_mb = [16, 48]
+        args.corpus_mb, args.model_types, args.train_sentences, args.repeats = 8, ["unigram"], 50_000, 2
+        args.rss_mb = [16, 64]
+    if args.rss_mb and args.rss_model_type not in args.model_types:
+        args.model_types.append(args.rss_model_type)  # the RSS runs use the tokenizer trained here
     return args
 
 
@@ -212,15 +369,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:
         work = Path(tmp)
         corpus = work / "corpus"
-        corpus.mkdir()
         text_bytes = write_corpus(corpus, docs, int(args.corpus_mb * 1e6))
         results = [bench_model_type(m, corpus, work, args) for m in args.model_types]
-        rss = [measure_rss(mb, work / f"tok-{args.model_types[0]}", work, docs, max(args.num_proc))
+        rss = [measure_rss(mb, work / f"tok-{args.rss_model_type}", work, docs, max(args.num_proc))
                for mb in args.rss_mb]
     report = {"benchmark": "prepare", "host": platform.node(), "cpu_count": os.cpu_count(),
               "load_avg_at_end": os.getloadavg(), "corpus_text_mb": round(text_bytes / 1e6, 1),
-              "vocab_size": args.vocab_size, "results": results, "peak_rss": rss,
-              "target": "prepare_np1 >= 0.85 x raw (one process)"}
+              "vocab_size": args.vocab_size, "repeats": args.repeats, "results": results, "peak_rss": rss,
+              "target": "per_process_vs_raw >= 0.85 for each num_proc <= cores"}
     print_report(results, rss)
     out_path = OUT_DIR / f"bench_prepare_{time.strftime('%Y%m%d-%H%M%S')}.json"
     out_path.write_text(json.dumps(report, indent=2) + "\n")

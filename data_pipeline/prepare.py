@@ -1,12 +1,17 @@
 """`prepare`: raw text → tokens → fixed-length samples → webdataset shards + manifest (docs/data_pipeline.md).
 
-Pipeline (memory stays bounded: documents stream through, at most `max_in_flight` batches are in the air):
-  main process: read documents (sources.py) → batches of documents ──┐
-  worker processes (num_proc): tokenize, append eos, pick the split ◄─┘ (results come back in submission order)
-  main process: pack each split's token stream into samples of seq_len + 1 → ShardSetWriter → manifest LAST
+Pipeline (memory stays bounded: input streams through, at most 2 × num_proc tasks are in the air):
+  main process: read raw blocks of records (sources.read_blocks: I/O and decompression only) → tasks ──┐
+  worker processes (num_proc): parse + validate records (JSON, UTF-8), tokenize, append eos, pick   ◄──┘
+      the split; return per-split token arrays, per-source counts and the task's bad records
+  main process, results in submission order: bad records → report; tokens → pack into samples of seq_len + 1
+      → ShardSetWriter → manifest LAST
+The main process does no per-record work (a task is ~1 MiB of input): what it still does per token (copying,
+shard layout, sha256, write) bounds throughput far above one worker; bench/bench_prepare.py reports that ceiling.
 
-Output does not depend on `num_proc`: batches are cut in the main process and results are consumed in order, so
-`num_proc=1` and `num_proc=8` give byte-identical shards. Re-running on the same input gives identical files.
+Output does not depend on `num_proc`: tasks are cut in the main process and results are consumed in order, so
+`num_proc=1` and `num_proc=8` give byte-identical shards and reports; strict mode stops at the first bad record in
+input order. Re-running on the same input gives identical files.
 With `num_proc=1` everything runs inline in one process (no pickling).
 
 Validation split: with `val_inputs`, those files are val and `inputs` are train. With `val_fraction`, a document is
@@ -52,10 +57,13 @@ from data_pipeline.shards import (
 from data_pipeline.sources import (
     DEFAULT_INCLUDE_GLOBS,
     BadInputReport,
+    BadRecord,
     Document,
+    RecordBlock,
     SourceFile,
     expand_inputs,
-    iter_documents,
+    parse_block,
+    read_blocks,
 )
 from data_pipeline.tokenizer import (
     METADATA_FILENAME,
@@ -88,8 +96,11 @@ class PrepareConfig:
     strict: bool = False
     overwrite: bool = False
     progress: bool = True
-    batch_max_docs: int = 256  # documents per task sent to a worker
-    batch_max_chars: int = 4 << 20  # ...and characters: bounds memory per task when documents are large
+    # A task (what one worker call gets) ends at this many records or input bytes, whichever comes first. ~1 MiB
+    # amortises the per-task cost (pickling, one pipe round trip) to well under 1 % and keeps the last straggling
+    # task short; memory in flight is about 2 × num_proc × batch_max_bytes.
+    batch_max_docs: int = 4096
+    batch_max_bytes: int = 1 << 20
 
     def validate(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
@@ -101,8 +112,8 @@ class PrepareConfig:
             raise DataPipelineError("--seq-len and --samples-per-shard must be >= 1")
         if self.num_proc is not None and self.num_proc < 1:
             raise DataPipelineError(f"--num-proc must be >= 1, got {self.num_proc}")
-        if self.batch_max_docs < 1 or self.batch_max_chars < 1:
-            raise DataPipelineError("batch_max_docs and batch_max_chars must be >= 1")
+        if self.batch_max_docs < 1 or self.batch_max_bytes < 1:
+            raise DataPipelineError("batch_max_docs and batch_max_bytes must be >= 1")
 
     @property
     def resolved_num_proc(self) -> int:
@@ -121,7 +132,6 @@ class PrepareConfig:
 @dataclass
 class SplitStats:
     num_documents: int = 0
-    num_tokens_total: int = 0  # including the dropped tail
 
 
 @dataclass
@@ -266,11 +276,15 @@ def _check_split_sizes(split_infos: dict[str, SplitInfo], config: PrepareConfig)
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class EncodedBatch(NamedTuple):
-    tokens: np.ndarray  # every document's tokens followed by eos, concatenated, in the shard dtype
-    doc_tokens: np.ndarray  # int64 [num_docs]: tokens per document including its eos
-    split_codes: np.ndarray  # uint8 [num_docs]: _CODE_TRAIN or _CODE_VAL
-    doc_bytes: np.ndarray  # int64 [num_docs]: UTF-8 bytes of each document
+# A task is a slice of the input stream: blocks and file-level bad records, each with its file's split code.
+Task = list[tuple[RecordBlock | BadRecord, int]]
+
+
+class EncodedTask(NamedTuple):
+    tokens: tuple[np.ndarray, np.ndarray]  # per split code (train, val): each document's tokens + eos, in order
+    sources: dict[tuple[str, int], tuple[int, int]]  # (source, split code) → (documents, their UTF-8 bytes)
+    bad_records: list[BadRecord]  # the task's skipped records, in input order
+    num_documents: int
 
 
 @dataclass(frozen=True)
@@ -279,53 +293,79 @@ class EncodeSettings:
     eos_id: int
     val_fraction: float
     seed: int
+    text_key: str
 
 
-class BatchEncoder:
-    """Turns a batch of (text, split code) into an EncodedBatch. Runs in worker processes (or inline)."""
+class TaskEncoder:
+    """Parses, validates and tokenizes one task. Runs in worker processes (or inline)."""
 
     def __init__(self, tokenizer: Tokenizer, settings: EncodeSettings) -> None:
         self.tokenizer = tokenizer
+        self.text_key = settings.text_key
         self.dtype = TOKEN_DTYPES[settings.dtype]
         self.eos = np.array([settings.eos_id], dtype=self.dtype)
-        self.val_fraction = settings.val_fraction
+        self.val_threshold = settings.val_fraction * 2**64
         # The split hash is keyed by the seed, so another seed gives another (equally deterministic) split.
         self.hash_key = settings.seed.to_bytes(8, "little", signed=True)
 
-    def __call__(self, batch: list[tuple[str, int]]) -> EncodedBatch:
-        texts = [text for text, _ in batch]
-        ids = self.tokenizer.encode(texts, num_threads=1)
-        parts: list[np.ndarray] = []
-        for doc_ids in ids:
-            parts.append(doc_ids)
-            parts.append(self.eos)
-        tokens = np.concatenate(parts).astype(self.dtype, copy=False)
-        doc_tokens = np.fromiter((len(d) + 1 for d in ids), dtype=np.int64, count=len(ids))
-        encoded = [text.encode("utf-8") for text in texts]
-        doc_bytes = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
-        codes = np.fromiter((self._split_code(code, data) for (_, code), data in zip(batch, encoded)),
-                            dtype=np.uint8, count=len(batch))
-        return EncodedBatch(tokens, doc_tokens, codes, doc_bytes)
+    def __call__(self, task: Task) -> EncodedTask:
+        docs, codes, bad_records = self._parse(task)
+        ids = self.tokenizer.encode([doc.text for doc in docs], num_threads=1)
+        parts: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+        sources: dict[tuple[str, int], tuple[int, int]] = {}
+        for doc, doc_ids, code in zip(docs, ids, codes, strict=True):
+            split_code, num_bytes = self._split_and_size(doc.text, code)
+            parts[split_code].extend((doc_ids, self.eos))
+            num_docs, total_bytes = sources.get((doc.source, split_code), (0, 0))
+            sources[(doc.source, split_code)] = (num_docs + 1, total_bytes + num_bytes)
+        tokens = (self._concatenate(parts[0]), self._concatenate(parts[1]))
+        return EncodedTask(tokens, sources, bad_records, len(docs))
 
-    def _split_code(self, code: int, data: bytes) -> int:
+    def _parse(self, task: Task) -> tuple[list[Document], list[int], list[BadRecord]]:
+        docs: list[Document] = []
+        codes: list[int] = []
+        bad_records: list[BadRecord] = []
+        for item, code in task:
+            entries = parse_block(item, self.text_key) if isinstance(item, RecordBlock) else (item,)
+            for entry in entries:
+                if isinstance(entry, Document):
+                    docs.append(entry)
+                    codes.append(code)
+                else:
+                    bad_records.append(entry)
+        return docs, codes, bad_records
+
+    def _split_and_size(self, text: str, code: int) -> tuple[int, int]:
+        """(split code, UTF-8 bytes of the text)."""
         if code != _CODE_BY_HASH:
-            return code
+            # isascii() is O(1) for CPython strings; encoding only to count bytes would copy the document.
+            return code, len(text) if text.isascii() else len(text.encode("utf-8"))
+        data = text.encode("utf-8")
         # Content hash (not position): the same text always lands in the same split, whatever file it is in.
         digest = hashlib.blake2b(data, digest_size=8, key=self.hash_key).digest()
-        return _CODE_VAL if int.from_bytes(digest, "little") < self.val_fraction * 2**64 else _CODE_TRAIN
+        return (_CODE_VAL if int.from_bytes(digest, "little") < self.val_threshold else _CODE_TRAIN), len(data)
+
+    def _concatenate(self, parts: list[np.ndarray]) -> np.ndarray:
+        if not parts:
+            return np.empty(0, dtype=self.dtype)
+        # Straight into the shard dtype: ids are < vocab_size, which the dtype was chosen to hold, so the
+        # "unsafe" int32 → uint16 cast loses nothing and saves a second pass.
+        return np.concatenate(parts, dtype=self.dtype, casting="unsafe")
 
 
-_WORKER_ENCODER: BatchEncoder | None = None
+_WORKER_ENCODER: TaskEncoder | None = None
+_WORKER_DIED = ("a tokenizer worker process died (out of memory? killed?); lower --num-proc or free memory and "
+                "re-run")
 
 
 def _init_worker(model_proto: bytes, settings: EncodeSettings) -> None:
     global _WORKER_ENCODER
-    _WORKER_ENCODER = BatchEncoder(Tokenizer(model_proto), settings)
+    _WORKER_ENCODER = TaskEncoder(Tokenizer(model_proto), settings)
 
 
-def _encode_in_worker(batch: list[tuple[str, int]]) -> EncodedBatch:
+def _encode_in_worker(task: Task) -> EncodedTask:
     assert _WORKER_ENCODER is not None, "worker started without _init_worker"
-    return _WORKER_ENCODER(batch)
+    return _WORKER_ENCODER(task)
 
 
 def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], pool: Executor | None,
@@ -345,73 +385,76 @@ def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], pool: Executor |
         while pending:
             yield pending.popleft().result()
     except BrokenProcessPool as err:
-        raise DataPipelineError("a tokenizer worker process died (out of memory? killed?); lower --num-proc or "
-                                "free memory and re-run") from err
+        raise DataPipelineError(_WORKER_DIED) from err
     finally:
         for future in pending:
             future.cancel()
 
 
-def _batches(docs: Iterable[tuple[Document, int]], max_docs: int,
-             max_chars: int) -> Iterator[list[tuple[Document, int]]]:
-    batch: list[tuple[Document, int]] = []
-    num_chars = 0
-    for item in docs:
-        batch.append(item)
-        num_chars += len(item[0].text)
-        if len(batch) >= max_docs or num_chars >= max_chars:
-            yield batch
-            batch, num_chars = [], 0
-    if batch:
-        yield batch
+def _tasks(config: PrepareConfig, train_files: list[SourceFile], val_files: list[SourceFile]) -> Iterator[Task]:
+    """The input in order, as tasks of at most `batch_max_docs` records and `batch_max_bytes` bytes (a larger
+    block, i.e. one long record, is a task of its own)."""
+    task: Task = []
+    num_records = num_bytes = 0
+    for item, code in _coded_blocks(config, train_files, val_files):
+        item_records, item_bytes = (item.num_records, item.num_bytes) if isinstance(item, RecordBlock) else (0, 0)
+        if task and (num_records + item_records > config.batch_max_docs
+                     or num_bytes + item_bytes > config.batch_max_bytes):
+            yield task
+            task, num_records, num_bytes = [], 0, 0
+        task.append((item, code))
+        num_records += item_records
+        num_bytes += item_bytes
+    if task:
+        yield task
 
 
-def _tagged_documents(config: PrepareConfig, train_files: list[SourceFile], val_files: list[SourceFile],
-                      report: BadInputReport) -> Iterator[tuple[Document, int]]:
+def _coded_blocks(config: PrepareConfig, train_files: list[SourceFile],
+                  val_files: list[SourceFile]) -> Iterator[tuple[RecordBlock | BadRecord, int]]:
     train_code = _CODE_BY_HASH if config.val_fraction > 0 else _CODE_TRAIN
-    for doc in iter_documents(train_files, config.text_key, report):
-        yield doc, train_code
-    if val_files:
-        for doc in iter_documents(val_files, config.text_key, report):
-            yield doc, _CODE_VAL
+    for files, code in ((train_files, train_code), (val_files, _CODE_VAL)):
+        for item in read_blocks(files, config.text_key, config.batch_max_docs, config.batch_max_bytes):
+            yield item, code
 
 
 def _tokenize_and_pack(config: PrepareConfig, tokenizer: Tokenizer, dtype: str, train_files: list[SourceFile],
                        val_files: list[SourceFile], report: BadInputReport, packers: dict[str, SamplePacker],
                        source_stats: dict[tuple[str, str], SourceStats]) -> dict[str, SplitStats]:
-    settings = EncodeSettings(dtype, tokenizer.eos_id, config.val_fraction, config.seed)
+    settings = EncodeSettings(dtype, tokenizer.eos_id, config.val_fraction, config.seed, config.text_key)
     split_stats = {s: SplitStats() for s in packers}
-    batches = _batches(_tagged_documents(config, train_files, val_files, report), config.batch_max_docs,
-                       config.batch_max_chars)
     num_proc = config.resolved_num_proc
-    # Pool before progress bar: tqdm starts a monitor thread, and the pool may fork.
     with _worker_pool(num_proc, tokenizer, settings) as pool, _progress_bar(config.progress) as bar:
-        encoder = BatchEncoder(tokenizer, settings) if pool is None else _encode_in_worker
-        # Tasks carry only (text, code); the main process keeps each batch's Documents for the bookkeeping.
-        kept: deque[list[tuple[Document, int]]] = deque()
-
-        def tasks() -> Iterator[list[tuple[str, int]]]:
-            for batch in batches:
-                kept.append(batch)
-                yield [(doc.text, code) for doc, code in batch]
-
-        for encoded in ordered_map(encoder, tasks(), pool, max_in_flight=2 * num_proc):
-            docs = [doc for doc, _ in kept.popleft()]
-            _route(encoded, docs, packers, split_stats, source_stats)
-            bar.update(len(docs))
+        encoder = TaskEncoder(tokenizer, settings) if pool is None else _encode_in_worker
+        tasks = _tasks(config, train_files, val_files)
+        for encoded in ordered_map(encoder, tasks, pool, max_in_flight=2 * num_proc):
+            _absorb(encoded, report, packers, split_stats, source_stats)
+            bar.update(encoded.num_documents)
             bar.set_postfix_str(f"{sum(p.num_tokens_in for p in packers.values()) / 1e6:.1f}M tokens", refresh=False)
     return split_stats
 
 
-def _worker_pool(num_proc: int, tokenizer: Tokenizer, settings: EncodeSettings) -> Any:
+@contextlib.contextmanager
+def _worker_pool(num_proc: int, tokenizer: Tokenizer, settings: EncodeSettings) -> Iterator[Executor | None]:
     if num_proc == 1:
-        return contextlib.nullcontext()  # inline: no pickling, and the per-process benchmark measures this path
+        yield None  # inline: no pickling, and the per-process benchmark measures this path
+        return
     # fork on Linux: workers start in milliseconds and need no re-import of __main__ (spawn fails for `python -`
-    # scripts). Safe here because the pool is created before we start any thread (progress bar, readers) and the
-    # data layer holds no CUDA state. Elsewhere fork is unsafe (macOS) and spawn is used.
+    # scripts). Safe because the workers are forked before this process starts any thread (see _start_workers)
+    # and the data layer holds no CUDA state. Elsewhere fork is unsafe (macOS) and spawn is used.
     ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    return ProcessPoolExecutor(num_proc, mp_context=ctx, initializer=_init_worker,
-                               initargs=(tokenizer.model_proto, settings))
+    with ProcessPoolExecutor(num_proc, mp_context=ctx, initializer=_init_worker,
+                             initargs=(tokenizer.model_proto, settings)) as pool:
+        _start_workers(pool)
+        yield pool
+
+
+def _start_workers(pool: ProcessPoolExecutor) -> None:
+    """With fork, the pool forks all its workers at the first submit: do it now, before the readers (pyarrow) and
+    the progress bar may start threads, which a forked child would inherit in whatever state they were."""
+    try:
+        pool.submit(int).result()
+    except BrokenProcessPool as err:
+        raise DataPipelineError(_WORKER_DIED) from err
 
 
 def _progress_bar(enabled: bool) -> Any:
@@ -422,21 +465,20 @@ def _progress_bar(enabled: bool) -> Any:
                 dynamic_ncols=True)
 
 
-def _route(encoded: EncodedBatch, docs: list[Document], packers: dict[str, SamplePacker],
-           split_stats: dict[str, SplitStats], source_stats: dict[tuple[str, str], SourceStats]) -> None:
-    """Send each document's tokens to its split's packer, in order; runs of one split go in one call."""
-    codes = encoded.split_codes
-    ends = np.cumsum(encoded.doc_tokens)
-    run_starts = [0, *(np.flatnonzero(np.diff(codes)) + 1).tolist()]
-    run_ends = [*run_starts[1:], len(codes)]
-    for first_doc, end_doc in zip(run_starts, run_ends):
-        split = SPLIT_NAMES[int(codes[first_doc])]
-        token_start = int(ends[first_doc - 1]) if first_doc else 0
-        packers[split].add(encoded.tokens[token_start : int(ends[end_doc - 1])])
-        split_stats[split].num_documents += end_doc - first_doc
-    for doc, code, num_bytes in zip(docs, codes.tolist(), encoded.doc_bytes.tolist()):
-        stats = source_stats.setdefault((doc.source, SPLIT_NAMES[code]), SourceStats())
-        stats.num_documents += 1
+def _absorb(encoded: EncodedTask, report: BadInputReport, packers: dict[str, SamplePacker],
+            split_stats: dict[str, SplitStats], source_stats: dict[tuple[str, str], SourceStats]) -> None:
+    """Apply one task's result. Results arrive in input order, so report rows keep input order and strict mode
+    raises at the first bad record of the input, as a sequential reader would."""
+    for record in encoded.bad_records:
+        report.add_record(record)
+    for code, tokens in enumerate(encoded.tokens):
+        if len(tokens):
+            packers[SPLIT_NAMES[code]].add(tokens)
+    for (source, code), (num_docs, num_bytes) in encoded.sources.items():
+        split = SPLIT_NAMES[code]
+        split_stats[split].num_documents += num_docs
+        stats = source_stats.setdefault((source, split), SourceStats())
+        stats.num_documents += num_docs
         stats.num_bytes += num_bytes
 
 

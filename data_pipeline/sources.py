@@ -9,6 +9,10 @@ Bad input never crashes a run and is never dropped silently: each problem become
 (file, line, reason, detail) in the report, counted by reason; `strict=True` raises `BadInputError` on the
 first one instead. Line numbers are 1-based; line 0 means "the whole file". For parquet, "line" is the row.
 
+Reading happens in two steps, so that one process can read for many that parse: `read_blocks` does the I/O,
+decompression and file-level checks and yields `RecordBlock`s of raw records (no per-record work), and
+`parse_block` parses and validates a block's records. `iter_documents` chains the two in one process.
+
 Trust: lines read before a truncation (.gz / .zst ending early) are intact and kept. A corrupt .gz is only
 detected by its CRC check at the *end* of the file, after its lines have been yielded; those lines may be
 garbled, which the report row says. Re-create such a file rather than trusting a dataset built from it.
@@ -21,12 +25,13 @@ import gzip
 import io
 import json
 import os
+import sys
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import zstandard
 
@@ -42,6 +47,7 @@ MAX_DETAIL_CHARS = 200
 # zstd --long=31 frames need a 2 GiB window; the library default (128 MiB) refuses them.
 ZSTD_MAX_WINDOW_BYTES = 2**31
 READ_CHUNK_BYTES = 1 << 20
+_UTF8_BOM = b"\xef\xbb\xbf"
 
 # Every reason a record or file can be skipped for, with the fix we suggest.
 REASON_HINTS: dict[str, str] = {
@@ -109,6 +115,9 @@ class BadInputReport:
         self.records.append(BadRecord(file, line, reason, detail))
         self._by_reason[reason] += 1
         self._by_file[file] += 1
+
+    def add_record(self, record: BadRecord) -> None:
+        self.add(record.file, record.line, record.reason, record.detail)
 
     @property
     def total(self) -> int:
@@ -226,10 +235,15 @@ def iter_documents(
 ) -> Iterator[Document]:
     """Stream documents from files/directories (or already expanded `SourceFile`s), one file at a time.
 
-    Memory stays bounded by one record (one parquet batch, or one whole plain-text file)."""
+    Memory stays bounded by one block (about READ_CHUNK_BYTES, one parquet batch, or one whole plain-text file)."""
     report = report if report is not None else BadInputReport()
-    for src in _as_source_files(paths, include_globs):
-        yield from iter_file_documents(src, text_key, report)
+    for item in read_blocks(_as_source_files(paths, include_globs), text_key):
+        entries = parse_block(item, text_key) if isinstance(item, RecordBlock) else (item,)
+        for entry in entries:
+            if isinstance(entry, Document):
+                yield entry
+            else:
+                report.add_record(entry)
 
 
 def _as_source_files(
@@ -243,24 +257,6 @@ def _as_source_files(
     return expand_inputs(items, include_globs)  # type: ignore[arg-type]
 
 
-def iter_file_documents(src: SourceFile, text_key: str, report: BadInputReport) -> Iterator[Document]:
-    try:
-        size_bytes = src.path.stat().st_size
-    except OSError as err:
-        report.add(src.name, 0, "unreadable_file", f"{type(err).__name__}: {err.strerror or err}")
-        return
-    if size_bytes == 0:
-        report.add(src.name, 0, "empty_file", "file is 0 bytes")
-        return
-    kind, compression = file_format(src.path)
-    if kind == "parquet":
-        yield from _iter_parquet(src, text_key, report)
-    elif kind == "jsonl":
-        yield from _iter_jsonl(src, compression, text_key, report)
-    else:
-        yield from _iter_text_file(src, compression, report)
-
-
 def file_format(path: Path) -> tuple[str, str | None]:
     """("jsonl" | "parquet" | "text", compression or None), from the suffixes."""
     suffixes = [s.lower() for s in path.suffixes]
@@ -271,6 +267,57 @@ def file_format(path: Path) -> tuple[str, str | None]:
     if not compression and inner and inner[-1] == ".parquet":
         return "parquet", None
     return "text", compression
+
+
+# --- reading raw blocks (I/O and decompression only) ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RecordBlock:
+    """Consecutive records of one file, read but not yet parsed: `parse_block` turns them into documents.
+
+    Reading and parsing are split so that one process can read for many: `read_blocks` does no per-record work
+    (no JSON, no UTF-8 check), and a block pickles cheaply to the process that parses and tokenizes it."""
+
+    source: str  # SourceFile.name
+    kind: str  # "jsonl": whole lines, each with its b"\n" (the file's last may lack it); "text": one whole file;
+    #            "parquet": rows of the text column
+    first_line: int  # line (row) number of the block's first record
+    num_records: int  # lines (blank ones included) / 1 / rows
+    data: Any  # bytes for "jsonl" and "text"; a pyarrow LargeBinaryArray for "parquet"
+
+    @property
+    def num_bytes(self) -> int:
+        return len(self.data) if isinstance(self.data, bytes) else int(self.data.nbytes)
+
+
+def read_blocks(
+    files: Iterable[SourceFile], text_key: str, max_records: int = sys.maxsize, max_bytes: int = READ_CHUNK_BYTES
+) -> Iterator[RecordBlock | BadRecord]:
+    """The records of `files` in input order, as blocks of at most `max_records` records and about `max_bytes`
+    bytes (one larger record is a block of its own), with each file- or stream-level problem as a `BadRecord` at
+    the place it occurred. `parse_block` on every block, in order, gives exactly `iter_documents`' output."""
+    for src in files:
+        yield from _file_blocks(src, text_key, max_records, max_bytes)
+
+
+def _file_blocks(src: SourceFile, text_key: str, max_records: int,
+                 max_bytes: int) -> Iterator[RecordBlock | BadRecord]:
+    try:
+        size_bytes = src.path.stat().st_size
+    except OSError as err:
+        yield BadRecord(src.name, 0, "unreadable_file", f"{type(err).__name__}: {err.strerror or err}")
+        return
+    if size_bytes == 0:
+        yield BadRecord(src.name, 0, "empty_file", "file is 0 bytes")
+        return
+    kind, compression = file_format(src.path)
+    if kind == "parquet":
+        yield from _parquet_blocks(src, text_key, max_records)
+    elif kind == "jsonl":
+        yield from _jsonl_blocks(src, compression, max_records, max_bytes)
+    else:
+        yield from _text_blocks(src, compression)
 
 
 # --- compressed streams -----------------------------------------------------------------------------------------
@@ -344,51 +391,176 @@ def _open_binary(path: Path, compression: str | None) -> BinaryIO:
     return fh
 
 
-def _iter_raw_lines(src: SourceFile, compression: str | None, report: BadInputReport) -> Iterator[bytes]:
-    """Yield raw lines (with their b"\\n"); turn every stream error into one report row and stop reading.
+# What a failing stream raises: cut or corrupt compression, unreadable file (see _stream_error).
+_STREAM_ERRORS = (EOFError, TruncatedZstdError, zlib.error, zstandard.ZstdError, OSError)
 
-    A partial last line before a truncation is never yielded: the error surfaces while reading it."""
-    line_no = 0
+
+def _line_chunks(src: SourceFile, compression: str | None) -> Iterator[bytes]:
+    """The file's bytes in chunks that end at a line end (b"\\n"; only the file's last chunk may lack one). A stream
+    failure raises one of _STREAM_ERRORS.
+
+    `read1` does at most one raw read per call, so before a failure the chunks hold every line the stream completed
+    and not the line it cut: the same lines a line-by-line reader sees, and the failing line is `complete lines + 1`."""
+    partial: list[bytes] = []  # the start of a line whose end has not been read yet
+    with _open_binary(src.path, compression) as stream:
+        while chunk := stream.read1(READ_CHUNK_BYTES):  # type: ignore[attr-defined]
+            cut = chunk.rfind(b"\n") + 1
+            if cut == 0:
+                partial.append(chunk)
+                continue
+            yield b"".join([*partial, chunk[:cut]]) if partial else chunk[:cut]
+            partial = [chunk[cut:]] if cut < len(chunk) else []
+    if partial:
+        yield b"".join(partial)
+
+
+def _stream_error(file: str, num_lines: int, err: Exception) -> BadRecord:
+    """The report row for a stream that failed after `num_lines` complete lines."""
+    line = num_lines + 1
+    if isinstance(err, EOFError):
+        return BadRecord(file, line, "truncated_gzip", f"gzip stream ends early after {num_lines} complete lines")
+    if isinstance(err, TruncatedZstdError):
+        return BadRecord(file, line, "truncated_zstd", f"zstd frame ends early after {num_lines} complete lines")
+    if isinstance(err, (gzip.BadGzipFile, zlib.error)):  # before OSError: BadGzipFile is one
+        return BadRecord(file, line, "corrupt_gzip",
+                         f"{err}; the {num_lines} lines already read from this file may be garbled")
+    if isinstance(err, zstandard.ZstdError):
+        return BadRecord(file, line, "corrupt_zstd", f"{err} (after {num_lines} complete lines)")
+    assert isinstance(err, OSError)
+    return BadRecord(file, line, "unreadable_file", f"{type(err).__name__}: {err.strerror or err}")
+
+
+def _jsonl_blocks(src: SourceFile, compression: str | None, max_records: int,
+                  max_bytes: int) -> Iterator[RecordBlock | BadRecord]:
+    next_line = 1
+    has_records = False
     try:
-        with _open_binary(src.path, compression) as stream:
-            for raw in stream:
-                line_no += 1
-                yield raw
-    except EOFError:
-        report.add(src.name, line_no + 1, "truncated_gzip", f"gzip stream ends early after {line_no} complete lines")
-    except TruncatedZstdError:
-        report.add(src.name, line_no + 1, "truncated_zstd", f"zstd frame ends early after {line_no} complete lines")
-    except (gzip.BadGzipFile, zlib.error) as err:
-        report.add(
-            src.name, line_no + 1, "corrupt_gzip",
-            f"{err}; the {line_no} lines already read from this file may be garbled",
-        )
-    except zstandard.ZstdError as err:
-        report.add(src.name, line_no + 1, "corrupt_zstd", f"{err} (after {line_no} complete lines)")
-    except OSError as err:
-        report.add(src.name, line_no + 1, "unreadable_file", f"{type(err).__name__}: {err.strerror or err}")
+        for index, chunk in enumerate(_line_chunks(src, compression)):
+            if index == 0:
+                chunk = chunk.removeprefix(_UTF8_BOM)  # a UTF-8 byte-order mark is not part of the first record
+            # Blank lines are not records; a chunk is all blank iff all its bytes are whitespace (b"\n" included).
+            has_records = has_records or not _is_blank_bytes(chunk)
+            for data, num_lines in _split_lines(chunk, max_records, max_bytes):
+                yield RecordBlock(src.name, "jsonl", next_line, num_lines, data)
+                next_line += num_lines
+    except _STREAM_ERRORS as err:
+        yield _stream_error(src.name, next_line - 1, err)
+        return  # a file cut short is reported as such, never also as empty
+    if not has_records:
+        yield BadRecord(src.name, 0, "empty_file", "no records (only blank lines)")
 
 
-# --- JSON Lines ---------------------------------------------------------------------------------------------------
+def _split_lines(data: bytes, max_lines: int, max_bytes: int) -> Iterator[tuple[bytes, int]]:
+    """Cut line-aligned `data` at line ends into pieces of at most `max_lines` lines and about `max_bytes`
+    (a longer line is a piece of its own); yields (piece, number of lines)."""
+    start = 0
+    while start < len(data):
+        end = _line_end_near(data, start, start + max_bytes)
+        num_lines = data.count(b"\n", start, end)
+        if end == len(data) and not data.endswith(b"\n"):
+            num_lines += 1  # the file's last line, without its b"\n"
+        if num_lines > max_lines:
+            end, num_lines = _end_of_line_number(data, start, max_lines), max_lines
+        yield data[start:end], num_lines
+        start = end
 
 
-def _iter_jsonl(
-    src: SourceFile, compression: str | None, text_key: str, report: BadInputReport
-) -> Iterator[Document]:
-    num_records = 0
-    for line_no, raw in enumerate(_iter_raw_lines(src, compression, report), start=1):
-        if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]  # a UTF-8 byte-order mark is not part of the first record
-        if raw.isspace() or not raw:
+def _line_end_near(data: bytes, start: int, limit: int) -> int:
+    """The last line end after `start` up to `limit`, else the first one after it (the end of data if none)."""
+    if limit >= len(data):
+        return len(data)
+    before = data.rfind(b"\n", start, limit) + 1
+    if before:
+        return before
+    return data.find(b"\n", limit) + 1 or len(data)
+
+
+def _end_of_line_number(data: bytes, start: int, num_lines: int) -> int:
+    end = start
+    for _ in range(num_lines):
+        end = data.index(b"\n", end) + 1
+    return end
+
+
+def _text_blocks(src: SourceFile, compression: str | None) -> Iterator[RecordBlock | BadRecord]:
+    chunks: list[bytes] = []
+    try:
+        # A loop, not list(): the chunks read before a stream error are needed to number its line.
+        for chunk in _line_chunks(src, compression):
+            chunks.append(chunk)  # noqa: PERF402
+    except _STREAM_ERRORS as err:
+        yield _stream_error(src.name, sum(chunk.count(b"\n") for chunk in chunks), err)
+        return  # half a document is not a document
+    yield RecordBlock(src.name, "text", 1, 1, b"".join(chunks))
+
+
+def _parquet_blocks(src: SourceFile, text_key: str, max_records: int) -> Iterator[RecordBlock | BadRecord]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    row = 0
+    try:
+        # Memory follows row-group size and read-ahead, not batch size: no pre-buffering, no threads.
+        with pq.ParquetFile(src.path, pre_buffer=False, buffer_size=READ_CHUNK_BYTES) as pfile:
+            problem = _parquet_column_problem(src, pfile.schema_arrow, text_key)
+            if problem is not None:
+                yield problem
+                return
+            batch_rows = min(max_records, PARQUET_BATCH_ROWS)
+            for batch in pfile.iter_batches(batch_size=batch_rows, columns=[text_key], use_threads=False):
+                # As binary: pyarrow's to_pylist on a string column fails the whole batch on one bad value, and
+                # parse_block skips just that row. Cast here, so any Arrow error is reported with its row.
+                values = batch.column(0).cast(pa.large_binary())
+                yield RecordBlock(src.name, "parquet", row + 1, len(values), values)
+                row += len(values)
+    except (pa.ArrowException, OSError) as err:
+        yield BadRecord(src.name, row + 1 if row else 0, "corrupt_parquet", f"{type(err).__name__}: {err}")
+        return
+    if row == 0:
+        yield BadRecord(src.name, 0, "empty_file", "parquet file has no rows")
+
+
+def _parquet_column_problem(src: SourceFile, schema: object, text_key: str) -> BadRecord | None:
+    import pyarrow as pa
+
+    names = schema.names  # type: ignore[attr-defined]
+    if text_key not in names:
+        return BadRecord(src.name, 0, "missing_text_column",
+                         f"no column {text_key!r} (columns: {', '.join(names[:8])})")
+    col_type = schema.field(text_key).type  # type: ignore[attr-defined]
+    if not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type) or _is_string_view(col_type)):
+        return BadRecord(src.name, 0, "text_not_string", f"column {text_key!r} has type {col_type}, not string")
+    return None
+
+
+def _is_string_view(col_type: object) -> bool:
+    import pyarrow as pa
+
+    return bool(getattr(pa.types, "is_string_view", lambda _t: False)(col_type))
+
+
+# --- parsing blocks (per-record work) ------------------------------------------------------------------------------
+
+
+def parse_block(block: RecordBlock, text_key: str) -> Iterator[Document | BadRecord]:
+    """The block's documents and skipped records, in record order."""
+    if block.kind == "jsonl":
+        return _parse_jsonl(block, text_key)
+    if block.kind == "parquet":
+        return _parse_parquet(block, text_key)
+    return _parse_text(block)
+
+
+def _parse_jsonl(block: RecordBlock, text_key: str) -> Iterator[Document | BadRecord]:
+    # BytesIO splits at b"\n" only and keeps it: error details (column, excerpt) see each line as it was read.
+    for line_no, raw in enumerate(io.BytesIO(block.data), start=block.first_line):
+        if raw.isspace():
             continue  # a blank line is not a record (e.g. a trailing newline)
-        num_records += 1
         text, reason, detail = parse_json_record(raw, text_key)
         if text is None:
-            report.add(src.name, line_no, reason, detail)
+            yield BadRecord(block.source, line_no, reason, detail)
         else:
-            yield Document(text, src.name, line_no)
-    if num_records == 0 and report.count_for_file(src.name) == 0:
-        report.add(src.name, 0, "empty_file", "no records (only blank lines)")
+            yield Document(text, block.source, line_no)
 
 
 def parse_json_record(raw: bytes, text_key: str) -> tuple[str | None, str, str]:
@@ -412,8 +584,8 @@ def parse_json_record(raw: bytes, text_key: str) -> tuple[str | None, str, str]:
     if not isinstance(text, str):
         return None, "text_not_string", f"{text_key!r} is {type(text).__name__}, not a string"
     # Only a \ud800-\udfff escape can produce a surrogate (strict UTF-8 decoding rejects encoded ones), so the
-    # full scan runs only for lines that contain such an escape.
-    if (b"\\ud" in raw or b"\\uD" in raw) and (pos := _surrogate_position(text)) >= 0:
+    # full scan runs only for lines that contain such an escape; an ASCII text (an O(1) check) has none.
+    if not text.isascii() and (b"\\ud" in raw or b"\\uD" in raw) and (pos := _surrogate_position(text)) >= 0:
         return None, "lone_surrogate", f"{text_key!r} has a lone surrogate U+{ord(text[pos]):04X} at character {pos}"
     if _is_blank(text):
         return None, "empty_document", f"{text_key!r} is empty or whitespace only"
@@ -425,6 +597,10 @@ def _is_blank(text: str) -> bool:
     return not text or text.isspace()
 
 
+def _is_blank_bytes(data: bytes) -> bool:
+    return not data or data.isspace()
+
+
 def _surrogate_position(text: str) -> int:
     try:
         text.encode("utf-8")
@@ -433,90 +609,34 @@ def _surrogate_position(text: str) -> int:
     return -1
 
 
-# --- plain text (one document per file) ---------------------------------------------------------------------------
-
-
-def _iter_text_file(src: SourceFile, compression: str | None, report: BadInputReport) -> Iterator[Document]:
-    errors_before = report.count_for_file(src.name)
-    data = b"".join(_iter_raw_lines(src, compression, report))
-    if report.count_for_file(src.name) > errors_before:
-        return  # the stream error was reported; half a document is not a document
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
+def _parse_text(block: RecordBlock) -> Iterator[Document | BadRecord]:
+    data: bytes = block.data.removeprefix(_UTF8_BOM)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         line_no = data.count(b"\n", 0, err.start) + 1
-        report.add(src.name, line_no, "invalid_utf8", f"invalid UTF-8 byte 0x{data[err.start]:02x} at byte {err.start}")
+        yield BadRecord(block.source, line_no, "invalid_utf8",
+                        f"invalid UTF-8 byte 0x{data[err.start]:02x} at byte {err.start}")
         return
     if _is_blank(text):
-        report.add(src.name, 1, "empty_document", "file is empty or whitespace only")
+        yield BadRecord(block.source, 1, "empty_document", "file is empty or whitespace only")
         return
-    yield Document(text, src.name, 1)
+    yield Document(text, block.source, 1)
 
 
-# --- parquet ------------------------------------------------------------------------------------------------------
+def _parse_parquet(block: RecordBlock, text_key: str) -> Iterator[Document | BadRecord]:
+    for row, value in enumerate(block.data.to_pylist(), start=block.first_line):
+        yield _parquet_value_to_document(block.source, row, value, text_key)
 
 
-def _iter_parquet(src: SourceFile, text_key: str, report: BadInputReport) -> Iterator[Document]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    row = 0
-    try:
-        # Memory follows row-group size and read-ahead, not batch size: no pre-buffering, no threads.
-        with pq.ParquetFile(src.path, pre_buffer=False, buffer_size=READ_CHUNK_BYTES) as pfile:
-            if not _check_parquet_column(src, pfile.schema_arrow, text_key, report):
-                return
-            batches = pfile.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_key], use_threads=False)
-            for batch in batches:
-                # Decode UTF-8 ourselves: pyarrow's to_pylist on a string column fails the whole batch on one
-                # bad value, and we want to skip just that row.
-                values = batch.column(0).cast(pa.large_binary()).to_pylist()
-                for value in values:
-                    row += 1
-                    doc = _parquet_value_to_document(src, row, value, text_key, report)
-                    if doc is not None:
-                        yield doc
-    except (pa.ArrowException, OSError) as err:
-        report.add(src.name, row + 1 if row else 0, "corrupt_parquet", f"{type(err).__name__}: {err}")
-        return
-    if row == 0:
-        report.add(src.name, 0, "empty_file", "parquet file has no rows")
-
-
-def _check_parquet_column(src: SourceFile, schema: object, text_key: str, report: BadInputReport) -> bool:
-    import pyarrow as pa
-
-    names = schema.names  # type: ignore[attr-defined]
-    if text_key not in names:
-        report.add(src.name, 0, "missing_text_column", f"no column {text_key!r} (columns: {', '.join(names[:8])})")
-        return False
-    col_type = schema.field(text_key).type  # type: ignore[attr-defined]
-    if not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type) or _is_string_view(col_type)):
-        report.add(src.name, 0, "text_not_string", f"column {text_key!r} has type {col_type}, not string")
-        return False
-    return True
-
-
-def _is_string_view(col_type: object) -> bool:
-    import pyarrow as pa
-
-    return bool(getattr(pa.types, "is_string_view", lambda _t: False)(col_type))
-
-
-def _parquet_value_to_document(
-    src: SourceFile, row: int, value: bytes | None, text_key: str, report: BadInputReport
-) -> Document | None:
+def _parquet_value_to_document(source: str, row: int, value: bytes | None, text_key: str) -> Document | BadRecord:
     if value is None:
-        report.add(src.name, row, "text_not_string", f"{text_key!r} is null")
-        return None
+        return BadRecord(source, row, "text_not_string", f"{text_key!r} is null")
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError as err:
-        report.add(src.name, row, "invalid_utf8", f"invalid UTF-8 byte 0x{value[err.start]:02x} at byte {err.start}")
-        return None
+        return BadRecord(source, row, "invalid_utf8",
+                         f"invalid UTF-8 byte 0x{value[err.start]:02x} at byte {err.start}")
     if _is_blank(text):
-        report.add(src.name, row, "empty_document", f"{text_key!r} is empty or whitespace only")
-        return None
-    return Document(text, src.name, row)
+        return BadRecord(source, row, "empty_document", f"{text_key!r} is empty or whitespace only")
+    return Document(text, source, row)

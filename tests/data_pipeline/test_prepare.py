@@ -8,8 +8,10 @@ import hashlib
 import io
 import json
 import random
+import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -289,3 +291,47 @@ def test_cli_tokenizer_train_then_prepare(corpus: Corpus, tmp_path: Path) -> Non
                            "--tokenizer", str(tmp_path / "tok"), "--output", str(tmp_path / "d2")],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2 and "input path does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_report_and_strict_stop_do_not_depend_on_workers_or_task_size(corpus: Corpus, tokenizer_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    """Records are parsed in the workers, stream errors are found by the main process: the report must still list
+    every problem once, in input order, and strict mode must stop at the first one, as one sequential reader does."""
+    full = gzip.compress(_jsonl(_documents(300, 5)), mtime=0)
+    cut = full[: len(full) // 2]
+    (tmp_path / "cut.jsonl.gz").write_bytes(cut)
+    kept_lines = zlib.decompressobj(wbits=31).decompress(cut).count(b"\n")
+    (tmp_path / "val.jsonl").write_bytes(_jsonl(_documents(30, 6)) + b"[1]\n" + _jsonl(_documents(5, 8))
+                                         + b'{"text": 3}\n')
+
+    def run(out: str, inputs: tuple[str, ...], **overrides: object) -> None:
+        prepare(PrepareConfig(inputs=inputs, val_inputs=(str(tmp_path / "val.jsonl"),), tokenizer=str(tokenizer_dir),
+                              output_dir=str(tmp_path / out), seq_len=SEQ_LEN, samples_per_shard=SAMPLES_PER_SHARD,
+                              progress=False, **overrides))  # type: ignore[arg-type]
+
+    inputs = (*corpus.inputs, str(tmp_path / "cut.jsonl.gz"))
+    run("one", inputs, num_proc=1)
+    run("two", inputs, num_proc=2, batch_max_docs=2, batch_max_bytes=300)  # tiny tasks, two workers interleave
+    assert _tree_bytes(tmp_path / "two") == _tree_bytes(tmp_path / "one")
+    report = (tmp_path / "one" / "bad_input_report.tsv").read_text().splitlines()
+    assert [tuple(line.split("\t")[:3]) for line in report[1:]] == [
+        *corpus.bad_rows, ("cut.jsonl.gz", str(kept_lines + 1), "truncated_gzip"),
+        ("val.jsonl", "31", "not_an_object"), ("val.jsonl", "37", "text_not_string")]
+
+    strict_inputs = (corpus.inputs[1], str(tmp_path / "cut.jsonl.gz"))  # first problem: the truncation, found last
+    messages = []
+    for num_proc, task_bytes in ((1, 1 << 20), (2, 300)):
+        with pytest.raises(BadInputError) as err:
+            run(f"strict{num_proc}", strict_inputs, strict=True, num_proc=num_proc, batch_max_bytes=task_bytes)
+        messages.append(str(err.value))
+    assert messages[0] == messages[1] and messages[0].startswith(f"cut.jsonl.gz:{kept_lines + 1}: truncated_gzip")
+
+
+def test_tokenizer_json_of_another_training_is_refused(corpus: Corpus, tokenizer_dir: Path, tmp_path: Path) -> None:
+    other = train_tokenizer(TokenizerTrainConfig(inputs=(corpus.inputs[0],), output_dir=str(tmp_path / "other"),
+                                                 vocab_size=300, input_sentence_size=0, num_threads=2))
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tokenizer_dir, mixed)
+    shutil.copyfile(other.model_path, mixed / "tokenizer.model")  # tokenizer.json now describes another model
+    with pytest.raises(DataPipelineError, match="records fingerprint .* the files come from different trainings"):
+        _run(corpus, mixed, tmp_path / "out")

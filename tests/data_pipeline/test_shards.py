@@ -209,3 +209,33 @@ def test_templated_member_header_equals_tarfile(name: str, size_bytes: int) -> N
     from data_pipeline.shards import _member_header, _tarinfo_header
 
     assert _member_header(name, size_bytes) == _tarinfo_header(name, size_bytes)
+
+
+def test_write_batch_across_shard_boundaries_equals_one_by_one(tmp_path: Path) -> None:
+    samples = _samples(25)
+    one_by_one = _write(tmp_path / "a", samples)
+    with ShardSetWriter(tmp_path / "b", "train", SAMPLES_PER_SHARD, "uint16") as writer:
+        for start, stop in ((0, 3), (3, 15), (15, 16), (16, 16), (16, 25)):  # crosses both shard ends, one empty
+            writer.write_batch(samples[start:stop])
+    assert writer.close() == one_by_one
+    # Checked before anything is written: a bad row leaves no partial batch behind.
+    with ShardSetWriter(tmp_path / "c", "train", SAMPLES_PER_SHARD, "uint16") as writer:
+        bad = samples[:4].astype(np.int64)
+        bad[2, 5] = 70000
+        with pytest.raises(DataPipelineError, match="out of range for dtype uint16"):
+            writer.write_batch(bad)
+        with pytest.raises(DataPipelineError, match="2-D integer array"):
+            writer.write_batch(samples[0])
+    assert writer.close() == []
+
+
+def test_batched_member_headers_equal_tarfile() -> None:
+    from data_pipeline.shards import _member_headers, _tarinfo_header
+
+    names = ["train-000000-000001.npy", "x", "k" * 99, "", "val-123456-999999.npy"]  # mixed lengths pad with NULs
+    for size_bytes in (0, 4226, 10**6):
+        headers = _member_headers(names, size_bytes)
+        assert [h.tobytes() for h in headers] == [_tarinfo_header(n, size_bytes) for n in names]
+    # A name tarfile must handle itself (non-ASCII, or too long for USTAR's field) takes tarfile's path for all.
+    odd = ["é-000000.npy", "train-000000-000002.npy"]
+    assert [h.tobytes() for h in _member_headers(odd, 4226)] == [_tarinfo_header(n, 4226) for n in odd]

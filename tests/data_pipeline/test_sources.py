@@ -281,3 +281,51 @@ def test_permission_denied_is_unreadable(tmp_path: Path) -> None:
     path.chmod(0)
     docs, report = _read([path])
     assert docs == [] and _rows(report) == [("secret.jsonl", 1, "unreadable_file")]
+
+
+def _mixed_inputs(root: Path) -> list[Path]:
+    """One of each format and failure that cuts a file into blocks differently."""
+    (root / "mixed.jsonl").write_bytes(b"\xef\xbb\xbf" + MIXED_JSONL + b'{"text": "last line, no newline"}')
+    (root / "cut.jsonl.gz").write_bytes(gzip.compress(_numbered_lines(3000), mtime=0)[:9000])
+    cctx = zstandard.ZstdCompressor(level=3)
+    (root / "two.jsonl.zst").write_bytes(cctx.compress(_numbered_lines(40)) + cctx.compress(_numbered_lines(7)))
+    (root / "blank.jsonl").write_bytes(b"\n \n\r\n")
+    (root / "doc.txt").write_bytes(b"\xef\xbb\xbfline one\nline two\n" * 50)
+    (root / "cut.txt.gz").write_bytes(gzip.compress(_numbered_lines(100), mtime=0)[:-12])
+    values: list[bytes | None] = [f"row {i}".encode() for i in range(300)]
+    values[5], values[270] = None, b"bad \xff byte"
+    _write_parquet(root / "t.parquet", values)
+    names = ("mixed.jsonl", "cut.jsonl.gz", "two.jsonl.zst", "blank.jsonl", "doc.txt", "cut.txt.gz", "t.parquet")
+    return [root / name for name in names]
+
+
+@pytest.mark.parametrize(("read_chunk_bytes", "max_records", "max_bytes"),
+                         [(7, 3, 50), (64, 1, 1), (1 << 20, 4096, 1 << 20)])
+def test_blocks_parse_to_exactly_what_iter_documents_gives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           read_chunk_bytes: int, max_records: int,
+                                                           max_bytes: int) -> None:
+    """prepare reads blocks in one process and parses them in others: whatever the block sizes, the documents and
+    report rows (with their line numbers and details) must be those of the sequential reader, in the same order."""
+    import pickle
+
+    from data_pipeline import sources
+    from data_pipeline.sources import BadRecord, parse_block, read_blocks
+
+    files = expand_inputs(_mixed_inputs(tmp_path), ["*"])
+    expected_docs, expected_report = _read(files)
+    monkeypatch.setattr(sources, "READ_CHUNK_BYTES", read_chunk_bytes)
+    docs: list[Document] = []
+    rows: list[BadRecord] = []
+    next_line: dict[str, int] = {}
+    for item in read_blocks(files, "text", max_records, max_bytes):
+        if isinstance(item, BadRecord):
+            rows.append(item)
+            continue
+        assert item.num_records <= max_records or item.kind == "text"
+        assert item.first_line == next_line.get(item.source, 1)  # blocks of a file are consecutive
+        next_line[item.source] = item.first_line + item.num_records
+        for entry in parse_block(pickle.loads(pickle.dumps(item)), "text"):  # as a worker receives it
+            (docs if isinstance(entry, Document) else rows).append(entry)  # type: ignore[arg-type]
+    assert docs == expected_docs and len(docs) > 300
+    assert rows == expected_report.records
+    assert {r.reason for r in rows} >= {"truncated_gzip", "empty_file", "invalid_utf8", "lone_surrogate"}

@@ -3,9 +3,11 @@ long lines split (counted) instead of dropped, fingerprint semantics."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +152,34 @@ def test_fingerprint_is_about_encoding_not_files(bpe: TrainResult, unigram: Trai
     assert pickle.loads(pickle.dumps(bpe.tokenizer)).fingerprint == bpe.tokenizer.fingerprint
     assert bpe.tokenizer.fingerprint != unigram.tokenizer.fingerprint
     assert len(bpe.tokenizer.fingerprint) == 64
+
+
+def test_recorded_fingerprint_is_used_only_for_the_same_model_bytes(bpe: TrainResult, unigram: TrainResult,
+                                                                      tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from data_pipeline import tokenizer as tokenizer_module
+
+    def no_parsing(proto: bytes) -> None:
+        raise AssertionError("the model proto was parsed although tokenizer.json vouches for these bytes")
+
+    assert bpe.metadata["model_sha256"] == hashlib.sha256(bpe.model_path.read_bytes()).hexdigest()
+    with monkeypatch.context() as patch:
+        patch.setattr(tokenizer_module, "parse_model_spec", no_parsing)
+        loaded = Tokenizer.load(bpe.model_path.parent)
+        assert (loaded.fingerprint, loaded.model_type) == (bpe.tokenizer.fingerprint, "bpe")
+    # A model replaced next to an old tokenizer.json: the record is stale, so the model itself decides.
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    shutil.copyfile(bpe.metadata_path, stale / "tokenizer.json")
+    shutil.copyfile(unigram.model_path, stale / "tokenizer.model")
+    reloaded = Tokenizer.load(stale)
+    assert (reloaded.fingerprint, reloaded.model_type) == (unigram.tokenizer.fingerprint, "unigram")
+    # Someone else's tokenizer.json (e.g. Hugging Face's), an unreadable one, or another format version: ignored.
+    shutil.copyfile(bpe.model_path, stale / "tokenizer.model")
+    other_version = dict(bpe.metadata, format_version=bpe.metadata["format_version"] + 1, fingerprint="0" * 64)
+    for text in ('{"version": "1.0", "model": {"type": "BPE"}}', "{not json", json.dumps(other_version)):
+        (stale / "tokenizer.json").write_text(text)
+        assert Tokenizer.load(stale).fingerprint == bpe.tokenizer.fingerprint
 
 
 def test_long_lines_are_split_and_counted_not_dropped(tmp_path: Path) -> None:
