@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from launch.commands import add_run_config_arguments
+
 EXAMPLES = """\
 examples:
   pretrain launch local --nproc 2 --config configs/tiny.yaml
@@ -52,8 +54,7 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     local.add_argument("--nproc", type=int, metavar="N", help="processes to start (default: launch.gpus_per_node)")
-    local.add_argument("--config", required=True, metavar="YAML", help="run config, e.g. configs/tiny.yaml")
-    local.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. parallel.tp=2")
+    add_run_config_arguments(local, overrides_example="parallel.tp=2")
     local.add_argument("--dry-run", action="store_true", help="print the command and environment; start nothing")
     local.set_defaults(func=run)
 

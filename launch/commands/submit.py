@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from launch.commands import add_run_config_arguments
+
 EXAMPLES = """\
 examples:
   pretrain submit --config configs/7b.yaml launch.partition=gpu launch.account=myproj --dry-run
@@ -29,8 +31,7 @@ def register(subparsers: Any) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", required=True, metavar="YAML", help="run config, e.g. configs/7b.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. launch.nodes=4")
+    add_run_config_arguments(parser, config_example="configs/7b.yaml", overrides_example="launch.nodes=4")
     parser.add_argument("--dry-run", action="store_true", help="write and print the script; do not submit")
     parser.set_defaults(func=run)
 

@@ -11,6 +11,8 @@ import json
 import os
 from typing import Any
 
+from launch.commands import add_run_config_arguments
+
 EXAMPLES = """\
 examples:
   pretrain train --config configs/tiny.yaml train.max_steps=20           # train as one process (CPU ok)
@@ -36,10 +38,7 @@ def register(subparsers: Any) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", required=True, metavar="YAML", help="run config, e.g. configs/tiny.yaml")
-    parser.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4 parallel.tp=2"
-    )
+    add_run_config_arguments(parser)
     parser.add_argument("--dry-run", action="store_true", help="resolve, validate and estimate; do not train")
     parser.add_argument("--world-size", type=int, metavar="N", help="number of processes to validate against (dry run)")
     parser.set_defaults(func=run)
