@@ -151,6 +151,17 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
     return {"max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
+def data_mixture_metrics(loader: Any) -> dict[str, Any]:
+    """Tokens consumed and epochs completed per data source (flat keys, so JSONL and TensorBoard both take them).
+
+    Computed from the loader's global position, so every rank that advances a loader reports the same numbers; the
+    synthetic source has no mixture and reports nothing."""
+    if not hasattr(loader, "tokens_per_source"):
+        return {}
+    tokens = {f"tokens/{name}": count for name, count in loader.tokens_per_source().items()}
+    epochs = {f"epochs/{name}": value for name, value in loader.epochs_per_source().items()}
+    return {**tokens, **epochs}
+
 class MetricsHook(Hook):
     """Loss, LR, grad norm, loss scale, throughput, TFLOP/s, MFU, memory and data wait every
     train.log_interval_steps (and at the last step); validation loss and perplexity after each eval. The loss is
@@ -221,6 +232,7 @@ class MetricsHook(Hook):
             "step_time_s": interval_s / self._steps,
             "data_wait_s": self._data_wait_s / self._steps,  # per step, on the logging rank
             **memory_metrics(ctx.device),
+            **data_mixture_metrics(run.train_loader),
         }
         self._loss_sum, self._steps, self._data_wait_s, self._busy_s = None, 0, 0.0, 0.0
         return metrics

@@ -59,15 +59,21 @@ def test_launch_local_two_processes_on_a_prepared_dataset(tmp_path: Path) -> Non
     rng = np.random.default_rng(0)
     write_dataset_from_arrays(tmp_path / "data", {"train": rng.integers(0, 256, (128, 65)),
                                                   "val": rng.integers(0, 256, (32, 65))}, samples_per_shard=32)
+    write_dataset_from_arrays(tmp_path / "more", {"train": rng.integers(0, 256, (64, 65))}, samples_per_shard=32)
     run_dir = tmp_path / "run"
+    mixture = f"data.datasets=[{{path: {tmp_path / 'data'}, weight: 3}}, {{path: {tmp_path / 'more'}, weight: 1}}]"
     out = pretrain("launch", "local", "--nproc", "2", "--config", "configs/tiny.yaml", "train.max_steps=3",
                    "optim.warmup_steps=1", "train.log_interval_steps=1", f"logging.run_dir={run_dir}",
-                   "data.synthetic=false", f"data.datasets=[{{path: {tmp_path / 'data'}}}]", "data.num_workers=1")
+                   "data.synthetic=false", mixture, "data.num_workers=1")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "torch.distributed.run --standalone --nproc_per_node=2 -m launch train" in out.stderr
     records = metrics(run_dir)
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
-    assert [r["kind"] for r in records][-1] == "eval"  # the final validation pass
+    assert [r["kind"] for r in records][-1] == "eval"  # the final validation pass (only "data" has a val split)
+    last = [r for r in records if r["kind"] == "train"][-1]
+    per_source = {key: value for key, value in last.items() if key.startswith("tokens/")}
+    assert len(per_source) == 2 and sum(per_source.values()) == 3 * 16 * 64  # steps × global batch × seq_len
+    assert len([key for key in last if key.startswith("epochs/")]) == 2
     for rank in (0, 1):
         assert "rank %d/2: tp 0/1 pp 0/1 dp %d/2" % (rank, rank) in (run_dir / "logs" / f"rank{rank}.log").read_text()
 
