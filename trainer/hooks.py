@@ -53,6 +53,7 @@ class RunContext:
     eval_loader: Any | None  # a re-iterable validation pass with len(); None: no evaluation
     run_dir: Path
     flops_per_token: int  # training FLOPs per token for the whole model (trainer.estimate)
+    resume_choice: Any = None  # checkpoint.init_from.ResumeChoice when the build already chose what to resume
 
 
 @dataclass

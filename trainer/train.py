@@ -96,13 +96,13 @@ def build_run(cfg: Config, derived: Derived, ctx: ParallelContext, run_dir: Path
              sum(p.numel() for p in pmodel.module.parameters()))
     # After parallelize (each rank copies its shards) and before deepspeed.initialize (which builds the fp32 master
     # and ZeRO partitions from these weights): weights only, and only when there is no checkpoint to resume from.
-    init_unless_resuming(pmodel, cfg, ctx)
+    resume_choice = init_unless_resuming(pmodel, cfg, ctx)
     # After parallelize: DeepSpeed builds the optimizer, fp32 master and ZeRO partitions from the final shards.
     engine = build_engine(pmodel, cfg, derived, ctx)
     # After the groups: each loader reads its DP rank's slice of every global batch.
     train_loader, eval_loader = build_train_loader(cfg, ctx), build_eval_loader(cfg, derived, ctx)
     flops = flops_per_token(cfg.model, derived.padded_vocab_size, cfg.train.seq_len).total
-    return RunContext(cfg, derived, ctx, pmodel, engine, train_loader, eval_loader, run_dir, flops)
+    return RunContext(cfg, derived, ctx, pmodel, engine, train_loader, eval_loader, run_dir, flops, resume_choice)
 
 
 def _seed_everything(seed: int) -> None:

@@ -116,7 +116,8 @@ class Checkpointer:
 
     # -- resume ----------------------------------------------------------------------------------------------------
     def resume(self, run: RunContext, state: TrainState) -> Loaded | None:
-        ckpt = find_resume_checkpoint(run.cfg, run.ctx)
+        # The build chose already when checkpoint.init_from is set (nothing writes checkpoints in between).
+        ckpt = run.resume_choice.checkpoint if run.resume_choice else find_resume_checkpoint(run.cfg, run.ctx)
         if ckpt is None:
             log.info("no checkpoint to resume from (checkpoint.resume=%s): starting at step 0", self.cfg.resume)
             return None

@@ -175,16 +175,26 @@ def init_weights_from(pmodel: Any, cfg: Config, ctx: Any, path: str | Path) -> s
         return source.description
 
 
-def init_unless_resuming(pmodel: Any, cfg: Config, ctx: Any) -> None:
+@dataclass(frozen=True)
+class ResumeChoice:
+    """The checkpoint `find_resume_checkpoint` chose (None: none to resume from), kept so the resume hook does not
+    choose again: choosing verifies checksums, which costs a full read of a large checkpoint."""
+
+    checkpoint: Path | None
+
+
+def init_unless_resuming(pmodel: Any, cfg: Config, ctx: Any) -> ResumeChoice | None:
     """checkpoint.init_from for a fresh run; nothing (with a log line) when checkpoint.resume finds a checkpoint.
-    Collective. The resume hook later makes the same (deterministic) choice and loads it."""
+    Collective. Returns the resume choice it had to make (None when init_from is unset and nothing was chosen)."""
     target = cfg.checkpoint.init_from
     if target is None:
-        return
-    resume_from = find_resume_checkpoint(cfg, ctx)
-    if resume_from is not None:
-        log.info("checkpoint.init_from=%s ignored: resuming from checkpoint %s (resume wins)", target, resume_from)
-        return
+        return None
+    choice = ResumeChoice(find_resume_checkpoint(cfg, ctx))
+    if choice.checkpoint is not None:
+        log.info("checkpoint.init_from=%s ignored: resuming from checkpoint %s (resume wins)", target,
+                 choice.checkpoint)
+        return choice
     description = init_weights_from(pmodel, cfg, ctx, target)
     log.info("fresh start: weights initialised from %s (checkpoint.init_from; optimizer, schedule and data start "
              "at step 0)", description)
+    return choice
