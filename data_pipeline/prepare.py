@@ -1,18 +1,21 @@
 """`prepare`: raw text → tokens → fixed-length samples → webdataset shards + manifest (docs/data_pipeline.md).
 
-Pipeline (memory stays bounded: input streams through, at most 2 × num_proc tasks are in the air):
+Pipeline (memory and spool stay bounded: input streams through, at most 2 × num_proc tasks and num_proc shard
+writes are in the air):
   main process: read raw blocks of records (sources.read_blocks: I/O and decompression only) → tasks ──┐
-  worker processes (num_proc): parse + validate records (JSON, UTF-8), tokenize, append eos, pick   ◄──┘
-      the split; return per-split token arrays, per-source counts and the task's bad records
-  main process, results in submission order: bad records → report; tokens → pack into samples of seq_len + 1
-      → ShardSetWriter → manifest LAST
-The main process does no per-record work (a task is ~1 MiB of input): what it still does per token (copying,
-shard layout, sha256, write) bounds throughput far above one worker; bench/bench_prepare.py reports that ceiling.
+  workers: parse + validate records (JSON, UTF-8), tokenize, append eos, pick the split; leave the    ◄──┘
+      tokens in a spool file; return their counts, per-source counts and the task's bad records ──────┐
+  main process, results in input order: bad records → report; token counts → ShardPlanner (packing.py) ◄┘
+      → a ShardJob per complete shard: "shard j = these token ranges of these spool files" ───────────┐
+  workers: assemble shard j, write the tar, sha256, fsync, rename; spool files go once consumed     ◄──┘
+  main process, at the end: manifest LAST
+No token passes through the main process: per token it does nothing, per ~1 MiB task and per shard a little
+bookkeeping, so it does not cap scaling with many workers (bench/bench_prepare.py reports its CPU per token).
 
 Output does not depend on `num_proc`: tasks are cut in the main process and results are consumed in order, so
 `num_proc=1` and `num_proc=8` give byte-identical shards and reports; strict mode stops at the first bad record in
 input order. Re-running on the same input gives identical files.
-With `num_proc=1` everything runs inline in one process (no pickling).
+With `num_proc=1` everything runs inline in one process (no pickling, no spool: tokens wait in memory).
 
 Validation split: with `val_inputs`, those files are val and `inputs` are train. With `val_fraction`, a document is
 val iff `blake2b(text as UTF-8, digest_size=8, key=seed as 8-byte little-endian signed int)`, read as a
@@ -34,9 +37,11 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 import sys
+import tempfile
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -48,17 +53,22 @@ import numpy as np
 
 from data_pipeline.errors import DataPipelineError
 from data_pipeline.manifest import MANIFEST_FILENAME, Manifest, SplitInfo, TokenizerInfo
-from data_pipeline.shards import (
-    TOKEN_DTYPES,
-    ShardEntry,
-    ShardSetWriter,
-    token_dtype_name,
+from data_pipeline.packing import (
+    Chunk,
+    ShardJob,
+    ShardLayout,
+    ShardPlanner,
+    TokenRef,
+    write_shard,
+    write_spool_file,
 )
+from data_pipeline.shards import TOKEN_DTYPES, ShardEntry, token_dtype_name
 from data_pipeline.sources import (
     DEFAULT_INCLUDE_GLOBS,
     BadInputReport,
     BadRecord,
     Document,
+    LineNumberer,
     RecordBlock,
     SourceFile,
     expand_inputs,
@@ -90,6 +100,7 @@ class PrepareConfig:
     seq_len: int = 2048
     samples_per_shard: int = 1000
     num_proc: int | None = None  # tokenizer processes; None = os.cpu_count()
+    spool_dir: str | None = None  # where workers leave tokens until their shard is written; None = $TMPDIR
     seed: int = 1234
     text_key: str = "text"
     include_globs: tuple[str, ...] = DEFAULT_INCLUDE_GLOBS
@@ -127,11 +138,6 @@ class PrepareConfig:
             "val_fraction": self.val_fraction, "val_split": "files" if self.val_inputs else "fraction",
             "text_key": self.text_key, "include_globs": list(self.include_globs),
         }
-
-
-@dataclass
-class SplitStats:
-    num_documents: int = 0
 
 
 @dataclass
@@ -175,23 +181,19 @@ def prepare(config: PrepareConfig) -> PrepareResult:
     _prepare_output_dir(out_dir, config.overwrite)
     dtype = token_dtype_name(tokenizer.vocab_size)
     splits = [TRAIN, VAL] if (val_files or config.val_fraction > 0) else [TRAIN]
-    packers = {s: SamplePacker(ShardSetWriter(out_dir, s, config.samples_per_shard, dtype, config.seq_len + 1),
-                               config.seq_len + 1, dtype) for s in splits}
+    layout = ShardLayout(str(out_dir), dtype, config.seq_len + 1, config.samples_per_shard)
     report = BadInputReport(strict=config.strict)
     source_stats: dict[tuple[str, str], SourceStats] = {}
     try:
-        split_stats = _tokenize_and_pack(config, tokenizer, dtype, train_files, val_files, report, packers,
-                                         source_stats)
-        entries = {s: packers[s].close() for s in splits}
+        packed = _tokenize_and_pack(config, tokenizer, layout, splits, train_files, val_files, report, source_stats)
     except BaseException:
-        for packer in packers.values():
-            packer.abort()
+        _remove_temp_shards(out_dir)
         raise
     report_path = report.write_tsv(out_dir / REPORT_FILENAME)
     copy_tokenizer(config.tokenizer, out_dir / TOKENIZER_DIRNAME, tokenizer)
-    split_infos = {s: SplitInfo.from_shards(entries[s], num_tokens=packers[s].num_samples * (config.seq_len + 1),
-                                            num_documents=split_stats[s].num_documents,
-                                            dropped_tail_tokens=packers[s].dropped_tail_tokens) for s in splits}
+    split_infos = {s: SplitInfo.from_shards(packed.entries[s], num_tokens=packed.planners[s].num_samples * (config.seq_len + 1),
+                                            num_documents=packed.num_documents[s],
+                                            dropped_tail_tokens=packed.planners[s].dropped_tail_tokens) for s in splits}
     warnings = _check_split_sizes(split_infos, config)
     manifest = Manifest.create(
         seq_len=config.seq_len, dtype=dtype, samples_per_shard=config.samples_per_shard,
@@ -281,7 +283,7 @@ Task = list[tuple[RecordBlock | BadRecord, int]]
 
 
 class EncodedTask(NamedTuple):
-    tokens: tuple[np.ndarray, np.ndarray]  # per split code (train, val): each document's tokens + eos, in order
+    tokens: tuple[Chunk, Chunk]  # per split code (train, val): each document's tokens + eos, in order
     sources: dict[tuple[str, int], tuple[int, int]]  # (source, split code) → (documents, their UTF-8 bytes)
     bad_records: list[BadRecord]  # the task's skipped records, in input order
     num_documents: int
@@ -318,9 +320,8 @@ class TaskEncoder:
             parts[split_code].extend((doc_ids, self.eos))
             num_docs, total_bytes = sources.get((doc.source, split_code), (0, 0))
             sources[(doc.source, split_code)] = (num_docs + 1, total_bytes + num_bytes)
-        tokens = (self._concatenate(parts[0]), self._concatenate(parts[1]))
-        return EncodedTask(tokens, sources, bad_records, len(docs))
-
+        train, val = self._concatenate(parts[0]), self._concatenate(parts[1])
+        return EncodedTask((Chunk(train, 0, len(train)), Chunk(val, 0, len(val))), sources, bad_records, len(docs))
     def _parse(self, task: Task) -> tuple[list[Document], list[int], list[BadRecord]]:
         docs: list[Document] = []
         codes: list[int] = []
@@ -353,19 +354,42 @@ class TaskEncoder:
         return np.concatenate(parts, dtype=self.dtype, casting="unsafe")
 
 
-_WORKER_ENCODER: TaskEncoder | None = None
-_WORKER_DIED = ("a tokenizer worker process died (out of memory? killed?); lower --num-proc or free memory and "
+_WORKER_DIED = ("a prepare worker process died (out of memory? killed?); lower --num-proc or free memory and "
                 "re-run")
 
 
-def _init_worker(model_proto: bytes, settings: EncodeSettings) -> None:
-    global _WORKER_ENCODER
-    _WORKER_ENCODER = TaskEncoder(Tokenizer(model_proto), settings)
+@dataclass
+class _WorkerState:
+    encoder: TaskEncoder
+    layout: ShardLayout
+    spool_dir: str
+    num_spooled: int = 0
+
+
+_WORKER: _WorkerState | None = None
+
+
+def _init_worker(model_proto: bytes, settings: EncodeSettings, layout: ShardLayout, spool_dir: str) -> None:
+    global _WORKER
+    _WORKER = _WorkerState(TaskEncoder(Tokenizer(model_proto), settings), layout, spool_dir)
 
 
 def _encode_in_worker(task: Task) -> EncodedTask:
-    assert _WORKER_ENCODER is not None, "worker started without _init_worker"
-    return _WORKER_ENCODER(task)
+    """Encode a task and leave its tokens in a spool file, so only their counts travel back to the main process."""
+    assert _WORKER is not None, "worker started without _init_worker"
+    encoded = _WORKER.encoder(task)
+    train, val = (chunk.ref for chunk in encoded.tokens)
+    if not len(train) and not len(val):
+        return encoded
+    _WORKER.num_spooled += 1
+    path = os.path.join(_WORKER.spool_dir, f"{os.getpid()}-{_WORKER.num_spooled}.tokens")
+    write_spool_file(path, (train, val))
+    return encoded._replace(tokens=(Chunk(path, 0, len(train)), Chunk(path, len(train), len(val))))
+
+
+def _write_in_worker(job: ShardJob) -> ShardEntry:
+    assert _WORKER is not None, "worker started without _init_worker"
+    return write_shard(job, _WORKER.layout)
 
 
 def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], pool: Executor | None,
@@ -413,39 +437,165 @@ def _coded_blocks(config: PrepareConfig, train_files: list[SourceFile],
                   val_files: list[SourceFile]) -> Iterator[tuple[RecordBlock | BadRecord, int]]:
     train_code = _CODE_BY_HASH if config.val_fraction > 0 else _CODE_TRAIN
     for files, code in ((train_files, train_code), (val_files, _CODE_VAL)):
-        for item in read_blocks(files, config.text_key, config.batch_max_docs, config.batch_max_bytes):
+        # byte_ranges: the workers read uncompressed files themselves, so the main process does no I/O for them.
+        for item in read_blocks(files, config.text_key, config.batch_max_docs, config.batch_max_bytes,
+                                byte_ranges=True):
             yield item, code
 
 
-def _tokenize_and_pack(config: PrepareConfig, tokenizer: Tokenizer, dtype: str, train_files: list[SourceFile],
-                       val_files: list[SourceFile], report: BadInputReport, packers: dict[str, SamplePacker],
-                       source_stats: dict[tuple[str, str], SourceStats]) -> dict[str, SplitStats]:
-    settings = EncodeSettings(dtype, tokenizer.eos_id, config.val_fraction, config.seed, config.text_key)
-    split_stats = {s: SplitStats() for s in packers}
+@dataclass
+class Packed:
+    """What `_tokenize_and_pack` leaves: per split its planner (counts), shard entries in order, documents."""
+
+    planners: dict[str, ShardPlanner]
+    entries: dict[str, list[ShardEntry]]
+    num_documents: dict[str, int]
+
+
+def _tokenize_and_pack(config: PrepareConfig, tokenizer: Tokenizer, layout: ShardLayout, splits: list[str],
+                       train_files: list[SourceFile], val_files: list[SourceFile], report: BadInputReport,
+                       source_stats: dict[tuple[str, str], SourceStats]) -> Packed:
+    settings = EncodeSettings(layout.dtype_name, tokenizer.eos_id, config.val_fraction, config.seed, config.text_key)
     num_proc = config.resolved_num_proc
-    with _worker_pool(num_proc, tokenizer, settings) as pool, _progress_bar(config.progress) as bar:
+    with (_worker_pool(num_proc, tokenizer, settings, layout, config.spool_dir) as pool,
+          _progress_bar(config.progress) as bar):
+        packing = _Packing(pool, layout, splits, max_writes_in_flight=num_proc,
+                           line_numberer=LineNumberer([*train_files, *val_files]))
         encoder = TaskEncoder(tokenizer, settings) if pool is None else _encode_in_worker
         tasks = _tasks(config, train_files, val_files)
-        for encoded in ordered_map(encoder, tasks, pool, max_in_flight=2 * num_proc):
-            _absorb(encoded, report, packers, split_stats, source_stats)
-            bar.update(encoded.num_documents)
-            bar.set_postfix_str(f"{sum(p.num_tokens_in for p in packers.values()) / 1e6:.1f}M tokens", refresh=False)
-    return split_stats
+        try:
+            for encoded in ordered_map(encoder, tasks, pool, max_in_flight=2 * num_proc):
+                packing.absorb(encoded, report, source_stats)
+                bar.update(encoded.num_documents)
+                bar.set_postfix_str(f"{packing.num_tokens / 1e6:.1f}M tokens", refresh=False)
+            return packing.finish()
+        except BaseException:
+            packing.cancel_writes()  # the pool's shutdown would otherwise run every queued write first
+            raise
+
+
+class _Packing:
+    """The main process's side of packing: results in input order → bad-record report, per-source counts, shard
+    jobs. Jobs run on the pool (or inline) and may finish in any order; a spool file goes once nothing needs it."""
+
+    def __init__(self, pool: Executor | None, layout: ShardLayout, splits: list[str], max_writes_in_flight: int,
+                 line_numberer: LineNumberer) -> None:
+        self.pool = pool
+        self.line_numberer = line_numberer
+        self.layout = layout
+        self.max_writes_in_flight = max_writes_in_flight
+        self.spool_refs: Counter[str] = Counter()
+        self.planners = {s: ShardPlanner(s, layout.sample_len_tokens, layout.samples_per_shard) for s in splits}
+        self.entries: dict[str, dict[int, ShardEntry]] = {s: {} for s in splits}
+        self.num_documents = dict.fromkeys(splits, 0)
+        self.writes: deque[tuple[Future[ShardEntry], ShardJob]] = deque()
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(planner.num_tokens_in for planner in self.planners.values())
+
+    def absorb(self, encoded: EncodedTask, report: BadInputReport,
+               source_stats: dict[tuple[str, str], SourceStats]) -> None:
+        """Apply one task's result. Results arrive in input order, so report rows keep input order and strict mode
+        raises at the first bad record of the input, as a sequential reader would."""
+        for record in encoded.bad_records:
+            report.add_record(self.line_numberer.number(record))
+        for code, chunk in enumerate(encoded.tokens):
+            if chunk.count:
+                self._hold(chunk.ref)  # the planner's, until take_consumed() hands it back
+                self._plan(self.planners[SPLIT_NAMES[code]].add(chunk), self.planners[SPLIT_NAMES[code]])
+        for (source, code), (num_docs, num_bytes) in encoded.sources.items():
+            split = SPLIT_NAMES[code]
+            self.num_documents[split] += num_docs
+            stats = source_stats.setdefault((source, split), SourceStats())
+            stats.num_documents += num_docs
+            stats.num_bytes += num_bytes
+
+    def finish(self) -> Packed:
+        for planner in self.planners.values():
+            self._plan(planner.finish(), planner)
+        while self.writes:
+            self._complete_oldest_write()
+        entries = {s: [by_index[i] for i in range(len(by_index))] for s, by_index in self.entries.items()}
+        return Packed(self.planners, entries, self.num_documents)
+
+    def cancel_writes(self) -> None:
+        for future, _ in self.writes:
+            future.cancel()
+
+    def _plan(self, jobs: list[ShardJob], planner: ShardPlanner) -> None:
+        for job in jobs:
+            self._submit(job)  # holds the spool files the job reads first ...
+        for ref in planner.take_consumed():
+            self._release(ref)  # ... so that releasing the planner's hold cannot delete them under the job
+
+    def _submit(self, job: ShardJob) -> None:
+        if self.pool is None:
+            self.entries[job.split][job.shard_index] = write_shard(job, self.layout)
+            return
+        for piece in job.pieces:
+            self._hold(piece.ref)
+        try:
+            self.writes.append((self.pool.submit(_write_in_worker, job), job))
+        except BrokenProcessPool as err:
+            raise DataPipelineError(_WORKER_DIED) from err
+        while self.writes and (self.writes[0][0].done() or len(self.writes) > self.max_writes_in_flight):
+            self._complete_oldest_write()
+
+    def _complete_oldest_write(self) -> None:
+        future, job = self.writes.popleft()
+        try:
+            self.entries[job.split][job.shard_index] = future.result()
+        except BrokenProcessPool as err:
+            raise DataPipelineError(_WORKER_DIED) from err
+        for piece in job.pieces:
+            self._release(piece.ref)
+
+    def _hold(self, ref: TokenRef) -> None:
+        if isinstance(ref, str):
+            self.spool_refs[ref] += 1
+
+    def _release(self, ref: TokenRef) -> None:
+        if isinstance(ref, str):
+            self.spool_refs[ref] -= 1
+            if not self.spool_refs[ref]:
+                del self.spool_refs[ref]
+                os.remove(ref)
 
 
 @contextlib.contextmanager
-def _worker_pool(num_proc: int, tokenizer: Tokenizer, settings: EncodeSettings) -> Iterator[Executor | None]:
+def _worker_pool(num_proc: int, tokenizer: Tokenizer, settings: EncodeSettings, layout: ShardLayout,
+                 spool_parent: str | None) -> Iterator[Executor | None]:
     if num_proc == 1:
-        yield None  # inline: no pickling, and the per-process benchmark measures this path
+        yield None  # inline: no pickling, no spool, and the per-process benchmark measures this path
         return
     # fork on Linux: workers start in milliseconds and need no re-import of __main__ (spawn fails for `python -`
     # scripts). Safe because the workers are forked before this process starts any thread (see _start_workers)
     # and the data layer holds no CUDA state. Elsewhere fork is unsafe (macOS) and spawn is used.
     ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    with ProcessPoolExecutor(num_proc, mp_context=ctx, initializer=_init_worker,
-                             initargs=(tokenizer.model_proto, settings)) as pool:
+    with _spool_dir(spool_parent) as spool_dir, ProcessPoolExecutor(
+            num_proc, mp_context=ctx, initializer=_init_worker,
+            initargs=(tokenizer.model_proto, settings, layout, spool_dir)) as pool:
         _start_workers(pool)
         yield pool
+
+
+@contextlib.contextmanager
+def _spool_dir(parent: str | None) -> Iterator[str]:
+    """A fresh folder for the workers' token spool files, removed afterwards whatever happens. Its size stays
+    bounded: files go as soon as their shards are written (about 2 × num_proc tasks and num_proc + 1 shards of
+    tokens at a time)."""
+    if parent is not None and not os.path.isdir(parent):
+        raise DataPipelineError(f"--spool-dir {parent} is not a directory; create it or pass another one")
+    try:
+        path = tempfile.mkdtemp(prefix="pretrain-prepare-spool-", dir=parent)
+    except OSError as err:
+        raise DataPipelineError(f"cannot create a spool folder in {parent or tempfile.gettempdir()} ({err}); pass "
+                                "--spool-dir with a writable local disk") from err
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _start_workers(pool: ProcessPoolExecutor) -> None:
@@ -465,23 +615,6 @@ def _progress_bar(enabled: bool) -> Any:
                 dynamic_ncols=True)
 
 
-def _absorb(encoded: EncodedTask, report: BadInputReport, packers: dict[str, SamplePacker],
-            split_stats: dict[str, SplitStats], source_stats: dict[tuple[str, str], SourceStats]) -> None:
-    """Apply one task's result. Results arrive in input order, so report rows keep input order and strict mode
-    raises at the first bad record of the input, as a sequential reader would."""
-    for record in encoded.bad_records:
-        report.add_record(record)
-    for code, tokens in enumerate(encoded.tokens):
-        if len(tokens):
-            packers[SPLIT_NAMES[code]].add(tokens)
-    for (source, code), (num_docs, num_bytes) in encoded.sources.items():
-        split = SPLIT_NAMES[code]
-        split_stats[split].num_documents += num_docs
-        stats = source_stats.setdefault((source, split), SourceStats())
-        stats.num_documents += num_docs
-        stats.num_bytes += num_bytes
-
-
 def _source_entries(train_files: list[SourceFile], val_files: list[SourceFile],
                     source_stats: dict[tuple[str, str], SourceStats], report: BadInputReport) -> list[dict[str, Any]]:
     entries = []
@@ -498,36 +631,9 @@ def _source_entries(train_files: list[SourceFile], val_files: list[SourceFile],
     return entries
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Packing
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class SamplePacker:
-    """Concatenates a split's token stream and cuts it into samples of `sample_len_tokens` (no overlap); the
-    remainder carries over to the next call, and what is left at the end is counted as the dropped tail."""
-
-    def __init__(self, writer: ShardSetWriter, sample_len_tokens: int, dtype: str) -> None:
-        self.writer = writer
-        self.sample_len_tokens = sample_len_tokens
-        self._carry = np.empty(0, dtype=TOKEN_DTYPES[dtype])
-        self.num_tokens_in = 0
-        self.num_samples = 0
-        self.dropped_tail_tokens = 0
-
-    def add(self, tokens: np.ndarray) -> None:
-        self.num_tokens_in += len(tokens)
-        stream = np.concatenate([self._carry, tokens]) if len(self._carry) else tokens
-        num_full = len(stream) // self.sample_len_tokens
-        if num_full:
-            cut = num_full * self.sample_len_tokens
-            self.writer.write_batch(stream[:cut].reshape(num_full, self.sample_len_tokens))
-            self.num_samples += num_full
-        self._carry = stream[num_full * self.sample_len_tokens :].copy()
-
-    def close(self) -> list[ShardEntry]:
-        self.dropped_tail_tokens = len(self._carry)
-        return self.writer.close()
-
-    def abort(self) -> None:
-        self.writer.abort()
+def _remove_temp_shards(out_dir: Path) -> None:
+    """After a failure: drop shards being written (their temp files); completed shards stay, but no manifest
+    vouches for them."""
+    for split in SPLIT_NAMES:
+        for tmp in (out_dir / split).glob(f"{split}-*.tar.tmp"):
+            tmp.unlink(missing_ok=True)
