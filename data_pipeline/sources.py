@@ -42,6 +42,8 @@ DEFAULT_INCLUDE_GLOBS: tuple[str, ...] = ("*.txt",)
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 COMPRESSION_SUFFIXES = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 PARQUET_BATCH_ROWS = 256
+# Largest row group (uncompressed, all columns) a prepare worker reads whole; see _row_groups_fit_a_worker.
+PARQUET_WORKER_MAX_GROUP_BYTES = 64 << 20
 REPORT_HEADER = "file\tline\treason\tdetail\n"
 # Details are for a human to find the problem; cap them so a pathological input cannot balloon the report.
 MAX_DETAIL_CHARS = 200
@@ -65,7 +67,7 @@ REASON_HINTS: dict[str, str] = {
     "corrupt_gzip": "the .gz failed its integrity check; its lines read so far may be garbled: re-create the file",
     "truncated_zstd": "the .zst ends inside a frame (interrupted copy?); lines before the cut were kept; re-create it",
     "corrupt_zstd": "the .zst cannot be decompressed; re-create the file",
-    "corrupt_parquet": "the parquet file cannot be read; re-create it (rows read before the error were kept)",
+    "corrupt_parquet": "the parquet file cannot be read; re-create it (the rows that could be read were kept)",
     "unreadable_file": "check that the file exists and that you have permission to read it",
 }
 
@@ -83,7 +85,8 @@ class SourceFile:
 class Document:
     text: str
     source: str  # SourceFile.name
-    line: int  # 1-based line (jsonl), row (parquet), or 1 for a whole-file document
+    line: int  # 1-based line (jsonl), row (parquet), or 1 for a whole-file document; 0 for JSON Lines read by
+    #            byte range (FileRange), where only bad records get numbered
 
 
 @dataclass(frozen=True)
@@ -294,6 +297,8 @@ class RecordBlock:
     def num_bytes(self) -> int:
         if isinstance(self.data, FileRange):
             return self.data.end - self.data.start
+        if isinstance(self.data, ParquetRowGroup):
+            return self.data.num_bytes
         return len(self.data) if isinstance(self.data, bytes) else int(self.data.nbytes)
 
 
@@ -308,6 +313,15 @@ class FileRange:
     start: int
     end: int
     is_last: bool  # the file's last range: the one that reports a file of blank lines as empty
+
+
+@dataclass(frozen=True)
+class ParquetRowGroup:
+    """One row group of a parquet file, for the parsing process to read itself (`byte_ranges=True`)."""
+
+    path: str
+    index: int
+    num_bytes: int  # uncompressed, all columns (the footer's total_byte_size)
 
 
 def read_blocks(
@@ -339,7 +353,7 @@ def _file_blocks(src: SourceFile, text_key: str, max_records: int, max_bytes: in
     if byte_ranges and compression is None and kind != "parquet":
         yield from _range_blocks(src, kind, size_bytes, max_bytes)
     elif kind == "parquet":
-        yield from _parquet_blocks(src, text_key, max_records)
+        yield from _parquet_blocks(src, text_key, max_records, byte_ranges)
     elif kind == "jsonl":
         yield from _jsonl_blocks(src, compression, max_records, max_bytes)
     else:
@@ -529,7 +543,8 @@ def _text_blocks(src: SourceFile, compression: str | None) -> Iterator[RecordBlo
     yield RecordBlock(src.name, "text", 1, 1, b"".join(chunks))
 
 
-def _parquet_blocks(src: SourceFile, text_key: str, max_records: int) -> Iterator[RecordBlock | BadRecord]:
+def _parquet_blocks(src: SourceFile, text_key: str, max_records: int,
+                    byte_ranges: bool = False) -> Iterator[RecordBlock | BadRecord]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -541,18 +556,49 @@ def _parquet_blocks(src: SourceFile, text_key: str, max_records: int) -> Iterato
             if problem is not None:
                 yield problem
                 return
-            batch_rows = min(max_records, PARQUET_BATCH_ROWS)
-            for batch in pfile.iter_batches(batch_size=batch_rows, columns=[text_key], use_threads=False):
-                # As binary: pyarrow's to_pylist on a string column fails the whole batch on one bad value, and
-                # parse_block skips just that row. Cast here, so any Arrow error is reported with its row.
-                values = batch.column(0).cast(pa.large_binary())
-                yield RecordBlock(src.name, "parquet", row + 1, len(values), values)
-                row += len(values)
+            if byte_ranges and _row_groups_fit_a_worker(pfile.metadata):
+                for block in _row_group_blocks(src, pfile.metadata):
+                    yield block
+                    row += block.num_records
+            else:
+                for block in _parquet_batches(src, pfile, text_key, max_records):
+                    yield block
+                    row += block.num_records
     except (pa.ArrowException, OSError) as err:
         yield BadRecord(src.name, row + 1 if row else 0, "corrupt_parquet", f"{type(err).__name__}: {err}")
         return
     if row == 0:
         yield BadRecord(src.name, 0, "empty_file", "parquet file has no rows")
+
+
+def _parquet_batches(src: SourceFile, pfile: Any, text_key: str, max_records: int) -> Iterator[RecordBlock]:
+    import pyarrow as pa
+
+    row = 0
+    for batch in pfile.iter_batches(batch_size=min(max_records, PARQUET_BATCH_ROWS), columns=[text_key],
+                                    use_threads=False):
+        # As binary: pyarrow's to_pylist on a string column fails the whole batch on one bad value, and
+        # parse_block skips just that row. Cast here, so any Arrow error is reported with its row.
+        values = batch.column(0).cast(pa.large_binary())
+        yield RecordBlock(src.name, "parquet", row + 1, len(values), values)
+        row += len(values)
+
+
+def _row_groups_fit_a_worker(metadata: Any) -> bool:
+    """Row groups are read whole by a worker only while each is small enough to hold in memory at once; files
+    with bigger groups (pyarrow's default is 1M rows) are read here in small batches instead."""
+    groups = [metadata.row_group(i) for i in range(metadata.num_row_groups)]
+    return max((group.total_byte_size for group in groups), default=0) <= PARQUET_WORKER_MAX_GROUP_BYTES
+
+
+def _row_group_blocks(src: SourceFile, metadata: Any) -> Iterator[RecordBlock]:
+    row = 0
+    for index in range(metadata.num_row_groups):
+        group = metadata.row_group(index)
+        if group.num_rows:
+            yield RecordBlock(src.name, "parquet", row + 1, group.num_rows,
+                              ParquetRowGroup(str(src.path), index, group.total_byte_size))
+        row += group.num_rows
 
 
 def _parquet_column_problem(src: SourceFile, schema: object, text_key: str) -> BadRecord | None:
@@ -581,6 +627,8 @@ def parse_block(block: RecordBlock, text_key: str) -> Iterator[Document | BadRec
     """The block's documents and skipped records, in record order."""
     if isinstance(block.data, FileRange):
         return _parse_range(block, block.data, text_key)
+    if isinstance(block.data, ParquetRowGroup):
+        return _parse_row_group(block, block.data, text_key)
     if block.kind == "jsonl":
         return _parse_jsonl(block, text_key)
     if block.kind == "parquet":
@@ -628,6 +676,22 @@ def _parse_range(block: RecordBlock, file_range: FileRange, text_key: str) -> It
         offset += len(raw)
     if file_range.is_last and not has_records and _is_blank_prefix(file_range.path, data_start):
         yield BadRecord(block.source, 0, "empty_file", "no records (only blank lines)")
+
+
+def _parse_row_group(block: RecordBlock, group: ParquetRowGroup, text_key: str) -> Iterator[Document | BadRecord]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        with pq.ParquetFile(group.path, pre_buffer=False, buffer_size=READ_CHUNK_BYTES) as pfile:
+            column = pfile.read_row_group(group.index, columns=[text_key], use_threads=False).column(0)
+            values = column.combine_chunks().cast(pa.large_binary())
+    except (pa.ArrowException, OSError) as err:
+        # Its rows are lost, and said so; the file's other row groups are read on their own.
+        yield BadRecord(block.source, block.first_line, "corrupt_parquet",
+                        f"row group {group.index} ({block.num_records} rows): {type(err).__name__}: {err}")
+        return
+    yield from _parse_parquet(RecordBlock(block.source, "parquet", block.first_line, len(values), values), text_key)
 
 
 def read_line_range(file_range: FileRange) -> tuple[bytes, int]:

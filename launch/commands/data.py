@@ -131,6 +131,9 @@ def _register_prepare(subparsers: Any) -> None:
                         help="samples per .tar shard; the last shard of a split may hold fewer (default: %(default)s)")
     parser.add_argument("--num-proc", type=int, default=None,
                         help="tokenizer processes; does not change the output (default: all cores)")
+    parser.add_argument("--spool-dir", default=None, metavar="DIR",
+                        help="where workers leave tokens until their shard is written: a few shards' worth at a "
+                             "time, removed at the end (default: $TMPDIR or /tmp; use node-local disk on clusters)")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the validation hash (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (it only shows on a terminal)")
@@ -144,7 +147,8 @@ def _run_prepare(args: argparse.Namespace) -> int:
     config = PrepareConfig(
         inputs=tuple(args.input), tokenizer=args.tokenizer, output_dir=args.output,
         val_inputs=tuple(args.val_input), val_fraction=val_fraction, seq_len=args.seq_len,
-        samples_per_shard=args.samples_per_shard, num_proc=args.num_proc, seed=args.seed, text_key=args.text_key,
+        samples_per_shard=args.samples_per_shard, num_proc=args.num_proc, spool_dir=args.spool_dir, seed=args.seed,
+        text_key=args.text_key,
         include_globs=tuple(args.include or ("*.txt",)), strict=args.strict, overwrite=args.overwrite,
         progress=not args.no_progress,
     )

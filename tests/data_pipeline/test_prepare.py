@@ -1,5 +1,6 @@
 """prepare.py: exact counts, eos between documents, packing, byte-identical re-runs for any num_proc, val splits,
-uint16/uint32, and shards that plain webdataset reads back. Plus one run of the real CLI."""
+uint16/uint32, and shards that plain webdataset reads back; the workers' spool stays bounded and is removed whatever
+happens, and a dead worker is an error, not a hang. Plus one run of the real CLI."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import textwrap
 import zlib
 from pathlib import Path
 
@@ -21,7 +25,7 @@ import pytest
 
 from data_pipeline.errors import BadInputError, DataPipelineError
 from data_pipeline.manifest import Manifest
-from data_pipeline.prepare import PrepareConfig, PrepareResult, prepare
+from data_pipeline.prepare import PrepareConfig, PrepareResult, TaskEncoder, prepare
 from data_pipeline.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -335,3 +339,80 @@ def test_tokenizer_json_of_another_training_is_refused(corpus: Corpus, tokenizer
     shutil.copyfile(other.model_path, mixed / "tokenizer.model")  # tokenizer.json now describes another model
     with pytest.raises(DataPipelineError, match="records fingerprint .* the files come from different trainings"):
         _run(corpus, mixed, tmp_path / "out")
+
+
+_SPOOL_WATCHER = textwrap.dedent("""
+    import os, sys, time
+    root, out = sys.argv[1], sys.argv[2]
+    peak_bytes = 0
+    while not os.path.exists(out + ".stop"):
+        total = 0
+        for dirpath, _, names in os.walk(root):
+            for name in names:
+                try:
+                    total += os.path.getsize(os.path.join(dirpath, name))
+                except OSError:
+                    pass
+        peak_bytes = max(peak_bytes, total)
+        time.sleep(0.001)
+    open(out, "w").write(str(peak_bytes))
+""")
+
+
+def test_spool_is_bounded_and_removed_and_output_equals_one_process(tokenizer_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "big.jsonl").write_bytes(_jsonl(_documents(800, 7)))
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    peak_file = tmp_path / "peak"
+    task_bytes = 512
+
+    def run(name: str, num_proc: int) -> PrepareResult:
+        return prepare(PrepareConfig(inputs=(str(tmp_path / "big.jsonl"),), tokenizer=str(tokenizer_dir),
+                                     output_dir=str(tmp_path / name), seq_len=SEQ_LEN,
+                                     samples_per_shard=SAMPLES_PER_SHARD, num_proc=num_proc,
+                                     batch_max_bytes=task_bytes, spool_dir=str(spool), progress=False))
+
+    watcher = subprocess.Popen([sys.executable, "-c", _SPOOL_WATCHER, str(spool), str(peak_file)])
+    try:
+        result = run("two", num_proc=2)
+    finally:
+        Path(str(peak_file) + ".stop").touch()
+        watcher.wait(timeout=30)
+    run("one", num_proc=1)
+    assert _tree_bytes(tmp_path / "two") == _tree_bytes(tmp_path / "one")
+    assert list(spool.iterdir()) == []  # the run's spool folder is gone
+    # In flight at most: 2 x num_proc tasks (a token per input byte at worst, plus an eos per document) and the
+    # shards being written plus the one being filled (num_proc + 1), 2 bytes per token.
+    shard_tokens = SAMPLES_PER_SHARD * (SEQ_LEN + 1)
+    bound_bytes = 2 * (2 * 2 * 2 * task_bytes + (2 + 1) * shard_tokens)
+    total_bytes = 2 * result.manifest.split("train").num_tokens
+    assert total_bytes > 3 * bound_bytes  # so a spool that kept everything would fail the bound
+    peak_bytes = int(peak_file.read_text())
+    assert 0 < peak_bytes <= bound_bytes, (peak_bytes, bound_bytes)
+
+
+def test_a_killed_worker_is_an_error_and_leaves_no_spool(corpus: Corpus, tokenizer_dir: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    encode = TaskEncoder.__call__
+    calls = []
+
+    def encode_then_die(self, task):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 3:  # the workers are forked, so each has its own count: each dies at its third task
+            os.kill(os.getpid(), signal.SIGKILL)
+        return encode(self, task)
+
+    monkeypatch.setattr(TaskEncoder, "__call__", encode_then_die)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    with pytest.raises(DataPipelineError, match="worker process died"):
+        _run(corpus, tokenizer_dir, tmp_path / "out", num_proc=2, batch_max_bytes=256, spool_dir=str(spool))
+    assert list(spool.iterdir()) == []
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert not list((tmp_path / "out").rglob("*.tmp"))
+
+
+def test_a_missing_spool_dir_is_refused_before_work(corpus: Corpus, tokenizer_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataPipelineError, match="--spool-dir .*nope is not a directory; create it"):
+        prepare(PrepareConfig(inputs=corpus.inputs, tokenizer=str(tokenizer_dir), output_dir=str(tmp_path / "o"),
+                              num_proc=2, spool_dir=str(tmp_path / "nope"), progress=False))

@@ -329,3 +329,79 @@ def test_blocks_parse_to_exactly_what_iter_documents_gives(tmp_path: Path, monke
     assert docs == expected_docs and len(docs) > 300
     assert rows == expected_report.records
     assert {r.reason for r in rows} >= {"truncated_gzip", "empty_file", "invalid_utf8", "lone_surrogate"}
+
+
+@pytest.mark.parametrize(("read_chunk_bytes", "max_bytes"), [(7, 1), (64, 7), (5, 50), (1 << 20, 1 << 20)])
+def test_byte_ranges_parse_to_exactly_what_iter_documents_gives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                read_chunk_bytes: int, max_bytes: int) -> None:
+    """With byte_ranges the cutter reads nothing and every worker reads its own range: each line must still be
+    parsed exactly once (ranges as small as one byte, lines longer than a range, CRLF, BOM, no final newline, a
+    blank file over many ranges), and bad records, numbered afterwards by LineNumberer, must equal the
+    sequential reader's rows, in order."""
+    import pickle
+
+    from data_pipeline import sources
+    from data_pipeline.sources import BadRecord, FileRange, LineNumberer, ParquetRowGroup, parse_block, read_blocks
+
+    inputs = _mixed_inputs(tmp_path)
+    (tmp_path / "long.jsonl").write_bytes(b'{"text": "' + b"y" * 300 + b'"}\r\n{"text": "after"}\n{bad\n' * 3)
+    files = expand_inputs([*inputs, tmp_path / "long.jsonl"], ["*"])
+    expected_docs, expected_report = _read(files)
+    monkeypatch.setattr(sources, "READ_CHUNK_BYTES", read_chunk_bytes)
+    numberer = LineNumberer(files)
+    docs: list[tuple[str, str]] = []
+    rows: list[BadRecord] = []
+    kinds = set()
+    for item in read_blocks(files, "text", 4096, max_bytes, byte_ranges=True):
+        if isinstance(item, BadRecord):
+            rows.append(item)
+            continue
+        kinds.add(type(item.data).__name__)
+        for entry in parse_block(pickle.loads(pickle.dumps(item)), "text"):  # as a worker receives it
+            if isinstance(entry, Document):
+                docs.append((entry.text, entry.source))
+            else:
+                rows.append(numberer.number(entry))
+    assert docs == [(d.text, d.source) for d in expected_docs] and len(docs) > 300
+    assert rows == expected_report.records
+    assert {FileRange.__name__, ParquetRowGroup.__name__} <= kinds  # the worker-side readers really ran
+    assert {r.reason for r in rows} >= {"truncated_gzip", "empty_file", "invalid_utf8", "malformed_json"}
+
+
+def test_read_line_range_owns_the_lines_that_start_in_it(tmp_path: Path) -> None:
+    from data_pipeline.sources import FileRange, read_line_range
+
+    path = tmp_path / "f.jsonl"
+    data = b"aa\nbbbbbbbb\n\ncc"
+    path.write_bytes(data)
+    pieces = [read_line_range(FileRange(str(path), start, min(start + 4, len(data)), False))
+              for start in range(0, len(data), 4)]
+    # [0,4) owns "aa\n" and "bbbbbbbb\n" (read past 4 to its end); [4,8) and [8,12) own nothing; [12,15) owns
+    # the blank line and "cc", which has no final newline
+    assert pieces == [(b"aa\nbbbbbbbb\n", 0), (b"", 8), (b"", 12), (b"\ncc", 12)]
+    assert b"".join(piece for piece, _ in pieces) == data
+
+
+def test_a_corrupt_parquet_row_group_loses_only_its_rows(tmp_path: Path) -> None:
+    """Read by row group (prepare's workers), a damaged group is reported with its first row and the file's
+    other groups are still read; the row count of the loss is in the detail."""
+    from data_pipeline.sources import BadRecord, LineNumberer, parse_block, read_blocks
+
+    path = tmp_path / "t.parquet"
+    _write_parquet(path, [f"row {i} ".encode() * 20 for i in range(300)], row_group_size=100)
+    meta = pq.ParquetFile(path).metadata
+    column = meta.row_group(1).column(0)
+    start = column.data_page_offset
+    raw = bytearray(path.read_bytes())
+    raw[start + 20 : start + 60] = b"\xff" * 40  # inside the second group's data page
+    path.write_bytes(bytes(raw))
+    files = expand_inputs([path], ["*"])
+    numberer = LineNumberer(files)
+    texts, rows = [], []
+    for item in read_blocks(files, "text", 4096, 1 << 20, byte_ranges=True):
+        entries = [item] if isinstance(item, BadRecord) else parse_block(item, "text")
+        for entry in entries:
+            (texts.append(entry.text) if isinstance(entry, Document) else rows.append(numberer.number(entry)))
+    assert [(r.line, r.reason) for r in rows] == [(101, "corrupt_parquet")]
+    assert "row group 1 (100 rows)" in rows[0].detail
+    assert texts == [f"row {i} ".encode().decode() * 20 for i in (*range(100), *range(200, 300))]
