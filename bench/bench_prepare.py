@@ -127,8 +127,9 @@ def stdlib_documents() -> list[str]:
     return docs
 
 
-def write_corpus(path: Path, docs: list[str], target_bytes: int, files: int = 4) -> int:
-    """Cycle through `docs` into `files` JSON Lines files until `target_bytes` of text; returns the text bytes."""
+def write_corpus(path: Path, docs: list[str], target_bytes: int, files: int = 4, input_format: str = "jsonl") -> int:
+    """Cycle through `docs` into `files` JSON Lines files until `target_bytes` of text; returns the text bytes.
+    `input_format` jsonl.zst / parquet converts each file afterwards (parquet: row groups of 1000 documents)."""
     path.mkdir(parents=True, exist_ok=True)
     total_bytes, index = 0, 0
     with contextlib.ExitStack() as stack:
@@ -139,15 +140,34 @@ def write_corpus(path: Path, docs: list[str], target_bytes: int, files: int = 4)
             handles[index % files].write(json.dumps({"text": doc}) + "\n")
             total_bytes += len(doc.encode("utf-8"))
             index += 1
+    if input_format != "jsonl":
+        for part in sorted(path.glob("part-*.jsonl")):
+            _convert(part, input_format)
     return total_bytes
 
 
-def read_corpus(path: Path) -> list[str]:
-    docs = []
-    for part in sorted(path.glob("part-*.jsonl")):
-        with open(part, encoding="utf-8") as fh:
-            docs.extend(json.loads(line)["text"] for line in fh)
-    return docs
+def _convert(part: Path, input_format: str) -> None:
+    if input_format == "jsonl.zst":
+        import zstandard
+
+        part.with_suffix(".jsonl.zst").write_bytes(zstandard.ZstdCompressor(level=3).compress(part.read_bytes()))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        texts = [json.loads(line)["text"] for line in part.read_text(encoding="utf-8").splitlines()]
+        pq.write_table(pa.table({"text": texts}), part.with_suffix(".parquet"), row_group_size=1000)
+    part.unlink()
+
+
+def corpus_glob(input_format: str) -> str:
+    return f"part-*.{input_format}"
+
+
+def read_corpus(path: Path, input_format: str) -> list[str]:
+    from data_pipeline.sources import iter_documents
+
+    return [doc.text for doc in iter_documents([path], include_globs=[corpus_glob(input_format)])]
 
 
 def run_raw(tokenizer: Tokenizer, docs: list[str]) -> int:
@@ -180,24 +200,28 @@ def run_raw_parallel(tokenizer: Tokenizer, docs: list[str], num_proc: int) -> in
         return num_tokens + sum(int(line) for line in pipe)
 
 
-def run_prepare(corpus: Path, tokenizer_dir: Path, out: Path, num_proc: int) -> int:
-    result = prepare(PrepareConfig(inputs=(str(corpus),), include_globs=("*.jsonl",), tokenizer=str(tokenizer_dir),
+def run_prepare(corpus: Path, tokenizer_dir: Path, out: Path, num_proc: int, input_format: str = "jsonl") -> int:
+    result = prepare(PrepareConfig(inputs=(str(corpus),), include_globs=(corpus_glob(input_format),),
+                                   tokenizer=str(tokenizer_dir),
                                    output_dir=str(out), seq_len=SEQ_LEN, num_proc=num_proc, overwrite=True,
                                    progress=False))
     split = result.manifest.split("train")
     return split.num_tokens + split.dropped_tail_tokens
 
 
-def time_overheads(corpus: Path, num_tokens: int, work: Path) -> dict[str, float]:
-    """The non-tokenizer costs of prepare, each alone: reading raw blocks, parsing them, writing the shards."""
+def time_overheads(corpus: Path, num_tokens: int, work: Path, input_format: str) -> dict[str, float]:
+    """The non-tokenizer costs of prepare, each alone: cutting the input into blocks (the main process: for
+    uncompressed files byte ranges only, else reading and decompressing), parsing them (workers: for byte
+    ranges also reading), writing the shards (workers)."""
     import numpy as np
 
     from data_pipeline.shards import ShardSetWriter
     from data_pipeline.sources import RecordBlock, expand_inputs, parse_block, read_blocks
 
-    files = expand_inputs([corpus], ["*.jsonl"])
+    files = expand_inputs([corpus], [corpus_glob(input_format)])
     start_s = time.perf_counter()
-    items = list(read_blocks(files, "text", PrepareConfig.batch_max_docs, PrepareConfig.batch_max_bytes))
+    items = list(read_blocks(files, "text", PrepareConfig.batch_max_docs, PrepareConfig.batch_max_bytes,
+                             byte_ranges=True))
     read_s = time.perf_counter() - start_s
     start_s = time.perf_counter()
     for block in items:
@@ -217,28 +241,29 @@ def time_overheads(corpus: Path, num_tokens: int, work: Path) -> dict[str, float
 def bench_model_type(model_type: str, corpus: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     tokenizer_dir = work / f"tok-{model_type}"
     start_s = time.perf_counter()
-    train_tokenizer(TokenizerTrainConfig(inputs=(str(corpus),), include_globs=("*.jsonl",),
+    train_tokenizer(TokenizerTrainConfig(inputs=(str(corpus),), include_globs=(corpus_glob(args.input_format),),
                                          output_dir=str(tokenizer_dir), vocab_size=args.vocab_size,
                                          model_type=model_type, input_sentence_size=args.train_sentences,
                                          num_threads=2, overwrite=True))
     train_s = time.perf_counter() - start_s
     tokenizer = Tokenizer.load(tokenizer_dir)
-    docs = read_corpus(corpus)
+    docs = read_corpus(corpus, args.input_format)
     tiny = work / "tiny"
-    write_corpus(tiny, docs, 40_000, files=1)  # enough for one sample: prepare refuses a dataset without one
+    # Enough for one sample: prepare refuses a dataset without one.
+    write_corpus(tiny, docs, 40_000, files=1, input_format=args.input_format)
     runs: dict[str, Callable[[], int]] = {"raw": lambda: run_raw(tokenizer, docs)}
     for n in args.num_proc:
         if n > 1:
             runs[f"raw_x{n}"] = lambda n=n: run_raw_parallel(tokenizer, docs, n)
-        runs[f"prepare_np{n}"] = lambda n=n: run_prepare(corpus, tokenizer_dir, work / "ds", n)
-        runs[f"fixed_np{n}"] = lambda n=n: run_prepare(tiny, tokenizer_dir, work / "ds-tiny", n)
+        runs[f"prepare_np{n}"] = lambda n=n: run_prepare(corpus, tokenizer_dir, work / "ds", n, args.input_format)
+        runs[f"fixed_np{n}"] = lambda n=n: run_prepare(tiny, tokenizer_dir, work / "ds-tiny", n, args.input_format)
     timings = {name: Timing() for name in runs}
     for _ in range(args.repeats):  # interleaved, so a burst of load from other jobs hits every variant alike
         for name, run in runs.items():
             timings[name].measure(run)
     summary = summarize(model_type, args.num_proc, timings)
     summary["tokenizer_train_s"] = round(train_s, 1)
-    summary["overheads_alone"] = time_overheads(corpus, timings["raw"].num_tokens, work)
+    summary["overheads_alone"] = time_overheads(corpus, timings["raw"].num_tokens, work, args.input_format)
     return summary
 
 
@@ -268,10 +293,12 @@ def summarize(model_type: str, num_procs: list[int], timings: dict[str, Timing])
             "cpu_s": round(run.cpu_s, 3), "fixed_cpu_s": round(fixed_cpu_s, 3),
             "cpu_cost_vs_raw": round(raw.cpu_s / (run.cpu_s - fixed_cpu_s), 3),
             "cpu_cost_vs_raw_parallel": round(parallel_raw.cpu_s / (run.cpu_s - fixed_cpu_s), 3),
-            # With workers, the main process only reads, packs and writes: its CPU time per token bounds what any
-            # number of workers can reach (one core for it, its threads not overlapping: a conservative bound).
+            # With workers, the main process cuts tasks (reading only compressed inputs), plans shards and numbers
+            # bad records: its CPU time per token bounds what any number of workers can reach (one core for it,
+            # its threads not overlapping: a conservative bound).
             "main_process_cpu_s": round(run.own_cpu_s - fixed.own_cpu_s, 3),
-            "main_process_ceiling_tokens_per_s": (round(run.num_tokens / (run.own_cpu_s - fixed.own_cpu_s))
+            # Floored at 1 ms (the clock's useful resolution here): then the ceiling is a lower bound.
+            "main_process_ceiling_tokens_per_s": (round(run.num_tokens / max(run.own_cpu_s - fixed.own_cpu_s, 1e-3))
                                                   if n > 1 else None),
         }
     return {"model_type": model_type, "num_tokens": raw.num_tokens,
@@ -279,13 +306,14 @@ def summarize(model_type: str, num_procs: list[int], timings: dict[str, Timing])
             "prepare": rows}
 
 
-def measure_rss(corpus_mb: int, tokenizer_dir: Path, work: Path, docs: list[str], num_proc: int) -> dict[str, Any]:
+def measure_rss(corpus_mb: int, tokenizer_dir: Path, work: Path, docs: list[str], num_proc: int,
+                input_format: str) -> dict[str, Any]:
     corpus = work / f"rss-{corpus_mb}mb"
-    text_bytes = write_corpus(corpus, docs, corpus_mb * 10**6)
+    text_bytes = write_corpus(corpus, docs, corpus_mb * 10**6, input_format=input_format)
     code = (
         "import json, resource, sys\n"
         "from data_pipeline.prepare import PrepareConfig, prepare\n"
-        f"r = prepare(PrepareConfig(inputs=({str(corpus)!r},), include_globs=('*.jsonl',),"
+        f"r = prepare(PrepareConfig(inputs=({str(corpus)!r},), include_globs=({corpus_glob(input_format)!r},),"
         f" tokenizer={str(tokenizer_dir)!r},"
         f" output_dir={str(work / 'rss-out')!r}, seq_len={SEQ_LEN}, num_proc={num_proc}, overwrite=True,"
         " progress=False))\n"
@@ -298,7 +326,7 @@ def measure_rss(corpus_mb: int, tokenizer_dir: Path, work: Path, docs: list[str]
     repo_root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, check=True)
     stats = json.loads(proc.stdout.strip().splitlines()[-1])
-    for part in corpus.glob("*.jsonl"):
+    for part in corpus.glob("part-*"):
         part.unlink()  # the next size needs the disk space
     return {"corpus_text_mb": round(text_bytes / 1e6, 1), "num_proc": num_proc,
             "peak_rss_main_mb": round(stats["main_kb"] / 1024, 1),
@@ -345,6 +373,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus-mb", type=float, default=40, help="text for the throughput runs (MB)")
     parser.add_argument("--model-types", nargs="+", default=["bpe", "unigram"], choices=["bpe", "unigram"])
+    parser.add_argument("--input-format", default="jsonl", choices=["jsonl", "jsonl.zst", "parquet"],
+                        help="corpus files: jsonl (workers read byte ranges), jsonl.zst (the main process "
+                             "decompresses), parquet (workers read row groups)")
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--train-sentences", type=int, default=200_000, help="tokenizer training sample (lines)")
     parser.add_argument("--num-proc", type=int, nargs="+", default=[1, 2])
@@ -369,11 +400,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:
         work = Path(tmp)
         corpus = work / "corpus"
-        text_bytes = write_corpus(corpus, docs, int(args.corpus_mb * 1e6))
+        text_bytes = write_corpus(corpus, docs, int(args.corpus_mb * 1e6), input_format=args.input_format)
         results = [bench_model_type(m, corpus, work, args) for m in args.model_types]
-        rss = [measure_rss(mb, work / f"tok-{args.rss_model_type}", work, docs, max(args.num_proc))
+        rss = [measure_rss(mb, work / f"tok-{args.rss_model_type}", work, docs, max(args.num_proc), args.input_format)
                for mb in args.rss_mb]
     report = {"benchmark": "prepare", "host": platform.node(), "cpu_count": os.cpu_count(),
+              "input_format": args.input_format,
               "load_avg_at_end": os.getloadavg(), "corpus_text_mb": round(text_bytes / 1e6, 1),
               "vocab_size": args.vocab_size, "repeats": args.repeats, "results": results, "peak_rss": rss,
               "target": "per_process_vs_raw >= 0.85 for each num_proc <= cores"}
