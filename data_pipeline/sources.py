@@ -44,6 +44,9 @@ COMPRESSION_SUFFIXES = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 PARQUET_BATCH_ROWS = 256
 # Largest row group (uncompressed, all columns) a prepare worker reads whole; see _row_groups_fit_a_worker.
 PARQUET_WORKER_MAX_GROUP_BYTES = 64 << 20
+# Largest .gz/.zst file a prepare worker reads whole (a compressed stream cannot be split into ranges); its
+# documents are in the worker's memory at once, ~5x this for text. Bigger files are decompressed by the cutter.
+WORKER_MAX_COMPRESSED_BYTES = 16 << 20
 REPORT_HEADER = "file\tline\treason\tdetail\n"
 # Details are for a human to find the problem; cap them so a pathological input cannot balloon the report.
 MAX_DETAIL_CHARS = 200
@@ -297,7 +300,7 @@ class RecordBlock:
     def num_bytes(self) -> int:
         if isinstance(self.data, FileRange):
             return self.data.end - self.data.start
-        if isinstance(self.data, ParquetRowGroup):
+        if isinstance(self.data, (ParquetRowGroup, CompressedFile)):
             return self.data.num_bytes
         return len(self.data) if isinstance(self.data, bytes) else int(self.data.nbytes)
 
@@ -313,6 +316,14 @@ class FileRange:
     start: int
     end: int
     is_last: bool  # the file's last range: the one that reports a file of blank lines as empty
+
+
+@dataclass(frozen=True)
+class CompressedFile:
+    """A whole .gz/.zst file for the parsing process to read with the sequential reader (`byte_ranges=True`)."""
+
+    path: str
+    num_bytes: int  # compressed
 
 
 @dataclass(frozen=True)
@@ -352,6 +363,8 @@ def _file_blocks(src: SourceFile, text_key: str, max_records: int, max_bytes: in
     kind, compression = file_format(src.path)
     if byte_ranges and compression is None and kind != "parquet":
         yield from _range_blocks(src, kind, size_bytes, max_bytes)
+    elif byte_ranges and compression is not None and size_bytes <= WORKER_MAX_COMPRESSED_BYTES:
+        yield RecordBlock(src.name, kind, 1, 0, CompressedFile(str(src.path), size_bytes))
     elif kind == "parquet":
         yield from _parquet_blocks(src, text_key, max_records, byte_ranges)
     elif kind == "jsonl":
@@ -629,6 +642,8 @@ def parse_block(block: RecordBlock, text_key: str) -> Iterator[Document | BadRec
         return _parse_range(block, block.data, text_key)
     if isinstance(block.data, ParquetRowGroup):
         return _parse_row_group(block, block.data, text_key)
+    if isinstance(block.data, CompressedFile):
+        return _parse_compressed_file(block, block.data, text_key)
     if block.kind == "jsonl":
         return _parse_jsonl(block, text_key)
     if block.kind == "parquet":
@@ -676,6 +691,13 @@ def _parse_range(block: RecordBlock, file_range: FileRange, text_key: str) -> It
         offset += len(raw)
     if file_range.is_last and not has_records and _is_blank_prefix(file_range.path, data_start):
         yield BadRecord(block.source, 0, "empty_file", "no records (only blank lines)")
+
+
+def _parse_compressed_file(block: RecordBlock, file: CompressedFile,
+                           text_key: str) -> Iterator[Document | BadRecord]:
+    """The sequential reader, run where the block is parsed: same documents, rows and line numbers."""
+    for item in _file_blocks(SourceFile(Path(file.path), block.source), text_key, sys.maxsize, READ_CHUNK_BYTES):
+        yield from parse_block(item, text_key) if isinstance(item, RecordBlock) else (item,)
 
 
 def _parse_row_group(block: RecordBlock, group: ParquetRowGroup, text_key: str) -> Iterator[Document | BadRecord]:

@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -331,32 +332,44 @@ def test_blocks_parse_to_exactly_what_iter_documents_gives(tmp_path: Path, monke
     assert {r.reason for r in rows} >= {"truncated_gzip", "empty_file", "invalid_utf8", "lone_surrogate"}
 
 
-@pytest.mark.parametrize(("read_chunk_bytes", "max_bytes"), [(7, 1), (64, 7), (5, 50), (1 << 20, 1 << 20)])
+@pytest.mark.parametrize(("read_chunk_bytes", "max_bytes", "worker_max_compressed_bytes"),
+                         [(7, 1, 1 << 20), (64, 7, 0), (5, 50, 1000), (1 << 20, 1 << 20, 1 << 20)])
 def test_byte_ranges_parse_to_exactly_what_iter_documents_gives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                read_chunk_bytes: int, max_bytes: int) -> None:
+                                                                read_chunk_bytes: int, max_bytes: int,
+                                                                worker_max_compressed_bytes: int) -> None:
     """With byte_ranges the cutter reads nothing and every worker reads its own range: each line must still be
     parsed exactly once (ranges as small as one byte, lines longer than a range, CRLF, BOM, no final newline, a
     blank file over many ranges), and bad records, numbered afterwards by LineNumberer, must equal the
-    sequential reader's rows, in order."""
+    sequential reader's rows, in order. Compressed files go whole to the worker up to a size, else through the
+    cutter; parquet by row group."""
     import pickle
 
     from data_pipeline import sources
-    from data_pipeline.sources import BadRecord, FileRange, LineNumberer, ParquetRowGroup, parse_block, read_blocks
+    from data_pipeline.sources import (
+        BadRecord,
+        CompressedFile,
+        FileRange,
+        LineNumberer,
+        ParquetRowGroup,
+        parse_block,
+        read_blocks,
+    )
 
     inputs = _mixed_inputs(tmp_path)
     (tmp_path / "long.jsonl").write_bytes(b'{"text": "' + b"y" * 300 + b'"}\r\n{"text": "after"}\n{bad\n' * 3)
     files = expand_inputs([*inputs, tmp_path / "long.jsonl"], ["*"])
     expected_docs, expected_report = _read(files)
     monkeypatch.setattr(sources, "READ_CHUNK_BYTES", read_chunk_bytes)
+    monkeypatch.setattr(sources, "WORKER_MAX_COMPRESSED_BYTES", worker_max_compressed_bytes)
     numberer = LineNumberer(files)
     docs: list[tuple[str, str]] = []
     rows: list[BadRecord] = []
-    kinds = set()
+    kinds: Counter[str] = Counter()
     for item in read_blocks(files, "text", 4096, max_bytes, byte_ranges=True):
         if isinstance(item, BadRecord):
             rows.append(item)
             continue
-        kinds.add(type(item.data).__name__)
+        kinds[type(item.data).__name__] += 1
         for entry in parse_block(pickle.loads(pickle.dumps(item)), "text"):  # as a worker receives it
             if isinstance(entry, Document):
                 docs.append((entry.text, entry.source))
@@ -364,7 +377,11 @@ def test_byte_ranges_parse_to_exactly_what_iter_documents_gives(tmp_path: Path, 
                 rows.append(numberer.number(entry))
     assert docs == [(d.text, d.source) for d in expected_docs] and len(docs) > 300
     assert rows == expected_report.records
-    assert {FileRange.__name__, ParquetRowGroup.__name__} <= kinds  # the worker-side readers really ran
+    assert kinds[FileRange.__name__] and kinds[ParquetRowGroup.__name__]  # the worker-side readers really ran
+    compressed = [f for f in files if f.path.suffix in (".gz", ".zst")]
+    num_whole = sum(f.path.stat().st_size <= worker_max_compressed_bytes for f in compressed)
+    assert kinds[CompressedFile.__name__] == num_whole
+    assert ("bytes" in kinds) == (num_whole < len(compressed))  # the cutter still decompresses the larger ones
     assert {r.reason for r in rows} >= {"truncated_gzip", "empty_file", "invalid_utf8", "malformed_json"}
 
 
