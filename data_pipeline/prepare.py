@@ -125,6 +125,8 @@ class PrepareConfig:
             raise DataPipelineError(f"--num-proc must be >= 1, got {self.num_proc}")
         if self.batch_max_docs < 1 or self.batch_max_bytes < 1:
             raise DataPipelineError("batch_max_docs and batch_max_bytes must be >= 1")
+        if self.spool_dir is not None and not os.path.isdir(self.spool_dir):
+            raise DataPipelineError(f"--spool-dir {self.spool_dir} is not a directory; create it or pass another one")
 
     @property
     def resolved_num_proc(self) -> int:
@@ -437,7 +439,8 @@ def _coded_blocks(config: PrepareConfig, train_files: list[SourceFile],
                   val_files: list[SourceFile]) -> Iterator[tuple[RecordBlock | BadRecord, int]]:
     train_code = _CODE_BY_HASH if config.val_fraction > 0 else _CODE_TRAIN
     for files, code in ((train_files, train_code), (val_files, _CODE_VAL)):
-        # byte_ranges: the workers read uncompressed files themselves, so the main process does no I/O for them.
+        # byte_ranges: workers read uncompressed files by range, parquet by row group and small compressed files
+        # whole, so the main process does no I/O for them (sources.read_blocks).
         for item in read_blocks(files, config.text_key, config.batch_max_docs, config.batch_max_bytes,
                                 byte_ranges=True):
             yield item, code
@@ -585,8 +588,6 @@ def _spool_dir(parent: str | None) -> Iterator[str]:
     """A fresh folder for the workers' token spool files, removed afterwards whatever happens. Its size stays
     bounded: files go as soon as their shards are written (about 2 × num_proc tasks and num_proc + 1 shards of
     tokens at a time)."""
-    if parent is not None and not os.path.isdir(parent):
-        raise DataPipelineError(f"--spool-dir {parent} is not a directory; create it or pass another one")
     try:
         path = tempfile.mkdtemp(prefix="pretrain-prepare-spool-", dir=parent)
     except OSError as err:

@@ -412,7 +412,10 @@ def test_a_killed_worker_is_an_error_and_leaves_no_spool(corpus: Corpus, tokeniz
     assert not list((tmp_path / "out").rglob("*.tmp"))
 
 
-def test_a_missing_spool_dir_is_refused_before_work(corpus: Corpus, tokenizer_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_a_missing_spool_dir_is_refused_before_work(corpus: Corpus, tokenizer_dir: Path, tmp_path: Path,
+                                                    num_proc: int) -> None:
     with pytest.raises(DataPipelineError, match="--spool-dir .*nope is not a directory; create it"):
         prepare(PrepareConfig(inputs=corpus.inputs, tokenizer=str(tokenizer_dir), output_dir=str(tmp_path / "o"),
-                              num_proc=2, spool_dir=str(tmp_path / "nope"), progress=False))
+                              num_proc=num_proc, spool_dir=str(tmp_path / "nope"), progress=False))
+    assert not (tmp_path / "o").exists()
