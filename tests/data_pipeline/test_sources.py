@@ -361,6 +361,8 @@ def test_byte_ranges_parse_to_exactly_what_iter_documents_gives(tmp_path: Path, 
     expected_docs, expected_report = _read(files)
     monkeypatch.setattr(sources, "READ_CHUNK_BYTES", read_chunk_bytes)
     monkeypatch.setattr(sources, "WORKER_MAX_COMPRESSED_BYTES", worker_max_compressed_bytes)
+    # 0: the parquet file's row groups count as too big for a worker, so the cutter reads it in batches.
+    monkeypatch.setattr(sources, "PARQUET_WORKER_MAX_GROUP_BYTES", worker_max_compressed_bytes and (64 << 20))
     numberer = LineNumberer(files)
     docs: list[tuple[str, str]] = []
     rows: list[BadRecord] = []
@@ -377,7 +379,9 @@ def test_byte_ranges_parse_to_exactly_what_iter_documents_gives(tmp_path: Path, 
                 rows.append(numberer.number(entry))
     assert docs == [(d.text, d.source) for d in expected_docs] and len(docs) > 300
     assert rows == expected_report.records
-    assert kinds[FileRange.__name__] and kinds[ParquetRowGroup.__name__]  # the worker-side readers really ran
+    assert kinds[FileRange.__name__]  # the worker-side readers really ran
+    assert bool(kinds[ParquetRowGroup.__name__]) == bool(worker_max_compressed_bytes)
+    assert bool(kinds["LargeBinaryArray"]) == (not worker_max_compressed_bytes)  # parquet batches read by the cutter
     compressed = [f for f in files if f.path.suffix in (".gz", ".zst")]
     num_whole = sum(f.path.stat().st_size <= worker_max_compressed_bytes for f in compressed)
     assert kinds[CompressedFile.__name__] == num_whole
