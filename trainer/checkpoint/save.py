@@ -3,7 +3,8 @@
 Who writes what: every rank writes the slices it owns into its own safetensors file. A parameter (weights and both
 Adam moments) is owned by one DP rank (its position in the parameter list modulo dp), so the DP replicas share the
 writing; each TP rank owns its own TP shard, each PP stage its own parameters. No tensor crosses ranks except
-through DeepSpeed's collective getters under ZeRO.
+through the collective reads under ZeRO (state.FragmentAccess.read_all: DeepSpeed's fragment getters, small
+parameters in buckets).
 
 Commit protocol (the same for synchronous and async saves):
   1. rank 0 empties `.step_N.tmp/`; barrier (before any rank writes into it, because rank 0 just recreated it);
@@ -108,12 +109,12 @@ def take_snapshot(run: Any, step: int, metadata: dict[str, Any] | None, *, copy:
         from trainer.config import dump_resolved
 
         snap.config_yaml = dump_resolved(run.cfg, run.derived)
-    for position, (name, param) in enumerate(run.model.canonical_named_parameters()):
-        owner = _owns(position, tp_partition_dim(param) is not None, ctx)
-        if not owner and not collective:
-            continue
-        values = access.read(param)
+    named = list(run.model.canonical_named_parameters())
+    owners = [_owns(i, tp_partition_dim(param) is not None, ctx) for i, (_, param) in enumerate(named)]
+    reads = access.read_all([param for _, param in named], owners)
+    for (name, param), owner, values in zip(named, owners, reads, strict=True):
         if owner:
+            assert values is not None
             _keep(snap, name, param, values, ctx, copy=copy and not collective, buffers=buffers)
         progress()
     return snap

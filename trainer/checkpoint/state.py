@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import random
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,13 @@ import torch
 from trainer.checkpoint.layout import CheckpointError
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+# FragmentAccess.read_all gathers the ZeRO-1/2 state of small parameters (norms, biases: up to
+# READ_BUCKETED_MAX_NUMEL elements) in buckets of up to READ_BUCKET_NUMEL elements per value: one all_reduce per
+# bucket and value instead of DeepSpeed's one per parameter and value, which is latency-bound on small tensors.
+# Bigger parameters are read alone, as DeepSpeed's getters do: bandwidth-bound, and their buffer is kept as is
+# (bench/bench_zero_snapshot.py; bucketing them too measured slower on CPU, from copying what a rank keeps).
+READ_BUCKET_NUMEL = 2**22
+READ_BUCKETED_MAX_NUMEL = 2**16
 
 
 def local_shape(param: torch.Tensor) -> tuple[int, ...]:
@@ -46,6 +54,10 @@ class PlainAccess:
         state = self.opt.state.get(param, {})
         moments = [state[k] if k in state else torch.zeros_like(param) for k in MOMENTS]
         return (param.detach(), *moments)
+
+    def read_all(self, params: Sequence[torch.nn.Parameter],
+                 wanted: Sequence[bool]) -> Iterator[tuple[torch.Tensor, ...] | None]:
+        return _read_wanted(self.read, params, wanted)
 
     def prepare_read(self) -> None: ...
 
@@ -78,6 +90,10 @@ class UnfusedAccess:
         state = self.base.state.get(master, {})
         return (master.detach(), *[state[k] if k in state else torch.zeros_like(master) for k in MOMENTS])
 
+    def read_all(self, params: Sequence[torch.nn.Parameter],
+                 wanted: Sequence[bool]) -> Iterator[tuple[torch.Tensor, ...] | None]:
+        return _read_wanted(self.read, params, wanted)
+
     def prepare_read(self) -> None: ...
 
     def adam_step(self) -> float:
@@ -104,6 +120,7 @@ class FragmentAccess:
         self.base = optimizer.optimizer
         attr = next(a for a in _FLAT_ATTRS if hasattr(optimizer, a))
         self.flats: list[torch.Tensor] = list(getattr(optimizer, attr))
+        self._buffers: list[torch.Tensor] = []  # read_all's bucket buffers, one per value, while it runs
 
     def _has_state(self) -> bool:
         # Same answer on every rank (all flats gain Adam state at the first applied step); getters of moments that
@@ -130,6 +147,72 @@ class FragmentAccess:
         if not self._has_state():
             return weight, torch.zeros_like(weight), torch.zeros_like(weight)
         return (weight, *[safe_get_full_optimizer_state(param, key) for key in MOMENTS])
+
+    def read_all(self, params: Sequence[torch.nn.Parameter],
+                 wanted: Sequence[bool]) -> Iterator[tuple[torch.Tensor, ...] | None]:
+        """`read` of each wanted parameter (tensors the caller may keep), None for the others; collective: every rank
+        takes part in every read. Small ZeRO-1/2 and BF16_Optimizer parameters are gathered in buckets (see
+        READ_BUCKET_NUMEL), a big one alone into a fresh buffer that the caller keeps without a copy. ZeRO-3 goes
+        through DeepSpeed's per-parameter getters."""
+        bucket: list[tuple[torch.nn.Parameter, bool]] = []
+        try:
+            for param, want in zip(params, wanted, strict=True):
+                bucketable = hasattr(param, "_hp_mapping") and param.numel() <= READ_BUCKETED_MAX_NUMEL
+                if bucket and (not bucketable or param._dp_group is not bucket[0][0]._dp_group
+                               or sum(p.numel() for p, _ in bucket) + param.numel() > READ_BUCKET_NUMEL):
+                    yield from self._read_bucket(bucket)
+                    bucket = []
+                if bucketable:
+                    bucket.append((param, want))
+                    continue
+                values = self._gather([param], reuse=False)[0] if hasattr(param, "_hp_mapping") else self.read(param)
+                yield values if want else None
+            yield from self._read_bucket(bucket)
+        finally:
+            self._buffers = []  # free them once the read is over
+
+    def _read_bucket(self, bucket: list[tuple[torch.nn.Parameter, bool]]) -> Iterator[tuple[torch.Tensor, ...] | None]:
+        if not bucket:
+            return
+        gathered = self._gather([param for param, _ in bucket], reuse=True)
+        for (_, want), values in zip(bucket, gathered):
+            yield tuple(value.clone() for value in values) if want else None  # the buffers are reused
+
+    def _gather(self, params: list[torch.nn.Parameter], reuse: bool) -> list[tuple[torch.Tensor, ...]]:
+        """What `deepspeed.utils.safe_get_full_fp32_param` / `safe_get_full_optimizer_state` compute, for several
+        parameters at once: each rank copies its fragments into a zeroed buffer at their offsets and one all_reduce
+        (a sum of disjoint fragments) assembles the full values on every rank. Values are views of the buffers."""
+        import deepspeed.comm as dist
+
+        offsets = np.cumsum([0] + [p.numel() for p in params]).tolist()
+        keys = (None, *MOMENTS) if self._has_state() else (None,)
+        device = self.flats[0].device
+        buffers = []
+        for index, key in enumerate(keys):
+            if reuse:
+                buffer = self._buffer(index, offsets[-1])
+            else:
+                buffer = torch.zeros(offsets[-1], dtype=torch.float32, device=device)
+            for param, offset in zip(params, offsets):
+                if param._hp_mapping is not None:  # None: no fragment of it on this rank
+                    address = param._hp_mapping.lp_fragment_address
+                    start = offset + address.start
+                    buffer[start : start + address.numel].copy_(param._hp_mapping.get_hp_fragment(key).data)
+            dist.all_reduce(buffer, group=params[0]._dp_group)
+            buffers.append(buffer)
+        gathered = []
+        for param, offset in zip(params, offsets):
+            values = [buffer[offset : offset + param.numel()].view(param.shape) for buffer in buffers]
+            if len(values) == 1:  # no Adam step yet: zero moments, as `read` gives
+                values += [torch.zeros_like(values[0]), torch.zeros_like(values[0])]
+            gathered.append(tuple(values))
+        return gathered
+
+    def _buffer(self, index: int, numel: int) -> torch.Tensor:
+        """Zeroed reusable buffer `index`, `numel` fp32 elements long."""
+        while len(self._buffers) <= index:
+            self._buffers.append(torch.empty(READ_BUCKET_NUMEL, dtype=torch.float32, device=self.flats[0].device))
+        return self._buffers[index][:numel].zero_()
 
     def adam_step(self) -> float:
         return _first_step(self.base.state.get(flat, {}) for flat in self.flats)
@@ -176,6 +259,12 @@ def optimizer_access(engine: Any) -> PlainAccess | UnfusedAccess | FragmentAcces
         return PlainAccess(opt)
     raise CheckpointError(f"engine optimizer {type(opt).__name__} is not one this checkpointer can read (pinned to "
                           f"deepspeed 0.19.8): update trainer/checkpoint/state.py")
+
+
+def _read_wanted(read: Any, params: Sequence[torch.nn.Parameter],
+                 wanted: Sequence[bool]) -> Iterator[tuple[torch.Tensor, ...] | None]:
+    """`read` of each wanted parameter, None for the others (local accessors: nothing to take part in)."""
+    return (read(p) if want else None for p, want in zip(params, wanted, strict=True))
 
 
 def _first_step(states: Any) -> float:
