@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -146,16 +147,51 @@ def _read_piece(piece: Chunk, out: np.ndarray) -> None:
                                 "on a disk with free space")
 
 
+class SpoolWriter:
+    """Appends token arrays to one raw spool file (read back by `_read_piece`). The file is created at the first
+    non-empty array: a split a task has no tokens for leaves no file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.num_tokens = 0
+        self._file: Any = None
+
+    def append(self, tokens: np.ndarray) -> None:
+        if not len(tokens):
+            return
+        try:
+            if self._file is None:
+                self._file = open(self.path, "wb")  # noqa: SIM115 (closed in close())
+            tokens.tofile(self._file)
+        except OSError as err:
+            self._fail(err)
+        self.num_tokens += len(tokens)
+
+    def close(self) -> int:
+        """Close the file; the number of tokens written."""
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError as err:
+                self._fail(err)
+            self._file = None
+        return self.num_tokens
+
+    def _fail(self, err: OSError) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        _remove_quietly(self.path)
+        raise DataPipelineError(f"cannot write the spool file {self.path} ({err}); pass --spool-dir on a local disk "
+                                "with free space (it holds a few shards' worth of tokens at a time)") from err
+
+
 def write_spool_file(path: str, arrays: tuple[np.ndarray, ...]) -> None:
-    """The arrays back to back, raw, in one file (read by `_read_piece`)."""
-    try:
-        with open(path, "wb") as f:
-            for array in arrays:
-                array.tofile(f)
-    except OSError as err:
-        _remove_quietly(path)
-        raise DataPipelineError(f"cannot write the spool file {path} ({err}); pass --spool-dir on a local disk with "
-                                "free space (it holds a few shards' worth of tokens at a time)") from err
+    """The arrays back to back, raw, in one file."""
+    writer = SpoolWriter(path)
+    for array in arrays:
+        writer.append(array)
+    writer.close()
 
 
 def _remove_quietly(path: str) -> None:

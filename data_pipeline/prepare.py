@@ -59,8 +59,8 @@ from data_pipeline.packing import (
     ShardLayout,
     ShardPlanner,
     TokenRef,
+    SpoolWriter,
     write_shard,
-    write_spool_file,
 )
 from data_pipeline.shards import TOKEN_DTYPES, ShardEntry, token_dtype_name
 from data_pipeline.sources import (
@@ -284,6 +284,51 @@ def _check_split_sizes(split_infos: dict[str, SplitInfo], config: PrepareConfig)
 Task = list[tuple[RecordBlock | BadRecord, int]]
 
 
+# A task's documents are tokenized in batches of about this many characters: one sentencepiece call amortised,
+# and a task that is a whole compressed file (sources.CompressedFile) streams through in bounded memory.
+ENCODE_BATCH_CHARS = 1 << 20
+
+
+class TokenSink:
+    """Where a task's tokens go while it is encoded: `add(train, val)` per batch, `finish()` → the two chunks."""
+
+    def add(self, train: np.ndarray, val: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> tuple[Chunk, Chunk]:
+        raise NotImplementedError
+
+
+class MemorySink(TokenSink):
+    """Tokens kept in memory (prepare with one process)."""
+
+    def __init__(self) -> None:
+        self.parts: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+
+    def add(self, train: np.ndarray, val: np.ndarray) -> None:
+        self.parts[0].append(train)
+        self.parts[1].append(val)
+
+    def finish(self) -> tuple[Chunk, Chunk]:
+        train, val = (np.concatenate(parts) if len(parts) > 1 else parts[0] for parts in self.parts)
+        return Chunk(train, 0, len(train)), Chunk(val, 0, len(val))
+
+
+class SpoolSink(TokenSink):
+    """Tokens appended to one spool file per split (workers): only their counts go back to the main process."""
+
+    def __init__(self, path_prefix: str) -> None:
+        self.writers = (SpoolWriter(path_prefix + ".train"), SpoolWriter(path_prefix + ".val"))
+
+    def add(self, train: np.ndarray, val: np.ndarray) -> None:
+        for writer, tokens in zip(self.writers, (train, val)):
+            writer.append(tokens)
+
+    def finish(self) -> tuple[Chunk, Chunk]:
+        train, val = (Chunk(writer.path, 0, writer.close()) for writer in self.writers)
+        return train, val
+
+
 class EncodedTask(NamedTuple):
     tokens: tuple[Chunk, Chunk]  # per split code (train, val): each document's tokens + eos, in order
     sources: dict[tuple[str, int], tuple[int, int]]  # (source, split code) → (documents, their UTF-8 bytes)
@@ -312,31 +357,45 @@ class TaskEncoder:
         # The split hash is keyed by the seed, so another seed gives another (equally deterministic) split.
         self.hash_key = settings.seed.to_bytes(8, "little", signed=True)
 
-    def __call__(self, task: Task) -> EncodedTask:
-        docs, codes, bad_records = self._parse(task)
-        ids = self.tokenizer.encode([doc.text for doc in docs], num_threads=1)
-        parts: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+    def __call__(self, task: Task, sink: TokenSink | None = None) -> EncodedTask:
+        """Encode `task`, handing its tokens to `sink` batch by batch (default: kept in memory). A task that is one
+        whole compressed file streams through in batches of ~ENCODE_BATCH_CHARS: memory does not grow with it."""
+        sink = sink or MemorySink()
         sources: dict[tuple[str, int], tuple[int, int]] = {}
-        for doc, doc_ids, code in zip(docs, ids, codes, strict=True):
-            split_code, num_bytes = self._split_and_size(doc.text, code)
-            parts[split_code].extend((doc_ids, self.eos))
-            num_docs, total_bytes = sources.get((doc.source, split_code), (0, 0))
-            sources[(doc.source, split_code)] = (num_docs + 1, total_bytes + num_bytes)
-        train, val = self._concatenate(parts[0]), self._concatenate(parts[1])
-        return EncodedTask((Chunk(train, 0, len(train)), Chunk(val, 0, len(val))), sources, bad_records, len(docs))
-    def _parse(self, task: Task) -> tuple[list[Document], list[int], list[BadRecord]]:
+        bad_records: list[BadRecord] = []
+        num_documents = 0
+        for docs, codes in self._batches(task, bad_records):
+            ids = self.tokenizer.encode([doc.text for doc in docs], num_threads=1)
+            parts: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+            for doc, doc_ids, code in zip(docs, ids, codes, strict=True):
+                split_code, num_bytes = self._split_and_size(doc.text, code)
+                parts[split_code].extend((doc_ids, self.eos))
+                num_docs, total_bytes = sources.get((doc.source, split_code), (0, 0))
+                sources[(doc.source, split_code)] = (num_docs + 1, total_bytes + num_bytes)
+            sink.add(self._concatenate(parts[0]), self._concatenate(parts[1]))
+            num_documents += len(docs)
+        return EncodedTask(sink.finish(), sources, bad_records, num_documents)
+
+    def _batches(self, task: Task, bad_records: list[BadRecord]) -> Iterator[tuple[list[Document], list[int]]]:
+        """The task's documents (and their split codes) in order, in batches of about ENCODE_BATCH_CHARS; skipped
+        records go to `bad_records`."""
         docs: list[Document] = []
         codes: list[int] = []
-        bad_records: list[BadRecord] = []
+        num_chars = 0
         for item, code in task:
             entries = parse_block(item, self.text_key) if isinstance(item, RecordBlock) else (item,)
             for entry in entries:
-                if isinstance(entry, Document):
-                    docs.append(entry)
-                    codes.append(code)
-                else:
+                if not isinstance(entry, Document):
                     bad_records.append(entry)
-        return docs, codes, bad_records
+                    continue
+                docs.append(entry)
+                codes.append(code)
+                num_chars += len(entry.text)
+                if num_chars >= ENCODE_BATCH_CHARS:
+                    yield docs, codes
+                    docs, codes, num_chars = [], [], 0
+        if docs:
+            yield docs, codes
 
     def _split_and_size(self, text: str, code: int) -> tuple[int, int]:
         """(split code, UTF-8 bytes of the text)."""
@@ -377,16 +436,11 @@ def _init_worker(model_proto: bytes, settings: EncodeSettings, layout: ShardLayo
 
 
 def _encode_in_worker(task: Task) -> EncodedTask:
-    """Encode a task and leave its tokens in a spool file, so only their counts travel back to the main process."""
+    """Encode a task and leave its tokens in spool files, so only their counts travel back to the main process."""
     assert _WORKER is not None, "worker started without _init_worker"
-    encoded = _WORKER.encoder(task)
-    train, val = (chunk.ref for chunk in encoded.tokens)
-    if not len(train) and not len(val):
-        return encoded
     _WORKER.num_spooled += 1
-    path = os.path.join(_WORKER.spool_dir, f"{os.getpid()}-{_WORKER.num_spooled}.tokens")
-    write_spool_file(path, (train, val))
-    return encoded._replace(tokens=(Chunk(path, 0, len(train)), Chunk(path, len(train), len(val))))
+    prefix = os.path.join(_WORKER.spool_dir, f"{os.getpid()}-{_WORKER.num_spooled}")
+    return _WORKER.encoder(task, SpoolSink(prefix))
 
 
 def _write_in_worker(job: ShardJob) -> ShardEntry:

@@ -44,9 +44,10 @@ COMPRESSION_SUFFIXES = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 PARQUET_BATCH_ROWS = 256
 # Largest row group (uncompressed, all columns) a prepare worker reads whole; see _row_groups_fit_a_worker.
 PARQUET_WORKER_MAX_GROUP_BYTES = 64 << 20
-# Largest .gz/.zst file a prepare worker reads whole (a compressed stream cannot be split into ranges); its
-# documents are in the worker's memory at once, ~5x this for text. Bigger files are decompressed by the cutter.
-WORKER_MAX_COMPRESSED_BYTES = 16 << 20
+# Largest .gz/.zst file a prepare worker reads whole (a compressed stream cannot be split into ranges). The worker
+# streams it in bounded memory, but its tokens wait in the spool until the file is done (~2-3x the compressed
+# size; up to 2 x num_proc such tasks are in flight): bigger files are decompressed by the cutter instead.
+WORKER_MAX_COMPRESSED_BYTES = 64 << 20
 REPORT_HEADER = "file\tline\treason\tdetail\n"
 # Details are for a human to find the problem; cap them so a pathological input cannot balloon the report.
 MAX_DETAIL_CHARS = 200

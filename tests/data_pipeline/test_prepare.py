@@ -396,11 +396,11 @@ def test_a_killed_worker_is_an_error_and_leaves_no_spool(corpus: Corpus, tokeniz
     encode = TaskEncoder.__call__
     calls = []
 
-    def encode_then_die(self, task):  # type: ignore[no-untyped-def]
+    def encode_then_die(self, task, sink=None):  # type: ignore[no-untyped-def]
         calls.append(1)
         if len(calls) == 3:  # the workers are forked, so each has its own count: each dies at its third task
             os.kill(os.getpid(), signal.SIGKILL)
-        return encode(self, task)
+        return encode(self, task, sink)
 
     monkeypatch.setattr(TaskEncoder, "__call__", encode_then_die)
     spool = tmp_path / "spool"
@@ -419,3 +419,34 @@ def test_a_missing_spool_dir_is_refused_before_work(corpus: Corpus, tokenizer_di
         prepare(PrepareConfig(inputs=corpus.inputs, tokenizer=str(tokenizer_dir), output_dir=str(tmp_path / "o"),
                               num_proc=num_proc, spool_dir=str(tmp_path / "nope"), progress=False))
     assert not (tmp_path / "o").exists()
+
+
+def test_a_whole_compressed_file_task_streams_in_batches(tokenizer: Tokenizer, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker reads a .gz/.zst of up to 64 MiB whole (it cannot be split): its documents must go through
+    sentencepiece and into the sink batch by batch, so memory does not grow with the file; the tokens are the same
+    as encoding every document at once."""
+    from data_pipeline import prepare as prepare_module
+    from data_pipeline.prepare import EncodeSettings, MemorySink
+    from data_pipeline.sources import CompressedFile, RecordBlock, expand_inputs, read_blocks
+
+    docs = _documents(300, 11)
+    path = tmp_path / "big.jsonl.gz"
+    path.write_bytes(gzip.compress(_jsonl(docs), mtime=0))
+    (block,) = read_blocks(expand_inputs([path], ["*"]), "text", byte_ranges=True)
+    assert isinstance(block, RecordBlock) and isinstance(block.data, CompressedFile)
+
+    class CountingSink(MemorySink):
+        adds = 0
+
+        def add(self, train: np.ndarray, val: np.ndarray) -> None:
+            CountingSink.adds += 1
+            super().add(train, val)
+
+    monkeypatch.setattr(prepare_module, "ENCODE_BATCH_CHARS", 2000)
+    encoder = TaskEncoder(tokenizer, EncodeSettings("uint16", tokenizer.eos_id, 0.0, 1234, "text"))
+    encoded = encoder([(block, 0)], CountingSink())
+    assert CountingSink.adds >= sum(map(len, docs)) // 2000 > 10
+    train, val = encoded.tokens
+    np.testing.assert_array_equal(train.ref, _stream(tokenizer, docs))
+    assert val.count == 0 and encoded.num_documents == 300
