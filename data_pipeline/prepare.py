@@ -302,7 +302,8 @@ class TokenSink:
 class MemorySink(TokenSink):
     """Tokens kept in memory (prepare with one process)."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: np.dtype) -> None:
+        self.dtype = dtype
         self.parts: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
 
     def add(self, train: np.ndarray, val: np.ndarray) -> None:
@@ -310,7 +311,8 @@ class MemorySink(TokenSink):
         self.parts[1].append(val)
 
     def finish(self) -> tuple[Chunk, Chunk]:
-        train, val = (np.concatenate(parts) if len(parts) > 1 else parts[0] for parts in self.parts)
+        # A task of only skipped records has no batch at all.
+        train, val = (np.concatenate(parts) if parts else np.empty(0, self.dtype) for parts in self.parts)
         return Chunk(train, 0, len(train)), Chunk(val, 0, len(val))
 
 
@@ -360,7 +362,7 @@ class TaskEncoder:
     def __call__(self, task: Task, sink: TokenSink | None = None) -> EncodedTask:
         """Encode `task`, handing its tokens to `sink` batch by batch (default: kept in memory). A task that is one
         whole compressed file streams through in batches of ~ENCODE_BATCH_CHARS: memory does not grow with it."""
-        sink = sink or MemorySink()
+        sink = sink or MemorySink(self.dtype)
         sources: dict[tuple[str, int], tuple[int, int]] = {}
         bad_records: list[BadRecord] = []
         num_documents = 0

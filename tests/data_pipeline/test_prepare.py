@@ -170,6 +170,9 @@ def test_reruns_and_num_proc_give_byte_identical_files(corpus: Corpus, tokenizer
     assert _tree_bytes(tmp_path / "two") == first
     _run(corpus, tokenizer_dir, tmp_path / "one", overwrite=True)
     assert _tree_bytes(tmp_path / "one") == first
+    # Tasks of one record or a few bytes: some hold only a skipped record (no document at all).
+    _run(corpus, tokenizer_dir, tmp_path / "tiny", num_proc=1, batch_max_docs=1, batch_max_bytes=16)
+    assert _tree_bytes(tmp_path / "tiny") == first
     expected_files = {"manifest.json", "bad_input_report.tsv", "tokenizer/tokenizer.model", "train/train-000000.tar"}
     assert expected_files <= set(first)
 
@@ -445,7 +448,7 @@ def test_a_whole_compressed_file_task_streams_in_batches(tokenizer: Tokenizer, t
 
     monkeypatch.setattr(prepare_module, "ENCODE_BATCH_CHARS", 2000)
     encoder = TaskEncoder(tokenizer, EncodeSettings("uint16", tokenizer.eos_id, 0.0, 1234, "text"))
-    encoded = encoder([(block, 0)], CountingSink())
+    encoded = encoder([(block, 0)], CountingSink(np.dtype("<u2")))
     assert CountingSink.adds >= sum(map(len, docs)) // 2000 > 10
     train, val = encoded.tokens
     np.testing.assert_array_equal(train.ref, _stream(tokenizer, docs))
