@@ -55,3 +55,13 @@ def test_write_shard_reads_spool_files_and_memory_alike(tmp_path: Path) -> None:
         np.testing.assert_array_equal(np.stack([reader.sample(i) for i in range(5)]), tokens[3:53].reshape(5, 10))
     with pytest.raises(DataPipelineError, match="spool file .* ends early"):
         write_shard(ShardJob("train", 3, 5, (Chunk(str(tmp_path / "a.tokens"), 30, 50),)), layout)
+
+
+def test_a_spool_write_failure_names_the_file_and_the_fix(tmp_path: Path) -> None:
+    from data_pipeline.packing import SpoolWriter
+
+    writer = SpoolWriter(str(tmp_path / "missing-dir" / "1-1.tokens.train"))
+    writer.append(np.empty(0, dtype="<u2"))  # nothing to write: no file, no error
+    assert writer.close() == 0
+    with pytest.raises(DataPipelineError, match="cannot write the spool file .*1-1.tokens.train .*--spool-dir"):
+        writer.append(np.arange(5, dtype="<u2"))
