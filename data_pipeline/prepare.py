@@ -38,6 +38,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -432,9 +433,24 @@ class _WorkerState:
 _WORKER: _WorkerState | None = None
 
 
-def _init_worker(model_proto: bytes, settings: EncodeSettings, layout: ShardLayout, spool_dir: str) -> None:
+def _init_worker(model_proto: bytes, settings: EncodeSettings, layout: ShardLayout, spool_dir: str,
+                 main_pid: int) -> None:
     global _WORKER
+    _die_with(main_pid)
     _WORKER = _WorkerState(TaskEncoder(Tokenizer(model_proto), settings), layout, spool_dir)
+
+
+def _die_with(main_pid: int) -> None:
+    """Linux: this worker is killed when the main process dies, even by SIGKILL (OOM killer, Slurm after a time
+    limit's grace period): an orphaned worker would otherwise wait on the task queue forever, holding its memory."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != main_pid:  # the main process died before the prctl took effect
+        os._exit(1)
 
 
 def _encode_in_worker(task: Task) -> EncodedTask:
@@ -634,7 +650,7 @@ def _worker_pool(num_proc: int, tokenizer: Tokenizer, settings: EncodeSettings, 
     ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     with _spool_dir(spool_parent) as spool_dir, ProcessPoolExecutor(
             num_proc, mp_context=ctx, initializer=_init_worker,
-            initargs=(tokenizer.model_proto, settings, layout, spool_dir)) as pool:
+            initargs=(tokenizer.model_proto, settings, layout, spool_dir, os.getpid())) as pool:
         _start_workers(pool)
         yield pool
 

@@ -7,6 +7,7 @@ Registering only builds parsers; sentencepiece, pyarrow and numpy are imported i
 from __future__ import annotations
 
 import argparse
+import signal
 from typing import Any
 
 TOKENIZER_TRAIN_EXAMPLE = """\
@@ -152,9 +153,16 @@ def _run_prepare(args: argparse.Namespace) -> int:
         include_globs=tuple(args.include or ("*.txt",)), strict=args.strict, overwrite=args.overwrite,
         progress=not args.no_progress,
     )
+    # scancel and Slurm time limits send SIGTERM (SIGKILL follows after KillWait): as an exception it unwinds prepare,
+    # which removes its spool folder and half-written shards on the way out instead of leaving them behind.
+    signal.signal(signal.SIGTERM, _raise_system_exit)
     result = prepare(config)
     print(result.summary())
     return 0
+
+
+def _raise_system_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _add_input_flags(parser: argparse.ArgumentParser) -> None:
