@@ -232,7 +232,9 @@ def _load_checked_tokenizer(path: str) -> Tokenizer:
 
 def _input_files(config: PrepareConfig) -> tuple[list[SourceFile], list[SourceFile]]:
     train_files = expand_inputs(config.inputs, config.include_globs)
-    val_files = expand_inputs(config.val_inputs, config.include_globs) if config.val_inputs else []
+    # Names unique across both lists: reports, manifest sources and bad-record line numbers are keyed by name.
+    train_names = [f.name for f in train_files]
+    val_files = expand_inputs(config.val_inputs, config.include_globs, train_names) if config.val_inputs else []
     train_real = {os.path.realpath(f.path) for f in train_files}
     overlap = [f.name for f in val_files if os.path.realpath(f.path) in train_real]
     if overlap:

@@ -169,16 +169,18 @@ def _clean_detail(detail: str) -> str:
 
 
 def expand_inputs(
-    paths: Iterable[str | os.PathLike[str]], include_globs: Sequence[str] = DEFAULT_INCLUDE_GLOBS
+    paths: Iterable[str | os.PathLike[str]], include_globs: Sequence[str] = DEFAULT_INCLUDE_GLOBS,
+    taken_names: Iterable[str] = (),
 ) -> list[SourceFile]:
     """Files as given, directories searched recursively for `include_globs` (matched against the file name, or
     the relative path when the pattern has a '/'). Order: arguments in the order given, each directory's files
     sorted by relative path, so the same command always reads the same sequence. Hidden files and directories
-    (.git, .cache, ...) are skipped. A file reached twice is read once."""
+    (.git, .cache, ...) are skipped. A file reached twice is read once. Names are unique, also against
+    `taken_names` (e.g. the training files' names when expanding the validation files)."""
     globs = tuple(include_globs) or DEFAULT_INCLUDE_GLOBS
     files: list[SourceFile] = []
     seen_real: set[str] = set()
-    seen_names: set[str] = set()
+    seen_names: set[str] = set(taken_names)
     for arg in paths:
         for src in _expand_one(Path(arg), globs):
             real = os.path.realpath(src.path)

@@ -240,6 +240,24 @@ def test_val_split_by_files(corpus: Corpus, tokenizer_dir: Path, tokenizer: Toke
         _run(corpus, tokenizer_dir, tmp_path / "y", val_inputs=(corpus.inputs[0],))
 
 
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_train_and_val_files_with_one_name_stay_apart(tokenizer_dir: Path, tmp_path: Path, num_proc: int) -> None:
+    """/data/train/part.jsonl and /data/val/part.jsonl (absolute paths) would both be named part.jsonl: the val
+    one gets its parent directory, so report rows, line numbers and manifest sources name the right file."""
+    for split, bad_line in (("train", 3), ("val", 5)):
+        (tmp_path / split).mkdir()
+        lines = [json.dumps({"text": d}) for d in _documents(8, bad_line)]
+        lines.insert(bad_line - 1, '{"text": broken')
+        (tmp_path / split / "part.jsonl").write_text("\n".join(lines) + "\n")
+    result = prepare(PrepareConfig(inputs=(str(tmp_path / "train" / "part.jsonl"),), tokenizer=str(tokenizer_dir),
+                                   val_inputs=(str(tmp_path / "val" / "part.jsonl"),), output_dir=str(tmp_path / "o"),
+                                   seq_len=7, num_proc=num_proc, batch_max_bytes=64, progress=False))
+    assert [(r.file, r.line, r.reason) for r in result.report.records] == [
+        ("part.jsonl", 3, "malformed_json"), ("val/part.jsonl", 5, "malformed_json")]
+    assert [(s["path"], s["split"], s["num_documents"], s["num_skipped"]) for s in result.manifest.sources] == [
+        ("part.jsonl", "train", 8, 1), ("val/part.jsonl", "val", 8, 1)]
+
+
 def test_vocab_over_65536_uses_uint32(corpus: Corpus, tmp_path: Path) -> None:
     import sentencepiece as spm
 
