@@ -474,8 +474,8 @@ def test_a_whole_compressed_file_task_streams_in_batches(tokenizer: Tokenizer, t
     assert val.count == 0 and encoded.num_documents == 300
 
 
-def test_sigterm_removes_the_spool_and_partial_shards(tokenizer_dir: Path, tmp_path: Path) -> None:
-    """scancel sends SIGTERM: `pretrain prepare` stops with 143 and leaves no spool, no temp shard, no manifest."""
+def _prepare_cli_in_flight(tokenizer_dir: Path, tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """`pretrain prepare` with 2 workers on ~5M tokens (about a second), returned once its first spool file exists."""
     (tmp_path / "in.jsonl").write_bytes(_jsonl(_documents(3000, 5)) * 40)
     spool = tmp_path / "spool"
     spool.mkdir()
@@ -483,11 +483,18 @@ def test_sigterm_removes_the_spool_and_partial_shards(tokenizer_dir: Path, tmp_p
                              "--tokenizer", str(tokenizer_dir), "--output", str(tmp_path / "out"), "--seq-len", "63",
                              "--num-proc", "2", "--spool-dir", str(spool), "--no-progress"],
                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not any(spool.rglob("*.train")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if proc.poll() is not None:
+        pytest.fail(f"prepare ended before it could be stopped:\n{proc.communicate()[0]}")
+    return proc, spool
+
+
+def test_sigterm_removes_the_spool_and_partial_shards(tokenizer_dir: Path, tmp_path: Path) -> None:
+    """scancel sends SIGTERM: `pretrain prepare` stops with 143 and leaves no spool, no temp shard, no manifest."""
+    proc, spool = _prepare_cli_in_flight(tokenizer_dir, tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        while not any(spool.rglob("*.train")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert proc.poll() is None, f"prepare ended before it could be stopped:\n{proc.communicate()[0]}"
         proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=60)[0]
     finally:
@@ -501,21 +508,12 @@ def test_sigterm_removes_the_spool_and_partial_shards(tokenizer_dir: Path, tmp_p
 def test_workers_die_with_a_killed_main_process(tokenizer_dir: Path, tmp_path: Path) -> None:
     """SIGKILL (OOM killer, Slurm after the grace period) cannot be handled: the workers must not outlive the main
     process, waiting forever on its task queue."""
-    (tmp_path / "in.jsonl").write_bytes(_jsonl(_documents(3000, 5)) * 40)
-    spool = tmp_path / "spool"
-    spool.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "launch", "prepare", "--input", str(tmp_path / "in.jsonl"),
-                             "--tokenizer", str(tokenizer_dir), "--output", str(tmp_path / "out"), "--seq-len", "63",
-                             "--num-proc", "2", "--spool-dir", str(spool), "--no-progress"],
-                            cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, _ = _prepare_cli_in_flight(tokenizer_dir, tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        while not any(spool.rglob("*.train")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
         children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        assert proc.poll() is None and len(children) == 2, children
+        assert len(children) == 2, children
         proc.kill()
-        proc.wait(timeout=10)
+        proc.communicate(timeout=10)
         deadline = time.monotonic() + 10
         while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline:
             time.sleep(0.05)
