@@ -9,9 +9,11 @@ Bad input never crashes a run and is never dropped silently: each problem become
 (file, line, reason, detail) in the report, counted by reason; `strict=True` raises `BadInputError` on the
 first one instead. Line numbers are 1-based; line 0 means "the whole file". For parquet, "line" is the row.
 
-Reading happens in two steps, so that one process can read for many that parse: `read_blocks` does the I/O,
-decompression and file-level checks and yields `RecordBlock`s of raw records (no per-record work), and
-`parse_block` parses and validates a block's records. `iter_documents` chains the two in one process.
+Reading happens in two steps, so that one process can cut the work for many that parse: `read_blocks` does the
+file-level checks and yields `RecordBlock`s of raw records (no per-record work), and `parse_block` parses and
+validates a block's records. `iter_documents` chains the two in one process. With `byte_ranges=True` (prepare) the
+blocks are mostly descriptions (byte range, row group, whole small compressed file) that `parse_block` reads
+itself, so the I/O and decompression happen in the parsing processes too.
 
 Trust: lines read before a truncation (.gz / .zst ending early) are intact and kept. A corrupt .gz is only
 detected by its CRC check at the *end* of the file, after its lines have been yielded; those lines may be
@@ -297,7 +299,8 @@ class RecordBlock:
     #            "parquet": rows of the text column
     first_line: int  # line (row) number of the block's first record; 0 for a "jsonl" FileRange (not counted)
     num_records: int  # lines (blank ones included) / 1 / rows; 0 for a "jsonl" FileRange (not counted)
-    data: Any  # bytes for "jsonl" and "text"; a pyarrow LargeBinaryArray for "parquet"; or a FileRange
+    data: Any  # bytes for "jsonl" and "text"; a pyarrow LargeBinaryArray for "parquet"; or, still to be read by
+    #            parse_block: a FileRange, ParquetRowGroup or CompressedFile (read_blocks with byte_ranges)
 
     @property
     def num_bytes(self) -> int:
@@ -346,9 +349,11 @@ def read_blocks(
     bytes (one larger record is a block of its own), with each file- or stream-level problem as a `BadRecord` at
     the place it occurred. `parse_block` on every block, in order, gives exactly `iter_documents`' output.
 
-    With `byte_ranges`, uncompressed JSON Lines and text files are not read here: their blocks are `FileRange`s
-    of about `max_bytes` (text: the whole file) that `parse_block` reads, and bad records in them carry byte
-    offsets for a `LineNumberer` instead of line numbers. Compressed and parquet files are read here either way."""
+    With `byte_ranges`, files are read by `parse_block` where it runs wherever that is possible in bounded memory:
+    uncompressed JSON Lines and text files as `FileRange`s of about `max_bytes` (text: the whole file; bad records
+    in JSON Lines ranges carry byte offsets for a `LineNumberer` instead of line numbers), parquet files as
+    `ParquetRowGroup`s while no group exceeds PARQUET_WORKER_MAX_GROUP_BYTES, .gz/.zst files up to
+    WORKER_MAX_COMPRESSED_BYTES whole (`CompressedFile`). Only the rest is read here."""
     for src in files:
         yield from _file_blocks(src, text_key, max_records, max_bytes, byte_ranges)
 
