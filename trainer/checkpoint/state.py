@@ -33,7 +33,7 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 # FragmentAccess.read_all gathers the ZeRO-1/2 state of small parameters (norms, biases: up to
 # READ_BUCKETED_MAX_NUMEL elements) in buckets of up to READ_BUCKET_NUMEL elements per value: one all_reduce per
 # bucket and value instead of DeepSpeed's one per parameter and value, which is latency-bound on small tensors.
-# Bigger parameters are read alone, as DeepSpeed's getters do: bandwidth-bound, and their buffer is kept as is
+# Bigger parameters go through DeepSpeed's getters one by one: bandwidth-bound, and their buffer is kept as is
 # (bench/bench_zero_snapshot.py; bucketing them too measured slower on CPU, from copying what a rank keeps).
 READ_BUCKET_NUMEL = 2**22
 READ_BUCKETED_MAX_NUMEL = 2**16
@@ -152,20 +152,22 @@ class FragmentAccess:
                  wanted: Sequence[bool]) -> Iterator[tuple[torch.Tensor, ...] | None]:
         """`read` of each wanted parameter (tensors the caller may keep), None for the others; collective: every rank
         takes part in every read. Small ZeRO-1/2 and BF16_Optimizer parameters are gathered in buckets (see
-        READ_BUCKET_NUMEL), a big one alone into a fresh buffer that the caller keeps without a copy. ZeRO-3 goes
-        through DeepSpeed's per-parameter getters."""
+        READ_BUCKET_NUMEL); big ones and ZeRO-3 ones go through DeepSpeed's per-parameter getters, whose fresh
+        buffers the caller keeps without a copy."""
         bucket: list[tuple[torch.nn.Parameter, bool]] = []
+        bucket_numel = 0
         try:
             for param, want in zip(params, wanted, strict=True):
                 bucketable = hasattr(param, "_hp_mapping") and param.numel() <= READ_BUCKETED_MAX_NUMEL
                 if bucket and (not bucketable or param._dp_group is not bucket[0][0]._dp_group
-                               or sum(p.numel() for p, _ in bucket) + param.numel() > READ_BUCKET_NUMEL):
+                               or bucket_numel + param.numel() > READ_BUCKET_NUMEL):
                     yield from self._read_bucket(bucket)
-                    bucket = []
+                    bucket, bucket_numel = [], 0
                 if bucketable:
                     bucket.append((param, want))
+                    bucket_numel += param.numel()
                     continue
-                values = self._gather([param], reuse=False)[0] if hasattr(param, "_hp_mapping") else self.read(param)
+                values = self.read(param)  # DeepSpeed's getters: a fresh full-size buffer per value
                 yield values if want else None
             yield from self._read_bucket(bucket)
         finally:
@@ -174,25 +176,22 @@ class FragmentAccess:
     def _read_bucket(self, bucket: list[tuple[torch.nn.Parameter, bool]]) -> Iterator[tuple[torch.Tensor, ...] | None]:
         if not bucket:
             return
-        gathered = self._gather([param for param, _ in bucket], reuse=True)
+        gathered = self._gather([param for param, _ in bucket])
         for (_, want), values in zip(bucket, gathered):
             yield tuple(value.clone() for value in values) if want else None  # the buffers are reused
 
-    def _gather(self, params: list[torch.nn.Parameter], reuse: bool) -> list[tuple[torch.Tensor, ...]]:
+    def _gather(self, params: list[torch.nn.Parameter]) -> list[tuple[torch.Tensor, ...]]:
         """What `deepspeed.utils.safe_get_full_fp32_param` / `safe_get_full_optimizer_state` compute, for several
         parameters at once: each rank copies its fragments into a zeroed buffer at their offsets and one all_reduce
-        (a sum of disjoint fragments) assembles the full values on every rank. Values are views of the buffers."""
+        (a sum of disjoint fragments) assembles the full values on every rank. Values are views of the reused
+        buffers."""
         import deepspeed.comm as dist
 
         offsets = np.cumsum([0] + [p.numel() for p in params]).tolist()
         keys = (None, *MOMENTS) if self._has_state() else (None,)
-        device = self.flats[0].device
         buffers = []
         for index, key in enumerate(keys):
-            if reuse:
-                buffer = self._buffer(index, offsets[-1])
-            else:
-                buffer = torch.zeros(offsets[-1], dtype=torch.float32, device=device)
+            buffer = self._buffer(index, offsets[-1])
             for param, offset in zip(params, offsets):
                 if param._hp_mapping is not None:  # None: no fragment of it on this rank
                     address = param._hp_mapping.lp_fragment_address
