@@ -186,14 +186,6 @@ class SpoolWriter:
                                 "with free space (it holds a few shards' worth of tokens at a time)") from err
 
 
-def write_spool_file(path: str, arrays: tuple[np.ndarray, ...]) -> None:
-    """The arrays back to back, raw, in one file."""
-    writer = SpoolWriter(path)
-    for array in arrays:
-        writer.append(array)
-    writer.close()
-
-
 def _remove_quietly(path: str) -> None:
     try:
         os.remove(path)

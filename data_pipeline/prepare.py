@@ -194,8 +194,10 @@ def prepare(config: PrepareConfig) -> PrepareResult:
         raise
     report_path = report.write_tsv(out_dir / REPORT_FILENAME)
     copy_tokenizer(config.tokenizer, out_dir / TOKENIZER_DIRNAME, tokenizer)
-    split_infos = {s: SplitInfo.from_shards(packed.entries[s], num_tokens=packed.planners[s].num_samples * (config.seq_len + 1),
-                                            num_documents=packed.num_documents[s],
+    split_infos = {s: SplitInfo.from_shards(packed.entries[s],
+                                            num_tokens=packed.planners[s].num_samples * (config.seq_len + 1),
+                                            num_documents=sum(stats.num_documents for (_, split), stats
+                                                              in source_stats.items() if split == s),
                                             dropped_tail_tokens=packed.planners[s].dropped_tail_tokens) for s in splits}
     warnings = _check_split_sizes(split_infos, config)
     manifest = Manifest.create(
@@ -522,11 +524,10 @@ def _coded_blocks(config: PrepareConfig, train_files: list[SourceFile],
 
 @dataclass
 class Packed:
-    """What `_tokenize_and_pack` leaves: per split its planner (counts), shard entries in order, documents."""
+    """What `_tokenize_and_pack` leaves: per split its planner (counts) and its shard entries in order."""
 
     planners: dict[str, ShardPlanner]
     entries: dict[str, list[ShardEntry]]
-    num_documents: dict[str, int]
 
 
 def _tokenize_and_pack(config: PrepareConfig, tokenizer: Tokenizer, layout: ShardLayout, splits: list[str],
@@ -564,7 +565,6 @@ class _Packing:
         self.spool_refs: Counter[str] = Counter()
         self.planners = {s: ShardPlanner(s, layout.sample_len_tokens, layout.samples_per_shard) for s in splits}
         self.entries: dict[str, dict[int, ShardEntry]] = {s: {} for s in splits}
-        self.num_documents = dict.fromkeys(splits, 0)
         self.writes: deque[tuple[Future[ShardEntry], ShardJob]] = deque()
 
     @property
@@ -580,11 +580,10 @@ class _Packing:
         for code, chunk in enumerate(encoded.tokens):
             if chunk.count:
                 self._hold(chunk.ref)  # the planner's, until take_consumed() hands it back
-                self._plan(self.planners[SPLIT_NAMES[code]].add(chunk), self.planners[SPLIT_NAMES[code]])
+                planner = self.planners[SPLIT_NAMES[code]]
+                self._plan(planner.add(chunk), planner)
         for (source, code), (num_docs, num_bytes) in encoded.sources.items():
-            split = SPLIT_NAMES[code]
-            self.num_documents[split] += num_docs
-            stats = source_stats.setdefault((source, split), SourceStats())
+            stats = source_stats.setdefault((source, SPLIT_NAMES[code]), SourceStats())
             stats.num_documents += num_docs
             stats.num_bytes += num_bytes
 
@@ -594,7 +593,7 @@ class _Packing:
         while self.writes:
             self._complete_oldest_write()
         entries = {s: [by_index[i] for i in range(len(by_index))] for s, by_index in self.entries.items()}
-        return Packed(self.planners, entries, self.num_documents)
+        return Packed(self.planners, entries)
 
     def cancel_writes(self) -> None:
         for future, _ in self.writes:

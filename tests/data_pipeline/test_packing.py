@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from data_pipeline.errors import DataPipelineError
-from data_pipeline.packing import Chunk, ShardJob, ShardLayout, ShardPlanner, write_shard, write_spool_file
+from data_pipeline.packing import Chunk, ShardJob, ShardLayout, ShardPlanner, SpoolWriter, write_shard
 from data_pipeline.shards import ShardReader
 
 
@@ -46,7 +46,10 @@ def test_planner_jobs_reassemble_the_stream_and_release_each_chunk_after_its_las
 
 def test_write_shard_reads_spool_files_and_memory_alike(tmp_path: Path) -> None:
     tokens = np.arange(60, dtype="<u2")
-    write_spool_file(str(tmp_path / "a.tokens"), (tokens[:25], tokens[25:40]))
+    spool = SpoolWriter(str(tmp_path / "a.tokens"))
+    spool.append(tokens[:25])
+    spool.append(tokens[25:40])
+    assert spool.close() == 40
     layout = ShardLayout(str(tmp_path / "out"), "uint16", sample_len_tokens=10, samples_per_shard=5)
     pieces = (Chunk(str(tmp_path / "a.tokens"), 3, 37), Chunk(tokens, 40, 13))  # spool [3, 40) + memory [40, 53)
     entry = write_shard(ShardJob("train", 2, 5, pieces), layout)
@@ -58,8 +61,6 @@ def test_write_shard_reads_spool_files_and_memory_alike(tmp_path: Path) -> None:
 
 
 def test_a_spool_write_failure_names_the_file_and_the_fix(tmp_path: Path) -> None:
-    from data_pipeline.packing import SpoolWriter
-
     writer = SpoolWriter(str(tmp_path / "missing-dir" / "1-1.tokens.train"))
     writer.append(np.empty(0, dtype="<u2"))  # nothing to write: no file, no error
     assert writer.close() == 0
