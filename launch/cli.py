@@ -15,6 +15,7 @@ from importlib import import_module
 COMMAND_MODULES: tuple[str, ...] = (
     "launch.commands.data",
     "launch.commands.inspect",
+    "launch.commands.plan",
     "launch.commands.train",
     "launch.commands.launch_local",
     "launch.commands.submit",

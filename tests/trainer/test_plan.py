@@ -1,0 +1,180 @@
+"""trainer.plan: enumeration, the reuse of the trainer's validation, the memory filter, the step-time model, ranking."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from trainer.config import ConfigError, load_config
+from trainer.estimate import estimate_memory
+from trainer.plan import (
+    GIB,
+    GPUS,
+    Calibration,
+    Cluster,
+    Layout,
+    apply_layout,
+    config_from_hf_json,
+    enumerate_layouts,
+    evaluate,
+    plan,
+    step_time,
+    why_line,
+    with_batch,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+H100 = GPUS["h100-80gb"]
+
+
+def config(name: str, *overrides: str):
+    return load_config(REPO / "configs" / f"{name}.yaml", overrides)
+
+
+def layout(**fields) -> Layout:
+    base = dict(tp=1, pp=1, dp=1, sequence_parallel=False, zero_stage=1, micro_batch_size_per_gpu=1,
+                activation_checkpointing="none")
+    return Layout(**{**base, **fields})
+
+
+def candidate(name: str, lay: Layout, cluster: Cluster, *overrides: str):
+    cfg, derived = apply_layout(config(name, *overrides), lay, cluster)
+    return evaluate(cfg, derived, lay, cluster, Calibration())
+
+
+def test_enumeration_covers_every_axis_and_only_world_divisors() -> None:
+    layouts = list(enumerate_layouts(config("70b"), 256))
+    assert {lay.tp for lay in layouts} == {1, 2, 4, 8}  # divisors of gcd(64 heads, 8 kv heads)
+    assert {lay.pp for lay in layouts} == {1, 2, 4, 8, 16}  # divisors of 80 layers that divide 256 / tp
+    assert {lay.zero_stage for lay in layouts} == {0, 1, 2, 3}
+    assert {lay.activation_checkpointing for lay in layouts} == {"none", "selective", "full"}
+    assert {lay.sequence_parallel for lay in layouts if lay.tp == 1} == {False}
+    assert all(lay.tp * lay.pp * lay.dp == 256 for lay in layouts)
+    assert all(1024 % (lay.micro_batch_size_per_gpu * lay.dp) == 0 for lay in layouts)
+
+
+def test_layouts_are_checked_by_the_dry_run_validation() -> None:
+    cluster = Cluster(32, 8, H100)
+    with pytest.raises(ConfigError, match=r"zero.stage \(2\) cannot be combined with parallel.pp"):
+        apply_layout(config("70b"), layout(pp=4, dp=64, zero_stage=2), cluster)
+    with pytest.raises(ConfigError, match=r"fp32_grad_accumulation .* needs zero.stage >= 1"):
+        apply_layout(config("70b"), layout(tp=8, dp=32, zero_stage=0), cluster)
+    cfg, derived = apply_layout(config("70b"), layout(tp=8, pp=4, dp=8, sequence_parallel=True), cluster)
+    assert (derived.tp, derived.pp, derived.dp, derived.grad_accum_steps) == (8, 4, 8, 128)
+    assert cfg.validate_for_world(256) == derived  # what `train --dry-run` on the written config computes
+
+
+def test_every_planned_layout_passes_validation_and_fits_memory() -> None:
+    cluster = Cluster(32, 8, H100)
+    result = plan(config("70b"), cluster, headroom=0.15)
+    assert result.enumerated == result.invalid + result.too_big + len(result.candidates)
+    assert result.invalid > 0 and result.too_big > 0 and result.candidates
+    budget_bytes = H100.memory_gib * 0.85 * GIB
+    for cand in result.candidates:
+        assert cand.cfg.validate_for_world(256) == cand.derived
+        assert estimate_memory(cand.cfg, cand.derived).total_bytes == cand.memory.total_bytes <= budget_bytes
+    times = [c.time.total_s for c in result.candidates]
+    assert times == sorted(times)
+    # Less headroom admits more layouts; all the old ones stay.
+    looser = plan(config("70b"), cluster, headroom=0.05)
+    assert len(looser.candidates) > len(result.candidates)
+
+
+def test_70b_does_not_fit_one_node_without_model_parallel_sharding() -> None:
+    cluster = Cluster(1, 8, H100)
+    result = plan(config("70b"), cluster)
+    # 69B params: weights + grads + Adam over 8 GPUs need ~140 GiB each even with ZeRO-3: nothing fits.
+    assert not result.candidates and result.smallest_misfit is not None
+    assert result.smallest_misfit.memory.total_bytes > 0.85 * H100.memory_gib * GIB
+
+
+def test_pipeline_bubble_is_the_1f1b_fraction() -> None:
+    cluster = Cluster(32, 8, H100)
+    cand = candidate("70b", layout(tp=8, pp=4, dp=8, sequence_parallel=True), cluster)
+    t, m, pp = cand.time, cand.derived.grad_accum_steps, 4
+    pipeline_s = t.compute_s + t.tp_comm_s + t.pp_comm_s + t.bubble_s
+    assert t.bubble_s / pipeline_s == pytest.approx((pp - 1) / (m + pp - 1))
+
+
+def test_communication_rules() -> None:
+    cluster = Cluster(32, 8, H100)
+    tp8 = candidate("70b", layout(tp=8, pp=4, dp=8, sequence_parallel=True), cluster)
+    tp8_full = candidate("70b", layout(tp=8, pp=4, dp=8, sequence_parallel=True, activation_checkpointing="full"),
+                         cluster)
+    # Full AC repeats the forward all-reduce pair: 6 instead of 4 per layer (+2 on the end stages).
+    assert tp8_full.time.tp_comm_s / tp8.time.tp_comm_s == pytest.approx((20 * 6 + 2) / (20 * 4 + 2))
+    assert tp8_full.time.compute_s > tp8.time.compute_s
+    # TP across nodes (tp 16 does not divide the heads, so compare tp 8 on 4-GPU nodes): slower links.
+    small_nodes = Cluster(64, 4, H100)
+    assert candidate("70b", layout(tp=8, pp=4, dp=8, sequence_parallel=True), small_nodes).time.tp_comm_s > \
+        2 * tp8.time.tp_comm_s
+    # No pipeline, no bubble and no p2p; one GPU, no communication at all.
+    solo = candidate("tiny", layout(), Cluster(1, 1, H100))
+    assert solo.time.exposed_comm_s == 0 and solo.time.bubble_s == 0
+
+
+def test_zero_stage_changes_only_what_it_moves() -> None:
+    cluster = Cluster(2, 8, H100)
+    by_stage = {s: candidate("1b", layout(dp=16, zero_stage=s, micro_batch_size_per_gpu=4), cluster)
+                for s in range(4)}
+    assert len({c.time.compute_s for c in by_stage.values()}) == 1
+    # ZeRO-0 all-reduces after backward (exposed); ZeRO-1 reduces during the last backward, then gathers weights.
+    assert by_stage[0].time.dp_comm_s > by_stage[1].time.dp_comm_s > 0
+    # ZeRO-2 reduces on every micro-step: never less exposed than ZeRO-1.
+    assert by_stage[2].time.dp_comm_s >= by_stage[1].time.dp_comm_s
+    no_overlap = candidate("1b", layout(dp=16, zero_stage=1, micro_batch_size_per_gpu=4), cluster,
+                           "zero.overlap_comm=false")
+    assert no_overlap.time.dp_comm_s > by_stage[1].time.dp_comm_s
+
+
+def test_calibration_point_reproduces_the_measured_h200_mfu() -> None:
+    """1B, bf16, seq 2048, micro 8, no AC on one H200 measured 42.4 % MFU (notes/gpu-h200.md): the calibration."""
+    cluster = Cluster(1, 1, GPUS["h200"])
+    cfg = with_batch(config("1b"), 2048, 65536)
+    lay = layout(zero_stage=2, micro_batch_size_per_gpu=8)
+    new, derived = apply_layout(cfg, lay, cluster)
+    cand = evaluate(new, derived, lay, cluster, Calibration())
+    assert cand.mfu == pytest.approx(0.424, rel=1e-6)
+    assert cand.time.total_s == pytest.approx(1.099, rel=0.01)  # measured 1.099 s/step
+
+
+def test_ranking_and_why_line() -> None:
+    result = plan(config("70b"), Cluster(32, 8, H100))
+    top = result.candidates[:10]
+    assert all(a.time.total_s <= b.time.total_s for a, b in zip(top, top[1:]))
+    line = why_line(result)
+    assert line.startswith(top[0].layout.short() + " wins: ") and "faster than the next best" in line
+
+
+def test_with_batch_constraints() -> None:
+    cfg = with_batch(config("7b"), 2048, 2**20)
+    assert (cfg.train.seq_len, cfg.train.global_batch_size) == (2048, 512)
+    with pytest.raises(ConfigError, match=r"--global-batch-tokens \(1,000,000\) must be a multiple of"):
+        with_batch(config("7b"), 2048, 1_000_000)
+    with pytest.raises(ConfigError, match=r"train.seq_len \(8192\) must not exceed model.max_seq_len"):
+        with_batch(config("7b"), 8192, 2**22)
+
+
+def test_hf_config_json_as_the_model(tmp_path: Path) -> None:
+    raw = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096,
+           "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+           "rope_theta": 500000.0, "max_position_embeddings": 8192, "tie_word_embeddings": False}
+    (tmp_path / "Meta-Llama-3-8B").mkdir()
+    (tmp_path / "Meta-Llama-3-8B" / "config.json").write_text(json.dumps(raw))
+    cfg = config_from_hf_json(tmp_path / "Meta-Llama-3-8B", 8192, 2**22)
+    assert (cfg.model.num_layers, cfg.model.num_kv_heads, cfg.model.rope_theta) == (32, 8, 500000.0)
+    assert (cfg.train.seq_len, cfg.train.global_batch_size, cfg.name) == (8192, 512, "Meta-Llama-3-8B")
+    (tmp_path / "mistral.json").write_text(json.dumps({**raw, "model_type": "mistral"}))
+    with pytest.raises(ConfigError, match="model_type 'mistral' is not 'llama'"):
+        config_from_hf_json(tmp_path / "mistral.json", None, None)
+
+
+def test_gpu_overrides_change_the_answer() -> None:
+    slow_net = Cluster(32, 8, dataclasses.replace(H100, inter_node_gbps=5.0))
+    fast = step_time(*apply_layout(config("70b"), layout(tp=8, pp=4, dp=8), Cluster(32, 8, H100)),
+                     Cluster(32, 8, H100), Calibration())
+    slow = step_time(*apply_layout(config("70b"), layout(tp=8, pp=4, dp=8), slow_net), slow_net, Calibration())
+    assert slow.dp_comm_s > 5 * fast.dp_comm_s and slow.compute_s == fast.compute_s

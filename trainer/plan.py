@@ -1,0 +1,440 @@
+"""Choose the parallel layout for a model on a cluster: enumerate, validate, filter by memory, rank by step time.
+
+    cluster = Cluster(nodes=32, gpus_per_node=8, gpu=GPUS["h100-80gb"])
+    result = plan(load_config("configs/70b.yaml"), cluster)
+    best = result.candidates[0]        # .layout, .memory, .time, .tokens_per_s, .mfu, .cfg (a runnable Config)
+
+Pure Python, no torch: `pretrain plan` must answer in seconds on a laptop. Each layout becomes a real Config and goes
+through the same checks as `train --dry-run` (trainer.config.parse_config + Config.validate_for_world); memory comes
+from trainer.estimate.estimate_memory. The step-time model and where every constant comes from: docs/planning.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from trainer.config import Config, ConfigError, Derived, apply_overrides, parse_config
+from trainer.estimate import MemoryEstimate, estimate_memory, flops_per_token
+from trainer.gpu_specs import GPUS, GpuSpec  # noqa: F401 - re-exported: plan.GPUS
+
+GIB = 2**30
+AC_MODES = ("none", "selective", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    nodes: int
+    gpus_per_node: int
+    gpu: GpuSpec
+    # Achieved NCCL bus bandwidth / nominal link bandwidth. An assumption (docs/planning.md), not a measurement.
+    link_efficiency: float = 0.75
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """Measured constants of the compute model (docs/planning.md, "Calibration")."""
+
+    # Model FLOPs / (time × peak) of the trainer with no communication and no recompute: 1B, bf16, seq 2048,
+    # micro 8, one H200 (notes/gpu-h200.md: 42.4 % MFU).
+    compute_efficiency: float = 0.424
+    # Selective AC recomputes elementwise ops (no FLOPs counted): same H200, 42.4 % → ~38 % MFU.
+    selective_ac_time_factor: float = 0.424 / 0.38
+    source: str = "notes/gpu-h200.md: 1B on one H200, 2026-12-04"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    sequence_parallel: bool
+    zero_stage: int
+    micro_batch_size_per_gpu: int
+    activation_checkpointing: str
+
+    def overrides(self) -> list[str]:
+        """The dotted overrides that turn a run config into this layout (dp stays 'auto' = world / (tp·pp))."""
+        return [
+            f"parallel.tp={self.tp}", f"parallel.pp={self.pp}", "parallel.dp=auto",
+            f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}",
+            f"parallel.activation_checkpointing={self.activation_checkpointing}",
+            f"zero.stage={self.zero_stage}", f"train.micro_batch_size_per_gpu={self.micro_batch_size_per_gpu}",
+        ]
+
+    def short(self) -> str:
+        sp = "+sp" if self.sequence_parallel else ""
+        return (f"tp{self.tp}{sp} pp{self.pp} dp{self.dp} zero{self.zero_stage} micro{self.micro_batch_size_per_gpu} "
+                f"ac={self.activation_checkpointing}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTime:
+    """Seconds per optimizer step on the busiest pipeline stage; comm terms are the exposed (not overlapped) part."""
+
+    compute_s: float  # model FLOPs + recompute at the calibrated fraction of peak
+    tp_comm_s: float  # TP all-reduces (or SP reduce-scatter + all-gather) inside each layer: on the critical path
+    pp_comm_s: float  # stage-to-stage sends of activations and their gradients
+    dp_comm_s: float  # gradient reduction and parameter gathers that backward/forward do not hide
+    bubble_s: float  # 1F1B: (pp - 1) idle micro-batch slots
+
+    @property
+    def exposed_comm_s(self) -> float:
+        return self.tp_comm_s + self.pp_comm_s + self.dp_comm_s
+
+    @property
+    def total_s(self) -> float:
+        return self.compute_s + self.exposed_comm_s + self.bubble_s
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    layout: Layout
+    cfg: Config
+    derived: Derived
+    memory: MemoryEstimate
+    time: StepTime
+    tokens_per_s: float
+    mfu: float
+
+    def as_dict(self) -> dict[str, Any]:
+        m, t = self.memory, self.time
+        return {
+            "layout": dataclasses.asdict(self.layout),
+            "grad_accum_steps": self.derived.grad_accum_steps,
+            "memory_gib": {"weights": m.weights_bytes / GIB, "grads": m.grads_bytes / GIB,
+                           "optimizer": m.optimizer_bytes / GIB, "activations": m.activations_bytes / GIB,
+                           "total": m.total_bytes / GIB},
+            "step_time_s": {"compute": t.compute_s, "tp_comm": t.tp_comm_s, "pp_comm": t.pp_comm_s,
+                            "dp_comm": t.dp_comm_s, "exposed_comm": t.exposed_comm_s, "bubble": t.bubble_s,
+                            "total": t.total_s},
+            "tokens_per_s": self.tokens_per_s,
+            "mfu": self.mfu,
+            "overrides": self.layout.overrides(),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanResult:
+    candidates: list[Candidate]  # fitting layouts, fastest first
+    enumerated: int
+    invalid: int  # rejected by the trainer's own config validation
+    too_big: int  # valid, but over the memory budget
+    usable_memory_gib: float
+    smallest_misfit: Candidate | None  # the valid layout that missed the budget by the least (for the error message)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Enumeration and validation
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def enumerate_layouts(cfg: Config, world_size: int) -> Iterator[Layout]:
+    """Every tp × pp × sp × ZeRO × micro-batch × AC combination worth asking the validator about.
+
+    Only cheap arithmetic prunes here (tp·pp must divide the world, micro-batches are powers of two dividing the
+    per-DP-rank batch); everything the trainer refuses is refused by its validation in `_validated`.
+    """
+    heads = math.gcd(cfg.model.num_heads, cfg.model.num_kv_heads)
+    for tp, pp in itertools.product(_divisors(heads), _divisors(cfg.model.num_layers)):
+        if world_size % (tp * pp):
+            continue
+        dp = world_size // (tp * pp)
+        for sp, stage, micro, ac in itertools.product(
+            (False, True) if tp > 1 else (False,), range(4), _micro_batches(cfg.train.global_batch_size, dp), AC_MODES
+        ):
+            yield Layout(tp, pp, dp, sp, stage, micro, ac)
+
+
+def _micro_batches(global_batch_size: int, dp: int) -> list[int]:
+    if global_batch_size % dp:
+        return [1]  # let validation say why this dp cannot work
+    per_rank = global_batch_size // dp
+    return [2**i for i in range(per_rank.bit_length()) if per_rank % 2**i == 0]
+
+
+def apply_layout(cfg: Config, layout: Layout, cluster: Cluster) -> tuple[Config, Derived]:
+    """The run config of `layout`, checked exactly as `train --dry-run` checks it. Raises ConfigError."""
+    overrides = layout.overrides() + [f"launch.nodes={cluster.nodes}", f"launch.gpus_per_node={cluster.gpus_per_node}",
+                                      "launch.device=cuda"]
+    new = parse_config(apply_overrides(cfg.model_dump(mode="json"), overrides), source=f"layout {layout.short()}")
+    return new, new.validate_for_world(cluster.world_size, device="cuda")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Step time
+
+
+def step_time(cfg: Config, derived: Derived, cluster: Cluster, calib: Calibration) -> StepTime:
+    """One optimizer step under 1F1B: (m + pp - 1) slots of one micro-batch on the busiest stage, plus DP traffic."""
+    micro = derived.grad_accum_steps
+    compute_micro_s = _compute_micro_s(cfg, derived, cluster, calib)
+    tp_micro_s = _tp_comm_micro_s(cfg, derived, cluster)
+    pp_micro_s = _pp_comm_micro_s(cfg, derived, cluster)
+    slot_s = compute_micro_s + tp_micro_s + pp_micro_s
+    return StepTime(
+        compute_s=micro * compute_micro_s,
+        tp_comm_s=micro * tp_micro_s,
+        pp_comm_s=micro * pp_micro_s,
+        dp_comm_s=_dp_comm_exposed_s(cfg, derived, cluster, compute_micro_s),
+        bubble_s=(derived.pp - 1) * slot_s,
+    )
+
+
+def _compute_micro_s(cfg: Config, derived: Derived, cluster: Cluster, calib: Calibration) -> float:
+    """FLOPs of one micro-batch on the busiest stage (the last: its layers plus lm_head), per TP rank."""
+    flops = flops_per_token(cfg.model, derived.padded_vocab_size, cfg.train.seq_len)
+    head = 6 * derived.padded_vocab_size * cfg.model.hidden_size
+    layers = (flops.total - head) / derived.pp
+    mode = cfg.parallel.activation_checkpointing
+    if mode == "full":
+        layers *= 4 / 3  # backward re-runs each layer's forward: 2 of the 6 FLOPs per parameter and token again
+    per_token = (layers + head) / derived.tp
+    tokens = derived.micro_batch_size_per_gpu * cfg.train.seq_len
+    seconds = per_token * tokens / (cluster.gpu.peak_tflops * 1e12 * calib.compute_efficiency)
+    return seconds * (calib.selective_ac_time_factor if mode == "selective" else 1.0)
+
+
+def _link(cluster: Cluster, stride: int, size: int) -> tuple[float, float]:
+    """(bus bandwidth B/s, latency s) of a group of `size` ranks `stride` apart (megatron order: tp, dp, pp).
+
+    Inside a node: NVLink. Across nodes: each member uses its own NIC, so a group with k members per node moves
+    k × the per-GPU network bandwidth (NCCL runs one ring per NIC), capped by NVLink.
+    """
+    gpu, eff = cluster.gpu, cluster.link_efficiency
+    if stride * size <= cluster.gpus_per_node:
+        return gpu.intra_node_gbps * 1e9 * eff, gpu.intra_latency_s
+    per_node = max(1, cluster.gpus_per_node // stride)
+    bus = min(gpu.intra_node_gbps, per_node * gpu.inter_node_gbps)
+    return bus * 1e9 * eff, gpu.inter_latency_s
+
+
+def _collective_s(nbytes: float, size: int, link: tuple[float, float], passes: int) -> float:
+    """Ring collective: all-reduce is 2 passes, reduce-scatter or all-gather 1; each pass moves (g-1)/g of the data."""
+    if size == 1:
+        return 0.0
+    bandwidth, latency = link
+    return passes * (latency + (size - 1) / size * nbytes / bandwidth)
+
+
+def _act_bytes(cfg: Config) -> int:
+    return 4 if cfg.precision.dtype == "fp32" else 2
+
+
+def _tp_comm_micro_s(cfg: Config, derived: Derived, cluster: Cluster) -> float:
+    """Per layer: attention and MLP each all-reduce their output in forward and their input gradient in backward
+    (SP: a reduce-scatter + all-gather pair instead, the same bytes). Full AC repeats the forward pair. Plus the
+    vocab-parallel embedding's all-reduce and lm_head's input-gradient all-reduce on the end stages."""
+    tp = derived.tp
+    if tp == 1:
+        return 0.0
+    nbytes = derived.micro_batch_size_per_gpu * cfg.train.seq_len * cfg.model.hidden_size * _act_bytes(cfg)
+    per_layer = 6 if cfg.parallel.activation_checkpointing == "full" else 4
+    count = derived.layers_per_stage * per_layer + 2
+    return count * _collective_s(nbytes, tp, _link(cluster, 1, tp), passes=2)
+
+
+def _pp_comm_micro_s(cfg: Config, derived: Derived, cluster: Cluster) -> float:
+    """Each micro-batch sends its activations forward and receives their gradient back: whole tensors, also under
+    SP (trainer sets DeepSpeed pipe_partitioned=false). Neighbouring stages are tp·dp ranks apart."""
+    if derived.pp == 1:
+        return 0.0
+    nbytes = derived.micro_batch_size_per_gpu * cfg.train.seq_len * cfg.model.hidden_size * _act_bytes(cfg)
+    gpu, eff = cluster.gpu, cluster.link_efficiency
+    inter = derived.tp * derived.dp >= cluster.gpus_per_node
+    bandwidth = (gpu.inter_node_gbps if inter else gpu.intra_node_gbps) * 1e9 * eff
+    latency = gpu.inter_latency_s if inter else gpu.intra_latency_s
+    return 2 * (latency + nbytes / bandwidth)
+
+
+def _dp_comm_exposed_s(cfg: Config, derived: Derived, cluster: Cluster, compute_micro_s: float) -> float:
+    """Gradient reduce-scatter (all-reduce under ZeRO-0) and parameter all-gather over DP, minus what overlaps.
+
+    What overlaps (DeepSpeed 0.19.8, overlap_comm=true): ZeRO-1 reduces during the last micro-step's backward, ZeRO-2
+    during every micro-step's backward, ZeRO-3 gathers and reduces during each micro-step's forward+backward. Not
+    hidden: ZeRO-0's all-reduce (after backward), the all-gather of updated weights after the ZeRO-1/2 step, and
+    everything under a pipeline (DeepSpeed's pipeline engine reduces after the last micro-batch).
+    """
+    dp, stage = derived.dp, cfg.zero.stage
+    if dp == 1:
+        return 0.0
+    link = _link(cluster, derived.tp, dp)
+    params = estimate_memory(cfg, derived).params_per_gpu
+    mixed = cfg.precision.dtype != "fp32"
+    grad_bytes = params * (4 if (not mixed or cfg.precision.fp32_grad_accumulation) else 2)
+    weight_bytes = params * (2 if mixed else 4)
+    backward_s = compute_micro_s * 2 / 3  # backward is 4 of the 6 FLOPs per parameter and token
+    overlap = cfg.zero.overlap_comm and derived.pp == 1
+    micro = derived.grad_accum_steps
+    if stage == 0:
+        return _collective_s(grad_bytes, dp, link, passes=2)
+    gather_s = _collective_s(weight_bytes, dp, link, passes=1)
+    reduce_s = _collective_s(grad_bytes, dp, link, passes=1)
+    if stage == 1:
+        return gather_s + (max(0.0, reduce_s - backward_s) if overlap else reduce_s)
+    if stage == 2:
+        return gather_s + micro * (max(0.0, reduce_s - backward_s) if overlap else reduce_s)
+    per_micro_s = 2 * gather_s + reduce_s  # gather for forward and again for backward, reduce the gradients
+    return micro * (max(0.0, per_micro_s - compute_micro_s) if overlap else per_micro_s)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The plan
+
+
+def evaluate(cfg: Config, derived: Derived, layout: Layout, cluster: Cluster, calib: Calibration) -> Candidate:
+    memory = estimate_memory(cfg, derived)
+    time = step_time(cfg, derived, cluster, calib)
+    flops = flops_per_token(cfg.model, derived.padded_vocab_size, cfg.train.seq_len).total
+    tokens = derived.global_batch_size_tokens
+    mfu = flops * tokens / (time.total_s * cluster.world_size * cluster.gpu.peak_tflops * 1e12)
+    return Candidate(layout, cfg, derived, memory, time, tokens / time.total_s, mfu)
+
+
+def plan(cfg: Config, cluster: Cluster, calib: Calibration = Calibration(), headroom: float = 0.15) -> PlanResult:
+    """All layouts the trainer accepts that fit `gpu.memory × (1 - headroom)`, fastest first.
+
+    Ties (same predicted time, e.g. micro-batch sizes the model cannot tell apart) go to less model parallelism,
+    then to less memory.
+    """
+    usable_gib = cluster.gpu.memory_gib * (1 - headroom)
+    fits, invalid, too_big, misfit, count = [], 0, 0, None, 0
+    for layout in enumerate_layouts(cfg, cluster.world_size):
+        count += 1
+        try:
+            new, derived = apply_layout(cfg, layout, cluster)
+        except ConfigError:
+            invalid += 1
+            continue
+        cand = evaluate(new, derived, layout, cluster, calib)
+        if cand.memory.total_bytes / GIB <= usable_gib:
+            fits.append(cand)
+        else:
+            too_big += 1
+            if misfit is None or cand.memory.total_bytes < misfit.memory.total_bytes:
+                misfit = cand
+    fits.sort(key=_rank_key)
+    return PlanResult(fits, count, invalid, too_big, usable_gib, misfit)
+
+
+def _rank_key(cand: Candidate) -> tuple[float, int, int, int, int]:
+    """Fastest first. The model cannot tell some layouts apart (micro-batch size without a pipeline, ZeRO stage when
+    its traffic hides behind backward): then less model parallelism, bigger micro-batches (bigger GEMMs, as in the
+    calibration run), a lower ZeRO stage (fewer collectives), less memory."""
+    lay = cand.layout
+    return (round(cand.time.total_s, 6), lay.tp * lay.pp, -lay.micro_batch_size_per_gpu, lay.zero_stage,
+            cand.memory.total_bytes)
+
+
+def why_line(result: PlanResult) -> str:
+    """One sentence on why the winner wins: against the best layout of another tp × pp shape (else another AC mode or
+    ZeRO stage), the biggest cost gap; and whether less model parallelism was ruled out by memory."""
+    win = result.candidates[0]
+    rival = _rival(win, result.candidates)
+    text = f"{win.layout.short()} wins"
+    if rival is not None:
+        gaps = {
+            "compute (recompute or a bigger pipeline stage)": rival.time.compute_s - win.time.compute_s,
+            "exposed communication": rival.time.exposed_comm_s - win.time.exposed_comm_s,
+            "pipeline bubble": rival.time.bubble_s - win.time.bubble_s,
+        }
+        name, gap = max(gaps.items(), key=lambda kv: kv[1])
+        speedup = rival.time.total_s / win.time.total_s - 1
+        text += (f": {speedup:.1%} faster than the next best different layout ({rival.layout.short()}), which spends "
+                 f"{gap:.3f} s/step more on {name}")
+    model_parallel = win.layout.tp * win.layout.pp
+    if model_parallel > 1 and not any(c.layout.tp * c.layout.pp < model_parallel for c in result.candidates):
+        text += f"; no layout with less model parallelism (tp·pp < {model_parallel}) fits in " \
+                f"{result.usable_memory_gib:.1f} GiB"
+    return text
+
+
+def _rival(win: Candidate, candidates: list[Candidate]) -> Candidate | None:
+    keys = (lambda c: (c.layout.tp, c.layout.pp), lambda c: c.layout.activation_checkpointing,
+            lambda c: c.layout.zero_stage)
+    for key in keys:
+        rival = next((c for c in candidates if key(c) != key(win)), None)
+        if rival is not None:
+            return rival
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Inputs: an HF config.json as the model
+
+
+def is_hf_config(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file() or path.suffix == ".json"
+
+
+def config_from_hf_json(path: Path, seq_len: int | None, global_batch_tokens: int | None) -> Config:
+    """A run config around an HF Llama config.json: the model shape from the file, every other section at its
+    default, data and max_steps as placeholders a user edits (docs/planning.md). Only the fields that change cost
+    are read; `convert from-hf` does the full field-by-field check when weights are imported."""
+    file = path / "config.json" if path.is_dir() else path
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{file}: cannot read an HF config.json ({err}): pass a YAML run config or a valid "
+                          f"config.json") from None
+    if raw.get("model_type") != "llama":
+        raise ConfigError(f"{file}: model_type {raw.get('model_type')!r} is not 'llama': the trainer builds Llama "
+                          f"models only; pass a Llama config.json or a YAML run config")
+    model = _model_fields_from_hf(raw, file)
+    seq = seq_len or min(model["max_seq_len"], 4096)
+    tokens = global_batch_tokens or 4 * 2**20
+    tree = {
+        "name": Path(file).parent.name or "plan",
+        "model": model,
+        "train": {"seq_len": seq, "micro_batch_size_per_gpu": 1, "global_batch_size": max(1, tokens // seq),
+                  "max_steps": 1000},
+        "data": {"datasets": [{"path": "data/pretrain-mix", "weight": 1.0}]},
+    }
+    tree["name"] = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in tree["name"]).lstrip("._-") or "plan"
+    return parse_config(tree, source=str(file))
+
+
+def _model_fields_from_hf(raw: dict[str, Any], file: Path) -> dict[str, Any]:
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    missing = [key for key in required if key not in raw]
+    if missing:
+        raise ConfigError(f"{file}: {', '.join(missing)} missing: an HF Llama config.json has them all")
+    rope = raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), dict) else {}
+    fields = {
+        "vocab_size": raw["vocab_size"], "hidden_size": raw["hidden_size"],
+        "intermediate_size": raw["intermediate_size"], "num_layers": raw["num_hidden_layers"],
+        "num_heads": raw["num_attention_heads"],
+        "num_kv_heads": raw.get("num_key_value_heads") or raw["num_attention_heads"],
+        "rope_theta": float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))),
+        "rms_norm_eps": float(raw.get("rms_norm_eps", 1e-5)),
+        "tie_embeddings": bool(raw.get("tie_word_embeddings", False)),
+        "max_seq_len": int(raw.get("max_position_embeddings", 2048)),
+    }
+    head_dim = raw.get("head_dim")
+    if head_dim and head_dim != raw["hidden_size"] // raw["num_attention_heads"]:
+        fields["head_dim"] = head_dim
+    return fields
+
+
+def with_batch(cfg: Config, seq_len: int | None, global_batch_tokens: int | None) -> Config:
+    """`cfg` with the plan's batch constraints: tokens per step = global_batch_size × seq_len, exactly."""
+    seq = seq_len or cfg.train.seq_len
+    tokens = global_batch_tokens or cfg.train.global_batch_size * cfg.train.seq_len
+    if tokens % seq:
+        lower = max(seq, tokens // seq * seq)
+        raise ConfigError(f"--global-batch-tokens ({tokens:,}) must be a multiple of the sequence length ({seq}): "
+                          f"pass e.g. --global-batch-tokens {lower} or {lower + seq}")
+    overrides = [f"train.seq_len={seq}", f"train.global_batch_size={tokens // seq}"]
+    return parse_config(apply_overrides(cfg.model_dump(mode="json"), overrides), source="plan constraints")
