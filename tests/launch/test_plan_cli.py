@@ -1,0 +1,102 @@
+"""`pretrain plan` as a user runs it: table, --json, --write → train --dry-run → submit --dry-run, errors, no torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+HEAVY_MODULES = ("torch", "deepspeed", "megatron", "transformers")
+
+
+def pretrain(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "launch", *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=120)
+
+
+def test_70b_on_32_h100_nodes_prints_the_table_and_why() -> None:
+    out = pretrain("plan", "--config", "configs/70b.yaml", "--nodes", "32", "--gpus-per-node", "8",
+                   "--gpu", "h100-80gb", "--top", "3")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    header = next(line for line in lines if line.lstrip().startswith("#  tp"))
+    for column in ("weights", "grads", "optim", "activ", "compute s", "comm s", "bubble s", "tokens/s", "MFU"):
+        assert column in header
+    rows = lines[lines.index(header) + 1: lines.index(header) + 4]
+    assert [row.split()[0] for row in rows] == ["1", "2", "3"]
+    assert any(line.startswith("why ") and " wins: " in line for line in lines)
+
+
+def test_plan_imports_no_torch() -> None:
+    code = (
+        "import sys; from launch.cli import main\n"
+        "rc = main(['plan', '--config', 'configs/7b.yaml', '--nodes', '2', '--json'])\n"
+        f"heavy = [m for m in sys.modules if m.split('.')[0] in {HEAVY_MODULES!r}]\n"
+        "print('HEAVY=' + ','.join(heavy), file=sys.stderr); sys.exit(rc)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY=\n" in out.stderr, f"plan imported heavy modules: {out.stderr}"
+
+
+def test_json_output(tmp_path: Path) -> None:
+    out = pretrain("plan", "--config", "configs/7b.yaml", "--nodes", "2", "--gpu", "h200", "--top", "4", "--json",
+                   "--global-batch-tokens", "2097152", "--seq-len", "2048")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["cluster"]["gpu"]["name"] == "h200" and len(doc["candidates"]) == 4
+    assert doc["enumerated"] == doc["invalid"] + doc["too_big"] + doc["fits"]
+    best = doc["candidates"][0]
+    assert set(best["memory_gib"]) == {"weights", "grads", "optimizer", "activations", "total"}
+    assert best["step_time_s"]["total"] <= doc["candidates"][-1]["step_time_s"]["total"]
+    assert best["memory_gib"]["total"] <= doc["usable_memory_gib"]
+    lay = best["layout"]
+    assert lay["tp"] * lay["pp"] * lay["dp"] == 16
+
+
+def test_written_config_passes_dry_run_and_submit_dry_run(tmp_path: Path) -> None:
+    written = tmp_path / "plan-7b.yaml"
+    out = pretrain("plan", "--config", "configs/7b.yaml", "--nodes", "4", "--gpu", "a100-80gb", "--write",
+                   str(written), "logging.run_dir=" + str(tmp_path / "run"))
+    assert out.returncode == 0, out.stderr
+    cfg = yaml.safe_load(written.read_text())
+    assert cfg["launch"]["nodes"] == 4 and cfg["launch"]["gpus_per_node"] == 8
+    winner = next(line for line in out.stdout.splitlines() if line.startswith("why ")).split()[1:3]
+    assert winner[0].startswith(f"tp{cfg['parallel']['tp']}") and winner[1] == f"pp{cfg['parallel']['pp']}"
+    dry = pretrain("train", "--config", str(written), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"tp {cfg['parallel']['tp']} × pp {cfg['parallel']['pp']}" in dry.stdout
+    submit = pretrain("submit", "--config", str(written), "--dry-run", cwd=tmp_path)
+    assert submit.returncode == 0, submit.stderr
+    assert "#SBATCH --nodes=4" in submit.stdout
+
+
+def test_hf_config_json_is_accepted(tmp_path: Path) -> None:
+    raw = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+           "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 500000.0,
+           "max_position_embeddings": 8192}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    out = pretrain("plan", "--config", str(tmp_path / "config.json"), "--nodes", "1", "--gpu", "h100-80gb",
+                   "--seq-len", "8192", "--global-batch-tokens", str(2**21), "--write", str(tmp_path / "w.yaml"))
+    assert out.returncode == 0, out.stderr
+    assert "seq 8192, 2,097,152 tokens/step" in out.stdout
+    assert pretrain("train", "--config", str(tmp_path / "w.yaml"), "--dry-run").returncode == 0
+
+
+def test_errors_exit_2_and_say_what_to_do() -> None:
+    nothing = pretrain("plan", "--config", "configs/70b.yaml", "--nodes", "1", "--gpu", "a100-40gb")
+    assert nothing.returncode == 2
+    assert "no layout fits" in nothing.stderr and "add nodes (--nodes)" in nothing.stderr
+    batch = pretrain("plan", "--config", "configs/7b.yaml", "--global-batch-tokens", "1000")
+    assert batch.returncode == 2 and "must be a multiple of the sequence length" in batch.stderr
+    field = pretrain("plan", "--config", "configs/7b.yaml", "parallel.tpp=2")
+    assert field.returncode == 2 and "did you mean parallel.tp" in field.stderr
+    headroom = pretrain("plan", "--config", "configs/7b.yaml", "--headroom", "1.5")
+    assert headroom.returncode == 2 and "--headroom (1.5) must be in [0, 1)" in headroom.stderr
