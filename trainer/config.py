@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 # Megatron's convention: pad the embedding rows so each TP shard holds a multiple of 128 rows (tensor-core friendly).
 VOCAB_PAD_MULTIPLE = 128
@@ -206,6 +206,10 @@ class LoggingConfig(_Section):
 _SLURM_TIME = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d{1,2}(:\d{1,2}){0,2})$")
 
 
+def _minutes_as_text(value: Any) -> Any:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 class LaunchConfig(_Section):
     nodes: PositiveInt = 1
     gpus_per_node: PositiveInt = 8  # on CPU: processes per node
@@ -213,19 +217,25 @@ class LaunchConfig(_Section):
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
-    time_limit: str | None = None  # Slurm --time, e.g. "2-00:00:00"
+    # Slurm --time, e.g. "2-00:00:00"; a bare number is minutes (YAML reads `30` as an int: it is kept as "30").
+    time_limit: Annotated[str | None, BeforeValidator(_minutes_as_text)] = None
     constraint: str | None = None
     exclusive: bool = True
     extra_sbatch: list[str] = Field(default_factory=list)  # whole lines: "#SBATCH --mail-type=END"
     env_setup: list[str] = Field(default_factory=list)  # shell lines run before the launcher (module load, source venv)
     container: str | None = None  # container image for srun --container-image (pyxis/enroot)
     container_mounts: list[str] = Field(default_factory=list)  # srun --container-mounts entries, "src:dst"
-    cpus_per_task: PositiveInt | None = None  # None: let Slurm decide (1 per task unless the partition says more)
+    # None: data.num_workers + 1 (the rank plus its loader workers), so sites that bind tasks to cores do not put a
+    # rank and its workers on one CPU.
+    cpus_per_task: PositiveInt | None = None
     # Preemption / time limit: Slurm sends SIGUSR1 this many seconds before the limit; the trainer checkpoints and
     # exits with the requeue exit code, and the batch script requeues the job (resume: auto picks up the checkpoint).
     signal_lead_s: PositiveInt = 180
     requeue: bool = True
     chain_jobs: NonNegativeInt = 0  # follow-up jobs submitted with --dependency=afterany on the previous one
+    # A hung rank (exit 76) ends the whole job step; the batch script then requeues the job at most this many times
+    # (per job id), then leaves it failed for a person (docs/operations.md).
+    max_hang_requeues: NonNegativeInt = 2
 
 
 class Config(_Section):

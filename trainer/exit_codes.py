@@ -10,10 +10,18 @@ Restarting resumes from the newest complete checkpoint (a node or network proble
 DIVERGED: the loss or gradients stayed NaN/inf (or spiking) after faults.max_rollbacks rollbacks, or there was no
 checkpoint to roll back to. Restarting would repeat it: a person has to look (lower the LR, inspect the data window
 named in the log). Slurm scripts must not requeue on it.
+
+DATA_CORRUPT is sysexits.h's EX_IOERR (an input/output error): a shard is missing, truncated or fails its sha256 (at
+start, or when a rank opens it during training). Restarting would hit the same shard: copy the dataset again or
+re-run `pretrain prepare`. Distinct from CONFIG_ERROR so a scheduler or a person can tell the two apart.
+
+Which codes are terminal (a chained follow-up job trains nothing after them) and which are retried: see
+docs/operations.md.
 """
 
 OK = 0
 CONFIG_ERROR = 2  # a user-fixable problem (bad flag, config or path): the message says what to do
+DATA_CORRUPT = 74
 REQUEUE = 75
 HANG = 76
 DIVERGED = 77

@@ -1,4 +1,5 @@
-"""The train entry. Build order: config → stop-signal handlers → process groups → seed → model → parallelize →
+"""The train entry. Build order: config → stop-signal handlers → process groups → run-directory lock and preflight
+checks (trainer/preflight.py: nothing to do? data there?) → seed → model → parallelize →
 init_from (weights only, fresh runs) → deepspeed.initialize → data loaders sharded by DP rank → hooks (watchdog, resume, metrics, NaN guard, checkpointer)
 → fit. Runs under torchrun, srun or any launcher that sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT;
 without them it runs as one process (world size 1). Exit codes: trainer/exit_codes.py.
@@ -31,6 +32,7 @@ from trainer.faults import StepGuard, Watchdog
 from trainer.fit import fit
 from trainer.hooks import Hook, HookList, RunContext, TrainState, default_hooks, setup_rank_logging
 from trainer.parallelize import build_model_on_meta, parallelize
+from trainer.preflight import check_before_build, errors_in_rank_log, nothing_to_do_message, owned_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -50,21 +52,35 @@ def train(cfg: Config, extra_hooks: Sequence[Hook] = ()) -> TrainState:
                         timeout_s=cfg.faults.collective_timeout_s)
     try:
         run_dir = Path(derived.run_dir)
-        setup_rank_logging(run_dir, ctx)
-        if ctx.rank == 0:
-            save_resolved(cfg, run_dir / "config.yaml", derived)
-        run = build_run(cfg, derived, ctx, run_dir)
-        hooks = training_hooks(run, signals, extra_hooks)
-        try:
-            return fit(run, HookList(hooks))
-        finally:
-            for hook in hooks:
-                if isinstance(hook, Watchdog):
-                    hook.stop()  # after the final save (on_train_end) and on errors: nothing left to watch
+        # Before anything is written into the run directory: a second job on it must leave its files alone.
+        with owned_run_dir(run_dir, ctx):
+            setup_rank_logging(run_dir, ctx)
+            with errors_in_rank_log():
+                return _train_in_run_dir(cfg, derived, ctx, run_dir, signals, extra_hooks)
     finally:
         signals.uninstall()
         if owns_group:
             destroy_parallel()  # before exit: gloo ranks abort at exit without it (notes/deepspeed-cpu.md)
+
+
+def _train_in_run_dir(cfg: Config, derived: Derived, ctx: ParallelContext, run_dir: Path, signals: StopSignals,
+                      extra_hooks: Sequence[Hook]) -> TrainState:
+    # Before the model and the engine: a finished run, a missing dataset or a truncated shard is told in seconds.
+    finished_step = check_before_build(cfg, ctx)
+    if finished_step is not None:
+        if ctx.is_logging_rank:
+            log.info(nothing_to_do_message(cfg, finished_step))
+        return TrainState(step=finished_step)
+    if ctx.rank == 0:
+        save_resolved(cfg, run_dir / "config.yaml", derived)
+    run = build_run(cfg, derived, ctx, run_dir)
+    hooks = training_hooks(run, signals, extra_hooks)
+    try:
+        return fit(run, HookList(hooks))
+    finally:
+        for hook in hooks:
+            if isinstance(hook, Watchdog):
+                hook.stop()  # after the final save (on_train_end) and on errors: nothing left to watch
 
 
 def training_hooks(run: RunContext, signals: StopSignals, extra_hooks: Sequence[Hook] = ()) -> list[Hook]:

@@ -14,7 +14,8 @@ examples:
   pretrain submit --config configs/7b.yaml launch.partition=gpu launch.account=myproj --dry-run
       validate the config for 4 nodes x 8 GPUs, write runs/llama-7b/sbatch.sh and print it; submit nothing
   pretrain submit --config configs/7b.yaml launch.partition=gpu launch.time_limit=04:00:00 launch.chain_jobs=3
-      submit the job plus 3 follow-ups (--dependency=afterany), each resuming from the newest checkpoint
+      submit the job plus 3 follow-ups (--dependency=afterany), each resuming from the newest checkpoint;
+      a follow-up exits at once when the run before it finished, diverged or failed on config or data
   pretrain submit --config configs/tiny.yaml launch.nodes=2 launch.gpus_per_node=1 train.max_steps=20
       a 2-node CPU job (gloo) on a test cluster, e.g. the localhost Slurm from cluster/start.sh
 
@@ -46,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     # Before anything is written or submitted: a plan that cannot run fails here, not after hours in the queue.
     derived = cfg.validate_for_world(launch.nodes * launch.gpus_per_node)
     run_dir = Path(derived.run_dir).resolve()
+    _refuse_if_owned(run_dir)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     config_path = save_resolved(cfg, run_dir / "config.yaml", derived)
     request = default_request(config_path, run_dir, exit_codes.REQUEUE)
@@ -61,3 +63,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"submitted job {' -> '.join(job_ids)} for run {cfg.name!r}")
     print(f"  script  {script}\n  logs    {run_dir / 'logs'}/slurm-<jobid>.out\n  watch   squeue -j {','.join(job_ids)}")
     return 0
+
+
+def _refuse_if_owned(run_dir: Path) -> None:
+    """Before config.yaml is rewritten: a job training in run_dir re-reads it when it is requeued."""
+    from trainer.run_lock import RunDirBusy, busy_message, live_holder
+
+    holder = live_holder(run_dir)
+    if holder is not None:
+        raise RunDirBusy(busy_message(run_dir, holder))

@@ -23,8 +23,9 @@ examples:
 
 A run writes <run_dir>/config.yaml, metrics.jsonl, tb/ and logs/rank<N>.log (run_dir: logging.run_dir or runs/<name>)
 and checkpoints/step_<N>/ (checkpoint.dir); it resumes from the newest complete checkpoint (checkpoint.resume=auto).
-Exit codes: 0 done; 2 config error; 75 stopped on SIGUSR1/SIGTERM after a checkpoint (requeue); 76 hang (watchdog);
-77 diverged (NaN/inf after rollbacks). See docs/checkpointing.md.
+Exit codes: 0 done (also: already at train.max_steps, nothing to do); 2 config error (also: the run directory is in
+use by another job); 74 a data shard missing, truncated or corrupt; 75 stopped on SIGUSR1/SIGTERM after a checkpoint
+(requeue); 76 hang (watchdog); 77 diverged (NaN/inf after rollbacks). See docs/operations.md.
 World size for --dry-run: --world-size, else $WORLD_SIZE, else launch.nodes × launch.gpus_per_node.
 Overrides are dotted keys with YAML values (optim.betas=[0.9,0.95], data.datasets.0.weight=2); put them together.
 """
@@ -58,7 +59,19 @@ def run(args: argparse.Namespace) -> int:
     world_size, world_source = _world_size(args.world_size, cfg.launch.nodes, cfg.launch.gpus_per_node)
     derived = cfg.validate_for_world(world_size)
     print(_dry_run_report(cfg, derived, args, world_source))
+    _warn_missing_data(cfg)
     return 0
+
+
+def _warn_missing_data(cfg: Any) -> None:
+    """A dry run may be made before the data is prepared (or on a login node without it): warn, do not fail."""
+    import sys
+
+    from trainer.data_check import check_datasets
+
+    check = check_datasets(cfg.data, eval_enabled=False, check_shards=False)
+    if check.missing_datasets:
+        print(f"warning: {check.message()}", file=sys.stderr)
 
 
 def _world_size(flag: int | None, nodes: int, gpus_per_node: int) -> tuple[int, str]:

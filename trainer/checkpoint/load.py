@@ -73,9 +73,11 @@ def candidates(target: Path) -> list[Path]:
     return list_step_dirs(target)
 
 
-def choose_valid(paths: list[Path], ctx: Any, verify: bool) -> Path | None:
+def choose_valid(paths: list[Path], ctx: Any, verify: bool,
+                 rejected: list[tuple[Path, list[str]]] | None = None) -> Path | None:
     """The first of `paths` that is complete and intact, checked by all ranks together: each rank hashes every
-    world_size-th file, and the verdict is agreed, so every rank picks the same checkpoint. Collective."""
+    world_size-th file, and the verdict is agreed, so every rank picks the same checkpoint. Collective.
+    `rejected` (if given) receives each skipped checkpoint with its problems."""
     for path in paths:
         meta, problems = shallow_problems(path)
         if meta is not None and not problems and verify:
@@ -85,6 +87,8 @@ def choose_valid(paths: list[Path], ctx: Any, verify: bool) -> Path | None:
         if not everything:
             return path
         log.warning("checkpoint %s is incomplete or corrupt, skipping it: %s", path, "; ".join(everything[:5]))
+        if rejected is not None:
+            rejected.append((path, everything))
     return None
 
 
@@ -131,12 +135,17 @@ def find_resume_checkpoint(cfg: Config, ctx: Any) -> Path | None:
     if explicit and not paths:
         raise CheckpointError(f"checkpoint.resume={mode}: no checkpoint there (a step_N directory with metadata.json, "
                               f"or a directory of them); fix the path or use checkpoint.resume=auto|none")
-    chosen = choose_valid(paths, ctx, cfg.checkpoint.verify_on_load)
+    rejected: list[tuple[Path, list[str]]] = []
+    chosen = choose_valid(paths, ctx, cfg.checkpoint.verify_on_load, rejected)
     if chosen is None and paths:
-        if explicit:
-            raise CheckpointError(f"checkpoint.resume={mode}: no complete, intact checkpoint there (see the warnings "
-                                  f"above); pick another one or use checkpoint.resume=none to start fresh")
-        log.warning("no complete checkpoint in %s: starting from scratch", target)
+        # Not a silent fresh start: it would train from step 0 and, saving the same step numbers, replace the
+        # damaged checkpoints that a person may still want to repair or inspect.
+        listing = "\n".join(f"  - {path}: {'; '.join(problems[:3])}" for path, problems in rejected)
+        raise CheckpointError(
+            f"checkpoint.resume={mode}: {len(rejected)} checkpoint(s) in {target}, none complete and intact:\n"
+            f"{listing}\nNothing was deleted or changed. Repair or restore one of them, or move them away "
+            f"(mv {target} {target}.damaged) to start over, or set checkpoint.resume=none to start fresh here "
+            f"(new saves then replace damaged directories of the same step)")
     return chosen
 
 
