@@ -86,7 +86,8 @@ def plain_loop(cfg: Config, derived: Derived, device: torch.device) -> Callable[
             tokens, labels = next(batches)
             with autocast:
                 logits = model(tokens.to(device, non_blocking=True))
-            loss = lm_loss(logits, labels.to(device, non_blocking=True)) / derived.grad_accum_steps
+            loss = lm_loss(logits, labels.to(device, non_blocking=True), cfg.model.vocab_size)
+            loss = loss / derived.grad_accum_steps
             loss.backward()
             total += loss.detach()
         if o.grad_clip > 0:

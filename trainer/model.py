@@ -27,6 +27,10 @@ from torch import nn
 
 from trainer.config import ModelConfig
 
+# The tensors whose rows are the vocabulary: padded beyond model.vocab_size (Derived.padded_vocab_size), and those
+# rows are kept at exactly zero (init_weights; no gradient reaches them through lm_loss).
+VOCAB_PARAM_NAMES = ("embed_tokens.weight", "lm_head.weight")
+
 
 class RMSNorm(nn.Module):
     """w * x / rms(x), the reduction in fp32 even for bf16 inputs (HF LlamaRMSNorm, bit for bit)."""
@@ -178,13 +182,16 @@ class Llama(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Normal(0, std) per `init_std_for`; norms to 1. Safe on the meta device (a no-op there)."""
+        """Normal(0, std) per `init_std_for`; norms to 1; vocabulary padding rows to 0 (they never receive a
+        gradient, so they stay 0). Safe on the meta device (a no-op there)."""
         for name, param in self.named_parameters():
             std = init_std_for(name, self.cfg)
             if std is None:
                 param.fill_(1.0)
             else:
                 param.normal_(0.0, std)
+                if name in VOCAB_PARAM_NAMES:
+                    param[self.cfg.vocab_size:] = 0.0
 
 
 def init_std_for(param_name: str, cfg: ModelConfig) -> float | None:
@@ -206,13 +213,19 @@ def to_hf_key(name: str) -> str:
     return name if name.startswith("lm_head.") else f"model.{name}"
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int | None = None,
+            ignore_index: int = -100) -> torch.Tensor:
     """Mean next-token cross entropy over labels != ignore_index, computed in fp32.
 
-    logits: (B, T, V); labels: (B, T), already shifted by the data loader (labels[t] is the token after input[t]).
+    logits: (B, T, V_padded); labels: (B, T), already shifted by the data loader (labels[t] is the token after
+    input[t]). Only the first `vocab_size` columns (the tokenizer's vocabulary; None: all) enter the softmax: the
+    padding columns are not tokens, so they must neither take probability mass nor get a gradient (HF's model has
+    no such columns, and the padding depends on tp). The slice is a view: no copy of the logits.
     Flattening in (T, B) order matches Llama's output layout, so this reshape is free; the mean is order-independent.
     All labels ignored gives NaN (0/0), like torch's cross_entropy.
     """
+    if vocab_size is not None and vocab_size < logits.shape[-1]:
+        logits = logits[..., :vocab_size]
     V = logits.shape[-1]
     flat_logits = logits.transpose(0, 1).reshape(-1, V).float()  # (T*B, V)
     flat_labels = labels.transpose(0, 1).reshape(-1)  # (T*B,)

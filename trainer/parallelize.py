@@ -53,7 +53,7 @@ from torch.utils.checkpoint import (
 
 from trainer.bootstrap import ParallelContext, deepspeed_topology
 from trainer.config import Config, Derived, ModelConfig
-from trainer.model import DecoderLayer, Llama, init_std_for, lm_loss
+from trainer.model import VOCAB_PARAM_NAMES, DecoderLayer, Llama, init_std_for, lm_loss
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -125,7 +125,7 @@ def parallelize(model: Llama, cfg: Config, derived: Derived, ctx: ParallelContex
     # 5. After the TP swap, so the swap always walks the plain module tree (a wrapper-based checkpoint, as in
     #    torchtitan, would hide the projections from it); ours only replaces each layer's forward.
     _apply_activation_checkpointing([model.layers[i] for i in parts.layers], cfg.parallel.activation_checkpointing)
-    loss_fn = lm_loss if ctx.tp == 1 else vocab_parallel_lm_loss
+    loss_fn = _loss_fn(cfg.model.vocab_size, ctx)
     if ctx.pp == 1:
         return ParallelModel(model, loss_fn, cfg.model.num_layers, is_pipeline=False)
     # 6. Last: PipelineModule registers the finished parts as opaque callables in a flat list.
@@ -250,16 +250,32 @@ def _mark_tp(module: nn.Module, dim: int) -> nn.Module:
     return module
 
 
-def vocab_parallel_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def _loss_fn(vocab_size: int, ctx: ParallelContext) -> LossFn:
+    """The loss over the tokenizer's `vocab_size` columns only: padded columns never enter the softmax."""
+    if ctx.tp == 1:
+        return functools.partial(lm_loss, vocab_size=vocab_size)
+    return functools.partial(vocab_parallel_lm_loss, vocab_size=vocab_size, tp_rank=ctx.tp_rank)
+
+
+def vocab_parallel_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, tp_rank: int,
+                           ignore_index: int = -100) -> torch.Tensor:
     """`lm_loss` for vocab-parallel logits: (B, T, V/tp) on each TP rank → the same mean loss on every TP rank.
 
     megatron's vocab_parallel_cross_entropy reduces over the TP group that bootstrap.init_parallel registered in
     parallel_state (it takes no group argument); that is the same group as ctx.tp_group. It has no ignore_index, so
-    ignored positions get a valid dummy label and are masked out of the mean.
+    ignored positions get a valid dummy label and are masked out of the mean. It assumes equal shards, so the
+    padded columns (global index >= vocab_size, on the last ranks) cannot be sliced off as in `lm_loss`: they are
+    set to -inf, which gives them probability exactly 0 and gradient exactly 0 (the TP-reduced max stays finite
+    because column 0 is always real).
     """
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     logits_tbv = logits.transpose(0, 1).float()  # (T, B, V/tp): Llama's native layout, so no copy in fp32
+    shard_size = logits_tbv.shape[-1]
+    real_in_shard = min(max(vocab_size - tp_rank * shard_size, 0), shard_size)
+    if real_in_shard < shard_size:  # out of place: in fp32 training .float() returned the lm_head output itself
+        padded = torch.arange(shard_size, device=logits_tbv.device) >= real_in_shard
+        logits_tbv = logits_tbv.masked_fill(padded, float("-inf"))
     labels_tb = labels.transpose(0, 1)  # (T, B)
     keep = labels_tb != ignore_index
     per_token = vocab_parallel_cross_entropy(logits_tbv, labels_tb.masked_fill(~keep, 0))  # (T, B)
@@ -308,10 +324,24 @@ def init_weights_deterministic(model: nn.Module, model_cfg: ModelConfig, seed: i
         full_shape = list(param.shape)
         if dim is not None:
             full_shape[dim] *= tp
-        generator = torch.Generator(device=param.device).manual_seed(_param_seed(seed, name))
-        full = torch.empty(full_shape, device=param.device, dtype=torch.float32).normal_(0.0, std, generator=generator)
+        full = _draw_full(name, full_shape, std, model_cfg.vocab_size, seed, param.device)
         param.copy_(full if dim is None else full.chunk(tp, dim=dim)[tp_rank])
         del full  # one full tensor alive at a time
+
+
+def _draw_full(name: str, full_shape: list[int], std: float, vocab_size: int, seed: int,
+               device: torch.device) -> torch.Tensor:
+    """The full parameter, normal(0, std) from a generator seeded by (seed, name). Vocabulary tensors draw only the
+    tokenizer's rows and get zero padding rows: the real rows are then the same whatever tp pads to, and the padding
+    rows (which no loss gradient reaches) stay exactly zero through training."""
+    generator = torch.Generator(device=device).manual_seed(_param_seed(seed, name))
+    drawn_shape = [vocab_size, *full_shape[1:]] if name in VOCAB_PARAM_NAMES else full_shape
+    drawn = torch.empty(drawn_shape, device=device, dtype=torch.float32).normal_(0.0, std, generator=generator)
+    if drawn_shape == full_shape:
+        return drawn
+    full = drawn.new_zeros(full_shape)
+    full[:vocab_size] = drawn
+    return full
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -297,6 +297,25 @@ def test_lm_loss_ignores_minus_100_and_accepts_any_layout() -> None:
     assert lm_loss(seq_first, labels).item() == pytest.approx(expected.item(), abs=1e-6)
 
 
+def test_lm_loss_leaves_padded_vocabulary_columns_out_of_the_softmax() -> None:
+    """Columns >= vocab_size are padding: the loss is HF's over the real columns and they get no gradient."""
+    torch.manual_seed(0)
+    padded = (torch.randn(2, 6, 512) * 3).requires_grad_()  # vocab 500 padded to 512
+    labels = torch.randint(0, 500, (2, 6))
+    loss = lm_loss(padded, labels, vocab_size=500)
+    expected = F.cross_entropy(padded[..., :500].reshape(-1, 500), labels.reshape(-1))
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert lm_loss(padded, labels).item() != pytest.approx(expected.item(), abs=1e-3)  # the padding does matter
+    loss.backward()
+    assert not padded.grad[..., 500:].any() and padded.grad[..., :500].abs().sum() > 0
+
+
+def test_padding_rows_start_at_zero() -> None:
+    model = Llama(tiny_model_config(), 384)  # vocab 256 padded to 384
+    for weight in (model.embed_tokens.weight, model.lm_head.weight):
+        assert not weight[256:].any() and weight[:256].all()  # real rows drawn, padding rows zero
+
+
 def test_lm_loss_is_fp32_for_bf16_logits() -> None:
     logits = torch.randn(2, 5, 300).to(torch.bfloat16)
     labels = torch.randint(0, 300, (2, 5))

@@ -22,6 +22,7 @@ from trainer.parallelize import (
     init_weights_deterministic,
     parallelize,
 )
+from trainer.testing import run_distributed
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -135,3 +136,34 @@ def test_canonical_names_of_pipeline_parameters() -> None:
     assert canonical_name("4.mlp.down_proj.weight", 4) == "layers.3.mlp.down_proj.weight"
     assert canonical_name("5.norm.weight", 4) == "norm.weight"
     assert canonical_name("5.lm_head.weight", 4) == "lm_head.weight"
+
+
+def _vocab_parallel_loss_and_grad(rank: int, world_size: int, vocab_size: int) -> tuple[float, torch.Tensor]:
+    from trainer.bootstrap import init_parallel
+    from trainer.parallelize import vocab_parallel_lm_loss
+
+    ctx = init_parallel(world_size, 1, backend="gloo")
+    logits, labels = _padded_logits_and_labels(vocab_size)
+    # This rank's lm_head output as the model produces it: (T, B, V/tp) contiguous, handed on as a (B, T) view.
+    shard_tbv = logits.transpose(0, 1).chunk(world_size, dim=-1)[ctx.tp_rank].contiguous().requires_grad_()
+    loss = vocab_parallel_lm_loss(shard_tbv.transpose(0, 1), labels, vocab_size=vocab_size, tp_rank=ctx.tp_rank)
+    loss.backward()
+    return loss.item(), shard_tbv.grad.transpose(0, 1)
+
+
+def _padded_logits_and_labels(vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 512, generator=generator) * 3  # (B, T, V padded to 512)
+    return logits, torch.randint(0, vocab_size, (2, 5), generator=generator)
+
+
+@pytest.mark.slow
+def test_vocab_parallel_loss_leaves_padding_out_even_when_a_whole_shard_is_padding() -> None:
+    """vocab 384 at tp 4: shards of 128 columns, the last one all padding. Every rank's loss equals the cross
+    entropy over the 384 real columns, and no padding column gets a gradient."""
+    results = run_distributed(_vocab_parallel_loss_and_grad, 4, 384, timeout_s=120)
+    logits, labels = _padded_logits_and_labels(384)
+    expected = torch.nn.functional.cross_entropy(logits[..., :384].reshape(-1, 384), labels.reshape(-1)).item()
+    assert [loss for loss, _ in results] == pytest.approx([expected] * 4, abs=1e-6)
+    grads = torch.cat([grad for _, grad in results], dim=-1)
+    assert not grads[..., 384:].any() and grads[..., :384].abs().sum() > 0

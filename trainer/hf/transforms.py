@@ -18,6 +18,7 @@ What needs no transform, and why (each is a test in tests/trainer/test_hf.py):
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 import torch
@@ -25,6 +26,8 @@ import torch
 from trainer.config import ModelConfig
 from trainer.hf.errors import HFConversionError
 from trainer.hf.keys import EMBED, LM_HEAD, VOCAB_PARAMS, expected_shapes, hf_key, our_key, our_keys
+
+log = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
 DTypeName = Literal["fp32", "bf16", "fp16"]
@@ -105,7 +108,18 @@ def _vocab_rows(state: StateDict, cfg: ModelConfig, source: str, hf_names: bool)
 
 
 def drop_vocab_padding(state: StateDict, cfg: ModelConfig) -> StateDict:
-    """Keep rows [:vocab_size] of embed_tokens and lm_head (a view: no copy)."""
+    """Keep rows [:vocab_size] of embed_tokens and lm_head (a view: no copy).
+
+    Lossless for our runs: the padding rows never enter the loss, start at zero and stay zero. A checkpoint written
+    before that was so (its padding columns took part in the softmax) gets a warning: the exported model then
+    differs from the trained one by the probability those columns held.
+    """
+    for key in VOCAB_PARAMS:
+        if key in state and state[key].shape[0] > cfg.vocab_size and state[key][cfg.vocab_size:].any():
+            log.warning("%s: the vocabulary padding rows (%d..%d) are not zero: this checkpoint was trained with them "
+                        "in the softmax (before the padded-vocabulary fix), so the export, which drops them, is not "
+                        "exactly the trained model; retrain or fine-tune a few steps with the current version",
+                        key, cfg.vocab_size, state[key].shape[0] - 1)
     return {key: (value[: cfg.vocab_size] if key in VOCAB_PARAMS else value) for key, value in state.items()}
 
 
