@@ -17,14 +17,17 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".torch_extensions"))
 # Two cores: one intra-op thread per process keeps multi-process tests from oversubscribing.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# On a GPU host, let torch.cuda.is_available() in this process ask NVML instead of initialising the CUDA driver
+# (after which a forked child cannot use CUDA: trainer/testing.py). The rank helper spawns there anyway.
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
 
 def _has_cuda() -> bool:
     try:
-        import torch
+        from trainer.testing import cuda_device_visible
     except ImportError:
         return False
-    return torch.cuda.is_available()
+    return cuda_device_visible()
 
 
 def _slurm_up() -> bool:

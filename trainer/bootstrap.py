@@ -105,7 +105,26 @@ def single_process_defaults() -> None:
         os.environ.setdefault(name, value)
 
 
-def _init_default_group(backend: str, timeout_s: float) -> None:
+def use_deepspeed_accelerator(device_type: str) -> None:
+    """Make DeepSpeed's accelerator the device this run trains on ("cpu" or "cuda").
+
+    DeepSpeed picks its accelerator once per process (from $DS_ACCELERATOR, else by probing) and puts its buffers,
+    streams and collectives there. A CPU run on a GPU host (the test suite, a debug run) would otherwise get CUDA
+    streams, and a CUDA run started under DS_ACCELERATOR=cpu (tests/conftest.py sets it) a CPU optimizer path.
+    """
+    os.environ["DS_ACCELERATOR"] = device_type  # for child processes and later imports
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+
+    if get_accelerator()._name == device_type:
+        return
+    if device_type == "cuda":
+        from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator as Accelerator
+    else:
+        from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator as Accelerator
+    set_accelerator(Accelerator())
+
+
+def _init_default_group(backend: str, timeout_s: float, device: torch.device) -> None:
     if dist.is_initialized():
         return
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -121,7 +140,9 @@ def _init_default_group(backend: str, timeout_s: float) -> None:
     distributed_c10d.default_pg_timeout = timeout
     if hasattr(distributed_c10d, "default_pg_nccl_timeout"):
         distributed_c10d.default_pg_nccl_timeout = timeout
-    dist.init_process_group(backend, timeout=timeout)
+    # device_id binds an NCCL group to this rank's GPU; without it every barrier (e.g. at each checkpoint save) warns
+    # that it guesses "the device under current context".
+    dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
 
 
 def init_parallel(tp: int, pp: int, *, backend: str | None = None, timeout_s: float = 600.0) -> ParallelContext:
@@ -130,14 +151,16 @@ def init_parallel(tp: int, pp: int, *, backend: str | None = None, timeout_s: fl
     `timeout_s` bounds every collective: a rank whose peer died fails after it instead of hanging the allocation.
     """
     _quiet_imports()
-    use_cuda = torch.cuda.is_available() and backend != "gloo"
+    use_cuda = backend != "gloo" and torch.cuda.is_available()  # never ask CUDA on a CPU run: see trainer/testing.py
     backend = backend or ("nccl" if use_cuda else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    use_deepspeed_accelerator(device.type)
     if use_cuda:
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(device)
     else:
         apply_cpu_shims()
-    _init_default_group(backend, timeout_s)
+    _init_default_group(backend, timeout_s, device)
     import deepspeed
 
     # deepspeed.comm wraps the default group just created (no second rendezvous). deepspeed.initialize would do this
@@ -170,7 +193,7 @@ def init_parallel(tp: int, pp: int, *, backend: str | None = None, timeout_s: fl
         pp_group=ps.get_pipeline_model_parallel_group(),
         dp_group=ps.get_data_parallel_group(),
         model_parallel_group=ps.get_model_parallel_group(),
-        device=torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"),
+        device=device,
     )
 
 

@@ -143,6 +143,12 @@ def loss_scale(engine: Any) -> float | None:
     return float(engine._get_optimizer_loss_scale())
 
 
+def skipped_steps(engine: Any) -> int | None:
+    """Optimizer steps this process skipped because fp16 gradients overflowed (the loss scale was lowered instead);
+    None for fp32 / bf16, which never skip."""
+    return int(engine.skipped_steps) if engine.fp16_enabled() else None
+
+
 def global_grad_norm(engine: Any) -> float | None:
     """The pre-clipping global gradient norm of the last optimizer step, or None where nothing computed one."""
     norm = engine.get_global_grad_norm()

@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from trainer.bootstrap import ParallelContext
 from trainer.config import Config, Derived
-from trainer.engine import global_grad_norm, loss_scale
+from trainer.engine import global_grad_norm, loss_scale, skipped_steps
 from trainer.parallelize import ParallelModel
 
 log = logging.getLogger(__name__)
@@ -227,6 +227,7 @@ class MetricsHook(Hook):
             "lr": out.lr,
             "grad_norm": global_grad_norm(run.engine),
             "loss_scale": loss_scale(run.engine),
+            "skipped_steps": skipped_steps(run.engine),
             "tokens_per_s": tokens_per_s,
             "tflops_per_gpu": tflops_per_gpu,
             "mfu": None if self._peak_tflops is None else tflops_per_gpu / self._peak_tflops,
@@ -331,6 +332,8 @@ def format_metrics(step: int, max_steps: int, m: dict[str, Any]) -> str:
         parts.append(f"grad_norm {m['grad_norm']:.3f}")
     if m["loss_scale"] is not None:
         parts.append(f"loss_scale {m['loss_scale']:.0f}")
+    if m.get("skipped_steps"):
+        parts.append(f"skipped {m['skipped_steps']} (fp16 overflow)")
     parts.append(f"{m['tokens_per_s']:,.0f} tok/s")
     parts.append(f"{m['tflops_per_gpu']:.3g} TFLOP/s/gpu")
     if m["mfu"] is not None:

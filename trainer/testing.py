@@ -1,13 +1,18 @@
 """Run one function on N ranks of a real process group, for tests and benchmarks.
 
 Every parallel path in this project is proven against a single-process reference by running the same body on
-`world_size` ranks through `run_distributed`. On CPU the ranks are forked after the parent imported torch once, which
-starts a process group in ~0.3 s instead of 5-30 s with spawn (measured in notes/megatron-core-cpu.md); where CUDA is
-initialised the ranks are spawned instead (forking a CUDA context is unsafe) and the backend is NCCL.
+`world_size` ranks through `run_distributed`. On a machine without a CUDA device the ranks are forked after the
+parent imported torch once, which starts a process group in ~0.3 s instead of 5-30 s with spawn (measured in
+notes/megatron-core-cpu.md). Where a CUDA device is visible the ranks are always spawned: a forked child can use CUDA
+only if its parent never touched the driver, and the parent cannot know that. Even `torch.cuda.is_available()`
+(cudaGetDeviceCount) marks the process so that a forked child fails at its first CUDA call with "Cannot
+re-initialize CUDA in forked subprocess", while `torch.cuda.is_initialized()` still says False; that is how the
+suite failed on a GPU host when this helper forked unless CUDA was "initialised".
 
 The body runs as `fn(rank, world_size, *args)` with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT set (DeepSpeed
-reads them; without them it tries MPI discovery) and a default process group already initialised. Its return value
-comes back to the parent (it must be picklable). A rank that raises, dies or hangs past `timeout_s` fails the call
+reads them; without them it tries MPI discovery) and a default process group already initialised. `fn` must be a
+module-level function (spawned ranks import it by name). Its return value comes back to the parent by value (it
+must be picklable; tensors are copied, not shared). A rank that raises, dies or hangs past `timeout_s` fails the call
 with every rank's error: a distributed test can never pass by hanging or by a silently crashed rank.
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import socket
 import time
 import traceback
@@ -62,10 +68,14 @@ def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, port: int, ba
     # One intra-op thread per rank: on a 2-core box more threads only contend with the other ranks.
     torch.set_num_threads(1)
     try:
+        device_id = None
         if backend == "nccl":
-            torch.cuda.set_device(rank % torch.cuda.device_count())
-        dist.init_process_group(backend, rank=rank, world_size=world_size)
-        value = fn(rank, world_size, *args)
+            device_id = torch.device("cuda", rank % torch.cuda.device_count())
+            torch.cuda.set_device(device_id)
+        # device_id binds the NCCL group to this rank's GPU (no "using the device under current context" guess).
+        dist.init_process_group(backend, rank=rank, world_size=world_size, device_id=device_id)
+        # Pickled here, by value: the queue would pass a tensor through shared memory that dies with this process.
+        value = pickle.dumps(fn(rank, world_size, *args))
         results.put(_RankOutcome(rank, True, value))
     except BaseException:  # noqa: BLE001 - report everything, including SystemExit from the body
         results.put(_RankOutcome(rank, False, error=traceback.format_exc()))
@@ -76,16 +86,23 @@ def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, port: int, ba
             dist.destroy_process_group()
 
 
-def _start_method() -> str:
+def cuda_device_visible() -> bool:
+    """Whether this machine has a CUDA device, asked without initialising the CUDA driver in this process:
+    `device_count()` asks NVML first, unlike `is_available()` (see the module docstring)."""
     import torch
 
-    return "spawn" if torch.cuda.is_available() and torch.cuda.is_initialized() else "fork"
+    return torch.backends.cuda.is_built() and torch.cuda.device_count() > 0
+
+
+def start_method() -> str:
+    """fork where no CUDA device is visible (fast, and nothing to inherit); spawn (a fresh interpreter) otherwise."""
+    return "spawn" if cuda_device_visible() else "fork"
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 300.0,
                     backend: str = "gloo") -> list[Any]:
     """Run `fn(rank, world_size, *args)` on `world_size` ranks; return the per-rank results, ordered by rank."""
-    ctx = mp.get_context(_start_method())
+    ctx = mp.get_context(start_method())
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(fn, rank, world_size, port, backend, args, results), daemon=True)
@@ -96,7 +113,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     failed = [o for o in outcomes.values() if not o.ok]
     if failed or len(outcomes) < world_size:
         raise DistributedRunError(_failure_report(outcomes, procs, world_size, timeout_s))
-    return [outcomes[rank].value for rank in range(world_size)]
+    return [pickle.loads(outcomes[rank].value) for rank in range(world_size)]
 
 
 def _collect(procs: list[Any], results: Any, world_size: int, timeout_s: float) -> dict[int, _RankOutcome]:

@@ -42,6 +42,7 @@ def test_pretrain_train_single_process_writes_the_run_directory(tmp_path: Path) 
                 "max_rss_gib"):
         assert isinstance(train_record[key], float) and train_record[key] >= 0, key
     assert train_record["mfu"] is None and train_record["loss_scale"] is None  # CPU: no MFU; fp32: no loss scale
+    assert train_record["skipped_steps"] is None  # only fp16 skips steps
     assert records[3]["val_ppl"] > 1.0
     resolved = load_config(run_dir / "config.yaml")  # the resolved config reproduces the run
     assert resolved == load_config(REPO / "configs" / "tiny.yaml", overrides)

@@ -362,7 +362,7 @@ def rng_state() -> dict[str, Any]:
         "numpy": [np_kind, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
         "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii"),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_initialized():  # a CUDA run; is_available() would touch the driver in a CPU run (testing.py)
         state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode("ascii") for s in torch.cuda.get_rng_state_all()]
     return state
 
@@ -373,7 +373,7 @@ def load_rng_state(state: dict[str, Any]) -> None:
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(_bytes_tensor(state["torch"]))
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and torch.cuda.is_initialized():
         torch.cuda.set_rng_state_all([_bytes_tensor(s) for s in state["cuda"]])
 
 

@@ -1,0 +1,146 @@
+"""The CUDA path: runs wherever a CUDA device is visible (marker `gpu`), skipped elsewhere. Budget: <= 4 min on one
+H200 for the whole tier (`python -m pytest -m gpu`).
+
+Every training run is `python -m launch train` in a subprocess, as a user starts it: a fresh process that owns its
+CUDA context. The parent only loads weights onto the GPU for the parity check, after the runs, and the rank helper
+never forks where a GPU is visible (trainer/testing.py), so nothing here can leave a poisoned CUDA state behind.
+tests/conftest.py sets DS_ACCELERATOR=cpu for the CPU tests and these runs inherit it on purpose: the trainer must
+switch DeepSpeed to CUDA itself (trainer.bootstrap.use_deepspeed_accelerator).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from trainer.config import load_config
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "configs" / "tiny.yaml"
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+CUDA = ["launch.device=cuda", "logging.tensorboard=false"]
+BARRIER_WARNING = "using the device under current context"
+
+
+def pretrain(*args: str, timeout_s: float = 240) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    out = subprocess.run([sys.executable, "-m", "launch", *args], capture_output=True, text=True, cwd=REPO, env=env,
+                         timeout=timeout_s)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out
+
+
+def train_records(run_dir: Path) -> list[dict[str, Any]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["kind"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def bf16_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Tiny model, bf16 on one GPU, 20 steps, a checkpoint every 5 steps (async)."""
+    run_dir = tmp_path_factory.mktemp("gpu") / "bf16"
+    out = pretrain("train", "--config", str(TINY), *CUDA, "precision.dtype=bf16", "train.max_steps=20",
+                   "logging.gpu_peak_tflops=989", "optim.warmup_steps=2", "train.log_interval_steps=5", "train.eval_interval_steps=10",
+                   "checkpoint.save_interval_steps=5", "checkpoint.async_save=true", f"logging.run_dir={run_dir}")
+    return {"run_dir": run_dir, "stderr": out.stderr}
+
+
+def test_bf16_trains_and_reports_mfu_and_gpu_memory(bf16_run: dict[str, Any]) -> None:
+    records = train_records(bf16_run["run_dir"])
+    assert [r["step"] for r in records] == [5, 10, 15, 20]
+    assert records[-1]["loss"] < records[0]["loss"]
+    for record in records:
+        assert isinstance(record["mfu"], float) and 0 < record["mfu"] < 1, record  # peak given: any GPU
+        assert record["max_memory_allocated_gib"] > 0 and "max_rss_gib" not in record
+        assert record["loss_scale"] is None and record["skipped_steps"] is None  # bf16 never scales or skips
+    checkpoints = sorted(p.name for p in (bf16_run["run_dir"] / "checkpoints").glob("step_*"))
+    assert checkpoints == ["step_15", "step_20"]  # keep_last 2 of the tiny config
+
+
+def test_no_barrier_device_warning_at_saves(bf16_run: dict[str, Any]) -> None:
+    """The NCCL group is created with its device (device_id), so a barrier never has to guess it."""
+    log = (bf16_run["run_dir"] / "logs" / "rank0.log").read_text()
+    assert BARRIER_WARNING not in bf16_run["stderr"] and BARRIER_WARNING not in log
+
+
+def test_fp16_loss_scale_falls_on_overflow_and_skipped_steps_are_counted(tmp_path: Path) -> None:
+    """A loss scale of 2^32 overflows fp16 at once (the logits' gradient alone is ~2^32 / 256 tokens > 65504):
+    DeepSpeed skips the step and halves the scale (hysteresis 1) until the gradients fit, then trains. No scale growth
+    within 30 steps (window 1000), so every halving is one skipped step."""
+    run_dir = tmp_path / "fp16"
+    pretrain("train", "--config", str(TINY), *CUDA, "precision.dtype=fp16", "precision.initial_loss_scale_power=32",
+             "precision.loss_scale_hysteresis=1", "train.max_steps=30", "optim.warmup_steps=1",
+             "train.log_interval_steps=1", "train.eval_interval_steps=0", f"logging.run_dir={run_dir}")
+    records = train_records(run_dir)
+    last = records[-1]
+    assert last["skipped_steps"] >= 1 and last["loss_scale"] < 2**32
+    assert 2**32 / last["loss_scale"] == 2 ** last["skipped_steps"]
+    assert all(r["skipped_steps"] <= s["skipped_steps"] for r, s in zip(records, records[1:]))
+    trained = [r["loss"] for r in records if r["skipped_steps"] == last["skipped_steps"]]
+    assert len(trained) >= 4 and trained[-1] < trained[0]
+
+
+def test_resume_on_cuda_is_bit_exact(bf16_run: dict[str, Any], tmp_path: Path) -> None:
+    """From the async checkpoint at step 15 to step 20 again: the same losses, to the bit. (The tiny shapes keep
+    every attention backward in one key block, so the kernels themselves are deterministic.)"""
+    resumed = tmp_path / "resumed"
+    pretrain("train", "--config", str(TINY), *CUDA, "precision.dtype=bf16", "train.max_steps=20",
+             "logging.gpu_peak_tflops=989", "optim.warmup_steps=2", "train.log_interval_steps=5",
+             "train.eval_interval_steps=10", "checkpoint.save_interval_steps=5", f"checkpoint.resume={bf16_run['run_dir'] / 'checkpoints' / 'step_15'}",
+             f"logging.run_dir={resumed}")
+    want = {r["step"]: r["loss"] for r in train_records(bf16_run["run_dir"])}
+    got = {r["step"]: r["loss"] for r in train_records(resumed)}
+    assert got == {20: want[20]}
+
+
+def test_hf_export_of_a_cuda_trained_checkpoint_has_logits_parity_on_the_gpu(bf16_run: dict[str, Any],
+                                                                             tmp_path: Path) -> None:
+    """Our model with the checkpoint's weights vs transformers with the export, both on the GPU, same ids.
+    fp32: max |Δlogits| <= 1e-4 (same math, kernels may differ). bf16: max |Δlogits| <= 0.125 (the bf16 spacing of
+    logits of magnitude 16-32) and the same greedy token at >= 98 % of positions."""
+    from transformers import LlamaForCausalLM
+
+    from trainer.config import padded_vocab_size
+    from trainer.hf.full_state import load_full_state_dict, load_into
+    from trainer.model import Llama
+
+    hf_dir = tmp_path / "hf"
+    pretrain("convert", "to-hf", "--checkpoint", str(bf16_run["run_dir"] / "checkpoints"), "--no-tokenizer",
+             "--output", str(hf_dir))
+    cfg = load_config(bf16_run["run_dir"] / "config.yaml")
+    ids = torch.randint(0, cfg.model.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0)).cuda()
+    ours = Llama(cfg.model, padded_vocab_size(cfg.model.vocab_size, 1))
+    load_into(ours, load_full_state_dict(bf16_run["run_dir"] / "checkpoints"))
+    theirs = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    for dtype, atol in ((torch.float32, 1e-4), (torch.bfloat16, 0.125)):
+        with torch.no_grad():
+            a = ours.to("cuda", dtype).eval()(ids)[..., : cfg.model.vocab_size].float()
+            b = theirs.to("cuda", dtype).eval()(ids).logits.float()
+        assert (a - b).abs().max().item() <= atol, (dtype, (a - b).abs().max().item())
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.98, dtype
+
+
+def test_dry_run_memory_estimate_within_10_percent_for_1b(tmp_path: Path) -> None:
+    """configs/1b.yaml on one GPU (selective AC, ZeRO-2, bf16, micro-batch 8 × 2048), 3 steps: the dry-run estimate
+    vs torch.cuda.max_memory_allocated. Measured on one H200 (2026-12-04): 34.1 GiB estimated, 36.16 GiB peak."""
+    from trainer.estimate import estimate_memory
+
+    run_dir = tmp_path / "1b"
+    overrides = ["data.synthetic=true", "data.datasets=[]", "train.global_batch_size=8", "train.max_steps=3",
+                 "optim.warmup_steps=1", "train.log_interval_steps=3", "train.eval_interval_steps=0",
+                 "checkpoint.save_at_end=false", "checkpoint.save_interval_minutes=0", "launch.nodes=1",
+                 "launch.gpus_per_node=1", *CUDA, f"logging.run_dir={run_dir}"]
+    pretrain("train", "--config", str(REPO / "configs" / "1b.yaml"), *overrides, timeout_s=200)
+    cfg = load_config(REPO / "configs" / "1b.yaml", overrides)
+    estimate_gib = estimate_memory(cfg, cfg.validate_for_world(1, "cuda")).total_bytes / 2**30
+    measured_gib = train_records(run_dir)[-1]["max_memory_allocated_gib"]
+    assert abs(estimate_gib - measured_gib) <= 0.10 * measured_gib, (estimate_gib, measured_gib)
