@@ -131,6 +131,14 @@ class PlanResult:
     too_big: int  # valid, but over the memory budget
     usable_memory_gib: float
     smallest_misfit: Candidate | None  # the valid layout that missed the budget by the least (for the error message)
+    given: Candidate | None = None  # the input config's own layout, evaluated the same way (None: not runnable)
+    given_problem: str | None = None  # why the input config's layout cannot run on this cluster, or does not fit
+
+    def given_rank(self) -> int | None:
+        """1-based place of the input config's layout among the fitting ones (None when it does not fit)."""
+        if self.given is None:
+            return None
+        return next((i for i, c in enumerate(self.candidates, 1) if c.layout == self.given.layout), None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -326,7 +334,25 @@ def plan(cfg: Config, cluster: Cluster, calib: Calibration = Calibration(), head
             if misfit is None or cand.memory.total_bytes < misfit.memory.total_bytes:
                 misfit = cand
     fits.sort(key=_rank_key)
-    return PlanResult(fits, count, invalid, too_big, usable_gib, misfit)
+    given, problem = _given_layout(cfg, cluster, calib, usable_gib)
+    return PlanResult(fits, count, invalid, too_big, usable_gib, misfit, given, problem)
+
+
+def _given_layout(cfg: Config, cluster: Cluster, calib: Calibration,
+                  usable_gib: float) -> tuple[Candidate | None, str | None]:
+    """The config's own parallel settings on this cluster: what `submit` would run if nothing were changed."""
+    par = cfg.parallel
+    dp = cluster.world_size // (par.tp * par.pp) if cluster.world_size % (par.tp * par.pp) == 0 else 0
+    layout = Layout(par.tp, par.pp, dp, par.sequence_parallel, cfg.zero.stage, cfg.train.micro_batch_size_per_gpu,
+                    par.activation_checkpointing)
+    try:
+        new, derived = apply_layout(cfg, layout, cluster)
+    except ConfigError as err:
+        bullets = [line.strip(" -") for line in str(err).splitlines()[1:]]
+        return None, "; ".join(bullets) or str(err)
+    cand = evaluate(new, derived, dataclasses.replace(layout, dp=derived.dp), cluster, calib)
+    gib = cand.memory.total_bytes / GIB
+    return cand, (None if gib <= usable_gib else f"needs {gib:.1f} GiB > {usable_gib:.1f} GiB usable")
 
 
 def _rank_key(cand: Candidate) -> tuple[float, int, int, int, int]:

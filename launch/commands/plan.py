@@ -176,6 +176,8 @@ def _as_json(result: Any, cluster: Any, calib: Any, args: argparse.Namespace) ->
         "enumerated": result.enumerated, "invalid": result.invalid, "too_big": result.too_big,
         "fits": len(result.candidates),
         "why": why_line(result),
+        "config_layout": None if result.given is None else {**result.given.as_dict(), "rank": result.given_rank()},
+        "config_layout_problem": result.given_problem,
         "written": args.write,
         "candidates": [c.as_dict() for c in result.candidates[: args.top]],
     }
@@ -198,10 +200,24 @@ def _report(result: Any, cluster: Any, calib: Any, args: argparse.Namespace) -> 
         *_table(result.candidates[: args.top]),
         "",
         f"why        {why_line(result)}",
+        f"config's   {_given_line(result)}",
     ]
     if args.write:
         lines.append(f"wrote      {args.write} (pretrain submit --config {args.write} --dry-run)")
     return "\n".join(lines)
+
+
+def _given_line(result: Any) -> str:
+    """Where the input config's own layout stands: what `submit` would run without the plan."""
+    given, rank, best = result.given, result.given_rank(), result.candidates[0]
+    if given is None:
+        return f"layout cannot run on this cluster: {result.given_problem}"
+    text = f"{given.layout.short()}: "
+    if rank is None:
+        return text + f"does not fit ({result.given_problem})"
+    slower = given.time.total_s / best.time.total_s - 1
+    return text + (f"#{rank} of {len(result.candidates)}, {given.time.total_s:.3f} s/step ({slower:+.1%} vs #1), "
+                   f"{given.memory.total_bytes / 2**30:.1f} GiB, MFU {given.mfu:.1%}")
 
 
 def _table(candidates: list[Any]) -> list[str]:

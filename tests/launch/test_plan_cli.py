@@ -32,6 +32,8 @@ def test_70b_on_32_h100_nodes_prints_the_table_and_why() -> None:
     rows = lines[lines.index(header) + 1: lines.index(header) + 4]
     assert [row.split()[0] for row in rows] == ["1", "2", "3"]
     assert any(line.startswith("why ") and " wins: " in line for line in lines)
+    given = next(line for line in lines if line.startswith("config's "))
+    assert "tp8+sp pp4 dp8 zero1 micro1 ac=selective: #" in given and "vs #1" in given
 
 
 def test_plan_imports_no_torch() -> None:
@@ -59,6 +61,7 @@ def test_json_output(tmp_path: Path) -> None:
     assert best["memory_gib"]["total"] <= doc["usable_memory_gib"]
     lay = best["layout"]
     assert lay["tp"] * lay["pp"] * lay["dp"] == 16
+    assert doc["config_layout"]["layout"]["tp"] == 2 and doc["config_layout_problem"] is None  # configs/7b.yaml: tp 2
 
 
 def test_written_config_passes_dry_run_and_submit_dry_run(tmp_path: Path) -> None:

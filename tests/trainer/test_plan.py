@@ -178,3 +178,16 @@ def test_gpu_overrides_change_the_answer() -> None:
                      Cluster(32, 8, H100), Calibration())
     slow = step_time(*apply_layout(config("70b"), layout(tp=8, pp=4, dp=8), slow_net), slow_net, Calibration())
     assert slow.dp_comm_s > 5 * fast.dp_comm_s and slow.compute_s == fast.compute_s
+
+
+def test_the_configs_own_layout_is_placed_among_the_candidates() -> None:
+    result = plan(config("70b"), Cluster(32, 8, H100))
+    given = result.given
+    assert given is not None and result.given_problem is None
+    assert (given.layout.tp, given.layout.pp, given.layout.dp, given.layout.zero_stage) == (8, 4, 8, 1)
+    rank = result.given_rank()
+    assert rank is not None and result.candidates[rank - 1].layout == given.layout
+    too_big = plan(config("70b", "train.micro_batch_size_per_gpu=8"), Cluster(32, 8, H100))
+    assert too_big.given_rank() is None and "GiB usable" in too_big.given_problem
+    invalid = plan(config("70b", "parallel.pp=3"), Cluster(32, 8, H100))
+    assert invalid.given is None and "parallel.pp (3) must divide model.num_layers (80)" in invalid.given_problem

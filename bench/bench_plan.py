@@ -1,0 +1,262 @@
+"""Check `pretrain plan`'s two models against the real trainer on CPU/gloo (2 ranks), on this machine.
+
+    python bench/bench_plan.py --part time --rounds 3      # step time: DP2 vs TP2 vs PP2, predicted vs measured ratios
+    python bench/bench_plan.py --part memory               # memory: a grid of layouts, estimate vs peak RSS growth
+
+time: a small Llama (hidden 256 or --hidden, 4 layers, vocab 2048, seq 128, fp32, global batch 16) through `trainer.train.train`
+on forked gloo ranks (trainer.testing.run_distributed), one torch thread per rank, seconds per optimizer step from a
+hook (median of the steps after the first two). The plan model is fed this machine's constants, measured in the same
+run: the single-process step time of the same model gives the compute rate (peak × efficiency: the calibration), a
+gloo all-reduce of 4 KiB and 4 MiB gives latency and bandwidth. Then trainer.plan.step_time predicts DP2 (ZeRO-0),
+TP2 and PP2 and the ratios between them are compared with the measured ones. Layouts are interleaved round by round,
+so the load of other jobs hits them alike.
+
+memory: a bigger model (hidden 512, 4 layers, vocab 8192, seq 256, micro 4, fp32; global batch 8) for 3 steps per
+layout; measured = peak RSS of the rank minus its RSS when the body started (forked ranks share the parent's torch
+import), i.e. everything the run allocated: weights, grads, optimizer, activations, DeepSpeed/gloo buffers, allocator
+slack. Estimate = trainer.estimate.estimate_memory for that layout. CPU RSS is not CUDA's max_memory_allocated: read
+the ranking and the ratios, not the absolute numbers.
+
+Writes bench/out/bench_plan_<part>.json. Results and the date they were taken: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+import torch._dynamo  # noqa: E402,F401  (DeepSpeed's optimizer setup imports it: 1.2 s per rank otherwise)
+
+from trainer.config import load_config  # noqa: E402
+from trainer.estimate import estimate_memory, flops_per_token  # noqa: E402
+from trainer.gpu_specs import GpuSpec  # noqa: E402
+from trainer.hooks import Hook  # noqa: E402
+from trainer.plan import Calibration, Cluster, step_time  # noqa: E402
+from trainer.testing import run_distributed  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+COMMON = ["train.eval_interval_steps=0", "checkpoint.save_interval_steps=0", "checkpoint.save_at_end=false",
+          "logging.tensorboard=false", "train.log_interval_steps=1000", "optim.warmup_steps=0", "data.num_workers=0",
+          "faults.hang_timeout_s=0"]
+TIME_MODEL_REST = ["model.vocab_size=2048", "model.num_layers=4", "model.num_heads=8", "model.num_kv_heads=4",
+                   "model.max_seq_len=128", "train.seq_len=128", "train.micro_batch_size_per_gpu=4",
+                   "train.global_batch_size=16"]
+
+
+def time_model(hidden: int) -> list[str]:
+    """The time part's model: `hidden` wide, SwiGLU width ~8/3 of it rounded up to a multiple of 16."""
+    intermediate = -(-hidden * 8 // 3 // 16) * 16
+    return [f"model.hidden_size={hidden}", f"model.intermediate_size={intermediate}", *TIME_MODEL_REST]
+
+TIME_LAYOUTS = {"DP2": [], "TP2": ["parallel.tp=2"], "PP2": ["parallel.pp=2"]}
+MEMORY_MODEL = ["model.vocab_size=8192", "model.hidden_size=512", "model.intermediate_size=1376",
+                "model.num_layers=4", "model.num_heads=8", "model.num_kv_heads=4", "model.max_seq_len=256",
+                "train.seq_len=256", "train.micro_batch_size_per_gpu=4", "train.global_batch_size=8"]
+MEMORY_LAYOUTS = {
+    "dp2 zero0 none": ["zero.stage=0"],
+    "dp2 zero1 none": ["zero.stage=1"],
+    "dp2 zero2 none": ["zero.stage=2"],
+    "dp2 zero3 none": ["zero.stage=3"],
+    "dp2 zero1 selective": ["zero.stage=1", "parallel.activation_checkpointing=selective"],
+    "dp2 zero1 full": ["zero.stage=1", "parallel.activation_checkpointing=full"],
+    "tp2 zero0 none": ["parallel.tp=2"],
+    "tp2+sp zero0 selective": ["parallel.tp=2", "parallel.sequence_parallel=true",
+                               "parallel.activation_checkpointing=selective"],
+    "pp2 zero0 none": ["parallel.pp=2"],
+}
+
+
+class StepClock(Hook):
+    """Wall time at the end of every optimizer step (every rank calls every hook)."""
+
+    def __init__(self) -> None:
+        self.ends_s: list[float] = []
+        self.cpu_ends_s: list[float] = []
+
+    def on_step_end(self, run: Any, state: Any, out: Any) -> None:
+        self.ends_s.append(time.perf_counter())
+        self.cpu_ends_s.append(time.process_time())  # CPU time of this rank: wall ≫ CPU means it waited or was starved
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _train_body(rank: int, world_size: int, overrides: list[str], run_dir: str) -> dict[str, Any]:
+    from trainer.train import train
+
+    start_rss = _rss_bytes()
+    clock = StepClock()
+    train(load_config(TINY, [*COMMON, f"logging.run_dir={run_dir}", *overrides]), extra_hooks=[clock])
+    steps_s = [b - a for a, b in zip(clock.ends_s, clock.ends_s[1:])]
+    cpu_steps_s = [b - a for a, b in zip(clock.cpu_ends_s, clock.cpu_ends_s[1:])]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    return {"steps_s": steps_s, "cpu_steps_s": cpu_steps_s, "rss_growth_bytes": peak - start_rss,
+            "start_rss_bytes": start_rss}
+
+
+def _run(world_size: int, overrides: list[str]) -> list[dict[str, Any]]:
+    with tempfile.TemporaryDirectory() as run_dir:
+        return run_distributed(_train_body, world_size, overrides, run_dir, timeout_s=900)
+
+
+def _allreduce_body(rank: int, world_size: int, sizes: list[int], reps: int) -> dict[int, float]:
+    import torch.distributed as dist
+
+    out = {}
+    for nbytes in sizes:
+        tensor = torch.ones(nbytes // 4)
+        for _ in range(3):
+            dist.all_reduce(tensor)
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            dist.all_reduce(tensor)
+            times.append(time.perf_counter() - start)
+        out[nbytes] = statistics.median(times)
+    return out
+
+
+def measure_link() -> tuple[float, float]:
+    """(latency s, bandwidth B/s) of a 2-rank gloo all-reduce, in the plan's model: t = 2(α + n / (2B))."""
+    small, big = 4096, 4 * 2**20
+    times = run_distributed(_allreduce_body, 2, [small, big], 30, timeout_s=120)[0]
+    latency_s = times[small] / 2
+    bandwidth = big / (times[big] - 2 * latency_s)
+    return latency_s, bandwidth
+
+
+def _median_step_s(ranks: list[dict[str, Any]], key: str = "steps_s") -> float:
+    return statistics.median(ranks[0][key][1:])  # after the first two steps (warm-up, first optimizer state)
+
+
+def _load_average() -> float:
+    return os.getloadavg()[0]
+
+
+def time_part(args: argparse.Namespace) -> dict[str, Any]:
+    steps = [f"train.max_steps={args.steps}", *time_model(args.hidden)]
+    measured: dict[str, list[float]] = {"1proc": [], **{name: [] for name in TIME_LAYOUTS}}
+    cpu: dict[str, list[float]] = {name: [] for name in measured}
+    links, loads = [], []
+    for round_index in range(args.rounds):
+        loads.append(_load_average())
+        links.append(measure_link())
+        for name, overrides in {"1proc": [], **TIME_LAYOUTS}.items():
+            ranks = _run(1 if name == "1proc" else 2, [*steps, *overrides])
+            measured[name].append(_median_step_s(ranks))
+            cpu[name].append(_median_step_s(ranks, "cpu_steps_s"))
+        print(f"round {round_index} (load {loads[-1]:.1f}): " + ", ".join(
+            f"{k} {v[-1]:.3f} s (cpu {cpu[k][-1]:.3f})" for k, v in measured.items()), flush=True)
+    # The least disturbed round of each layout: other jobs on this machine only ever make a step slower.
+    step_s = {name: min(values) for name, values in measured.items()}
+    latency_s = statistics.median(link[0] for link in links)
+    bandwidth = statistics.median(link[1] for link in links)
+    predicted = predict_times(time_model(args.hidden), step_s["1proc"], latency_s, bandwidth)
+    return {"measured_s": measured, "cpu_s_rank0": cpu, "load_average": loads, "min_s": step_s,
+            "median_s": {name: statistics.median(values) for name, values in measured.items()}, "gloo_latency_s": latency_s, "gloo_bandwidth_Bps": bandwidth,
+            "predicted": predicted}
+
+
+def predict_times(model: list[str], single_s: float, latency_s: float, bandwidth: float) -> dict[str, Any]:
+    """Feed the plan model this machine: one 'GPU' = one CPU rank whose compute rate makes the 1-process run match."""
+    base = load_config(TINY, [*COMMON, *model])
+    derived1 = base.validate_for_world(1, device="cpu")
+    flops = flops_per_token(base.model, derived1.padded_vocab_size, base.train.seq_len).total
+    rate = flops * derived1.global_batch_size_tokens / single_s  # FLOP/s reached by the trainer on one rank
+    cpu = GpuSpec("cpu-rank", 24.0, rate / 1e12, bandwidth / 1e9, bandwidth / 1e9, latency_s, latency_s)
+    calib = Calibration(compute_efficiency=1.0, source="bench_plan: 1-process step time")
+    out: dict[str, Any] = {"compute_rate_gflops": rate / 1e9}
+    for name, overrides in {"1proc": [], **TIME_LAYOUTS}.items():
+        world = 1 if name == "1proc" else 2
+        cfg = load_config(TINY, [*COMMON, *model, *overrides])
+        derived = cfg.validate_for_world(world, device="cpu")
+        t = step_time(cfg, derived, Cluster(1, world, cpu, link_efficiency=1.0), calib)
+        out[name] = {"total_s": t.total_s, "compute_s": t.compute_s, "comm_s": t.exposed_comm_s,
+                     "bubble_s": t.bubble_s}
+    return out
+
+
+def memory_part(args: argparse.Namespace) -> dict[str, Any]:
+    rows: dict[str, dict[str, Any]] = {}
+    for round_index in range(args.rounds):
+        for name, overrides in MEMORY_LAYOUTS.items():
+            full = [*MEMORY_MODEL, "train.max_steps=3", *overrides]
+            ranks = _run(2, full)
+            growth = max(r["rss_growth_bytes"] for r in ranks)
+            row = rows.setdefault(name, {"measured_bytes": [], "estimate": _estimate(full)})
+            row["measured_bytes"].append(growth)
+            print(f"round {round_index} {name}: RSS growth {growth / 2**20:.0f} MiB, "
+                  f"estimate {row['estimate']['total_bytes'] / 2**20:.0f} MiB", flush=True)
+    return rows
+
+
+def _estimate(overrides: list[str]) -> dict[str, int]:
+    cfg = load_config(TINY, [*COMMON, *overrides])
+    memory = estimate_memory(cfg, cfg.validate_for_world(2, device="cpu"))
+    return {"weights_bytes": memory.weights_bytes, "grads_bytes": memory.grads_bytes,
+            "optimizer_bytes": memory.optimizer_bytes, "activations_bytes": memory.activations_bytes,
+            "total_bytes": memory.total_bytes}
+
+
+def print_time(result: dict[str, Any]) -> None:
+    med, pred = result["min_s"], result["predicted"]
+    print(f"\ngloo all-reduce: latency {result['gloo_latency_s'] * 1e6:.0f} us, bus bandwidth "
+          f"{result['gloo_bandwidth_Bps'] / 1e9:.2f} GB/s; compute rate {pred['compute_rate_gflops']:.1f} GFLOP/s")
+    print("measured: fastest round of each layout (other jobs only slow a step down)")
+    print(f"{'layout':<8}{'measured s':>12}{'predicted s':>13}{'comm s':>9}{'bubble s':>10}")
+    for name in med:
+        p = pred[name]
+        print(f"{name:<8}{med[name]:>12.3f}{p['total_s']:>13.3f}{p['comm_s']:>9.3f}{p['bubble_s']:>10.3f}")
+    print(f"{'ratio':<10}{'measured':>10}{'predicted':>11}{'pred/meas':>11}")
+    for a, b in (("TP2", "DP2"), ("PP2", "DP2"), ("PP2", "TP2"), ("DP2", "1proc")):
+        m, p = med[a] / med[b], pred[a]["total_s"] / pred[b]["total_s"]
+        print(f"{a + '/' + b:<10}{m:>10.3f}{p:>11.3f}{p / m:>11.3f}")
+
+
+def print_memory(rows: dict[str, dict[str, Any]]) -> None:
+    print(f"\n{'layout':<24}{'measured MiB':>14}{'estimate MiB':>14}{'meas/est':>10}")
+    for name, row in rows.items():
+        measured = statistics.median(row["measured_bytes"])
+        estimate = row["estimate"]["total_bytes"]
+        print(f"{name:<24}{measured / 2**20:>14.0f}{estimate / 2**20:>14.0f}{measured / estimate:>10.2f}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=("time", "memory"), required=True)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the layouts")
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run (time part)")
+    parser.add_argument("--hidden", type=int, default=256, help="hidden size of the time part's model (256)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    result = time_part(args) if args.part == "time" else memory_part(args)
+    print_time(result) if args.part == "time" else print_memory(result)
+    out_dir = REPO / "bench" / "out"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"bench_plan_{args.part}{'_h' + str(args.hidden) if args.part == 'time' else ''}.json"
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "python": platform.python_version(),
+            "torch": torch.__version__, "args": vars(args)}
+    path.write_text(json.dumps({**meta, "result": result}, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
