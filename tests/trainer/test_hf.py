@@ -344,6 +344,18 @@ def test_pitfall_padded_vocab_trimmed_then_repadded_for_tp2(tmp_path: Path) -> N
     assert (a - b).abs().max().item() < MAX_ABS_LOGIT_DELTA
 
 
+def test_export_warns_when_padding_rows_were_trained(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Padding rows are zero in every run of this version; non-zero ones mean a checkpoint trained with them in the
+    softmax, whose export (which drops them) is not exactly the trained model: say so."""
+    ours = make_model(tiny_config(vocab_size=300))  # 384 rows, rows 300.. zero
+    export_hf(state_dict_of(ours), ours.cfg, tmp_path / "clean")
+    assert "padding rows" not in caplog.text
+    with torch.no_grad():
+        ours.lm_head.weight[300:] = 0.01
+    export_hf(state_dict_of(ours), ours.cfg, tmp_path / "trained")
+    assert "lm_head.weight: the vocabulary padding rows (300..383) are not zero" in caplog.text
+
+
 def test_pitfall_tied_and_untied_embeddings(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
