@@ -95,7 +95,14 @@ def cuda_device_visible() -> bool:
 
 
 def start_method() -> str:
-    """fork where no CUDA device is visible (fast, and nothing to inherit); spawn (a fresh interpreter) otherwise."""
+    """fork where no CUDA device is visible (fast, and nothing to inherit); spawn (a fresh interpreter) otherwise.
+    $PRETRAIN_TEST_START_METHOD=spawn runs a CPU box the way a GPU host runs (to check that every test body still
+    works in a fresh interpreter)."""
+    forced = os.environ.get("PRETRAIN_TEST_START_METHOD")
+    if forced is not None:
+        if forced not in ("fork", "spawn"):
+            raise ValueError(f"PRETRAIN_TEST_START_METHOD={forced!r}: use fork or spawn (or unset it)")
+        return forced
     return "spawn" if cuda_device_visible() else "fork"
 
 

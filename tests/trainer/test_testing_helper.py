@@ -88,6 +88,7 @@ def test_ranks_are_fresh_interpreters_where_a_cuda_device_is_visible(monkeypatch
     so the host is described to torch: a device is visible, CUDA "not initialised". The helper must spawn, and must
     not ask `is_available()`, the question that poisons forking."""
     asked: list[str] = []
+    monkeypatch.delenv("PRETRAIN_TEST_START_METHOD", raising=False)
     monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
@@ -100,6 +101,7 @@ def test_ranks_are_fresh_interpreters_where_a_cuda_device_is_visible(monkeypatch
 
 def test_ranks_are_forked_where_no_cuda_device_is_visible(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fast start stays where it is safe (measured: ~0.3 s per group vs 5-30 s spawned on 2 cores)."""
+    monkeypatch.delenv("PRETRAIN_TEST_START_METHOD", raising=False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     monkeypatch.setitem(_PARENT_STATE, "changed_at_run_time", True)
     assert start_method() == "fork"
