@@ -8,15 +8,16 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class GpuSpec:
-    """One GPU kind. Bandwidths are nominal, per GPU and per direction (GB/s = 1e9 B/s); latencies per collective."""
+    """One GPU kind. Bandwidths are nominal, per GPU and per direction (GB/s = 1e9 B/s). Latencies are per hop of a
+    collective (a ring step; a tree level), assumptions of NCCL's order of magnitude (docs/planning.md)."""
 
     name: str
     memory_gib: float  # what nvidia-smi reports as memory.total (MiB / 1024)
     peak_tflops: float  # dense bf16 tensor-core peak: the MFU denominator (same figures as trainer.hooks)
     intra_node_gbps: float  # NVLink
     inter_node_gbps: float  # the GPU's own network port (rail-optimised: one NIC per GPU)
-    intra_latency_s: float = 10e-6
-    inter_latency_s: float = 25e-6
+    intra_latency_s: float = 2.5e-6
+    inter_latency_s: float = 7e-6
     source: str = ""
 
 

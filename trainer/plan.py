@@ -229,12 +229,21 @@ def _link(cluster: Cluster, stride: int, size: int) -> tuple[float, float]:
     return bus * 1e9 * eff, gpu.inter_latency_s
 
 
-def _collective_s(nbytes: float, size: int, link: tuple[float, float], passes: int) -> float:
-    """Ring collective: all-reduce is 2 passes, reduce-scatter or all-gather 1; each pass moves (g-1)/g of the data."""
+def _collective_s(nbytes: float, size: int, link: tuple[float, float], kind: str, count: int = 1) -> float:
+    """`nbytes` moved by `count` equal collectives of `kind` over `size` ranks.
+
+    Bandwidth: a ring reduce-scatter or all-gather moves (g-1)/g of the buffer per GPU, an all-reduce twice that.
+    Latency, per collective: g-1 hops for reduce-scatter / all-gather (rings), 2·ceil(log2 g) for an all-reduce (NCCL
+    switches to trees at scale; never more than the ring's 2(g-1)).
+    """
     if size == 1:
         return 0.0
-    bandwidth, latency = link
-    return passes * (latency + (size - 1) / size * nbytes / bandwidth)
+    bandwidth, hop_s = link
+    if kind == "all_reduce":
+        passes, hops = 2, min(2 * (size - 1), 2 * math.ceil(math.log2(size)))
+    else:
+        passes, hops = 1, size - 1
+    return count * hops * hop_s + passes * (size - 1) / size * nbytes / bandwidth
 
 
 def _act_bytes(cfg: Config) -> int:
@@ -251,7 +260,7 @@ def _tp_comm_micro_s(cfg: Config, derived: Derived, cluster: Cluster) -> float:
     nbytes = derived.micro_batch_size_per_gpu * cfg.train.seq_len * cfg.model.hidden_size * _act_bytes(cfg)
     per_layer = 6 if cfg.parallel.activation_checkpointing == "full" else 4
     count = derived.layers_per_stage * per_layer + 2
-    return count * _collective_s(nbytes, tp, _link(cluster, 1, tp), passes=2)
+    return _collective_s(count * nbytes, tp, _link(cluster, 1, tp), "all_reduce", count)
 
 
 def _pp_comm_micro_s(cfg: Config, derived: Derived, cluster: Cluster) -> float:
@@ -273,9 +282,10 @@ def _dp_comm_exposed_s(cfg: Config, derived: Derived, cluster: Cluster, compute_
     What overlaps (DeepSpeed 0.19.8, overlap_comm=true): ZeRO-1 reduces during the last micro-step's backward, ZeRO-2
     during every micro-step's backward, ZeRO-3 gathers and reduces during each micro-step's forward+backward. Not
     hidden: ZeRO-0's all-reduce (after backward), the all-gather of updated weights after the ZeRO-1/2 step, and
-    everything under a pipeline (DeepSpeed's pipeline engine reduces after the last micro-batch).
+    everything under a pipeline (DeepSpeed's pipeline engine reduces after the last micro-batch). ZeRO 0-2 move the
+    buffers in buckets of zero.*_bucket_size_elements; ZeRO-3 gathers and reduces layer by layer.
     """
-    dp, stage = derived.dp, cfg.zero.stage
+    dp, stage, z = derived.dp, cfg.zero.stage, cfg.zero
     if dp == 1:
         return 0.0
     link = _link(cluster, derived.tp, dp)
@@ -283,19 +293,22 @@ def _dp_comm_exposed_s(cfg: Config, derived: Derived, cluster: Cluster, compute_
     mixed = cfg.precision.dtype != "fp32"
     grad_bytes = params * (4 if (not mixed or cfg.precision.fp32_grad_accumulation) else 2)
     weight_bytes = params * (2 if mixed else 4)
-    backward_s = compute_micro_s * 2 / 3  # backward is 4 of the 6 FLOPs per parameter and token
-    overlap = cfg.zero.overlap_comm and derived.pp == 1
-    micro = derived.grad_accum_steps
+    reduce_buckets = math.ceil(params / z.reduce_bucket_size_elements)
     if stage == 0:
-        return _collective_s(grad_bytes, dp, link, passes=2)
-    gather_s = _collective_s(weight_bytes, dp, link, passes=1)
-    reduce_s = _collective_s(grad_bytes, dp, link, passes=1)
-    if stage == 1:
-        return gather_s + (max(0.0, reduce_s - backward_s) if overlap else reduce_s)
-    if stage == 2:
-        return gather_s + micro * (max(0.0, reduce_s - backward_s) if overlap else reduce_s)
-    per_micro_s = 2 * gather_s + reduce_s  # gather for forward and again for backward, reduce the gradients
-    return micro * (max(0.0, per_micro_s - compute_micro_s) if overlap else per_micro_s)
+        return _collective_s(grad_bytes, dp, link, "all_reduce", reduce_buckets)
+    backward_s = compute_micro_s * 2 / 3  # backward is 4 of the 6 FLOPs per parameter and token
+    overlap = z.overlap_comm and derived.pp == 1
+    micro = derived.grad_accum_steps
+    if stage == 3:
+        layers = derived.layers_per_stage
+        per_micro_s = (_collective_s(2 * weight_bytes, dp, link, "all_gather", 2 * layers)
+                       + _collective_s(grad_bytes, dp, link, "reduce_scatter", layers))
+        return micro * (max(0.0, per_micro_s - compute_micro_s) if overlap else per_micro_s)
+    gather_s = _collective_s(weight_bytes, dp, link, "all_gather",
+                             math.ceil(params / z.allgather_bucket_size_elements))
+    reduce_s = _collective_s(grad_bytes, dp, link, "reduce_scatter", reduce_buckets)
+    exposed_reduce_s = max(0.0, reduce_s - backward_s) if overlap else reduce_s
+    return gather_s + (exposed_reduce_s if stage == 1 else micro * exposed_reduce_s)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
