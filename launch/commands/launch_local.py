@@ -6,7 +6,9 @@ so every process runs `pretrain train` with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_AD
 (a free port on localhost; no rendezvous server needed). The config is checked for a world of N processes here,
 once, before any process starts. With launch.device=cpu the processes talk over gloo and each gets
 OMP_NUM_THREADS = usable cores // N; with launch.device=cuda each process takes one GPU (NCCL). SIGUSR1/SIGTERM sent
-to this command reach the training processes: they checkpoint and the command exits 75 (docs/checkpointing.md)."""
+to this command reach the training processes: they checkpoint and the command exits 75. The command exits with the
+training processes' own code (75 requeue, 76 hang, 77 diverged, 74 corrupt data, 2 config error; docs/operations.md)
+and a one-line summary, not torchrun's traceback."""
 
 from __future__ import annotations
 
@@ -17,7 +19,6 @@ import shlex
 import signal
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 from launch.commands import add_run_config_arguments
@@ -73,35 +74,27 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
     sys.stderr.flush()
-    return run_forwarding_stop_signals(command, {**os.environ, **env}, Path(cfg.checkpoint_dir))
+    return run_forwarding_stop_signals(command, {**os.environ, **env})
 
 
-def run_forwarding_stop_signals(command: list[str], env: dict[str, str], checkpoint_dir: Path) -> int:
+def run_forwarding_stop_signals(command: list[str], env: dict[str, str]) -> int:
     """Run torchrun as a child and pass SIGUSR1/SIGTERM to the training processes themselves: torchrun has no USR1
     handler (it would die and orphan them) and answers TERM by killing its workers after a grace period. Each
-    training process then finishes its step, the run checkpoints and exits with the requeue code (75); torchrun
-    reports any non-zero worker exit as 1, so 75 is restored when the run's newest checkpoint says it was written
-    for that signal."""
+    training process then finishes its step, the run checkpoints and exits with the requeue code (75), which
+    launch.torchrun_agent passes through (as it does 74, 76, 77 and 2)."""
     proc = subprocess.Popen(command, env=env)
-    forwarded: list[int] = []
 
     def forward(signum: int, frame: Any) -> None:
-        forwarded.append(signum)
         for child in _children(proc.pid):
             with contextlib.suppress(OSError):
                 os.kill(child, signum)
 
     previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGUSR1, signal.SIGTERM)}
     try:
-        returncode = proc.wait()
+        return proc.wait()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    if returncode != 0 and forwarded and _saved_for_signal(checkpoint_dir):
-        from trainer import exit_codes
-
-        return exit_codes.REQUEUE
-    return returncode
 
 
 def _children(pid: int) -> list[int]:
@@ -112,22 +105,11 @@ def _children(pid: int) -> list[int]:
     return []
 
 
-def _saved_for_signal(checkpoint_dir: Path) -> bool:
-    from trainer.checkpoint.layout import LATEST, read_metadata
-
-    latest = checkpoint_dir / LATEST
-    if not latest.is_file():
-        return False
-    try:
-        return read_metadata(checkpoint_dir / latest.read_text().strip()).get("save_reason") == "signal"
-    except (OSError, ValueError):
-        return False
-
-
 def torchrun_command(nproc: int, config: str, overrides: list[str]) -> list[str]:
-    """torchrun from this interpreter (`python -m torch.distributed.run` is the torchrun console script), so the
-    processes use the same environment as this command."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    """torchrun from this interpreter, so the processes use the same environment as this command. Through
+    launch.torchrun_agent (torchrun's own `run()`): the workers' exit codes come back as they are (75, 76, 77, 74,
+    2), not as torchrun's 1 with a ChildFailedError traceback."""
+    return [sys.executable, "-m", "launch.torchrun_agent", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "launch", "train", "--config", config, *overrides]
 
 

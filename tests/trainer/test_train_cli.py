@@ -67,7 +67,7 @@ def test_launch_local_two_processes_on_a_prepared_dataset(tmp_path: Path) -> Non
                    "optim.warmup_steps=1", "train.log_interval_steps=1", f"logging.run_dir={run_dir}",
                    "data.synthetic=false", mixture, "data.num_workers=1")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "torch.distributed.run --standalone --nproc_per_node=2 -m launch train" in out.stderr
+    assert "launch.torchrun_agent --standalone --nproc_per_node=2 -m launch train" in out.stderr
     records = metrics(run_dir)
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
     assert [r["kind"] for r in records][-1] == "eval"  # the final validation pass (only "data" has a val split)
