@@ -3,8 +3,8 @@
     python bench/bench_plan.py --part time --rounds 3      # step time: DP2 vs TP2 vs PP2, predicted vs measured ratios
     python bench/bench_plan.py --part memory               # memory: a grid of layouts, estimate vs peak RSS growth
 
-time: a small Llama (hidden 256 or --hidden, 4 layers, vocab 2048, seq 128, fp32, global batch 16) through `trainer.train.train`
-on forked gloo ranks (trainer.testing.run_distributed), one torch thread per rank, seconds per optimizer step from a
+time: a small Llama (hidden 256 or --hidden, 4 layers, vocab 2048, seq 128, fp32, global batch 16) through
+`trainer.train.train` on forked gloo ranks (trainer.testing.run_distributed), one torch thread per rank, seconds per optimizer step from a
 hook (median of the steps after the first two). The plan model is fed this machine's constants, measured in the same
 run: the single-process step time of the same model gives the compute rate (peak × efficiency: the calibration), a
 gloo all-reduce of 4 KiB and 4 MiB gives latency and bandwidth. Then trainer.plan.step_time predicts DP2 (ZeRO-0),
@@ -87,10 +87,18 @@ class StepClock(Hook):
     def __init__(self) -> None:
         self.ends_s: list[float] = []
         self.cpu_ends_s: list[float] = []
+        self.run_delay_ends_s: list[float] = []
 
     def on_step_end(self, run: Any, state: Any, out: Any) -> None:
         self.ends_s.append(time.perf_counter())
         self.cpu_ends_s.append(time.process_time())  # CPU time of this rank: wall ≫ CPU means it waited or was starved
+        self.run_delay_ends_s.append(_run_delay_s())
+
+
+def _run_delay_s() -> float:
+    """Seconds this thread was runnable but waited for a core (Linux schedstat field 2): other jobs' share."""
+    with open("/proc/thread-self/schedstat") as stat:
+        return int(stat.read().split()[1]) / 1e9
 
 
 def _rss_bytes() -> int:
@@ -106,8 +114,10 @@ def _train_body(rank: int, world_size: int, overrides: list[str], run_dir: str) 
     train(load_config(TINY, [*COMMON, f"logging.run_dir={run_dir}", *overrides]), extra_hooks=[clock])
     steps_s = [b - a for a, b in zip(clock.ends_s, clock.ends_s[1:])]
     cpu_steps_s = [b - a for a, b in zip(clock.cpu_ends_s, clock.cpu_ends_s[1:])]
+    delay_steps_s = [b - a for a, b in zip(clock.run_delay_ends_s, clock.run_delay_ends_s[1:])]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    return {"steps_s": steps_s, "cpu_steps_s": cpu_steps_s, "rss_growth_bytes": peak - start_rss,
+    return {"steps_s": steps_s, "cpu_steps_s": cpu_steps_s, "run_delay_steps_s": delay_steps_s,
+            "rss_growth_bytes": peak - start_rss,
             "start_rss_bytes": start_rss}
 
 
@@ -146,6 +156,13 @@ def _median_step_s(ranks: list[dict[str, Any]], key: str = "steps_s") -> float:
     return statistics.median(ranks[0][key][1:])  # after the first two steps (warm-up, first optimizer state)
 
 
+def _undisturbed_step_s(ranks: list[dict[str, Any]]) -> float:
+    """Rank 0's step time minus the longest run-queue wait of any rank in that step: ranks move in lock-step, so a
+    rank kept off its core by another job delays all of them. What the step would take with a core per rank."""
+    waits = [max(step) for step in zip(*(r["run_delay_steps_s"] for r in ranks))]
+    return statistics.median(wall - wait for wall, wait in list(zip(ranks[0]["steps_s"], waits))[1:])
+
+
 def _load_average() -> float:
     return os.getloadavg()[0]
 
@@ -154,6 +171,7 @@ def time_part(args: argparse.Namespace) -> dict[str, Any]:
     steps = [f"train.max_steps={args.steps}", *time_model(args.hidden)]
     measured: dict[str, list[float]] = {"1proc": [], **{name: [] for name in TIME_LAYOUTS}}
     cpu: dict[str, list[float]] = {name: [] for name in measured}
+    undisturbed: dict[str, list[float]] = {name: [] for name in measured}
     links, loads = [], []
     for round_index in range(args.rounds):
         loads.append(_load_average())
@@ -162,15 +180,19 @@ def time_part(args: argparse.Namespace) -> dict[str, Any]:
             ranks = _run(1 if name == "1proc" else 2, [*steps, *overrides])
             measured[name].append(_median_step_s(ranks))
             cpu[name].append(_median_step_s(ranks, "cpu_steps_s"))
+            undisturbed[name].append(_undisturbed_step_s(ranks))
         print(f"round {round_index} (load {loads[-1]:.1f}): " + ", ".join(
-            f"{k} {v[-1]:.3f} s (cpu {cpu[k][-1]:.3f})" for k, v in measured.items()), flush=True)
-    # The least disturbed round of each layout: other jobs on this machine only ever make a step slower.
-    step_s = {name: min(values) for name, values in measured.items()}
+            f"{k} {v[-1]:.3f} s (cpu {cpu[k][-1]:.3f}, minus run-queue wait {undisturbed[k][-1]:.3f})"
+            for k, v in measured.items()), flush=True)
+    # Wall time minus run-queue waits, best round: other jobs on this machine only ever make a step slower.
+    step_s = {name: min(values) for name, values in undisturbed.items()}
     latency_s = statistics.median(link[0] for link in links)
     bandwidth = statistics.median(link[1] for link in links)
     predicted = predict_times(time_model(args.hidden), step_s["1proc"], latency_s, bandwidth)
-    return {"measured_s": measured, "cpu_s_rank0": cpu, "load_average": loads, "min_s": step_s,
-            "median_s": {name: statistics.median(values) for name, values in measured.items()}, "gloo_latency_s": latency_s, "gloo_bandwidth_Bps": bandwidth,
+    return {"measured_s": measured, "cpu_s_rank0": cpu, "undisturbed_s": undisturbed, "load_average": loads,
+            "min_wall_s": {name: min(values) for name, values in measured.items()}, "min_s": step_s,
+            "median_s": {name: statistics.median(values) for name, values in measured.items()},
+            "gloo_latency_s": latency_s, "gloo_bandwidth_Bps": bandwidth,
             "predicted": predicted}
 
 
@@ -219,7 +241,7 @@ def print_time(result: dict[str, Any]) -> None:
     med, pred = result["min_s"], result["predicted"]
     print(f"\ngloo all-reduce: latency {result['gloo_latency_s'] * 1e6:.0f} us, bus bandwidth "
           f"{result['gloo_bandwidth_Bps'] / 1e9:.2f} GB/s; compute rate {pred['compute_rate_gflops']:.1f} GFLOP/s")
-    print("measured: fastest round of each layout (other jobs only slow a step down)")
+    print("measured: wall minus run-queue wait (longest of the ranks, per step), median over steps, best round")
     print(f"{'layout':<8}{'measured s':>12}{'predicted s':>13}{'comm s':>9}{'bubble s':>10}")
     for name in med:
         p = pred[name]

@@ -88,8 +88,8 @@ def flops_per_token(model: ModelConfig, padded_vocab_size: int, seq_len: int) ->
 
 @dataclasses.dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes per GPU on the busiest pipeline stage. Excludes the CUDA context, NCCL and DeepSpeed buckets, and the
-    allocator's fragmentation: keep ~10-20 % of the device free on top of `total_bytes`."""
+    """Bytes per GPU on the busiest pipeline stage. Excludes the CUDA context, NCCL's buffers and the allocator's
+    fragmentation: keep ~10-20 % of the device free on top of `total_bytes`."""
 
     params_per_gpu: int  # this rank's model-parallel shard, before ZeRO partitioning
     weights_bytes: int
@@ -98,17 +98,20 @@ class MemoryEstimate:
     activations_bytes: int
     cpu_offload_bytes: int  # optimizer state / weights that ZeRO offload keeps in host memory instead
     in_flight_micro_batches: int
+    buffers_bytes: int = 0  # DeepSpeed's gradient buckets and ZeRO-3's gathered parameters (sized by config)
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.activations_bytes
+        return (self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.activations_bytes
+                + self.buffers_bytes)
 
 
 def estimate_memory(cfg: Config, derived: Derived) -> MemoryEstimate:
     params = _stage_params_per_gpu(cfg.model, derived)
     weights, grads, optimizer, offloaded = _state_bytes(cfg, derived, params)
     activations, in_flight = _activation_bytes(cfg, derived)
-    return MemoryEstimate(params, weights, grads, optimizer, activations, offloaded, in_flight)
+    buffers = _buffer_bytes(cfg, derived)
+    return MemoryEstimate(params, weights, grads, optimizer, activations, offloaded, in_flight, buffers)
 
 
 def _stage_params_per_gpu(model: ModelConfig, derived: Derived) -> int:
@@ -130,11 +133,12 @@ def _stage_params_per_gpu(model: ModelConfig, derived: Derived) -> int:
 def _state_bytes(cfg: Config, derived: Derived, params: int) -> tuple[int, int, int, int]:
     """(weights, grads, optimizer, offloaded) bytes. ZeRO-1 partitions optimizer state over dp, ZeRO-2 also grads,
     ZeRO-3 also weights. Mixed precision: 2-byte weights and grads (4 with fp32 grad accumulation) and 12 bytes of
-    optimizer state (fp32 master, m, v); fp32: 4 + 4 + 8."""
+    optimizer state (fp32 master, m, v); fp32: 4 + 4 + 8, and 12 under ZeRO: DeepSpeed's partition of the master
+    weights is a copy even when the model is fp32 (stage_1_and_2: `.clone().to(master dtype)`)."""
     mixed = cfg.precision.dtype != "fp32"
     weight_b = 2 if mixed else 4
     grad_b = 4 if (not mixed or cfg.precision.fp32_grad_accumulation) else 2
-    optim_b = 12 if mixed else 8
+    optim_b = 12 if (mixed or cfg.zero.stage >= 1) else 8
     stage, dp = cfg.zero.stage, derived.dp
     weights = params * weight_b // (dp if stage >= 3 else 1)
     grads = params * grad_b // (dp if stage >= 2 else 1)
@@ -145,6 +149,28 @@ def _state_bytes(cfg: Config, derived: Derived, params: int) -> tuple[int, int, 
     if cfg.zero.offload_param != "none":
         offloaded, weights = offloaded + weights, 0
     return weights, grads, optimizer, offloaded
+
+
+def _buffer_bytes(cfg: Config, derived: Derived) -> int:
+    """Buffers DeepSpeed allocates whole, whatever the model size (so they matter most for small models).
+
+    ZeRO-1/2 (stage_1_and_2.setup_buckets, on the first backward, also with dp 1): a gradient bucket of
+    zero.reduce_bucket_size_elements in the model dtype, two with overlap_comm. Not with bf16 + fp32 gradient
+    accumulation under ZeRO-1: DeepSpeed then runs its BF16_Optimizer, whose fp32 gradients are counted as grads.
+    ZeRO-3: one reduce bucket, the prefetch bucket and one decoder layer gathered whole (its TP shard).
+    On the H200 (1B, ZeRO-2, bf16) the estimate without these was 2.06 GiB under max_memory_allocated; two 5e8-element
+    bf16 buckets are 1.86 GiB.
+    """
+    z, p = cfg.zero, cfg.precision
+    elem_b = 4 if p.dtype == "fp32" else 2
+    if z.stage in (1, 2):
+        if z.stage == 1 and p.dtype == "bf16" and p.fp32_grad_accumulation and z.offload_optimizer == "none":
+            return 0
+        return (2 if z.overlap_comm else 1) * z.reduce_bucket_size_elements * elem_b
+    if z.stage == 3:
+        layer = layer_shape(cfg.model).linear_params // derived.tp
+        return (z.reduce_bucket_size_elements + z.stage3_prefetch_bucket_size_elements + layer) * elem_b
+    return 0
 
 
 def _activation_bytes(cfg: Config, derived: Derived) -> tuple[int, int]:

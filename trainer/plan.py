@@ -113,7 +113,7 @@ class Candidate:
             "grad_accum_steps": self.derived.grad_accum_steps,
             "memory_gib": {"weights": m.weights_bytes / GIB, "grads": m.grads_bytes / GIB,
                            "optimizer": m.optimizer_bytes / GIB, "activations": m.activations_bytes / GIB,
-                           "total": m.total_bytes / GIB},
+                           "buffers": m.buffers_bytes / GIB, "total": m.total_bytes / GIB},
             "step_time_s": {"compute": t.compute_s, "tp_comm": t.tp_comm_s, "pp_comm": t.pp_comm_s,
                             "dp_comm": t.dp_comm_s, "exposed_comm": t.exposed_comm_s, "bubble": t.bubble_s,
                             "total": t.total_s},

@@ -189,8 +189,8 @@ def _report(result: Any, cluster: Any, calib: Any, args: argparse.Namespace) -> 
     best = result.candidates[0]
     cfg = best.cfg
     lines = [
-        f"model      {cfg.name}: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, seq {cfg.train.seq_len}, "
-        f"{best.derived.global_batch_size_tokens:,} tokens/step ({cfg.precision.dtype})",
+        f"model      {cfg.name}: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
+        f"seq {cfg.train.seq_len}, {best.derived.global_batch_size_tokens:,} tokens/step ({cfg.precision.dtype})",
         f"cluster    {cluster.nodes} × {cluster.gpus_per_node} {cluster.gpu.name} ({cluster.gpu.memory_gib:g} GiB, "
         f"{cluster.gpu.peak_tflops:g} TFLOP/s bf16, {cluster.gpu.intra_node_gbps:g}/{cluster.gpu.inter_node_gbps:g} "
         f"GB/s intra/inter × {cluster.link_efficiency:g}); compute at {calib.compute_efficiency:.1%} of peak",
@@ -221,13 +221,13 @@ def _given_line(result: Any) -> str:
 
 
 def _table(candidates: list[Any]) -> list[str]:
-    head = ("#", "tp", "pp", "dp", "sp", "zero", "micro", "accum", "AC", "weights", "grads", "optim", "activ",
+    head = ("#", "tp", "pp", "dp", "sp", "zero", "micro", "accum", "AC", "weights", "grads", "optim", "activ", "buf",
             "mem GiB", "compute s", "comm s", "bubble s", "step s", "tokens/s", "MFU")
     rows = [head]
     for i, c in enumerate(candidates, 1):
         m, t, lay = c.memory, c.time, c.layout
         gib = [f"{b / 2**30:.1f}" for b in (m.weights_bytes, m.grads_bytes, m.optimizer_bytes, m.activations_bytes,
-                                            m.total_bytes)]
+                                            m.buffers_bytes, m.total_bytes)]
         rows.append((str(i), str(lay.tp), str(lay.pp), str(lay.dp), "y" if lay.sequence_parallel else "-",
                      str(lay.zero_stage), str(lay.micro_batch_size_per_gpu), str(c.derived.grad_accum_steps),
                      lay.activation_checkpointing, *gib, f"{t.compute_s:.3f}", f"{t.exposed_comm_s:.3f}",

@@ -119,10 +119,11 @@ def _memory_lines(cfg: Any, memory: Any) -> list[str]:
         f"memory/GPU   {memory.total_bytes / gib:.1f} GiB on the busiest stage "
         f"({memory.params_per_gpu:,} params there): "
         f"weights {memory.weights_bytes / gib:.1f} + grads {memory.grads_bytes / gib:.1f} + optimizer "
-        f"{memory.optimizer_bytes / gib:.1f} + activations {memory.activations_bytes / gib:.1f} GiB",
+        f"{memory.optimizer_bytes / gib:.1f} + activations {memory.activations_bytes / gib:.1f} + DeepSpeed buffers "
+        f"{memory.buffers_bytes / gib:.1f} GiB",
         f"             ({cfg.precision.dtype}, ZeRO-{cfg.zero.stage}, activation checkpointing "
         f"{cfg.parallel.activation_checkpointing}, {memory.in_flight_micro_batches} micro-batch(es) in flight; "
-        f"add CUDA context, comm buffers, fragmentation)",
+        f"add CUDA context, NCCL buffers, fragmentation)",
     ]
     if memory.cpu_offload_bytes:
         lines.append(f"             offloaded to host memory: {memory.cpu_offload_bytes / gib:.1f} GiB per GPU")

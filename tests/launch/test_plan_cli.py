@@ -56,7 +56,7 @@ def test_json_output(tmp_path: Path) -> None:
     assert doc["cluster"]["gpu"]["name"] == "h200" and len(doc["candidates"]) == 4
     assert doc["enumerated"] == doc["invalid"] + doc["too_big"] + doc["fits"]
     best = doc["candidates"][0]
-    assert set(best["memory_gib"]) == {"weights", "grads", "optimizer", "activations", "total"}
+    assert set(best["memory_gib"]) == {"weights", "grads", "optimizer", "activations", "buffers", "total"}
     assert best["step_time_s"]["total"] <= doc["candidates"][-1]["step_time_s"]["total"]
     assert best["memory_gib"]["total"] <= doc["usable_memory_gib"]
     lay = best["layout"]
