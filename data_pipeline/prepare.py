@@ -73,6 +73,7 @@ from data_pipeline.sources import (
     RecordBlock,
     SourceFile,
     expand_inputs,
+    file_format,
     parse_block,
     read_blocks,
 )
@@ -106,6 +107,9 @@ class PrepareConfig:
     text_key: str = "text"
     include_globs: tuple[str, ...] = DEFAULT_INCLUDE_GLOBS
     strict: bool = False
+    # A parquet file without the text_key column is a config error (wrong --text-key, or a file that does not
+    # belong); with this set it is skipped instead, and counted in the report with its row count.
+    skip_files_without_text_key: bool = False
     overwrite: bool = False
     progress: bool = True
     # A task (what one worker call gets) ends at this many records or input bytes, whichever comes first. ~1 MiB
@@ -180,12 +184,14 @@ def prepare(config: PrepareConfig) -> PrepareResult:
     config.validate()
     tokenizer = _load_checked_tokenizer(config.tokenizer)
     train_files, val_files = _input_files(config)
+    # Before any work or output: a column missing from a parquet file is a wrong --text-key, not a bad record.
+    report = BadInputReport(strict=config.strict)
+    train_files, val_files = (_files_with_text_column(files, config, report) for files in (train_files, val_files))
     out_dir = Path(config.output_dir)
     _prepare_output_dir(out_dir, config.overwrite)
     dtype = token_dtype_name(tokenizer.vocab_size)
     splits = [TRAIN, VAL] if (val_files or config.val_fraction > 0) else [TRAIN]
     layout = ShardLayout(str(out_dir), dtype, config.seq_len + 1, config.samples_per_shard)
-    report = BadInputReport(strict=config.strict)
     source_stats: dict[tuple[str, str], SourceStats] = {}
     try:
         packed = _tokenize_and_pack(config, tokenizer, layout, splits, train_files, val_files, report, source_stats)
@@ -243,6 +249,37 @@ def _input_files(config: PrepareConfig) -> tuple[list[SourceFile], list[SourceFi
         raise DataPipelineError(f"{len(overlap)} file(s) are both --input and --val-input (e.g. {overlap[0]}); "
                                 "validation data must not also be trained on")
     return train_files, val_files
+
+
+def _files_with_text_column(files: list[SourceFile], config: PrepareConfig,
+                            report: BadInputReport) -> list[SourceFile]:
+    """`files` without the parquet files that lack the text_key column (reads each footer only). Such a file stops
+    prepare with its name, its columns and the --text-key fix, unless skip_files_without_text_key: then it is
+    reported as one missing_text_column entry that names its row count."""
+    import pyarrow.parquet as pq
+
+    lacking: list[tuple[SourceFile, list[str], int]] = []
+    for src in files:
+        if file_format(src.path)[0] != "parquet":
+            continue
+        try:
+            metadata = pq.read_metadata(src.path)
+        except Exception:  # noqa: BLE001 - a corrupt file is reported (corrupt_parquet) when it is read
+            continue
+        names = metadata.schema.to_arrow_schema().names
+        if config.text_key not in names:
+            lacking.append((src, names, metadata.num_rows))
+    if lacking and not config.skip_files_without_text_key:
+        listed = "\n".join(f"  - {src.name}: columns {', '.join(names[:12]) or '(none)'}" for src, names, _ in lacking)
+        raise DataPipelineError(
+            f"{len(lacking)} parquet file(s) have no column {config.text_key!r} (--text-key):\n{listed}\n"
+            f"pass --text-key <column> naming the column that holds the text, remove these files from --input, or "
+            f"pass --skip-files-without-text-key to skip them (they are then counted in {REPORT_FILENAME})")
+    for src, names, rows in lacking:
+        report.add(src.name, 0, "missing_text_column", f"file skipped: {rows} rows, no column {config.text_key!r} "
+                                                       f"(columns: {', '.join(names[:8])})")
+    skipped = {id(src) for src, _, _ in lacking}
+    return [src for src in files if id(src) not in skipped]
 
 
 def _prepare_output_dir(out_dir: Path, overwrite: bool) -> None:

@@ -136,6 +136,9 @@ def _register_prepare(subparsers: Any) -> None:
                         help="where workers leave tokens until their shard is written: a few shards' worth at a "
                              "time, removed at the end (default: $TMPDIR or /tmp; use node-local disk on clusters)")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the validation hash (default: %(default)s)")
+    parser.add_argument("--skip-files-without-text-key", action="store_true",
+                        help="skip parquet files that have no --text-key column (counted in the report with their "
+                             "rows) instead of stopping before any work")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (it only shows on a terminal)")
     parser.set_defaults(func=_run_prepare)
@@ -151,7 +154,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
         samples_per_shard=args.samples_per_shard, num_proc=args.num_proc, spool_dir=args.spool_dir, seed=args.seed,
         text_key=args.text_key,
         include_globs=tuple(args.include or ("*.txt",)), strict=args.strict, overwrite=args.overwrite,
-        progress=not args.no_progress,
+        progress=not args.no_progress, skip_files_without_text_key=args.skip_files_without_text_key,
     )
     # scancel and Slurm time limits send SIGTERM (SIGKILL follows after KillWait): as an exception it unwinds prepare,
     # which removes its spool folder and half-written shards on the way out instead of leaving them behind.
