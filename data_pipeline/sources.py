@@ -828,7 +828,8 @@ def _classify_json_record(raw: bytes, text_key: str) -> tuple[str | None, str, s
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        return None, "malformed_json", f"{err.msg} at column {err.colno}: {line[:60]!r}"
+        # Some of json's messages end in "at" already ("Unterminated string starting at"): no "at at column".
+        return None, "malformed_json", f"{err.msg.removesuffix(' at')} at column {err.colno}: {line[:60]!r}"
     except (ValueError, RecursionError) as err:  # a >4300-digit number; nesting deeper than the recursion limit
         return None, "malformed_json", f"{type(err).__name__}: {err}"
     if not isinstance(record, dict):

@@ -426,3 +426,11 @@ def test_a_corrupt_parquet_row_group_loses_only_its_rows(tmp_path: Path) -> None
     assert [(r.line, r.reason) for r in rows] == [(101, "corrupt_parquet")]
     assert "row group 1 (100 rows)" in rows[0].detail
     assert texts == [f"row {i} ".encode().decode() * 20 for i in (*range(100), *range(200, 300))]
+
+
+def test_malformed_json_details_say_at_column_once() -> None:
+    from data_pipeline.sources import parse_json_record
+
+    _, reason, detail = parse_json_record(b'{"text": "never closed', "text")
+    assert reason == "malformed_json" and "Unterminated string starting at column 10" in detail
+    assert "at at" not in detail

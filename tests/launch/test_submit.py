@@ -65,6 +65,22 @@ def test_cpu_script_uses_no_gpus_and_container_options(tmp_path: Path) -> None:
     assert "NCCL_DEBUG" not in script and "DS_ACCELERATOR" in script
 
 
+def test_defaults_give_each_rank_its_cpus_and_a_bare_minutes_time_limit_is_accepted(tmp_path: Path) -> None:
+    cfg = load_config(REPO / "configs/tiny.yaml", ["launch.time_limit=30", "data.num_workers=3",
+                                                   "launch.max_hang_requeues=4"])
+    script = render_sbatch(cfg, _request(tmp_path))
+    directives = _directives(script)
+    assert "--cpus-per-task=4" in directives  # the rank plus its 3 loader workers
+    assert "--time=30" in directives  # minutes, as Slurm reads it (YAML gives an int)
+    assert 'if [ "$hangs" -le 4 ]; then' in script
+    assert 'if [ "${SLURM_NTASKS:-0}" -ne 2 ]; then' in script  # tiny.yaml: 1 node x 2 processes
+    no_requeue = render_sbatch(load_config(REPO / "configs/tiny.yaml", ["launch.requeue=false"]), _request(tmp_path))
+    assert "scontrol requeue" not in no_requeue and "record_outcome stopped_on_signal 75" in no_requeue
+    for text in (script, no_requeue):
+        bash = subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True)
+        assert bash.returncode == 0, bash.stderr
+
+
 def test_rendering_is_deterministic(tmp_path: Path) -> None:
     cfg = load_config(REPO / "configs/70b.yaml")
     assert render_sbatch(cfg, _request(tmp_path)) == render_sbatch(cfg, _request(tmp_path))
