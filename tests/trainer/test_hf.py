@@ -23,6 +23,7 @@ from trainer.hf import (
     load_into,
     state_dict_of,
 )
+from trainer.hf.weights_io import new_file_mode
 from trainer.model import Llama, to_hf_key
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; a hub lookup would be a bug
@@ -118,7 +119,11 @@ def test_config_generation_config_and_tokenizer_files(tmp_path: Path, tokenizers
     assert result.files == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                             "tokenizer.model", "tokenizer_config.json"]
     assert result.tokenizer_mismatches == []
+    # Weights readable by whoever can read the configs (safetensors alone writes 0600): 0644 under umask 022.
+    modes = {name: oct((tmp_path / "hf" / name).stat().st_mode & 0o777) for name in result.files}
+    assert set(modes.values()) == {oct(new_file_mode(tmp_path))}, modes
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    assert tok.model_max_length == 96  # model.max_seq_len, not transformers' 1e30 default
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (1, 2, 3, 0)
     assert tok("x = 1").input_ids == [1] + tokenizers["bpe"].encode(["x = 1"])[0].tolist()  # BOS, as in training
     assert Tokenizer.load(tmp_path / "hf").fingerprint == tokenizers["bpe"].fingerprint  # tokenizer.model copied

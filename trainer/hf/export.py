@@ -80,7 +80,8 @@ def export_hf(
     to_llama_config(model_cfg, SpecialTokenIds(), hf_dtype_name)  # fail on a shape HF rejects before writing
     with staged_dir(target) as staging:
         write_hf_weights(state, staging, max_shard_bytes)
-        token_ids = export_tokenizer(tokenizer, staging) if tokenizer is not None else SpecialTokenIds()
+        token_ids = (export_tokenizer(tokenizer, staging, model_cfg.max_seq_len) if tokenizer is not None
+                     else SpecialTokenIds())
         _write_configs(model_cfg, token_ids, hf_dtype_name, staging)
         written = sorted(path.name for path in staging.iterdir())
     mismatches = probe_mismatches(tokenizer, target) if tokenizer is not None else []

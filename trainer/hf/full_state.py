@@ -22,6 +22,7 @@ import torch
 from trainer.config import ConfigError, ModelConfig, apply_overrides, load_config, parse_config, parse_yaml_value
 from trainer.hf.errors import HFConversionError
 from trainer.hf.keys import LM_HEAD
+from trainer.hf.weights_io import save_safetensors
 
 StateDict = dict[str, torch.Tensor]
 STATE_DICT_SUFFIX = ".safetensors"
@@ -63,13 +64,11 @@ def save_full_state_dict(
     state: StateDict, path: str | os.PathLike[str], metadata: dict[str, str] | None = None
 ) -> Path:
     """Write a full state dict as one safetensors file (temp file + rename: never half a file under the name)."""
-    from safetensors.torch import save_file
-
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
-    save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
+    save_safetensors(tensors, tmp, metadata)
     os.replace(tmp, target)
     return target
 

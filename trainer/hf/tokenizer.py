@@ -66,8 +66,10 @@ def special_token_ids(tokenizer: Tokenizer) -> SpecialTokenIds:
     return SpecialTokenIds(bos=present(tokenizer.bos_id), eos=present(tokenizer.eos_id), pad=present(tokenizer.pad_id))
 
 
-def export_tokenizer(tokenizer: Tokenizer, out_dir: Path) -> SpecialTokenIds:
-    """Write tokenizer.json, tokenizer_config.json and tokenizer.model into `out_dir`."""
+def export_tokenizer(tokenizer: Tokenizer, out_dir: Path, model_max_length: int) -> SpecialTokenIds:
+    """Write tokenizer.json, tokenizer_config.json and tokenizer.model into `out_dir`. model_max_length (the model's
+    context, model.max_seq_len) goes into tokenizer_config.json: without it transformers assumes 1e30 and never
+    warns that a text is longer than the model can attend to, nor truncates it with truncation=True."""
     problems = tokenizer_problems(tokenizer)
     if problems:
         raise HFConversionError(
@@ -84,7 +86,7 @@ def export_tokenizer(tokenizer: Tokenizer, out_dir: Path) -> SpecialTokenIds:
         tokenizer_object=RustTokenizer.from_str(json.dumps(spec)),
         bos_token=names["bos"], eos_token=names["eos"], pad_token=names["pad"],
         unk_token=tokenizer.id_to_piece(tokenizer.unk_id),
-        split_special_tokens=True, add_bos_token=ids.bos is not None,
+        split_special_tokens=True, add_bos_token=ids.bos is not None, model_max_length=model_max_length,
     )
     hf.save_pretrained(str(out_dir))
     (out_dir / MODEL_FILENAME).write_bytes(tokenizer.model_proto)

@@ -4,6 +4,7 @@ model.safetensors.index.json when the total exceeds a size threshold (the layout
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -41,21 +42,40 @@ def plan_shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[li
 
 def write_hf_weights(state: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int) -> list[str]:
     """Write `state` (HF names) as one file or as shards with an index. Returns the file names written."""
-    from safetensors.torch import save_file
-
     shards = plan_shards(state, max_shard_bytes)
     if len(shards) == 1:
-        save_file(_contiguous(state, shards[0]), str(out_dir / SINGLE_FILE), metadata={"format": "pt"})
+        save_safetensors(_contiguous(state, shards[0]), out_dir / SINGLE_FILE)
         return [SINGLE_FILE]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for name, keys in zip(names, shards, strict=True):
-        save_file(_contiguous(state, keys), str(out_dir / name), metadata={"format": "pt"})
+        save_safetensors(_contiguous(state, keys), out_dir / name)
         weight_map.update({key: name for key in keys})
     total_bytes = sum(tensor_bytes(tensor) for tensor in state.values())
     index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return [*names, INDEX_FILE]
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, then the mode any new file gets here (0644 under umask 022). save_file writes through
+    a private temp file (mode 0600): on a shared cluster nobody else could read the weights beside 0644 configs."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt", **(metadata or {})})
+    os.chmod(path, new_file_mode(path.parent))
+
+
+def new_file_mode(directory: Path) -> int:
+    """Permission bits of a file created in `directory` by open(): 0o666 minus the umask. Probed with a real file
+    rather than by os.umask(), which would change the process-wide umask for a moment under other threads."""
+    probe = directory / f".mode-probe-{os.getpid()}"
+    fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    try:
+        return os.fstat(fd).st_mode & 0o777
+    finally:
+        os.close(fd)
+        os.unlink(probe)
 
 
 def _contiguous(state: dict[str, torch.Tensor], keys: list[str]) -> dict[str, torch.Tensor]:
