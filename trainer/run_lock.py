@@ -22,7 +22,6 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 OWNER_FILE = ".owner"
 LEASE_S = 300.0  # a holder on another host without Slurm is presumed gone after this long without a renewal
@@ -88,6 +87,13 @@ def live_holder(run_dir: Path) -> Owner | None:
     """The owner of `run_dir` if it is still alive (for `pretrain submit`, which must not overwrite its config)."""
     owner = read_owner(run_dir)
     return owner if owner is not None and holder_alive(owner, run_dir / OWNER_FILE) else None
+
+
+def foreign_live_holder(run_dir: Path) -> Owner | None:
+    """The live owner of `run_dir` if it is another job than this process's (read only: any rank may ask, before
+    the heavy imports, so a second job refuses in about a second instead of after start-up)."""
+    holder = live_holder(run_dir)
+    return holder if holder is not None and holder.owner_id != this_owner().owner_id else None
 
 
 def busy_message(run_dir: Path, holder: Owner) -> str:
@@ -179,6 +185,3 @@ def _slurm_job_state(job_id: str) -> str | None:
         return None
     return result.stdout.strip() if result.returncode == 0 else ""
 
-
-def as_dict(owner: Owner) -> dict[str, Any]:
-    return asdict(owner)

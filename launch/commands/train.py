@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         if args.world_size is not None:
             raise ConfigError("--world-size only applies with --dry-run: a real run takes its world size from the "
                               "launcher (WORLD_SIZE), e.g. `pretrain launch local --nproc N ...`")
+        _refuse_if_run_dir_busy(cfg)
         from trainer.train import exit_code, train  # heavy (torch, deepspeed, megatron): only for a real run
 
         return exit_code(train(cfg))  # 75 after a checkpoint on SIGUSR1/SIGTERM: requeue (trainer/exit_codes.py)
@@ -72,6 +73,17 @@ def _warn_missing_data(cfg: Any) -> None:
     check = check_datasets(cfg.data, eval_enabled=False, check_shards=False)
     if check.missing_datasets:
         print(f"warning: {check.message()}", file=sys.stderr)
+
+
+def _refuse_if_run_dir_busy(cfg: Any) -> None:
+    """Before the heavy imports: another live job owns the run directory (train() takes the lock itself)."""
+    from pathlib import Path
+
+    from trainer.run_lock import RunDirBusy, busy_message, foreign_live_holder
+
+    holder = foreign_live_holder(Path(cfg.run_dir))
+    if holder is not None:
+        raise RunDirBusy(busy_message(Path(cfg.run_dir), holder))
 
 
 def _world_size(flag: int | None, nodes: int, gpus_per_node: int) -> tuple[int, str]:
