@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        return _refuse_unknown_flags(args, unknown, sys.argv[1:] if argv is None else argv)
     try:
         return int(args.func(args) or 0)
     except Exception as err:
@@ -56,6 +58,37 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"pretrain {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _refuse_unknown_flags(args: argparse.Namespace, unknown: list[str], argv: list[str]) -> int:
+    """argparse alone would print the top-level usage; a newcomer typing `--max-steps=10` wants the dotted override
+    it meant (`train.max_steps=10`), so every unknown `--flag` that names a config field gets that hint."""
+    command = " ".join(word for word in (args.command, getattr(args, "launch_target", None),
+                                         getattr(args, "convert_command", None)) if word)
+    print(f"pretrain {command}: error: unrecognized arguments: {' '.join(unknown)}", file=sys.stderr)
+    takes_overrides = hasattr(args, "overrides")
+    for word in unknown:
+        # The value after a bare `--flag` was taken as a positional override, so it is looked up in argv.
+        hint = _override_hint(word, argv[argv.index(word) + 1:]) if takes_overrides else None
+        if hint:
+            print(f"  {word}: config fields are dotted key=value overrides, after the flags: {hint}", file=sys.stderr)
+    print(f"see `pretrain {command} --help`", file=sys.stderr)
+    return 2
+
+
+def _override_hint(word: str, following: list[str]) -> str | None:
+    """'--max-steps=10' → 'train.max_steps=10' when exactly that field name exists in one config section."""
+    if not word.startswith("--"):
+        return None
+    name, has_value, value = word[2:].partition("=")
+    if not has_value:
+        value = following[0] if following and not following[0].startswith("-") else "VALUE"
+    from trainer.config import Config  # light (pydantic + yaml), imported only on this error path
+
+    field = name.replace("-", "_")
+    sections = [section for section, info in Config.model_fields.items()
+                if field in getattr(info.annotation, "model_fields", {})]
+    return f"{sections[0]}.{field}={value}" if len(sections) == 1 else None
 
 
 if __name__ == "__main__":

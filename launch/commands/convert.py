@@ -9,16 +9,18 @@ import re
 from typing import Any
 
 TO_HF_EXAMPLE = """\
-example:
-  pretrain convert to-hf --state-dict runs/tiny/weights.safetensors --config configs/tiny.yaml \\
-      --tokenizer data/tiny/tokenizer --output runs/tiny/hf --dtype bf16
+examples (after `pretrain quickstart`, which writes runs/quickstart/):
+  pretrain convert to-hf --checkpoint runs/quickstart/checkpoints --tokenizer runs/quickstart/tokenizer \\
+      --output runs/quickstart/hf-bf16 --dtype bf16
 
-  writes runs/tiny/hf/{config.json, model.safetensors, generation_config.json, tokenizer.json,
+  writes runs/quickstart/hf-bf16/{config.json, model.safetensors, generation_config.json, tokenizer.json,
   tokenizer_config.json, tokenizer.model}; then, offline:
-      AutoModelForCausalLM.from_pretrained("runs/tiny/hf"); AutoTokenizer.from_pretrained("runs/tiny/hf")
-      pretrain generate --hf runs/tiny/hf --prompt "def main():" --greedy
+      AutoModelForCausalLM.from_pretrained("runs/quickstart/hf-bf16"); AutoTokenizer.from_pretrained(...same...)
+      pretrain generate --hf runs/quickstart/hf-bf16 --prompt "def main():" --greedy
 
-  pretrain convert to-hf --checkpoint runs/tiny/checkpoints --tokenizer data/tiny/tokenizer --output runs/tiny/hf
+  pretrain convert to-hf --state-dict runs/imported/model.safetensors --config runs/imported/model.yaml \\
+      --tokenizer runs/imported/tokenizer --output runs/imported/hf
+      (runs/imported/ is what `pretrain convert from-hf --hf runs/quickstart/hf --output runs/imported` writes)
 
 --checkpoint is one of our checkpoints (runs/<name>/checkpoints/step_N) or a directory of them (its newest intact
 one), saved with any TP/PP/DP/ZeRO layout; its config.yaml supplies the model config (--config not needed).
@@ -30,18 +32,18 @@ Vocabulary padding rows are dropped, a tied lm_head is not written (tie_word_emb
 """
 
 FROM_HF_EXAMPLE = """\
-example:
-  pretrain convert from-hf --hf runs/tiny/hf --output runs/tiny-imported --tp 2
+example (after `pretrain quickstart`, which writes runs/quickstart/hf):
+  pretrain convert from-hf --hf runs/quickstart/hf --output runs/imported --tp 2
 
-  writes runs/tiny-imported/model.safetensors (our parameter names, vocabulary padded to a multiple of
-  tp × 128 rows), runs/tiny-imported/model.yaml (the `model:` section for a run config) and, when the HF
-  directory holds a sentencepiece tokenizer.model, runs/tiny-imported/tokenizer/. Converting that back with
-  `pretrain convert to-hf --state-dict runs/tiny-imported/model.safetensors --config runs/tiny-imported/model.yaml
+  writes runs/imported/model.safetensors (our parameter names, vocabulary padded to a multiple of
+  tp × 128 rows), runs/imported/model.yaml (the `model:` section for a run config) and, when the HF
+  directory holds a sentencepiece tokenizer.model, runs/imported/tokenizer/. Converting that back with
+  `pretrain convert to-hf --state-dict runs/imported/model.safetensors --config runs/imported/model.yaml
   ... --dtype <the source dtype>` reproduces every tensor bit for bit.
 
 continue pretraining from it (weights only, any tp/pp/dp/zero layout; the vocabulary padding is adjusted):
-  paste runs/tiny-imported/model.yaml's model: section into your run config, then
-  pretrain launch local --nproc 2 --config RUN.yaml checkpoint.init_from=runs/tiny-imported/model.safetensors
+  paste runs/imported/model.yaml's model: section into your run config, then
+  pretrain launch local --nproc 2 --config RUN.yaml checkpoint.init_from=runs/imported/model.safetensors
   (a checkpoint to resume from always wins over init_from; an HF directory also works as init_from)
 
 Only the Llama architecture is accepted; config.json fields our model does not implement (attention_bias,

@@ -21,6 +21,11 @@ examples:
 
 The script is written to <run_dir>/sbatch.sh next to the resolved <run_dir>/config.yaml it trains from: keep it,
 edit it and `sbatch` it by hand if you like. squeue/sacct stay the source of truth about the job.
+
+How the job runs: one Slurm task per GPU (launch.gpus_per_node tasks per node), each task one training rank that
+reads its place from $SLURM_PROCID / $SLURM_LOCALID / $SLURM_NTASKS. launch.signal_lead_s before the time limit
+Slurm sends SIGUSR1: every rank finishes its step, the run checkpoints and exits 75, and the script requeues the job,
+which resumes from the newest checkpoint (checkpoint.resume=auto). Exit codes and faults: docs/checkpointing.md.
 """
 
 
@@ -28,7 +33,7 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "submit",
         help="render the sbatch script of a run and submit it to Slurm",
-        description=__doc__ + "\nProcess model, signals and requeue are explained in launch/slurm.py.",
+        description=__doc__,
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -24,15 +24,18 @@ class Generation:
 
 def load_hf_model(hf_dir: str | os.PathLike[str], dtype: str | None = None) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer) from a local directory, offline; refuses any weight HF had to invent."""
+    path = Path(hf_dir)
+    if not path.exists():
+        raise HFConversionError(f"{path} does not exist: pass the directory `pretrain convert to-hf --output` wrote "
+                                f"(the quickstart's is runs/quickstart/hf), or --checkpoint DIR")
+    if not (path / "config.json").is_file():
+        raise HFConversionError(f"{path} is not an HF model directory (no config.json): pass the directory "
+                                f"written by `pretrain convert to-hf`")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local path never needs the hub; never wait on a network
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a "Loading weights" bar for a local file would only clutter the sample
-    path = Path(hf_dir)
-    if not (path / "config.json").is_file():
-        raise HFConversionError(f"{path} is not an HF model directory (no config.json): pass the directory "
-                                f"written by `pretrain convert to-hf`")
     kwargs = {"dtype": dtype} if dtype else {}
     model, info = AutoModelForCausalLM.from_pretrained(
         str(path), local_files_only=True, output_loading_info=True, **kwargs
