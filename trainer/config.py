@@ -69,6 +69,10 @@ class ModelConfig(_Section):
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
 
 
+def _on_off_as_text(value: Any) -> Any:
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
 class ParallelConfig(_Section):
     tp: PositiveInt = 1
     pp: PositiveInt = 1
@@ -76,6 +80,11 @@ class ParallelConfig(_Section):
     sequence_parallel: bool = False
     # selective: recompute cheap elementwise ops (norms, rotary, SiLU*mul), keep matmul and attention outputs.
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
+    # torch.compile of each decoder layer (trainer/compile.py). auto: inductor on launch.device=cuda, off on CPU
+    # (inductor's C++ build costs minutes there for little gain); on: inductor everywhere; off: eager; aot_eager:
+    # graph capture + AOTAutograd without code generation (debugging and the CPU equivalence tests).
+    # YAML 1.1 reads a bare on/off as true/false: both spellings are accepted.
+    compile: Annotated[Literal["auto", "on", "off", "aot_eager"], BeforeValidator(_on_off_as_text)] = "auto"
 
 
 OffloadDevice = Literal["none", "cpu", "nvme"]

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.bootstrap import ParallelContext
+from trainer.compile import CompileWarmupLog
 from trainer.config import Config, Derived
 from trainer.engine import global_grad_norm, loss_scale, skipped_steps
 from trainer.parallelize import ParallelModel
@@ -390,5 +391,25 @@ def default_hooks(run: RunContext) -> list[Hook]:
     if run.cfg.logging.tensorboard:
         sinks.append(TensorBoardSink(run.run_dir / "tb"))
     # Sinks touch files only on the logging rank: elsewhere they are never opened.
-    return [MetricsHook(sinks if run.ctx.is_logging_rank else [])]
+    hooks: list[Hook] = [MetricsHook(sinks if run.ctx.is_logging_rank else [])]
+    if run.model.compile_backend is not None:
+        hooks.append(CompileWarmupHook(run.model.layers_compiled, run.model.compile_backend))
+    return hooks
+
+
+class CompileWarmupHook(Hook):
+    """Logs the torch.compile start-up cost (first step vs second step, and torch's own compile phases) once."""
+
+    def __init__(self, layers_compiled: int, backend: str) -> None:
+        self._log: CompileWarmupLog | None = CompileWarmupLog(layers_compiled, backend)
+        self.summary: dict[str, Any] | None = None
+
+    def on_step_end(self, run: RunContext, state: TrainState, out: StepOutput) -> None:
+        if self._log is None:
+            return
+        if run.ctx.device.type == "cuda":
+            torch.cuda.synchronize(run.ctx.device)  # two steps only: the step time must include its GPU work
+        self.summary = self._log.step_done(out.step_time_s)
+        if self.summary is not None:
+            self._log = None
 

@@ -10,7 +10,8 @@ The steps run in one fixed order (each constraint is commented where it is appli
   3. materialise + deterministic init      full weights drawn per parameter, this rank's slice copied in
   4. sequence-parallel gradient hooks
   5. activation checkpointing              none | selective | full, per decoder layer
-  6. pipeline partition                    DeepSpeed PipelineModule over [embed, layer 0..L-1, head]
+  6. torch.compile of each decoder layer   parallel.compile (trainer/compile.py), in place: names unchanged
+  7. pipeline partition                    DeepSpeed PipelineModule over [embed, layer 0..L-1, head]
 
 Names: every parameter keeps the name it has in the plain model (`layers.0.self_attn.q_proj.weight`). The TP layers
 are megatron's classes subclassed to return only the output tensor (megatron's return `(output, bias)`), not wrapped,
@@ -52,8 +53,10 @@ from torch.utils.checkpoint import (
 )
 
 from trainer.bootstrap import ParallelContext, deepspeed_topology
+from trainer.compile import compile_backend, compile_layers
+from trainer.loss import chunked_lm_loss, chunked_vocab_parallel_lm_loss
 from trainer.config import Config, Derived, ModelConfig
-from trainer.model import VOCAB_PARAM_NAMES, DecoderLayer, Llama, init_std_for, lm_loss
+from trainer.model import VOCAB_PARAM_NAMES, DecoderLayer, Llama, init_std_for
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -70,6 +73,8 @@ class ParallelModel:
     loss_fn: LossFn  # (logits (B, T, V/tp), labels (B, T)) → mean loss over the micro-batch
     num_layers: int
     is_pipeline: bool
+    compile_backend: str | None = None  # the torch.compile backend of this rank's decoder layers; None: eager
+    layers_compiled: int = 0
 
     def canonical_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(name in the unsharded, unpipelined model, this rank's parameter (a TP shard where `tp_partition_dim`))."""
@@ -125,11 +130,16 @@ def parallelize(model: Llama, cfg: Config, derived: Derived, ctx: ParallelContex
     # 5. After the TP swap, so the swap always walks the plain module tree (a wrapper-based checkpoint, as in
     #    torchtitan, would hide the projections from it); ours only replaces each layer's forward.
     _apply_activation_checkpointing([model.layers[i] for i in parts.layers], cfg.parallel.activation_checkpointing)
+    # 6. After TP and checkpointing, so the compiled graph holds the TP collectives and the recompute policy
+    #    (torchtitan's order); before the pipeline and deepspeed.initialize, which then call the compiled layers.
+    backend = compile_backend(cfg.parallel.compile, ctx.device.type)
+    compiled = compile_layers([model.layers[i] for i in parts.layers], backend)
     loss_fn = _loss_fn(cfg.model.vocab_size, ctx)
     if ctx.pp == 1:
-        return ParallelModel(model, loss_fn, cfg.model.num_layers, is_pipeline=False)
-    # 6. Last: PipelineModule registers the finished parts as opaque callables in a flat list.
-    return ParallelModel(_pipeline(model, parts, loss_fn, ctx), loss_fn, cfg.model.num_layers, is_pipeline=True)
+        return ParallelModel(model, loss_fn, cfg.model.num_layers, False, backend, compiled)
+    # 7. Last: PipelineModule registers the finished parts as opaque callables in a flat list.
+    return ParallelModel(_pipeline(model, parts, loss_fn, ctx), loss_fn, cfg.model.num_layers, True, backend,
+                         compiled)
 
 
 @dataclass(frozen=True)
@@ -251,10 +261,13 @@ def _mark_tp(module: nn.Module, dim: int) -> nn.Module:
 
 
 def _loss_fn(vocab_size: int, ctx: ParallelContext) -> LossFn:
-    """The loss over the tokenizer's `vocab_size` columns only: padded columns never enter the softmax."""
+    """The loss over the tokenizer's `vocab_size` columns only: padded columns never enter the softmax. Chunked over
+    tokens (trainer.loss), so no fp32 copy of a whole micro-batch's logits exists; the same numbers as `lm_loss` /
+    `vocab_parallel_lm_loss`, which stay as the unchunked references (tests/trainer/test_loss.py)."""
     if ctx.tp == 1:
-        return functools.partial(lm_loss, vocab_size=vocab_size)
-    return functools.partial(vocab_parallel_lm_loss, vocab_size=vocab_size, tp_rank=ctx.tp_rank)
+        return functools.partial(chunked_lm_loss, vocab_size=vocab_size)
+    return functools.partial(chunked_vocab_parallel_lm_loss, vocab_size=vocab_size, tp_rank=ctx.tp_rank,
+                             tp_group=ctx.tp_group)
 
 
 def vocab_parallel_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, tp_rank: int,
@@ -412,6 +425,10 @@ def _apply_activation_checkpointing(layers: list[nn.Module], mode: str) -> None:
 
 def _checkpointed_forward(forward: Callable[[torch.Tensor], torch.Tensor], context_fn: Callable[[], Any],
                           x: torch.Tensor) -> torch.Tensor:
+    if context_fn is noop_context_fn:
+        # Not passed explicitly: dynamo (parallel.compile) traces checkpoint's default context but refuses an
+        # explicit noop_context_fn ("checkpoint not implemented for ... context_fn").
+        return checkpoint(forward, x, use_reentrant=False)
     return checkpoint(forward, x, use_reentrant=False, context_fn=context_fn)
 
 

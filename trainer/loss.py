@@ -1,0 +1,134 @@
+"""Cross entropy over the logits in token chunks: fp32 exists for one chunk at a time, never for the micro-batch.
+
+    loss = chunked_lm_loss(logits, labels, vocab_size)                                  # tp == 1
+    loss = chunked_vocab_parallel_lm_loss(logits, labels, vocab_size, tp_rank, tp_group) # logits: this rank's shard
+
+Why: the plain loss (`trainer.model.lm_loss`) casts the whole (B, T, V) logits to fp32 and autograd keeps that copy
+for backward: at the 1B shape (micro 8 × 2048 tokens × 32,000) that is 2 GB of fp32 logits, then 2 GB of fp32
+gradient in backward. Here the forward walks the tokens in chunks of `chunk_bytes` of fp32 and keeps only one fp32
+number per token (its log-sum-exp); the backward walks the chunks again and writes softmax − one-hot (the closed-form
+gradient, recomputed from the logits) straight into one buffer of the logits' own dtype: the tensor autograd would
+have produced. Peak extra fp32 is ~2 chunks, whatever the micro-batch (bench/bench_loss_memory.py).
+
+Same numbers as the plain loss: per token m + log Σ exp(x − m) − x_label with m the row max, averaged over the
+tokens whose label is not `ignore_index`; gradient (softmax − one-hot) / n. Padded vocabulary columns (global index
+>= vocab_size) never enter the softmax and get exactly zero gradient, as in `lm_loss` and `vocab_parallel_lm_loss`.
+Under tensor parallelism each rank holds V/tp columns; the row max, Σ exp and the label's logit are reduced over the
+TP group (two all-reduces per chunk, as megatron's vocab_parallel_cross_entropy does for the whole batch), so every
+TP rank returns the same loss and its own shard's gradient.
+
+Plain torch: runs on CPU and GPU alike; the model stays eager here (the decoder layers are what trainer.compile
+compiles).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# fp32 bytes per chunk: 1,024 tokens of a 32k vocabulary (128 MiB); small enough to vanish next to the activations,
+# large enough that the per-chunk kernel launches (and, under TP, the per-chunk all-reduces) stay negligible.
+DEFAULT_CHUNK_BYTES = 128 * 2**20
+
+
+def chunked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int | None = None,
+                    ignore_index: int = -100, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
+    """`trainer.model.lm_loss` without fp32 logits for the whole micro-batch. logits: (B, T, V_padded), any float
+    dtype; labels: (B, T). Only the first `vocab_size` columns (None: all) enter the softmax."""
+    real_columns = logits.shape[-1] if vocab_size is None else min(vocab_size, logits.shape[-1])
+    return _chunked(logits, labels, real_columns, 0, None, ignore_index, chunk_bytes)
+
+
+def chunked_vocab_parallel_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, tp_rank: int,
+                                   tp_group: Any, ignore_index: int = -100,
+                                   chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
+    """The same loss for vocab-parallel logits: (B, T, V_padded/tp) on each TP rank, labels (B, T) global ids.
+    Every rank of `tp_group` must call it with its own shard; each returns the same loss."""
+    shard_columns = logits.shape[-1]
+    vocab_start = tp_rank * shard_columns
+    real_columns = min(max(vocab_size - vocab_start, 0), shard_columns)  # the last ranks may hold only padding
+    return _chunked(logits, labels, real_columns, vocab_start, tp_group, ignore_index, chunk_bytes)
+
+
+def _chunked(logits: torch.Tensor, labels: torch.Tensor, real_columns: int, vocab_start: int, group: Any,
+             ignore_index: int, chunk_bytes: int) -> torch.Tensor:
+    # (T*B, V) in Llama's native (T, B) order: logits are a (B, T) view of a (T, B, V) tensor, so this is free.
+    flat_logits = logits.transpose(0, 1).reshape(-1, logits.shape[-1])
+    flat_labels = labels.transpose(0, 1).reshape(-1)
+    # From the shard width, not the real columns: every TP rank must run the same number of chunks (collectives).
+    rows_per_chunk = max(1, chunk_bytes // (4 * flat_logits.shape[-1]))
+    return _ChunkedCrossEntropy.apply(flat_logits, flat_labels, real_columns, vocab_start, group, ignore_index,
+                                      rows_per_chunk)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Forward: loss and per-row log-sum-exp, chunk by chunk. Backward: (softmax − one-hot) · grad / count, chunk by
+    chunk from the saved logits and log-sum-exp (no collective: the TP reductions happened in forward). The logits
+    are alive until backward anyway (the training step holds them), so saving them costs no memory; computing the
+    gradient only in backward means it is scaled by the incoming gradient (fp16 loss scale) *before* it is rounded
+    to the logits' dtype, exactly as autograd does for the plain loss."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, labels: torch.Tensor, real_columns: int, vocab_start: int,
+                group: Any, ignore_index: int, rows_per_chunk: int) -> torch.Tensor:
+        keep = labels != ignore_index  # (N,); the same on every TP rank
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)  # (N,)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for start in range(0, logits.shape[0], rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            chunk_lse, label_logit = _lse_and_label_logit(logits[rows], labels[rows], keep[rows], real_columns,
+                                                          vocab_start, group)
+            lse[rows] = chunk_lse
+            loss_sum += ((chunk_lse - label_logit) * keep[rows]).sum()
+        count = keep.sum()
+        ctx.save_for_backward(logits, labels, keep, lse, count)
+        ctx.chunking = (real_columns, vocab_start, rows_per_chunk)
+        return loss_sum / count  # all labels ignored: 0/0 = NaN, like torch's cross_entropy
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
+        logits, labels, keep, lse, count = ctx.saved_tensors
+        real_columns, vocab_start, rows_per_chunk = ctx.chunking
+        grad = torch.zeros_like(logits)  # padded columns: exactly zero
+        scale = grad_loss.float() / count.clamp(min=1)
+        for start in range(0, logits.shape[0], rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            probs = logits[rows, :real_columns].to(torch.float32, copy=True).sub_(lse[rows, None]).exp_()  # softmax
+            local, in_shard = _local_labels(labels[rows], keep[rows], real_columns, vocab_start)
+            hit = in_shard.nonzero().squeeze(1)
+            probs[hit, local[hit]] -= 1.0
+            grad[rows, :real_columns] = probs.mul_((keep[rows] * scale)[:, None])  # ignored rows: zero gradient
+        return grad, None, None, None, None, None, None
+
+
+def _local_labels(labels: torch.Tensor, keep: torch.Tensor, real_columns: int,
+                  vocab_start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(label's column in this shard, 0 where not here; whether this shard holds a kept row's label)."""
+    local = labels - vocab_start
+    in_shard = keep & (local >= 0) & (local < real_columns)
+    return torch.where(in_shard, local, 0), in_shard
+
+
+def _lse_and_label_logit(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, real_columns: int,
+                         vocab_start: int, group: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of one chunk, in fp32: log Σ exp over the real columns of every shard, and the label's logit."""
+    rows = logits.shape[0]
+    real = logits[:, :real_columns]  # (n, V_real) view: padded columns are never read
+    if real_columns:
+        row_max = real.max(dim=-1).values.float()  # (n,)
+    else:  # a TP shard that holds only padding: the other shards bring the max
+        row_max = torch.full((rows,), -torch.inf, device=logits.device)
+    if group is not None:
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+    # (n, V_real) fp32, a copy even when the logits are fp32 already (the in-place exp must not touch them).
+    shifted = real.to(torch.float32, copy=True).sub_(row_max[:, None])
+    local, in_shard = _local_labels(labels, keep, real_columns, vocab_start)
+    label_logit = torch.zeros(rows, device=logits.device)
+    if real_columns:
+        label_logit = torch.where(in_shard, shifted.gather(1, local[:, None]).squeeze(1), 0.0)
+    sums = torch.stack((shifted.exp_().sum(dim=-1), label_logit))  # (2, n)
+    if group is not None:
+        dist.all_reduce(sums, group=group)  # Σ exp over all shards; the label's logit from the one shard holding it
+    return row_max + sums[0].log(), row_max + sums[1]
