@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal, TextIO
@@ -57,7 +57,18 @@ class RunMetrics:
     restarts: int  # how often the step went back: the run was resumed from an earlier checkpoint
     wall_time_s: float | None  # training time summed over restarts (None: lines without time_s)
     tokens_per_step: int | None  # global batch in tokens
+    resumes: list[Resume] = field(default_factory=list)  # one per restart, in order
+    description: str = ""  # model, batch, lr from config.yaml: the legend says what the run was, not only its name
     label: str = ""  # legend / table name, unique among the runs of one report (set by load_runs)
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a restarted process took over: the last step logged before its first line (its checkpoint's step when
+    checkpoints land on log steps, as the configs arrange) and the training seconds before it (downtime excluded)."""
+
+    step: int
+    elapsed_s: float | None
 
 
 @dataclass(frozen=True)
@@ -97,6 +108,7 @@ def load_run(path: str | Path, warn: TextIO | None = None) -> RunMetrics:
     wall_time_s = _add_elapsed_s(segments)
     train, evals = _latest_per_step(segments)
     config = _read_config(run_dir / "config.yaml", sys.stderr if warn is None else warn)
+    resumes = _resumes(segments)
     return RunMetrics(
         run_dir=run_dir,
         config_name=config.get("name") if isinstance(config.get("name"), str) else None,
@@ -106,6 +118,8 @@ def load_run(path: str | Path, warn: TextIO | None = None) -> RunMetrics:
         restarts=len(segments) - 1,
         wall_time_s=wall_time_s,
         tokens_per_step=_tokens_per_step(train, config),
+        resumes=resumes,
+        description=_describe(config, train, len(resumes)),
     )
 
 
@@ -219,6 +233,15 @@ def _segment_start_s(segment: list[Record], earlier_train_steps: list[int]) -> f
     return first_train["time_s"] - first_train["step_time_s"] * (first_train["step"] - previous_step)
 
 
+def _resumes(segments: list[list[Record]]) -> list[Resume]:
+    resumes = []
+    for previous, segment in pairwise(segments):
+        first_train = next((record["step"] for record in segment if record["kind"] == "train"), segment[0]["step"])
+        earlier = [record["step"] for record in previous if record["kind"] == "train" and record["step"] < first_train]
+        resumes.append(Resume(max(earlier, default=0), previous[-1].get("elapsed_s")))
+    return resumes
+
+
 def _latest_per_step(segments: list[list[Record]]) -> tuple[list[Record], list[Record]]:
     """Lines of a resumed segment supersede the earlier segments' lines from its first step on."""
     train: list[Record] = []
@@ -260,6 +283,24 @@ def _tokens_per_step(train: list[Record], config: dict[str, Any]) -> int | None:
         if tokens_per_s and step_time_s and math.isfinite(tokens_per_s * step_time_s):
             return round(tokens_per_s * step_time_s)
     return None
+
+
+def _describe(config: dict[str, Any], train: list[Record], restarts: int) -> str:
+    """'4 layers × 128 hidden, batch 16 × 128 tokens, lr 0.003, 300 steps, resumed 1×' from what is recorded."""
+    model, train_cfg, optim = (config.get(key) if isinstance(config.get(key), dict) else {}
+                               for key in ("model", "train", "optim"))
+    parts = []
+    if model.get("num_layers") and model.get("hidden_size"):
+        parts.append(f"{model['num_layers']} layers × {model['hidden_size']} hidden")
+    if train_cfg.get("global_batch_size") and train_cfg.get("seq_len"):
+        parts.append(f"batch {train_cfg['global_batch_size']} × {train_cfg['seq_len']} tokens")
+    if isinstance(optim.get("lr"), (int, float)):
+        parts.append(f"lr {optim['lr']:g}")
+    if train:
+        parts.append(f"{train[-1]['step']:,} steps")
+    if restarts:
+        parts.append(f"resumed {restarts}×")
+    return ", ".join(parts)
 
 
 def _assign_labels(runs: list[RunMetrics]) -> None:
@@ -451,6 +492,12 @@ class XScale:
 
 
 def plot_runs(runs: list[RunMetrics], output: Path, *, smooth_points: int = 1, x_axis: XAxis = "step") -> Path:
+    import logging
+
+    # matplotlib logs the one-time build of its font cache at INFO; in a process whose root logger is at INFO (the
+    # quickstart, after training) that line would reach the console. Left alone when someone set a level.
+    if logging.getLogger("matplotlib").level == logging.NOTSET:
+        logging.getLogger("matplotlib").setLevel(logging.WARNING)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -535,7 +582,9 @@ def _draw_loss(ax: Any, runs: list[RunMetrics], colors: list[str], smooth_points
     ax.set_title("Loss" + (f" (train smoothed over {smooth_points} log points)" if smooth_points > 1 else ""))
     ax.set_ylabel("cross-entropy (nats/token)")
     any_nonfinite = any(not math.isfinite(loss) for run in runs for loss in _values(run.train, "loss"))
-    ax.legend(handles=_loss_style_handles(smooth_points, any_nonfinite), loc="upper right", fontsize="small")
+    any_resume = any(run.resumes for run in runs)
+    ax.legend(handles=_loss_style_handles(smooth_points, any_nonfinite, any_resume), loc="upper right",
+              fontsize="small")
 
 
 def _mark_nonfinite(ax: Any, x_values: list[float], color: str) -> None:
@@ -545,7 +594,18 @@ def _mark_nonfinite(ax: Any, x_values: list[float], color: str) -> None:
                 markersize=9, markeredgewidth=2, color=color)
 
 
-def _loss_style_handles(smooth_points: int, any_nonfinite: bool) -> list[Any]:
+def _mark_resumes(ax: Any, run: RunMetrics, color: str, x_axis: XAxis, x_scale: XScale) -> None:
+    """A dotted vertical line where a restarted process took over: a kink or a jump in a curve there is the resume
+    (a different node, a changed layout, a data-order boundary), not the model."""
+    for resume in run.resumes:
+        if x_axis == "time" and resume.elapsed_s is None:
+            continue
+        x = {"step": float(resume.step), "tokens": resume.step * (run.tokens_per_step or 0),
+             "time": (resume.elapsed_s or 0.0) / x_scale.divisor}[x_axis]
+        ax.axvline(x, color=color, linestyle=":", linewidth=1.2, alpha=0.8)
+
+
+def _loss_style_handles(smooth_points: int, any_nonfinite: bool, any_resume: bool = False) -> list[Any]:
     """A legend of line styles (the run colours are in the figure legend)."""
     from matplotlib.lines import Line2D
 
@@ -557,6 +617,8 @@ def _loss_style_handles(smooth_points: int, any_nonfinite: bool) -> list[Any]:
     if any_nonfinite:
         handles.append(Line2D([], [], color="0.3", linestyle="none", marker="x", markersize=8, markeredgewidth=2,
                               label="NaN/inf train loss"))
+    if any_resume:
+        handles.append(Line2D([], [], color="0.3", linestyle=":", linewidth=1.2, label="resumed from checkpoint"))
     return handles
 
 
@@ -611,9 +673,15 @@ def _decorate(figure: Any, axes: list[Any], runs: list[RunMetrics], colors: list
         ax.grid(True, alpha=0.3)
         if x_axis == "tokens":
             ax.xaxis.set_major_formatter(_si_formatter())
-    handles = [Line2D([], [], color=color, linewidth=2.5, label=run.label) for run, color in zip(runs, colors)]
-    figure.legend(handles=handles, loc="outside upper center", ncols=min(len(runs), 4), fontsize="medium",
-                  title="run (config name and directory)")
+        for run, color in zip(runs, colors):
+            _mark_resumes(ax, run, color, x_axis, x_scale)
+    handles = [Line2D([], [], color=color, linewidth=2.5, label=legend_label(run)) for run, color in zip(runs, colors)]
+    figure.legend(handles=handles, loc="outside upper center", ncols=min(len(runs), 2), fontsize="medium",
+                  title="run (config name and directory): model, batch, learning rate, steps")
+
+
+def legend_label(run: RunMetrics) -> str:
+    return f"{run.label}: {run.description}" if run.description else run.label
 
 
 # ---------------------------------------------------------------------------------------------------------------------

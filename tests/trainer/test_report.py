@@ -151,6 +151,34 @@ def test_resumed_run_later_lines_win_and_downtime_is_not_wall_time(tmp_path: Pat
     assert summary.mean_tokens_per_s == (200.0 + 400.0) / 2  # each segment's first line is warm-up
 
 
+def test_resume_points_are_marked_on_every_curve(tmp_path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    from trainer.report import Resume, XScale, _mark_resumes
+
+    lines = [train_line(10, 10.0, 5.0, 100.0, 1.0), train_line(20, 20.0, 4.0, 200.0, 1.0),
+             train_line(30, 30.0, 9.9, 999.0, 1.0),  # crashed after this; resumed from the step-20 checkpoint
+             train_line(30, 110.0, 3.0, 50.0, 1.0), train_line(40, 120.0, 2.0, 400.0, 1.0)]
+    run = load_run(write_run(tmp_path / "resumed", lines))
+    assert run.resumes == [Resume(step=20, elapsed_s=30.0)]  # 30 s of training before the crash
+    ax = Figure().subplots()
+    _mark_resumes(ax, run, "C0", "step", XScale("optimizer step", 1.0))
+    _mark_resumes(ax, run, "C0", "time", XScale("wall time (s)", 1.0))
+    assert [list(line.get_xdata()) for line in ax.lines] == [[20.0, 20.0], [30.0, 30.0]]
+    write_report([run.run_dir], out=io.StringIO())  # draws with the marks and their legend entry
+
+
+def test_legend_of_one_run_says_what_the_run_was(tmp_path: Path) -> None:
+    from trainer.report import legend_label
+
+    run_dir = write_run(tmp_path / "qs", [train_line(10, 10.0, 5.0, 100.0, 1.0), train_line(300, 20.0, 4.0, 200.0,
+                                                                                            1.0)], name="quickstart")
+    (run_dir / "config.yaml").write_text("name: quickstart\nmodel: {num_layers: 4, hidden_size: 128}\n"
+                                         "train: {global_batch_size: 16, seq_len: 128}\noptim: {lr: 3.0e-3}\n")
+    label = legend_label(load_runs([run_dir])[0])
+    assert label == "quickstart (qs): 4 layers × 128 hidden, batch 16 × 128 tokens, lr 0.003, 300 steps"
+
+
 def test_malformed_lines_are_skipped_and_counted(tmp_path: Path) -> None:
     good = [train_line(5, 10.0, 3.0, 512.0, 2.0), train_line(10, 20.0, 2.0, 512.0, 2.0)]
     lines = [good[0], "not json", '{"step": "x", "kind": "train", "loss": 1.0}', "[1, 2]",
