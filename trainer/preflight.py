@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from trainer import exit_codes
-from trainer.checkpoint.layout import shallow_problems
+from trainer.checkpoint.layout import read_metadata, shallow_problems
 from trainer.checkpoint.load import _broadcast_json as broadcast_json  # JSON, not pickle
-from trainer.checkpoint.load import candidates
+from trainer.checkpoint.load import candidates, find_resume_checkpoint
 from trainer.config import Config
 from trainer.data_check import check_datasets
 from trainer.run_lock import RunDirBusy, RunDirLock
@@ -64,8 +64,8 @@ def owned_run_dir(run_dir: Path, ctx: Any) -> Iterator[None]:
 
 
 def finished_step(cfg: Config) -> int | None:
-    """The step of the checkpoint the run would resume from, if it is already at train.max_steps; else None.
-    Reads metadata.json and index.json only (a full checksum pass comes with a real resume)."""
+    """The step of the newest checkpoint that looks complete, if it is already at train.max_steps; else None.
+    Reads metadata.json and index.json only (cheap, rank 0): check_before_build then verifies a "finished"."""
     if cfg.checkpoint.resume == "none" or cfg.checkpoint.init_from:
         return None
     target = Path(cfg.checkpoint_dir if cfg.checkpoint.resume == "auto" else cfg.checkpoint.resume)
@@ -87,19 +87,28 @@ def nothing_to_do_message(cfg: Config, step: int) -> str:
 def check_before_build(cfg: Config, ctx: Any) -> int | None:
     """Collective. Returns the finished step when there is nothing to train; raises PreflightError on every rank
     when the data is not there or damaged."""
-    verdict: dict[str, Any] = {}
-    if ctx.rank == 0:
-        verdict = _rank0_verdict(cfg)
-    verdict = broadcast_json(verdict, ctx)
-    if verdict.get("error"):
-        raise PreflightError(verdict["error"], int(verdict["exit_code"]))
-    return verdict.get("finished_step")
-
-
-def _rank0_verdict(cfg: Config) -> dict[str, Any]:
-    step = finished_step(cfg)
+    step = broadcast_json(finished_step(cfg) if ctx.rank == 0 else None, ctx)
+    if step is not None and cfg.checkpoint.verify_on_load:
+        # Only when the cheap check says "finished": the same checksum pass a resume makes (split over the ranks),
+        # so a final checkpoint with a flipped bit is skipped and the run goes on from the one before.
+        step = _verified_finished_step(cfg, ctx)
     if step is not None:
-        return {"finished_step": step}  # the data is not read again: a finished run may have moved it
+        return step  # the data is not checked: a finished run may have moved it
+    verdict = broadcast_json(_data_verdict(cfg) if ctx.rank == 0 else {}, ctx)
+    if verdict:
+        raise PreflightError(verdict["error"], int(verdict["exit_code"]))
+    return None
+
+
+def _verified_finished_step(cfg: Config, ctx: Any) -> int | None:
+    chosen = find_resume_checkpoint(cfg, ctx)  # collective; logs each damaged checkpoint it skips
+    if chosen is None:
+        return None
+    step = int(read_metadata(chosen)["step"])
+    return step if step >= cfg.train.max_steps else None
+
+
+def _data_verdict(cfg: Config) -> dict[str, Any]:
     eval_enabled = cfg.train.eval_interval_steps > 0 and cfg.train.eval_steps > 0
     check = check_datasets(cfg.data, eval_enabled)
     if check.missing_datasets:
