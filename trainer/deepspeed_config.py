@@ -33,7 +33,7 @@ def build_deepspeed_config(cfg: Config, derived: Derived) -> dict[str, Any]:
         "steps_per_print": _NEVER,
         "wall_clock_breakdown": False,
         "zero_optimization": _zero_section(cfg.zero),
-        "optimizer": _optimizer_section(cfg),
+        "optimizer": _optimizer_section(cfg, derived.device),
     }
     ds.update(_precision_sections(cfg.precision))
     if derived.pp > 1:
@@ -82,7 +82,7 @@ def _offload(device: str, nvme_path: str | None) -> dict[str, Any]:
     return target
 
 
-def _optimizer_section(cfg: Config) -> dict[str, Any]:
+def _optimizer_section(cfg: Config, device: str) -> dict[str, Any]:
     optim = cfg.optim
     params: dict[str, Any] = {
         "lr": optim.lr,
@@ -94,6 +94,12 @@ def _optimizer_section(cfg: Config) -> dict[str, Any]:
     # start-up (41-67 s on CPU). Optimizer offload must run DeepSpeed's own DeepSpeedCPUAdam: leave the choice to it.
     if cfg.zero.offload_optimizer == "none":
         params["torch_adam"] = True
+        if device == "cuda":
+            # DeepSpeed passes the remaining params to torch.optim.AdamW: fused=True is torch's single-kernel CUDA
+            # AdamW (the same update as the foreach one, tests/trainer/test_fused_adamw.py) instead of a handful of
+            # multi-tensor kernels per step. The master weights it updates are fp32 on the GPU for every ZeRO stage
+            # and precision. CPU runs keep the default implementation (their numbers are the golden trace).
+            params["fused"] = True
     # "AdamW" = decoupled weight decay; DeepSpeed's "Adam" would also be AdamW unless adam_w_mode=false (a trap).
     return {"type": "AdamW", "params": params}
 

@@ -66,7 +66,9 @@ def test_optimizer_is_adamw_with_our_hyperparameters() -> None:
     ds, _ = generate(SEVEN_B, 32)
     assert ds["optimizer"] == {
         "type": "AdamW",
-        "params": {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-5, "weight_decay": 0.1, "torch_adam": True},
+        # fused: torch's fused CUDA AdamW (7b.yaml runs on cuda; tests/trainer/test_fused_adamw.py)
+        "params": {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-5, "weight_decay": 0.1, "torch_adam": True,
+                   "fused": True},
     }
     assert "scheduler" not in ds  # the engine owns the LR schedule
 
