@@ -38,7 +38,9 @@ class RunDirBusy(RuntimeError):
 
 @dataclass(frozen=True)
 class Owner:
-    owner_id: str  # "slurm job 123", "torchrun <rdzv id>" or "process <pid>": the same for every rank of a launch
+    # "slurm job 123", "torchrun <rdzv id>", "launch <master addr:port>" or "process <pid>": the same for every rank
+    # of one launch
+    owner_id: str
     host: str
     pid: int
     pid_start_s: float  # the process start time: a pid reused by another process is not the holder
@@ -56,6 +58,8 @@ def this_owner() -> Owner:
         owner_id = f"slurm job {job_id}"
     elif os.environ.get("TORCHELASTIC_RUN_ID"):
         owner_id = f"torchrun {os.environ['TORCHELASTIC_RUN_ID']}"  # one id per `launch local`, shared by its ranks
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:  # another launcher: its ranks share only the rendezvous
+        owner_id = f"launch {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
     else:
         owner_id = f"process {os.getpid()}"
     return Owner(owner_id, socket.gethostname(), os.getpid(), _start_time_s(os.getpid()) or 0.0, job_id, time.time())
