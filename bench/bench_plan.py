@@ -47,6 +47,7 @@ from trainer.gpu_specs import GpuSpec  # noqa: E402
 from trainer.hooks import Hook  # noqa: E402
 from trainer.plan import Calibration, Cluster, step_time  # noqa: E402
 from trainer.testing import run_distributed  # noqa: E402
+from trainer.train import train  # noqa: E402,F401  (deepspeed + megatron imported before the fork, not per run)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -66,7 +67,14 @@ def time_model(hidden: int) -> list[str]:
 TIME_LAYOUTS = {"DP2": [], "TP2": ["parallel.tp=2"], "PP2": ["parallel.pp=2"]}
 MEMORY_MODEL = ["model.vocab_size=8192", "model.hidden_size=512", "model.intermediate_size=1376",
                 "model.num_layers=4", "model.num_heads=8", "model.num_kv_heads=4", "model.max_seq_len=256",
-                "train.seq_len=256", "train.micro_batch_size_per_gpu=4", "train.global_batch_size=8"]
+                "train.seq_len=256", "train.micro_batch_size_per_gpu=4", "train.global_batch_size=8",
+                # Small DeepSpeed buckets: on CPU an untouched torch.empty is not resident, so 5e8-element buckets
+                # would be counted by the estimate (as on a GPU) but never show up in RSS.
+                "zero.reduce_bucket_size_elements=2000000", "zero.allgather_bucket_size_elements=2000000"]
+# The fixed cost of a run (engine, gloo, loader, allocator arenas) measured with the tiny model, subtracted from each.
+BASELINE = ["model.vocab_size=256", "model.hidden_size=64", "model.intermediate_size=176", "model.num_layers=2",
+            "model.num_heads=4", "model.num_kv_heads=2", "model.max_seq_len=256", "train.seq_len=256",
+            "train.micro_batch_size_per_gpu=4", "train.global_batch_size=8"]
 MEMORY_LAYOUTS = {
     "dp2 zero0 none": ["zero.stage=0"],
     "dp2 zero1 none": ["zero.stage=1"],
@@ -107,7 +115,7 @@ def _rss_bytes() -> int:
 
 
 def _train_body(rank: int, world_size: int, overrides: list[str], run_dir: str) -> dict[str, Any]:
-    from trainer.train import train
+    from trainer.train import train  # imported in the parent already (below): its pages are not counted
 
     start_rss = _rss_bytes()
     clock = StepClock()
@@ -218,6 +226,9 @@ def predict_times(model: list[str], single_s: float, latency_s: float, bandwidth
 def memory_part(args: argparse.Namespace) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
     for round_index in range(args.rounds):
+        base = max(r["rss_growth_bytes"] for r in _run(2, [*BASELINE, "train.max_steps=3"]))
+        rows.setdefault("baseline (tiny model, dp2 zero0)", {"measured_bytes": [], "estimate": {"total_bytes": 0}})
+        rows["baseline (tiny model, dp2 zero0)"]["measured_bytes"].append(base)
         for name, overrides in MEMORY_LAYOUTS.items():
             full = [*MEMORY_MODEL, "train.max_steps=3", *overrides]
             ranks = _run(2, full)
@@ -253,11 +264,17 @@ def print_time(result: dict[str, Any]) -> None:
 
 
 def print_memory(rows: dict[str, dict[str, Any]]) -> None:
-    print(f"\n{'layout':<24}{'measured MiB':>14}{'estimate MiB':>14}{'meas/est':>10}")
+    base_name = next(name for name in rows if name.startswith("baseline"))
+    base = statistics.median(rows[base_name]["measured_bytes"])
+    print(f"\n{base_name}: RSS growth {base / 2**20:.0f} MiB, subtracted below")
+    print(f"{'layout':<24}{'measured MiB':>14}{'- baseline':>12}{'estimate MiB':>14}{'(meas-base)/est':>17}")
     for name, row in rows.items():
+        if name == base_name:
+            continue
         measured = statistics.median(row["measured_bytes"])
         estimate = row["estimate"]["total_bytes"]
-        print(f"{name:<24}{measured / 2**20:>14.0f}{estimate / 2**20:>14.0f}{measured / estimate:>10.2f}")
+        print(f"{name:<24}{measured / 2**20:>14.0f}{(measured - base) / 2**20:>12.0f}{estimate / 2**20:>14.0f}"
+              f"{(measured - base) / estimate:>17.2f}")
 
 
 def main() -> int:
