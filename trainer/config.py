@@ -79,7 +79,8 @@ class ParallelConfig(_Section):
     dp: PositiveInt | Literal["auto"] = "auto"  # auto: world_size // (tp * pp)
     sequence_parallel: bool = False
     # selective: recompute cheap elementwise ops (norms, rotary, SiLU*mul), keep matmul and attention outputs.
-    activation_checkpointing: Literal["none", "selective", "full"] = "none"
+    # core_attention: Megatron's "selective": recompute only the attention core, keep everything else.
+    activation_checkpointing: Literal["none", "selective", "core_attention", "full"] = "none"
     # torch.compile of each decoder layer (trainer/compile.py). auto: inductor on launch.device=cuda, off on CPU
     # (inductor's C++ build costs minutes there for little gain); on: inductor everywhere; off: eager; aot_eager:
     # graph capture + AOTAutograd without code generation (debugging and the CPU equivalence tests).

@@ -9,7 +9,7 @@ The steps run in one fixed order (each constraint is commented where it is appli
                                            embed_tokens → VocabParallelEmbedding, lm_head → ColumnParallelLinear
   3. materialise + deterministic init      full weights drawn per parameter, this rank's slice copied in
   4. sequence-parallel gradient hooks
-  5. activation checkpointing              none | selective | full, per decoder layer
+  5. activation checkpointing              none | selective | core_attention | full, per decoder layer
   6. torch.compile of each decoder layer   parallel.compile (trainer/compile.py), in place: names unchanged
   7. pipeline partition                    DeepSpeed PipelineModule over [embed, layer 0..L-1, head]
 
@@ -392,33 +392,56 @@ def _ops(*names: str) -> frozenset[Any]:
 
 # Selective: keep what is expensive to recompute (matmuls, attention); recompute elementwise work (norms, rotary,
 # SiLU·mul, residual adds), whose saved inputs cost as much memory as the matmul outputs but little compute.
-_SAVE_OPS = _ops("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-                 "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+_ATTENTION_CORE_OPS = _ops("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                           "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+_SAVE_OPS = _ops("mm", "addmm", "bmm") | _ATTENTION_CORE_OPS
+
+
+def _collective_policy(op: Any) -> CheckpointPolicy | None:
+    """Both selective modes: what to do with a TP collective (None: not a collective)."""
+    if getattr(op, "namespace", "") not in ("c10d", "_c10d_functional"):
+        return None
+    # Row-parallel's all-reduce sums in place into a saved matmul output: running it again in the recompute would
+    # sum twice, so its (cached) result is reused. Sequence-parallel all-gathers and reduce-scatters are run again:
+    # their outputs are megatron's reused global buffer or finish after the op returns, so a cached copy would be
+    # stale (torch refuses it as "mutated"); their inputs are saved matmul outputs, so the recompute costs
+    # communication, not matmuls.
+    return CheckpointPolicy.MUST_SAVE if "allreduce" in op.__name__ else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
     if op in _SAVE_OPS:
         return CheckpointPolicy.MUST_SAVE
-    if getattr(op, "namespace", "") in ("c10d", "_c10d_functional"):
-        # Row-parallel's all-reduce sums in place into a saved matmul output: running it again in the recompute
-        # would sum twice, so its (cached) result is reused. Sequence-parallel all-gathers and reduce-scatters are
-        # run again: their outputs are megatron's reused global buffer or finish after the op returns, so a cached
-        # copy would be stale (torch refuses it as "mutated"); their inputs are saved matmul outputs, so the
-        # recompute costs communication, not matmuls.
-        return CheckpointPolicy.MUST_SAVE if "allreduce" in op.__name__ else CheckpointPolicy.PREFER_RECOMPUTE
-    return CheckpointPolicy.PREFER_RECOMPUTE
+    return _collective_policy(op) or CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _core_attention_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """Megatron's selective recompute (Korthikanti et al. 2022, `--recompute-granularity selective`): only the
+    attention core (softmax(QK^T)V) runs again in backward; every other output, matmuls and elementwise alike, is
+    kept. Its inputs q, k, v are kept, so the recompute is one attention forward per layer and nothing else."""
+    if op in _ATTENTION_CORE_OPS:
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    return _collective_policy(op) or CheckpointPolicy.MUST_SAVE
 
 
 def _selective_context() -> tuple[Any, Any]:
     return create_selective_checkpoint_contexts(_selective_policy)
 
 
+def _core_attention_context() -> tuple[Any, Any]:
+    return create_selective_checkpoint_contexts(_core_attention_policy)
+
+
+_CONTEXTS = {"selective": _selective_context, "core_attention": _core_attention_context, "full": noop_context_fn}
+
+
 def _apply_activation_checkpointing(layers: list[nn.Module], mode: str) -> None:
     """Replace each layer's `forward` by a non-reentrant checkpointed call of the original; no wrapper module, so
-    parameter names are unchanged. full: keep only the layer input; selective: see `_SAVE_OPS`."""
+    parameter names are unchanged. full: keep only the layer input; selective: see `_SAVE_OPS`; core_attention:
+    see `_core_attention_policy`."""
     if mode == "none":
         return
-    context_fn = _selective_context if mode == "selective" else noop_context_fn
+    context_fn = _CONTEXTS[mode]
     for layer in layers:
         layer.forward = functools.partial(_checkpointed_forward, layer.forward, context_fn)
 

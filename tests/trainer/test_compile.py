@@ -45,6 +45,8 @@ def _warmup_logged(run_dir: Path, backend: str, layers: int) -> bool:
     pytest.param(1, ["parallel.activation_checkpointing=selective"], 2, id="1proc-selective_ac"),
     pytest.param(2, ["parallel.tp=2", "parallel.sequence_parallel=true",
                      "parallel.activation_checkpointing=selective"], 2, id="tp2-sp-selective_ac"),
+    pytest.param(2, ["parallel.tp=2", "parallel.activation_checkpointing=core_attention"], 2,
+                 id="tp2-core_attention_ac"),
     pytest.param(2, ["parallel.pp=2", "parallel.activation_checkpointing=full"], 1, id="pp2-full_ac"),
     pytest.param(2, ["zero.stage=3"], 2, id="dp2-zero3"),
 ])

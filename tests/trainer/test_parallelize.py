@@ -6,6 +6,7 @@ test_parallel_training.py; here is what needs no process group.
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 
 import pytest
@@ -80,24 +81,49 @@ def test_tied_embeddings_stay_one_parameter() -> None:
 
 
 class _CountMatmuls(TorchDispatchMode):
+    """Counts matmuls (`count`) and every op by name (`ops`) dispatched inside it."""
+
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
+        self.ops: collections.Counter = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
             self.count += 1
+        self.ops[func.__name__] += 1
         return func(*args, **(kwargs or {}))
 
 
-def _loss_grads_and_backward_matmuls(mode: str) -> tuple[float, dict[str, torch.Tensor], int]:
+def _loss_grads_and_backward_matmuls(mode: str,
+                                     counts: dict | None = None) -> tuple[float, dict[str, torch.Tensor], int]:
     pmodel, cfg = build(f"parallel.activation_checkpointing={mode}")
     tokens = torch.randint(0, cfg.model.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     loss = lm_loss(pmodel.module(tokens[:, :-1]), tokens[:, 1:])
     with _CountMatmuls() as counter:
         loss.backward()
     grads = {name: p.grad.clone() for name, p in pmodel.module.named_parameters()}
+    if counts is not None:
+        counts.update(counter.ops)
     return loss.item(), grads, counter.count
+
+
+def test_core_attention_checkpointing_recomputes_only_the_attention_core() -> None:
+    """Megatron's selective recompute: one attention forward per layer runs again in backward, no matmul, no
+    elementwise op; the numbers are those of no checkpointing, to the bit."""
+    none_counts: dict = {}
+    core_counts: dict = {}
+    loss_none, grads_none, matmuls_none = _loss_grads_and_backward_matmuls("none", none_counts)
+    loss_core, grads_core, matmuls_core = _loss_grads_and_backward_matmuls("core_attention", core_counts)
+    assert loss_core == loss_none
+    for name, grad in grads_none.items():
+        assert torch.equal(grad, grads_core[name]), name
+    assert matmuls_core == matmuls_none
+    # What the backward runs on top of no checkpointing: the attention forward once per layer (tiny has 2), plus
+    # the checkpoint's own detaches (bookkeeping on cached outputs, no compute). No norm, rotary or SiLU.
+    added = {name for name, n in (collections.Counter(core_counts) - collections.Counter(none_counts)).items() if n}
+    assert added == {"_scaled_dot_product_flash_attention_for_cpu.default", "detach.default"}
+    assert core_counts["_scaled_dot_product_flash_attention_for_cpu.default"] == 2
 
 
 def test_activation_checkpointing_recomputes_what_its_mode_says_and_changes_no_number() -> None:
