@@ -18,6 +18,7 @@ import megatron.core.parallel_state  # noqa: F401
 import pytest
 
 from trainer.config import load_config
+from trainer.hooks import Hook, RunContext, StepOutput, TrainState
 from trainer.testing import DistributedRunError, run_distributed
 
 pytestmark = pytest.mark.slow
@@ -189,3 +190,30 @@ def test_a_checksum_failure_while_training_exits_74_and_is_in_the_rank_log(tmp_p
     assert out.returncode == 74, out.stderr[-3000:]
     assert "sha256" in out.stderr and "Training stopped" in out.stderr
     assert "DataCorruptError" in (tmp_path / "run" / "logs" / "rank0.log").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 7. A rank's Python error goes to its rank log too
+
+
+class _Boom(Hook):
+    """Fails at step 2 on rank 1 only, the way a bug would."""
+
+    def on_step_end(self, run: RunContext, state: TrainState, out: StepOutput) -> None:
+        if state.step == 2 and run.ctx.rank == 1:
+            raise RuntimeError("a bug on rank 1")
+
+
+def _train_with_boom(rank: int, world_size: int, run_dir: str) -> None:
+    from trainer.train import train
+
+    train(load_config(TINY, [*BASE, f"logging.run_dir={run_dir}", "train.max_steps=4", "faults.collective_timeout_s=20"]),
+          extra_hooks=[_Boom()])
+
+
+def test_a_rank_error_is_in_that_ranks_log_with_its_traceback(tmp_path: Path) -> None:
+    with pytest.raises(DistributedRunError):
+        run_distributed(_train_with_boom, 2, str(tmp_path), timeout_s=120)
+    log = (tmp_path / "logs" / "rank1.log").read_text()
+    assert "RuntimeError: a bug on rank 1" in log and "Traceback (most recent call last)" in log
+    assert "in on_step_end" in log
