@@ -577,8 +577,9 @@ class EvalLoader:
         full_microbatches = num_samples // (micro_batch_size * dp_size)
         if full_microbatches == 0:
             raise DataPipelineError(f"split {split!r} of {manifest.name} has {num_samples} samples, fewer than "
-                                    f"micro_batch_size x dp_size = {micro_batch_size * dp_size}; use a smaller "
-                                    "eval micro batch or prepare a larger validation split")
+                                    f"micro_batch_size x dp_size = {micro_batch_size * dp_size}; evaluate with a smaller "
+                                    "micro batch or prepare a larger validation split (pretrain prepare "
+                                    "--val-fraction F or --val-input FILES)")
         if max_microbatches is not None:
             full_microbatches = min(full_microbatches, max_microbatches)
         self.num_microbatches = full_microbatches

@@ -14,18 +14,16 @@ import sys
 import sysconfig
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
+
+from launch.quickstart_inputs import QuickstartError, claim_run_dir, default_run_dir, recipe, unused_run_dir
 
 T = TypeVar("T")
 
 QUICKSTART_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 DEFAULT_PROMPT = "def __init__(self"
-
-
-class QuickstartError(RuntimeError):
-    user_error = True
 
 
 @dataclass(frozen=True)
@@ -78,16 +76,30 @@ def stdlib_corpus(max_bytes: int) -> list[str]:
 
 def run_quickstart(plan: QuickstartPlan) -> int:
     started_s = time.perf_counter()
-    plan.run_dir.mkdir(parents=True, exist_ok=True)
     inputs = _resolve_inputs(plan)
-    _stage("1/6 tokenizer", lambda: _train_tokenizer(plan, inputs))
-    _stage("2/6 prepare", lambda: _prepare(plan, inputs))
-    cfg = _stage("3/6 train", lambda: _train(plan))
-    _stage("4/6 export", lambda: _export(plan, cfg))
-    _stage("5/6 generate", lambda: _generate(plan))
-    _stage("6/6 report", lambda: _report(plan))
+    data_kept = _claim_run_dir(plan, inputs)  # before anything is written: refuses another input's run directory
+    stage = _Stages(started_s)
+    if data_kept:
+        print(f"\n{plan.run_dir} holds this input's tokenizer and shards already: stages 1-2 kept, training continues "
+              f"from its newest checkpoint")
+    else:
+        stage("1/6 tokenizer", lambda: _train_tokenizer(plan, inputs))
+        stage("2/6 prepare", lambda: _prepare(plan, inputs))
+    plan = _fit_to_data(plan)
+    cfg = stage("3/6 train", lambda: _train(plan, started_s))
+    stage("4/6 export", lambda: _export(plan, cfg))
+    stage("5/6 generate", lambda: _generate(plan))
+    stage("6/6 report", lambda: _report(plan))
     _print_where(plan, time.perf_counter() - started_s)
     return 0
+
+
+def _claim_run_dir(plan: QuickstartPlan, inputs: list[str]) -> bool:
+    """True when the run directory already holds this very input's finished tokenizer and shards."""
+    cfg = _config(plan)
+    wanted = recipe(plan.inputs, inputs, plan.include_globs, plan.corpus_mb, cfg.model.vocab_size, cfg.train.seq_len)
+    same_recipe = claim_run_dir(plan.run_dir, wanted, unused_run_dir(default_run_dir(plan.inputs)))
+    return same_recipe and (plan.data_dir / "manifest.json").is_file() and plan.tokenizer_dir.is_dir()
 
 
 def _resolve_inputs(plan: QuickstartPlan) -> list[str]:
@@ -103,12 +115,25 @@ def _resolve_inputs(plan: QuickstartPlan) -> list[str]:
     return files
 
 
-def _stage(title: str, fn: Callable[[], T]) -> T:
-    print(f"\n== {title} " + "=" * (60 - len(title)), flush=True)
-    start_s = time.perf_counter()
-    result = fn()
-    print(f"   ({title.split(' ', 1)[1]} took {time.perf_counter() - start_s:.1f} s)", flush=True)
-    return result
+class _Stages:
+    """Runs one stage under a header that says how long the whole job has run so far."""
+
+    def __init__(self, job_started_s: float) -> None:
+        self.job_started_s = job_started_s
+
+    def __call__(self, title: str, fn: Callable[[], T]) -> T:
+        start_s = time.perf_counter()
+        header = f"== {title} ({clock(start_s - self.job_started_s)} elapsed) "
+        print("\n" + header + "=" * max(3, 64 - len(header)), flush=True)
+        result = fn()
+        print(f"   ({title.split(' ', 1)[1]} took {time.perf_counter() - start_s:.1f} s)", flush=True)
+        return result
+
+
+def clock(seconds: float) -> str:
+    """'1:05' (m:ss), or '1:02:05' from an hour on."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
 
 
 def _train_tokenizer(plan: QuickstartPlan, inputs: Sequence[str]) -> None:
@@ -132,6 +157,49 @@ def _prepare(plan: QuickstartPlan, inputs: Sequence[str]) -> None:
     print("   " + result.summary().replace("\n", "\n   "))
 
 
+def _fit_to_data(plan: QuickstartPlan) -> QuickstartPlan:
+    """A small corpus still trains: one batch of training samples is enough. Evaluation gets a smaller micro batch
+    (the global batch stays, gradient accumulation makes up the rest) when the validation split is smaller than one
+    micro batch, and is turned off with a note when it is smaller than a quarter of one. The user's own overrides
+    come after these, so they win."""
+    from data_pipeline.manifest import Manifest
+
+    cfg = _config(plan)
+    splits = Manifest.load(plan.data_dir).splits
+    _check_one_training_batch(plan, cfg, splits["train"].num_samples)
+    val_samples = splits["val"].num_samples if "val" in splits else 0
+    extra = _eval_overrides(cfg.train, val_samples)
+    return replace(plan, overrides=(*extra, *plan.overrides)) if extra else plan
+
+
+def _check_one_training_batch(plan: QuickstartPlan, cfg: Any, train_samples: int) -> None:
+    batch = cfg.train.global_batch_size
+    if train_samples >= batch:
+        return
+    raise QuickstartError(
+        f"the input gives {train_samples} training samples of {cfg.train.seq_len + 1} tokens "
+        f"({plan.data_dir}/manifest.json), fewer than one training batch of {batch} (train.global_batch_size): "
+        f"give more text (about {batch / max(train_samples, 1):.0f}x as much), or a smaller batch, e.g. "
+        f"train.global_batch_size={max(1, train_samples)} train.micro_batch_size_per_gpu={max(1, train_samples)}")
+
+
+def _eval_overrides(train: Any, val_samples: int) -> list[str]:
+    """The quickstart trains in this one process (dp 1), so an eval micro-step takes micro_batch_size samples."""
+    micro = train.micro_batch_size_per_gpu
+    if train.eval_interval_steps == 0 or train.eval_steps == 0 or val_samples >= micro:
+        return []
+    fitting = max((size for size in range(1, micro) if train.global_batch_size % size == 0 and size <= val_samples),
+                  default=0)
+    if fitting >= max(1, micro // 4):
+        print(f"   note: the validation split has {val_samples} samples, fewer than the micro batch of {micro}: "
+              f"training with micro batch {fitting} × {train.global_batch_size // fitting} accumulation steps (the "
+              f"same global batch of {train.global_batch_size}) so that evaluation fits")
+        return [f"train.micro_batch_size_per_gpu={fitting}"]
+    print(f"   note: the validation split has {val_samples} samples, too few to evaluate on: evaluation is off "
+          f"(train.eval_interval_steps=0); give more text to get a validation loss")
+    return ["train.eval_interval_steps=0"]
+
+
 def _config(plan: QuickstartPlan) -> Any:
     from trainer.config import load_config
 
@@ -140,14 +208,15 @@ def _config(plan: QuickstartPlan) -> Any:
     return load_config(plan.config_path, overrides)
 
 
-def _train(plan: QuickstartPlan) -> Any:
+def _train(plan: QuickstartPlan, job_started_s: float) -> Any:
+    from launch.quickstart_progress import whole_job_eta
     from trainer.train import train
 
     cfg = _config(plan)
     print(f"   {cfg.model.num_layers} layers × hidden {cfg.model.hidden_size}, {cfg.train.max_steps} steps of "
           f"{cfg.train.global_batch_size} × {cfg.train.seq_len} tokens; metrics every "
           f"{cfg.train.log_interval_steps} steps in {plan.run_dir / 'metrics.jsonl'}")
-    state = train(cfg)
+    state = train(cfg, extra_hooks=whole_job_eta(job_started_s))
     if state.stop_reason not in (None, "max_steps"):
         raise QuickstartError(f"training stopped early ({state.stop_reason}); see {plan.run_dir / 'logs'}")
     return cfg
@@ -187,5 +256,8 @@ def _print_where(plan: QuickstartPlan, elapsed_s: float) -> None:
     print(f"\nquickstart finished in {elapsed_s / 60:.1f} min. Everything is under {plan.run_dir}:")
     for label, path in rows:
         print(f"  {label:<19} {path}")
-    print(f"\nnext: pretrain generate --hf {plan.hf_dir} --prompt 'import os' | tensorboard --logdir "
-          f"{plan.run_dir / 'tb'} | pretrain report {plan.run_dir}", file=sys.stdout)
+    # One command per line: joined on one line they would read (and paste) as a shell pipe.
+    print("\nnext:")
+    for command in (f"pretrain generate --hf {plan.hf_dir} --prompt 'import os'",
+                    f"tensorboard --logdir {plan.run_dir / 'tb'}", f"pretrain report {plan.run_dir}"):
+        print(f"  {command}", file=sys.stdout)

@@ -163,14 +163,29 @@ def build_eval_loader(cfg: Config, derived: Derived, ctx: ParallelContext) -> An
 
     loaders = []
     for entry in cfg.data.datasets:
-        if cfg.data.eval_split not in Manifest.load(entry.path).splits:
+        manifest = Manifest.load(entry.path)
+        if cfg.data.eval_split not in manifest.splits:
             continue  # a dataset prepared without a validation split is trained on, not evaluated
+        _check_eval_split_fits(cfg, ctx, entry.path, manifest.splits[cfg.data.eval_split].num_samples)
         loaders.append(EvalLoader(entry.path, micro_batch_size=train.micro_batch_size_per_gpu, dp_rank=ctx.dp_rank,
                                   dp_size=ctx.dp, split=cfg.data.eval_split, max_microbatches=microbatches,
                                   cache_dir=cfg.data.cache_dir))
     # Every DP rank runs the same number of eval micro-batches (the loss is averaged over DP): EvalLoader drops the
     # tail that would not fill all ranks, so the lengths agree.
     return ConcatEval(loaders) if loaders else None
+
+
+def _check_eval_split_fits(cfg: Config, ctx: ParallelContext, path: str, num_samples: int) -> None:
+    """Before the loader says the same in data-layer words: the fixes here are options of this run's config."""
+    micro = cfg.train.micro_batch_size_per_gpu
+    if num_samples >= micro * ctx.dp:
+        return
+    raise ConfigError(
+        f"the {cfg.data.eval_split!r} split of {path} has {num_samples} samples, fewer than one evaluation micro-step "
+        f"(train.micro_batch_size_per_gpu {micro} × dp {ctx.dp}): lower train.micro_batch_size_per_gpu to at most "
+        f"{max(1, num_samples // ctx.dp)} (train.global_batch_size stays; gradient accumulation makes up the rest), "
+        f"turn evaluation off with train.eval_interval_steps=0, or prepare a larger validation split "
+        f"(pretrain prepare --val-fraction F or --val-input FILES)")
 
 
 def _check_dataset_fits(cfg: Config, name: str, manifest: Any) -> None:

@@ -25,7 +25,7 @@ edit it and `sbatch` it by hand if you like. squeue/sacct stay the source of tru
 How the job runs: one Slurm task per GPU (launch.gpus_per_node tasks per node), each task one training rank that
 reads its place from $SLURM_PROCID / $SLURM_LOCALID / $SLURM_NTASKS. launch.signal_lead_s before the time limit
 Slurm sends SIGUSR1: every rank finishes its step, the run checkpoints and exits 75, and the script requeues the job,
-which resumes from the newest checkpoint (checkpoint.resume=auto). Exit codes and faults: docs/checkpointing.md.
+which resumes from the newest checkpoint (checkpoint.resume=auto). Exit codes and faults: docs/operations.md.
 """
 
 
