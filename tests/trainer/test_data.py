@@ -108,3 +108,16 @@ def test_dataset_that_does_not_fit_the_config_says_what_to_set(dataset: Path) ->
         build_train_loader(load_config(TINY, [*base, "train.seq_len=32"]), rank_context(0, 1))
     with pytest.raises(ConfigError, match="set model.vocab_size=256"):
         build_train_loader(load_config(TINY, [*base, "model.vocab_size=200"]), rank_context(0, 1))
+
+
+def test_a_validation_split_smaller_than_one_micro_step_names_the_options_that_fix_it() -> None:
+    from types import SimpleNamespace
+
+    from trainer.data import _check_eval_split_fits
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml")
+    with pytest.raises(ConfigError) as err:
+        _check_eval_split_fits(cfg, SimpleNamespace(dp=1), "runs/x/data", num_samples=6)  # type: ignore[arg-type]
+    for option in ("train.micro_batch_size_per_gpu to at most 6", "train.eval_interval_steps=0", "--val-fraction"):
+        assert option in str(err.value)
+    _check_eval_split_fits(cfg, SimpleNamespace(dp=1), "runs/x/data", num_samples=16)  # type: ignore[arg-type]
