@@ -17,6 +17,13 @@ import), i.e. everything the run allocated: weights, grads, optimizer, activatio
 slack. Estimate = trainer.estimate.estimate_memory for that layout. CPU RSS is not CUDA's max_memory_allocated: read
 the ranking and the ratios, not the absolute numbers.
 
+gpu (prepared, not yet run: no GPU in the session that wrote it): configs/1b.yaml on one GPU in 4 settings (ZeRO
+stage × AC mode × micro-batch), each a `python -m launch train` subprocess of 8 steps; measured = max of
+`max_memory_allocated_gib` and median `step_time_s` of steps 3-8 from metrics.jsonl; predicted = the estimate and
+trainer.plan.step_time for `--gpu` (default h200). Targets: memory within ±10 %, step-time ratios between settings.
+
+    python bench/bench_plan.py --part gpu --gpu h200        # ~4 min on an H200
+
 Writes bench/out/bench_plan_<part>.json. Results and the date they were taken: docs/benchmarks.md.
 """
 
@@ -248,6 +255,71 @@ def _estimate(overrides: list[str]) -> dict[str, int]:
             "total_bytes": memory.total_bytes}
 
 
+GPU_BASE = ["data.synthetic=true", "data.datasets=[]", "train.global_batch_size=32", "train.max_steps=8",
+            "train.log_interval_steps=1", "train.eval_interval_steps=0", "optim.warmup_steps=2",
+            "checkpoint.save_interval_steps=0", "checkpoint.save_at_end=false", "logging.tensorboard=false",
+            "faults.hang_timeout_s=0"]
+GPU_SETTINGS = {
+    "zero2 selective micro8": ["zero.stage=2", "parallel.activation_checkpointing=selective",
+                               "train.micro_batch_size_per_gpu=8"],  # the notes/gpu-h200.md run
+    "zero1 none micro4": ["zero.stage=1", "parallel.activation_checkpointing=none", "train.micro_batch_size_per_gpu=4"],
+    "zero0 full micro16": ["zero.stage=0", "parallel.activation_checkpointing=full",
+                           "train.micro_batch_size_per_gpu=16"],
+    "zero3 selective micro8": ["zero.stage=3", "parallel.activation_checkpointing=selective",
+                               "train.micro_batch_size_per_gpu=8"],
+}
+
+
+def gpu_part(args: argparse.Namespace) -> dict[str, Any]:
+    import subprocess
+
+    from trainer.gpu_specs import GPUS
+
+    rows = {}
+    for name, overrides in GPU_SETTINGS.items():
+        with tempfile.TemporaryDirectory() as run_dir:
+            full = [*GPU_BASE, *overrides, f"launch.device={args.device}", f"logging.run_dir={run_dir}"]
+            env = {**os.environ, "DS_ACCELERATOR": "cuda" if args.device == "cuda" else "cpu"}
+            env.pop("WORLD_SIZE", None)
+            cmd = [sys.executable, "-m", "launch", "train", "--config", str(REPO / args.config), *full]
+            done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+            if done.returncode != 0:
+                rows[name] = {"error": done.stderr[-2000:]}
+                print(f"{name}: failed (exit {done.returncode})\n{done.stderr[-2000:]}", flush=True)
+                continue
+            records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        rows[name] = {**_gpu_measured(records), **_gpu_predicted(args, full, GPUS[args.gpu])}
+        print(f"{name}: {rows[name]}", flush=True)
+    return rows
+
+
+def _gpu_measured(records: list[dict[str, Any]]) -> dict[str, float]:
+    train = [r for r in records if r.get("kind") == "train"]
+    memory = max(r.get("max_memory_allocated_gib", r.get("max_rss_gib", 0.0)) for r in train)
+    return {"measured_gib": memory, "measured_step_s": statistics.median(r["step_time_s"] for r in train[2:])}
+
+
+def _gpu_predicted(args: argparse.Namespace, overrides: list[str], gpu: GpuSpec) -> dict[str, float]:
+    cfg = load_config(REPO / args.config, overrides)
+    derived = cfg.validate_for_world(1, device=args.device)
+    time_s = step_time(cfg, derived, Cluster(1, 1, gpu), Calibration()).total_s
+    return {"estimate_gib": estimate_memory(cfg, derived).total_bytes / 2**30, "predicted_step_s": time_s}
+
+
+def print_gpu(rows: dict[str, dict[str, Any]]) -> None:
+    ok = {name: row for name, row in rows.items() if "error" not in row}
+    if not ok:
+        return
+    first = next(iter(ok.values()))
+    print(f"\n{'setting':<24}{'mem GiB':>9}{'estimate':>10}{'est/meas':>10}{'step s':>9}{'predicted':>11}"
+          f"{'ratio meas':>12}{'ratio pred':>12}")
+    for name, row in ok.items():
+        print(f"{name:<24}{row['measured_gib']:>9.2f}{row['estimate_gib']:>10.2f}"
+              f"{row['estimate_gib'] / row['measured_gib']:>10.3f}{row['measured_step_s']:>9.3f}"
+              f"{row['predicted_step_s']:>11.3f}{row['measured_step_s'] / first['measured_step_s']:>12.3f}"
+              f"{row['predicted_step_s'] / first['predicted_step_s']:>12.3f}")
+
+
 def print_time(result: dict[str, Any]) -> None:
     med, pred = result["min_s"], result["predicted"]
     print(f"\ngloo all-reduce: latency {result['gloo_latency_s'] * 1e6:.0f} us, bus bandwidth "
@@ -279,14 +351,19 @@ def print_memory(rows: dict[str, dict[str, Any]]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("time", "memory"), required=True)
+    parser.add_argument("--part", choices=("time", "memory", "gpu"), required=True)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the layouts")
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run (time part)")
     parser.add_argument("--hidden", type=int, default=256, help="hidden size of the time part's model (256)")
+    parser.add_argument("--gpu", default="h200", help="GPU kind for the gpu part's predictions (trainer/gpu_specs.py)")
+    parser.add_argument("--config", default="configs/1b.yaml", help="the gpu part's config (configs/1b.yaml)")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="gpu part: cpu only to dry-run it")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    result = time_part(args) if args.part == "time" else memory_part(args)
-    print_time(result) if args.part == "time" else print_memory(result)
+    parts = {"time": (time_part, print_time), "memory": (memory_part, print_memory), "gpu": (gpu_part, print_gpu)}
+    measure_fn, print_fn = parts[args.part]
+    result = measure_fn(args)
+    print_fn(result)
     out_dir = REPO / "bench" / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"bench_plan_{args.part}{'_h' + str(args.hidden) if args.part == 'time' else ''}.json"
