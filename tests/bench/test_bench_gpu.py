@@ -1,0 +1,37 @@
+"""bench/bench_gpu.py runs end to end on CPU with the tiny shape and writes its JSON: the GPU session then needs one
+command, not a debugging round (GPU time is scarce). Speed is not checked here (benchmarks are never timed tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.mark.slow
+def test_bench_gpu_runs_every_loop_on_cpu_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    # aot_eager for the compiled HF loop: the graph capture runs, inductor's C++ build (~1 min here) does not.
+    done = subprocess.run([sys.executable, "bench/bench_gpu.py", "--device", "cpu", "--tiny", "--steps", "1",
+                           "--warmup-steps", "1", "--hf-compile-backend", "aot_eager", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(out.read_text())
+    rows = {row["label"]: row for row in report["rows"]}
+    assert list(rows)[:4] == ["trainer[no_ac]", "trainer[config_ac]", "hf_eager", "hf_compile"]
+    for label in ("trainer[no_ac]", "trainer[config_ac]", "hf_eager", "hf_compile"):
+        assert rows[label]["tokens_per_s"] > 0 and rows[label]["peak_memory_gib"] > 0, label
+        assert rows[label]["model_freed_after_loop"], f"{label} leaks its model into the next loop"
+    assert rows["trainer[no_ac]"]["activation_checkpointing"] == "none"
+    assert rows["trainer[no_ac]"]["engine"] == "DeepSpeedEngine"
+    assert rows["hf_compile"]["compile_backend"] == "aot_eager"
+    assert report["tokens_per_step"] == 8 * 64 and report["peak_tflops"] is None  # no MFU on CPU
+    assert "hf_eager" in done.stdout and "wrote" in done.stdout
