@@ -193,19 +193,28 @@ def _outcome_block(launch: Any, request: SbatchRequest) -> list[str]:
     code = request.requeue_exit_code
     if launch.requeue:
         on_signal = ["        # The run checkpointed on SIGUSR1/SIGTERM (time limit or preemption): queue this job again; it",
-                     "        # resumes from the newest complete checkpoint (checkpoint.resume=auto).",
-                     f"        record_outcome requeued {code}",
-                     '        echo "job $SLURM_JOB_ID: checkpointed on signal, requeueing"',
-                     '        scontrol requeue "$SLURM_JOB_ID" ;;']
+                     "        # resumes from the newest complete checkpoint (checkpoint.resume=auto). Not after scancel or",
+                     "        # the hard time limit (the job is no longer RUNNING): Slurm would requeue even a cancelled job.",
+                     "        if still_running; then",
+                     f"            record_outcome requeued {code}",
+                     '            echo "job $SLURM_JOB_ID: checkpointed on signal, requeueing"',
+                     '            scontrol requeue "$SLURM_JOB_ID"',
+                     "        else",
+                     f"            record_outcome stopped_on_signal {code}",
+                     '            echo "job $SLURM_JOB_ID: checkpointed on signal; cancelled or past its time limit: not '
+                     'requeued (resubmit to resume)"',
+                     "        fi ;;"]
         on_hang = [
             "        # A rank hung (its peers' watchdogs fired, the step was ended): retry a bounded number of times.",
             '        hangs=$(( $(cat "$OUTCOMES/hang-requeues-$SLURM_JOB_ID" 2>/dev/null || echo 0) + 1 ))',
-            f'        if [ "$hangs" -le {launch.max_hang_requeues} ]; then',
+            f'        if still_running && [ "$hangs" -le {launch.max_hang_requeues} ]; then',
             '            echo "$hangs" > "$OUTCOMES/hang-requeues-$SLURM_JOB_ID"',
             "            record_outcome hang_requeued 76",
             f'            echo "job $SLURM_JOB_ID: a rank hung (exit 76; stacks in {request.run_dir}/logs/rank*.log), '
             f'requeueing ($hangs of at most launch.max_hang_requeues={launch.max_hang_requeues})"',
             '            scontrol requeue "$SLURM_JOB_ID"',
+            "        elif ! still_running; then",
+            "            record_outcome hang 76  # cancelled or past its time limit: not a reason to give up the run",
             "        else",
             "            record_outcome hang_gave_up 76",
             f'            echo "job $SLURM_JOB_ID: a rank hung (exit 76) after {launch.max_hang_requeues} hang '
@@ -260,6 +269,7 @@ def render_sbatch(cfg: Any, request: SbatchRequest) -> str:
         'EXIT_DIR="$OUTCOMES/tasks-$SLURM_JOB_ID"  # task<rank>.rc: each rank\'s exit code and node (this start)',
         'mkdir -p "$OUTCOMES" && rm -rf "$EXIT_DIR" && mkdir -p "$EXIT_DIR"',
         'record_outcome() { echo "$1 $2" > "$OUTCOMES/job-$SLURM_JOB_ID"; }',
+        'still_running() { [ "$(squeue -h -j "$SLURM_JOB_ID" -o %T 2>/dev/null)" = RUNNING ]; }  # not cancelled',
         WAIT_FOR,
         _run_task_function(train),
         "export -f wait_for run_task && export EXIT_DIR  # srun's tasks inherit the environment (--export=ALL)",

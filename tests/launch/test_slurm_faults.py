@@ -194,3 +194,16 @@ def test_usr1_to_the_batch_shell_requeues_resumes_and_matches_an_uninterrupted_r
     assert "batch shell got USR1, passing it to the ranks" in log and "checkpointed on signal, requeueing" in log
     assert f"job {job_id} restart 1:" in log
     assert losses(signalled_dir) == losses(reference_dir)
+
+
+def test_scancel_is_not_undone_by_a_requeue(tmp_path: Path) -> None:
+    """scancel sends SIGTERM: the ranks checkpoint and exit 75, but a cancelled job must stay cancelled (Slurm would
+    requeue even a finished job if the batch script asked)."""
+    run_dir = tmp_path / "run"
+    [job_id] = submit(run_dir, "train.max_steps=100000", "checkpoint.save_interval_steps=0")
+    wait_for_step(run_dir, 5)
+    subprocess.run(["scancel", job_id], check=True)
+    assert wait_for_job(job_id, timeout_s=120) == "CANCELLED"
+    time.sleep(3)  # a wrong requeue would show as a second start of the job
+    log = job_log(run_dir, job_id)
+    assert "restart 1:" not in log and "requeueing" not in log, log
