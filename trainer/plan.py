@@ -11,6 +11,7 @@ from trainer.estimate.estimate_memory. The step-time model and where every const
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import json
@@ -133,6 +134,7 @@ class PlanResult:
     smallest_misfit: Candidate | None  # the valid layout that missed the budget by the least (for the error message)
     given: Candidate | None = None  # the input config's own layout, evaluated the same way (None: not runnable)
     given_problem: str | None = None  # why the input config's layout cannot run on this cluster, or does not fit
+    example_refusal: str | None = None  # the most frequent validation message, for the error when nothing fits
 
     def given_rank(self) -> int | None:
         """1-based place of the input config's layout among the fitting ones (None when it does not fit)."""
@@ -332,12 +334,14 @@ def plan(cfg: Config, cluster: Cluster, calib: Calibration = Calibration(), head
     """
     usable_gib = cluster.gpu.memory_gib * (1 - headroom)
     fits, invalid, too_big, misfit, count = [], 0, 0, None, 0
+    refusals: collections.Counter[str] = collections.Counter()
     for layout in enumerate_layouts(cfg, cluster.world_size):
         count += 1
         try:
             new, derived = apply_layout(cfg, layout, cluster)
-        except ConfigError:
+        except ConfigError as err:
             invalid += 1
+            refusals.update(line.strip(" -") for line in str(err).splitlines()[1:])
             continue
         cand = evaluate(new, derived, layout, cluster, calib)
         if cand.memory.total_bytes / GIB <= usable_gib:
@@ -348,7 +352,14 @@ def plan(cfg: Config, cluster: Cluster, calib: Calibration = Calibration(), head
                 misfit = cand
     fits.sort(key=_rank_key)
     given, problem = _given_layout(cfg, cluster, calib, usable_gib)
-    return PlanResult(fits, count, invalid, too_big, usable_gib, misfit, given, problem)
+    refusal = refusals.most_common(1)[0][0] if refusals else None  # the rule that ruled out the most layouts
+    return PlanResult(fits, count, invalid, too_big, usable_gib, misfit, given, problem, refusal)
+
+
+def _problems_line(err: ConfigError) -> str:
+    """A validation error's bullet lines on one line (the first line only names the world)."""
+    bullets = [line.strip(" -") for line in str(err).splitlines()[1:]]
+    return "; ".join(bullets) or str(err)
 
 
 def _given_layout(cfg: Config, cluster: Cluster, calib: Calibration,
@@ -361,8 +372,7 @@ def _given_layout(cfg: Config, cluster: Cluster, calib: Calibration,
     try:
         new, derived = apply_layout(cfg, layout, cluster)
     except ConfigError as err:
-        bullets = [line.strip(" -") for line in str(err).splitlines()[1:]]
-        return None, "; ".join(bullets) or str(err)
+        return None, _problems_line(err)
     cand = evaluate(new, derived, dataclasses.replace(layout, dp=derived.dp), cluster, calib)
     gib = cand.memory.total_bytes / GIB
     return cand, (None if gib <= usable_gib else f"needs {gib:.1f} GiB > {usable_gib:.1f} GiB usable")
@@ -373,7 +383,7 @@ def _rank_key(cand: Candidate) -> tuple[float, int, int, int, int]:
     its traffic hides behind backward): then less model parallelism, bigger micro-batches (bigger GEMMs, as in the
     calibration run), a lower ZeRO stage (fewer collectives), less memory."""
     lay = cand.layout
-    return (round(cand.time.total_s, 6), lay.tp * lay.pp, -lay.micro_batch_size_per_gpu, lay.zero_stage,
+    return (float(f"{cand.time.total_s:.6g}"), lay.tp * lay.pp, -lay.micro_batch_size_per_gpu, lay.zero_stage,
             cand.memory.total_bytes)
 
 
@@ -392,7 +402,7 @@ def why_line(result: PlanResult) -> str:
         name, gap = max(gaps.items(), key=lambda kv: kv[1])
         speedup = rival.time.total_s / win.time.total_s - 1
         text += (f": {speedup:.1%} faster than the next best different layout ({rival.layout.short()}), which spends "
-                 f"{gap:.3f} s/step more on {name}")
+                 f"{gap:.3g} s/step more on {name}")
     model_parallel = win.layout.tp * win.layout.pp
     if model_parallel > 1 and not any(c.layout.tp * c.layout.pp < model_parallel for c in result.candidates):
         text += f"; no layout with less model parallelism (tp·pp < {model_parallel}) fits in " \

@@ -137,8 +137,8 @@ def _nothing_fits(result: Any, cluster: Any, args: argparse.Namespace) -> Except
             f"{result.invalid} refused by config validation, {result.too_big} over the {result.usable_memory_gib:.1f} "
             f"GiB budget ({cluster.gpu.memory_gib:g} GiB - {args.headroom:.0%} headroom)")
     if result.smallest_misfit is None:
-        return ConfigError(f"{head}: check that the model's heads and layers divide into {cluster.world_size} GPUs "
-                           f"and that --global-batch-tokens / seq_len is a multiple of the data-parallel size")
+        return ConfigError(f"{head}; e.g. {result.example_refusal}: change --nodes / --gpus-per-node so that the "
+                           f"model's heads and layers divide into the GPUs, or --global-batch-tokens")
     misfit = result.smallest_misfit
     return ConfigError(f"{head}; the smallest needs {misfit.memory.total_bytes / 2**30:.1f} GiB "
                        f"({misfit.layout.short()}): add nodes (--nodes), a GPU with more memory (--gpu), a shorter "
@@ -216,8 +216,12 @@ def _given_line(result: Any) -> str:
     if rank is None:
         return text + f"does not fit ({result.given_problem})"
     slower = given.time.total_s / best.time.total_s - 1
-    return text + (f"#{rank} of {len(result.candidates)}, {given.time.total_s:.3f} s/step ({slower:+.1%} vs #1), "
+    return text + (f"#{rank} of {len(result.candidates)}, {_seconds(given.time.total_s)} s/step ({slower:+.1%} vs #1), "
                    f"{given.memory.total_bytes / 2**30:.1f} GiB, MFU {given.mfu:.1%}")
+
+
+def _seconds(value_s: float) -> str:
+    return f"{value_s:.3f}" if value_s == 0 or value_s >= 0.01 else f"{value_s:.2e}"  # tiny models: keep digits
 
 
 def _table(candidates: list[Any]) -> list[str]:
@@ -230,7 +234,8 @@ def _table(candidates: list[Any]) -> list[str]:
                                             m.buffers_bytes, m.total_bytes)]
         rows.append((str(i), str(lay.tp), str(lay.pp), str(lay.dp), "y" if lay.sequence_parallel else "-",
                      str(lay.zero_stage), str(lay.micro_batch_size_per_gpu), str(c.derived.grad_accum_steps),
-                     lay.activation_checkpointing, *gib, f"{t.compute_s:.3f}", f"{t.exposed_comm_s:.3f}",
-                     f"{t.bubble_s:.3f}", f"{t.total_s:.3f}", f"{c.tokens_per_s:,.0f}", f"{c.mfu:.1%}"))
+                     lay.activation_checkpointing, *gib, *(_seconds(x) for x in (t.compute_s, t.exposed_comm_s,
+                                                                               t.bubble_s, t.total_s)),
+                     f"{c.tokens_per_s:,.0f}", f"{c.mfu:.1%}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     return ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
