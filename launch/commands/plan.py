@@ -156,10 +156,18 @@ def _write_config(best: Any, cluster: Any, path: Path) -> None:
         f"bubble {t.bubble_s:.3f}), {best.tokens_per_s:,.0f} tokens/s, MFU {best.mfu:.1%}; "
         f"memory {best.memory.total_bytes / 2**30:.1f} GiB/GPU (estimate).",
     ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("\n".join(header) + "\n" + dump_resolved(best.cfg, best.derived), encoding="utf-8")
-    os.replace(tmp, path)  # atomic: a crash never leaves half a config for `submit` to read
+    from trainer.config import ConfigError
+
+    if path.is_dir():
+        raise ConfigError(f"--write {path} is a directory: pass a file path, e.g. {path / 'plan.yaml'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text("\n".join(header) + "\n" + dump_resolved(best.cfg, best.derived), encoding="utf-8")
+        os.replace(tmp, path)  # atomic: a crash never leaves half a config for `submit` to read
+    except OSError as err:
+        raise ConfigError(f"--write {path}: cannot write it ({err.strerror}): pass a path in a writable "
+                          f"directory") from None
 
 
 def _as_json(result: Any, cluster: Any, calib: Any, args: argparse.Namespace) -> dict[str, Any]:

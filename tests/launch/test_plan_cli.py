@@ -103,3 +103,5 @@ def test_errors_exit_2_and_say_what_to_do() -> None:
     assert field.returncode == 2 and "did you mean parallel.tp" in field.stderr
     headroom = pretrain("plan", "--config", "configs/7b.yaml", "--headroom", "1.5")
     assert headroom.returncode == 2 and "--headroom (1.5) must be in [0, 1)" in headroom.stderr
+    to_dir = pretrain("plan", "--config", "configs/7b.yaml", "--write", str(REPO / "configs"))
+    assert to_dir.returncode == 2 and "is a directory: pass a file path" in to_dir.stderr
