@@ -155,7 +155,7 @@ def enumerate_layouts(cfg: Config, world_size: int) -> Iterator[Layout]:
     """Every tp × pp × sp × ZeRO × micro-batch × AC combination worth asking the validator about.
 
     Only cheap arithmetic prunes here (tp·pp must divide the world, micro-batches are powers of two dividing the
-    per-DP-rank batch); everything the trainer refuses is refused by its validation in `_validated`.
+    per-DP-rank batch); everything the trainer refuses is refused by its own validation in `apply_layout`.
     """
     heads = math.gcd(cfg.model.num_heads, cfg.model.num_kv_heads)
     for tp, pp in itertools.product(_divisors(heads), _divisors(cfg.model.num_layers)):
@@ -189,15 +189,15 @@ def apply_layout(cfg: Config, layout: Layout, cluster: Cluster) -> tuple[Config,
 
 def step_time(cfg: Config, derived: Derived, cluster: Cluster, calib: Calibration) -> StepTime:
     """One optimizer step under 1F1B: (m + pp - 1) slots of one micro-batch on the busiest stage, plus DP traffic."""
-    micro = derived.grad_accum_steps
+    micro_batches = derived.grad_accum_steps
     compute_micro_s = _compute_micro_s(cfg, derived, cluster, calib)
     tp_micro_s = _tp_comm_micro_s(cfg, derived, cluster)
     pp_micro_s = _pp_comm_micro_s(cfg, derived, cluster)
     slot_s = compute_micro_s + tp_micro_s + pp_micro_s
     return StepTime(
-        compute_s=micro * compute_micro_s,
-        tp_comm_s=micro * tp_micro_s,
-        pp_comm_s=micro * pp_micro_s,
+        compute_s=micro_batches * compute_micro_s,
+        tp_comm_s=micro_batches * tp_micro_s,
+        pp_comm_s=micro_batches * pp_micro_s,
         dp_comm_s=_dp_comm_exposed_s(cfg, derived, cluster, compute_micro_s),
         bubble_s=(derived.pp - 1) * slot_s,
     )
@@ -300,17 +300,17 @@ def _dp_comm_exposed_s(cfg: Config, derived: Derived, cluster: Cluster, compute_
         return _collective_s(grad_bytes, dp, link, "all_reduce", reduce_buckets)
     backward_s = compute_micro_s * 2 / 3  # backward is 4 of the 6 FLOPs per parameter and token
     overlap = z.overlap_comm and derived.pp == 1
-    micro = derived.grad_accum_steps
+    micro_batches = derived.grad_accum_steps
     if stage == 3:
         layers = derived.layers_per_stage
         per_micro_s = (_collective_s(2 * weight_bytes, dp, link, "all_gather", 2 * layers)
                        + _collective_s(grad_bytes, dp, link, "reduce_scatter", layers))
-        return micro * (max(0.0, per_micro_s - compute_micro_s) if overlap else per_micro_s)
+        return micro_batches * (max(0.0, per_micro_s - compute_micro_s) if overlap else per_micro_s)
     gather_s = _collective_s(weight_bytes, dp, link, "all_gather",
                              math.ceil(params / z.allgather_bucket_size_elements))
     reduce_s = _collective_s(grad_bytes, dp, link, "reduce_scatter", reduce_buckets)
     exposed_reduce_s = max(0.0, reduce_s - backward_s) if overlap else reduce_s
-    return gather_s + (exposed_reduce_s if stage == 1 else micro * exposed_reduce_s)
+    return gather_s + (exposed_reduce_s if stage == 1 else micro_batches * exposed_reduce_s)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
