@@ -68,3 +68,23 @@ def test_a_diverged_run_exits_77_without_a_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 77, stderr[-3000:]
     _assert_quiet(stderr)
     assert "launch local: exit 77 (diverged)" in stderr and "lower optim.lr" in stderr
+
+
+@pytest.mark.slow
+def test_a_hung_rank_ends_the_launch_with_76_within_the_bound(tmp_path: Path) -> None:
+    import psutil
+
+    run_dir, hang_timeout_s = tmp_path / "run", 5
+    proc = _launch(run_dir, "train.max_steps=100000", f"faults.hang_timeout_s={hang_timeout_s}")
+    deadline_s = time.monotonic() + 240
+    while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text().count("\n") >= 3):
+        assert time.monotonic() < deadline_s and proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    ranks = [c for c in psutil.Process(proc.pid).children(recursive=True) if c.environ().get("RANK") == "1"]
+    os.kill(ranks[0].pid, signal.SIGSTOP)  # neither works nor dies
+    stopped_s = time.monotonic()
+    _, stderr = proc.communicate(timeout=hang_timeout_s + 90)
+    ended_s = time.monotonic() - stopped_s
+    assert proc.returncode == 76, stderr[-3000:]
+    assert "launch local: exit 76 (hang (watchdog)); rank 0: exit 76, rank 1: killed by signal 9" in stderr
+    assert ended_s < hang_timeout_s + 60, ended_s  # the watchdog, then torchrun's 30 s grace before SIGKILL
