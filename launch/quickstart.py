@@ -85,8 +85,7 @@ def run_quickstart(plan: QuickstartPlan) -> int:
     else:
         stage("1/6 tokenizer", lambda: _train_tokenizer(plan, inputs))
         stage("2/6 prepare", lambda: _prepare(plan, inputs))
-    plan = _fit_to_data(plan)
-    cfg = stage("3/6 train", lambda: _train(plan, started_s))
+    cfg = stage("3/6 train", lambda: _train(_fit_to_data(plan), started_s))
     stage("4/6 export", lambda: _export(plan, cfg))
     stage("5/6 generate", lambda: _generate(plan))
     stage("6/6 report", lambda: _report(plan))
