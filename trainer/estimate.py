@@ -206,6 +206,8 @@ def _layer_activation_bytes_per_token(cfg: Config, derived: Derived, mode: str |
     - none: each RMSNorm saves its fp32 input and its output; attention saves q, k, v, out and o_proj's input;
       SwiGLU saves gate, silu(gate), up and down_proj's input.
     - selective: matmul and attention outputs are kept, elementwise ops (norms, rotary, SiLU·mul) recomputed.
+    - core_attention: as none, less what the attention core saves for itself (its output and log-sum-exp): it runs
+      again in backward from the kept q, k, v.
     - full: only the layer input is kept (the recompute working set is added by the caller).
     """
     mode = mode or cfg.parallel.activation_checkpointing
@@ -218,4 +220,6 @@ def _layer_activation_bytes_per_token(cfg: Config, derived: Derived, mode: str |
         return a * h // sp
     if mode == "selective":
         return a * 3 * h // sp + a * (2 * q + 2 * kv + 2 * inter) + lse
+    if mode == "core_attention":
+        return 2 * (4 + a) * h // sp + a * (2 * q + 2 * kv + 4 * inter)
     return 2 * (4 + a) * h // sp + a * (3 * q + 2 * kv + 4 * inter) + lse

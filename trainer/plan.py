@@ -25,7 +25,7 @@ from trainer.estimate import MemoryEstimate, estimate_memory, flops_per_token
 from trainer.gpu_specs import GPUS, GpuSpec  # noqa: F401 - re-exported: plan.GPUS
 
 GIB = 2**30
-AC_MODES = ("none", "selective", "full")
+AC_MODES = ("none", "selective", "core_attention", "full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +211,8 @@ def _compute_micro_s(cfg: Config, derived: Derived, cluster: Cluster, calib: Cal
     mode = cfg.parallel.activation_checkpointing
     if mode == "full":
         layers *= 4 / 3  # backward re-runs each layer's forward: 2 of the 6 FLOPs per parameter and token again
+    elif mode == "core_attention":
+        layers += flops.attention / 3 / derived.pp  # one more attention forward (1 of its 3 training passes)
     per_token = (layers + head) / derived.tp
     tokens = derived.micro_batch_size_per_gpu * cfg.train.seq_len
     seconds = per_token * tokens / (cluster.gpu.peak_tflops * 1e12 * calib.compute_efficiency)

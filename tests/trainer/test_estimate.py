@@ -88,10 +88,10 @@ def test_activation_checkpointing_and_sequence_parallel_shrink_activations() -> 
         cfg, derived = setup("7b", *overrides)
         return estimate_memory(cfg, derived).activations_bytes
 
-    none, selective, full = (
-        activations(f"parallel.activation_checkpointing={m}") for m in ("none", "selective", "full")
+    none, selective, core, full = (
+        activations(f"parallel.activation_checkpointing={m}") for m in ("none", "selective", "core_attention", "full")
     )
-    assert full < selective < none
+    assert full < selective < core < none
     assert activations("parallel.sequence_parallel=false") > activations("parallel.sequence_parallel=true")
 
 
