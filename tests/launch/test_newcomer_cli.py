@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
 import pytest
 
 from launch.cli import build_parser, main
+from trainer.config import Config
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _help(capsys: pytest.CaptureFixture[str], *path: str) -> str:
@@ -46,3 +50,37 @@ def test_a_config_field_typed_as_a_flag_gets_its_dotted_override(flags: list[str
     assert main(["train", "--config", "configs/tiny.yaml", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("pretrain train: error: unrecognized arguments") and hint in err
+
+
+# Config sections and their fields, e.g. {"train": {"max_steps", ...}, ...}.
+SECTIONS = {name: set(info.annotation.model_fields) for name, info in Config.model_fields.items()
+            if hasattr(info.annotation, "model_fields")}
+DOTTED_KEY = re.compile(r"(?<![\w./-])(" + "|".join(SECTIONS) + r")\.([a-z_]+)\b")
+FILE_SUFFIXES = {"safetensors", "yaml", "json", "jsonl", "py", "log", "png", "md", "tsv", "tar"}  # model.yaml ...
+
+
+def _unknown_keys(text: str) -> list[str]:
+    """Dotted keys in `text` that name no config field (module paths such as launch.commands are not keys)."""
+    unknown = []
+    for match in DOTTED_KEY.finditer(text):
+        section, field = match.groups()
+        module = REPO_ROOT / section / field
+        is_module = module.is_dir() or module.with_suffix(".py").exists()
+        if field in SECTIONS[section] or field in FILE_SUFFIXES or is_module:
+            continue
+        unknown.append(match.group(0))
+    return unknown
+
+
+def test_every_hint_names_a_real_option() -> None:
+    """Each `section.field` in a message, help text or the README is a config field a user can set."""
+    found = {}
+    for path in sorted(p for room in ("launch", "trainer", "data_pipeline") for p in (REPO_ROOT / room).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and _unknown_keys(node.value):
+                found[f"{path.relative_to(REPO_ROOT)}:{node.lineno}"] = _unknown_keys(node.value)
+    readme_keys = _unknown_keys((REPO_ROOT / "README.md").read_text(encoding="utf-8"))
+    if readme_keys:
+        found["README.md"] = readme_keys
+    assert not found, f"hints naming settings that do not exist: {found}"
+    assert _unknown_keys("set train.max_step=10") == ["train.max_step"]  # the check itself sees a typo
