@@ -85,11 +85,13 @@ def fresh_copy(dest: Path) -> Path:
     return dest
 
 
-def user_environment(tmp_path: Path) -> dict[str, str]:
-    """The shell of a user who installed the package: `pretrain` on PATH (a shim if this environment lacks the
-    console script), and no thread cap from the test session (the user's commands choose their own)."""
+def user_environment(clone: Path, tmp_path: Path) -> dict[str, str]:
+    """The shell of a user who installed the package from the clone: `pretrain` on PATH (a shim if this environment
+    lacks the console script) running the clone's code (PYTHONPATH goes before an editable install's finder), and
+    no thread cap from the test session (the user's commands choose their own)."""
     env = dict(os.environ)
     env.pop("OMP_NUM_THREADS", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(clone), env.get("PYTHONPATH")]))
     if shutil.which("pretrain") is None:
         shim_dir = tmp_path / "bin"
         shim_dir.mkdir()
@@ -101,7 +103,7 @@ def user_environment(tmp_path: Path) -> dict[str, str]:
 
 def test_every_readme_command_block_runs_in_order_in_a_fresh_copy(tmp_path: Path) -> None:
     clone = fresh_copy(tmp_path / "clone")
-    env = user_environment(tmp_path)
+    env = user_environment(clone, tmp_path)
     blocks = readme_blocks((clone / "README.md").read_text(encoding="utf-8"))
     assert len(blocks) >= 6, "the README's command blocks were not found"
     for number, block in enumerate(blocks, start=1):
