@@ -10,6 +10,7 @@ Each stage is the same code the individual commands run; this module only chains
 from __future__ import annotations
 
 import os
+import re
 import sys
 import sysconfig
 import time
@@ -136,13 +137,30 @@ def clock(seconds: float) -> str:
 
 
 def _train_tokenizer(plan: QuickstartPlan, inputs: Sequence[str]) -> None:
-    from data_pipeline.tokenizer import TokenizerTrainConfig, train_tokenizer
+    """model.vocab_size pieces, or as many as a small corpus has merges for (sentencepiece names the most it can
+    make): _fit_to_data then gives the model the tokenizer's size, which the HF export requires."""
+    from data_pipeline.errors import DataPipelineError
 
     vocab_size = _config(plan).model.vocab_size
-    result = train_tokenizer(TokenizerTrainConfig(
+    try:
+        result = _run_tokenizer_training(plan, inputs, vocab_size)
+    except DataPipelineError as err:
+        most = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", str(err))
+        if most is None:
+            raise QuickstartError(f"{str(err).splitlines()[0]}: give more text, or a smaller vocabulary with the "
+                                  f"override model.vocab_size=N") from None
+        print(f"   note: the input has too little text for {vocab_size} pieces: the tokenizer gets {most.group(1)} "
+              f"(the most sentencepiece can make here) and so does the model (model.vocab_size={most.group(1)})")
+        result = _run_tokenizer_training(plan, inputs, int(most.group(1)))
+    print(f"   {result.tokenizer.model_type} tokenizer, {result.tokenizer.vocab_size} pieces → {plan.tokenizer_dir}")
+
+
+def _run_tokenizer_training(plan: QuickstartPlan, inputs: Sequence[str], vocab_size: int) -> Any:
+    from data_pipeline.tokenizer import TokenizerTrainConfig, train_tokenizer
+
+    return train_tokenizer(TokenizerTrainConfig(
         inputs=tuple(inputs), output_dir=str(plan.tokenizer_dir), vocab_size=vocab_size, model_type="bpe",
         include_globs=plan.include_globs, input_sentence_size=300_000, overwrite=True))
-    print(f"   {result.tokenizer.model_type} tokenizer, {result.tokenizer.vocab_size} pieces → {plan.tokenizer_dir}")
 
 
 def _prepare(plan: QuickstartPlan, inputs: Sequence[str]) -> None:
@@ -164,10 +182,12 @@ def _fit_to_data(plan: QuickstartPlan) -> QuickstartPlan:
     from data_pipeline.manifest import Manifest
 
     cfg = _config(plan)
-    splits = Manifest.load(plan.data_dir).splits
-    _check_one_training_batch(plan, cfg, splits["train"].num_samples)
-    val_samples = splits["val"].num_samples if "val" in splits else 0
+    manifest = Manifest.load(plan.data_dir)
+    _check_one_training_batch(plan, cfg, manifest.splits["train"].num_samples)
+    val_samples = manifest.splits["val"].num_samples if "val" in manifest.splits else 0
     extra = _eval_overrides(cfg.train, val_samples)
+    if manifest.tokenizer.vocab_size < cfg.model.vocab_size:  # a small corpus's tokenizer (_train_tokenizer)
+        extra.insert(0, f"model.vocab_size={manifest.tokenizer.vocab_size}")
     return replace(plan, overrides=(*extra, *plan.overrides)) if extra else plan
 
 

@@ -127,3 +127,30 @@ def test_a_run_dir_of_other_input_is_refused_untouched(tmp_path: Path) -> None:
     with pytest.raises(QuickstartError, match="its input has changed since"):
         claim_run_dir(run_dir, edited, Path("unused"))
     assert tree_state(run_dir) == before
+
+
+@pytest.mark.parametrize("num_records", [32, 12])
+def test_a_corpus_of_about_one_batch_gets_a_vocabulary_and_evaluation_that_fit(
+        num_records: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The stages before training, in process (no training: seconds): ~10 KB (32 records) gives one training batch
+    but has merges for fewer than 4096 pieces and too little validation text; ~4 KB (12 records) is refused."""
+    from data_pipeline.manifest import Manifest
+    from launch.quickstart import (
+        QUICKSTART_CONFIG, QuickstartError, QuickstartPlan, _config, _fit_to_data, _prepare, _train_tokenizer)
+
+    corpus = small_english_corpus(tmp_path / "tiny.jsonl", num_records)
+    plan = QuickstartPlan(run_dir=tmp_path / "run", inputs=(str(corpus),), include_globs=("*.txt",), corpus_mb=None,
+                          config_path=QUICKSTART_CONFIG, overrides=(), prompt="x")
+    _train_tokenizer(plan, [str(corpus)])
+    _prepare(plan, [str(corpus)])
+    manifest = Manifest.load(plan.data_dir)
+    if num_records == 12:
+        with pytest.raises(QuickstartError, match="fewer than one training batch of 16 .* give more text"):
+            _fit_to_data(plan)
+        return
+    assert manifest.splits["train"].num_samples >= 16  # one training batch: the quickstart must train
+    cfg = _config(_fit_to_data(plan))
+    assert cfg.model.vocab_size == manifest.tokenizer.vocab_size < 4096
+    val_samples = manifest.splits["val"].num_samples if "val" in manifest.splits else 0
+    assert cfg.train.eval_interval_steps == 0 or cfg.train.micro_batch_size_per_gpu <= val_samples
+    assert "note: the input has too little text for 4096 pieces" in capsys.readouterr().out
