@@ -46,6 +46,12 @@ def compile_layers(layers: Iterable[nn.Module], backend: str | None) -> int:
         return 0
     import torch._dynamo
 
+    from trainer import model
+
+    # The CUDA-only check whether flash attention takes grouped-query attention natively builds a pybind SDPAParams,
+    # which dynamo cannot trace: a graph break inside every layer (and a checkpointed layer would fall back to eager
+    # as a whole). Its answer depends only on device, dtype and shapes, which dynamo guards anyway: a constant per graph.
+    torch.compiler.assume_constant_result(model._flash_takes_gqa)
     layers = list(layers)
     limit = len(layers) + _EXTRA_RECOMPILES
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)

@@ -92,3 +92,20 @@ def test_compile_off_is_plain_eager() -> None:
     pmodel, _ = build()  # tiny.yaml runs on cpu: auto = off
     assert pmodel.compile_backend is None and not any(is_compiled(layer) for layer in pmodel.module.layers)
     assert torch.compiler.is_compiling() is False
+
+
+def test_the_flash_gqa_check_does_not_break_the_compiled_graph() -> None:
+    """On CUDA, attention asks whether flash takes GQA natively (trainer.model._flash_takes_gqa), which builds a
+    pybind object dynamo cannot trace. compile_layers marks it constant; without that every compiled layer would
+    break in two on a GPU. Called directly here (on CPU the model only reaches it for CUDA tensors)."""
+    from trainer.compile import compile_layers
+    from trainer.model import _flash_takes_gqa
+
+    compile_layers([], "aot_eager")
+
+    def attention_choice(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return q.sin() * (2 if _flash_takes_gqa(q, k, k) else 3)
+
+    q, k = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16)
+    explained = torch._dynamo.explain(attention_choice)(q, k)
+    assert explained.graph_break_count == 0, explained.break_reasons
