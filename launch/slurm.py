@@ -112,7 +112,6 @@ wait_for() {  # wait_for PID: the child's exit status, also when a trapped signa
 def _run_task_function(train: list[str]) -> str:
     return f"""\
 run_task() {{
-    echo "${{SLURMD_NODENAME:-$(hostname)}}" > "$EXIT_DIR/task$SLURM_PROCID.node"  # no .rc next to it: never returned
     {shlex.join(train)} &
     local child=$! rc
     trap 'trapped=1; kill -s USR1 "$child" 2>/dev/null' USR1  # bash would die of USR1 and orphan the rank
@@ -213,8 +212,7 @@ def _outcome_block(launch: Any, request: SbatchRequest) -> list[str]:
             "            record_outcome hang_requeued 76",
             f'            echo "job $SLURM_JOB_ID: a rank hung (exit 76; stacks in {request.run_dir}/logs/rank*.log), '
             f'requeueing ($hangs of at most launch.max_hang_requeues={launch.max_hang_requeues})"',
-            *(_requeue_excluding_hung_nodes() if launch.exclude_hung_nodes else
-              ['            scontrol requeue "$SLURM_JOB_ID"']),
+            '            scontrol requeue "$SLURM_JOB_ID"',
             "        elif ! still_running; then",
             "            record_outcome hang 76  # cancelled or past its time limit: not a reason to give up the run",
             "        else",
@@ -238,21 +236,6 @@ def _outcome_block(launch: Any, request: SbatchRequest) -> list[str]:
         "esac",
         *_failure_summary(request),
         'exit "$rc"',
-    ]
-
-
-def _requeue_excluding_hung_nodes() -> list[str]:
-    """launch.exclude_hung_nodes: the nodes of tasks that never returned (killed while stuck) are excluded from the
-    requeued job. A heuristic: a healthy rank killed before its own watchdog fired counts as stuck too."""
-    return [
-        '            suspects=$(for f in "$EXIT_DIR"/task*.node; do [ -f "${f%.node}.rc" ] || cat "$f"; done '
-        "| sort -u | paste -sd, -)",
-        '            scontrol requeuehold "$SLURM_JOB_ID"  # held: it must not start again before the exclusion',
-        '            if [ -n "$suspects" ]; then',
-        '                echo "job $SLURM_JOB_ID: excluding node(s) $suspects (launch.exclude_hung_nodes)"',
-        '                scontrol update JobId="$SLURM_JOB_ID" ExcNodeList="$suspects"',
-        "            fi",
-        '            scontrol release "$SLURM_JOB_ID"',
     ]
 
 

@@ -246,9 +246,6 @@ class LaunchConfig(_Section):
     # A hung rank (exit 76) ends the whole job step; the batch script then requeues the job at most this many times
     # (per job id), then leaves it failed for a person (docs/operations.md).
     max_hang_requeues: NonNegativeInt = 2
-    # On such a requeue, exclude the nodes whose ranks never returned (scontrol update ExcNodeList): off by default,
-    # a heuristic a site may want when a bad node keeps hanging jobs.
-    exclude_hung_nodes: bool = False
 
 
 class Config(_Section):
