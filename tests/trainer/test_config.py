@@ -133,7 +133,7 @@ def test_list_index_out_of_range() -> None:
         ("parallel.tp=true", "parallel.tp: Input should be a valid integer (got True)"),
         ("parallel.tp='2'", "parallel.tp: Input should be a valid integer (got '2')"),
         ("parallel.dp=aut", "parallel.dp: Input should be a valid integer or Input should be 'auto' (got 'aut')"),
-        ("parallel.activation_checkpointing=some", "Input should be 'none', 'selective' or 'full'"),
+        ("parallel.activation_checkpointing=some", "Input should be 'none', 'selective', 'core_attention' or 'full'"),
         ("zero.stage=4", "zero.stage: Input should be less than or equal to 3 (got 4)"),
         ("optim.betas=[0.9]", "optim.betas: List should have at least 2 items"),
         ("optim.betas=[0.9, 1.0]", "optim.betas.1: Input should be less than 1"),
