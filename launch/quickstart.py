@@ -205,7 +205,7 @@ def _check_one_training_batch(plan: QuickstartPlan, cfg: Any, train_samples: int
 def _eval_overrides(train: Any, val_samples: int) -> list[str]:
     """The quickstart trains in this one process (dp 1), so an eval micro-step takes micro_batch_size samples."""
     micro = train.micro_batch_size_per_gpu
-    if train.eval_interval_steps == 0 or train.eval_steps == 0 or val_samples >= micro:
+    if not train.eval_enabled or val_samples >= micro:
         return []
     fitting = max((size for size in range(1, micro) if train.global_batch_size % size == 0 and size <= val_samples),
                   default=0)

@@ -79,7 +79,6 @@ def apply_cpu_shims() -> None:
     - megatron's TP linear layers recommend CUDA_DEVICE_MAX_CONNECTIONS=1 once per rank: a CUDA launch-queue setting
       that means nothing on CPU, so the warning is only noise in a newcomer's first `launch local` (GPU runs keep it).
     """
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()

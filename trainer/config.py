@@ -146,6 +146,11 @@ class TrainConfig(_Section):
     # Global batches per eval: eval_steps × global_batch_size validation samples, the same set for any tp/pp/dp.
     eval_steps: NonNegativeInt = 20
 
+    @property
+    def eval_enabled(self) -> bool:
+        """Whether the run evaluates at all (either field 0 turns it off)."""
+        return self.eval_interval_steps > 0 and self.eval_steps > 0
+
 
 class DatasetEntry(_Section):
     path: Annotated[str, Field(min_length=1)]  # a prepared dataset directory (holds manifest.json)

@@ -151,7 +151,7 @@ def build_eval_loader(cfg: Config, derived: Derived, ctx: ParallelContext) -> An
     (eval_steps × grad_accum micro-batches per DP rank), so every layout evaluates the same samples: the first
     eval_steps × global_batch_size of the split (of each dataset; fewer if the split is smaller)."""
     train = cfg.train
-    if train.eval_interval_steps == 0 or train.eval_steps == 0:
+    if not train.eval_enabled:
         return None
     microbatches = train.eval_steps * derived.grad_accum_steps
     if cfg.data.synthetic:

@@ -18,8 +18,7 @@ from typing import Any
 
 from trainer import exit_codes
 from trainer.checkpoint.layout import read_metadata, shallow_problems
-from trainer.checkpoint.load import _broadcast_json as broadcast_json  # JSON, not pickle
-from trainer.checkpoint.load import candidates, find_resume_checkpoint
+from trainer.checkpoint.load import broadcast_json, candidates, find_resume_checkpoint
 from trainer.config import Config
 from trainer.data_check import check_datasets
 from trainer.run_lock import RunDirBusy, RunDirLock
@@ -109,8 +108,7 @@ def _verified_finished_step(cfg: Config, ctx: Any) -> int | None:
 
 
 def _data_verdict(cfg: Config) -> dict[str, Any]:
-    eval_enabled = cfg.train.eval_interval_steps > 0 and cfg.train.eval_steps > 0
-    check = check_datasets(cfg.data, eval_enabled)
+    check = check_datasets(cfg.data, cfg.train.eval_enabled)
     if check.missing_datasets:
         return {"error": check.message(), "exit_code": exit_codes.CONFIG_ERROR}
     if check.bad_shards:

@@ -92,7 +92,7 @@ def choose_valid(paths: list[Path], ctx: Any, verify: bool,
     return None
 
 
-def _broadcast_json(obj: Any, ctx: Any) -> Any:
+def broadcast_json(obj: Any, ctx: Any) -> Any:
     """rank 0's `obj` on every rank, as JSON bytes (torch's *_object collectives would unpickle)."""
     data = json.dumps(obj).encode("utf-8") if ctx.rank == 0 else b""
     size = torch.tensor([len(data)], dtype=torch.int64, device=ctx.device)
@@ -121,7 +121,7 @@ def shared_candidates(target: Path, ctx: Any) -> list[Path]:
     """`candidates(target)` as rank 0 sees them, on every rank: all ranks then walk the same list in the same order
     (a save finishing between two ranks' directory listings cannot split them). Collective."""
     listing = [str(p) for p in candidates(target)] if ctx.rank == 0 else []
-    return [Path(p) for p in _broadcast_json(listing, ctx)]
+    return [Path(p) for p in broadcast_json(listing, ctx)]
 
 
 def find_resume_checkpoint(cfg: Config, ctx: Any) -> Path | None:
