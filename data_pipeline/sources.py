@@ -153,7 +153,7 @@ class BadInputReport:
 
     def summary(self) -> str:
         if not self.records:
-            return "no bad input"
+            return "none"  # printed as "bad input: none"
         parts = ", ".join(f"{reason}={count}" for reason, count in self.by_reason.items())
         return f"{self.total} skipped ({parts})"
 

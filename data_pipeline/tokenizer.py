@@ -140,7 +140,7 @@ def train_tokenizer(config: TokenizerTrainConfig) -> TrainResult:
         sentences = iter_sentences(docs, config.max_sentence_length_bytes, stats)
         num_sampled = write_sampled_sentences(sentences, sentence_file, config.input_sentence_size, config.seed)
         if num_sampled == 0:
-            raise DataPipelineError(f"no usable text in the inputs ({report.summary()}); check --input, --include "
+            raise DataPipelineError(f"no usable text in the inputs (bad input: {report.summary()}); check --input, --include "
                                     "and --text-key")
         model_proto = _run_sentencepiece(sentence_file, config, Path(tmp) / "spm.log")
     tokenizer = Tokenizer(model_proto)

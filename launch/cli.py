@@ -8,6 +8,7 @@ inside the handler the parser points to, so `pretrain --help` and `pretrain <cmd
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib import import_module
 
@@ -53,11 +54,23 @@ def main(argv: list[str] | None = None) -> int:
         code = getattr(err, "exit_code", None)
         if not getattr(err, "user_error", False) and code is None:
             raise
-        print(f"pretrain {args.command}: error: {err}", file=sys.stderr)
+        print(_error_text(args.command, err), file=sys.stderr)
         return 2 if code is None else int(code)
     except KeyboardInterrupt:
         print(f"pretrain {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _error_text(command: str, err: BaseException) -> str:
+    """The whole message, except on rank > 0 of a multi-process run whose error is already in its rank log: every
+    rank meets the same config or data error, and N copies of a multi-line message bury the one that matters. Those
+    ranks print one line (the first of their own message, so a rank that failed differently still shows how) and
+    the log file that holds the rest."""
+    rank_log = getattr(err, "rank_log_path", None)
+    if rank_log is None or os.environ.get("RANK", "0") == "0":
+        return f"pretrain {command}: error: {err}"
+    first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return f"pretrain {command} (rank {os.environ['RANK']}): error: {first_line} (whole message: {rank_log})"
 
 
 def _refuse_unknown_flags(args: argparse.Namespace, unknown: list[str], argv: list[str]) -> int:

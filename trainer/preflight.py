@@ -141,3 +141,6 @@ def _to_rank_log_files(err: BaseException, with_traceback: bool) -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler) and getattr(handler, "_pretrain", False):
             handler.handle(record)
+            # The CLI prints a whole message only on rank 0 and points the other ranks' one line here.
+            with contextlib.suppress(AttributeError):
+                err.rank_log_path = handler.baseFilename  # type: ignore[attr-defined]

@@ -71,6 +71,21 @@ def test_a_diverged_run_exits_77_without_a_traceback(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_data_error_in_every_rank_is_printed_whole_once(tmp_path: Path) -> None:
+    """Both ranks stop on the same missing dataset: rank 0 prints the whole message, rank 1 one line naming its log,
+    which holds the whole message too (nothing lost)."""
+    run_dir = tmp_path / "run"
+    proc = _launch(run_dir, "data.synthetic=false", f"data.datasets=[{{path: {tmp_path / 'nowhere'}}}]")
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 2, stderr[-3000:]
+    _assert_quiet(stderr)
+    assert stderr.count("no manifest at") == 1 and stderr.count("data.datasets names data that is not there") == 2
+    assert f"pretrain train (rank 1): error: data.datasets names data that is not there: (whole message: " \
+           f"{run_dir / 'logs' / 'rank1.log'})" in stderr
+    assert "no manifest at" in (run_dir / "logs" / "rank1.log").read_text()
+
+
+@pytest.mark.slow
 def test_a_hung_rank_ends_the_launch_with_76_within_the_bound(tmp_path: Path) -> None:
     import psutil
 
