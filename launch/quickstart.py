@@ -81,6 +81,7 @@ def run_quickstart(plan: QuickstartPlan) -> int:
     data_kept = _claim_run_dir(plan, inputs)  # before anything is written: refuses another input's run directory
     stage = _Stages(started_s)
     if data_kept:
+        _refuse_other_model(plan)
         print(f"\n{plan.run_dir} holds this input's tokenizer and shards already: stages 1-2 kept, training continues "
               f"from its newest checkpoint")
     else:
@@ -100,6 +101,24 @@ def _claim_run_dir(plan: QuickstartPlan, inputs: list[str]) -> bool:
     wanted = recipe(plan.inputs, inputs, plan.include_globs, plan.corpus_mb, cfg.model.vocab_size, cfg.train.seq_len)
     same_recipe = claim_run_dir(plan.run_dir, wanted, unused_run_dir(default_run_dir(plan.inputs)))
     return same_recipe and (plan.data_dir / "manifest.json").is_file() and plan.tokenizer_dir.is_dir()
+
+
+def _refuse_other_model(plan: QuickstartPlan) -> None:
+    """Continuing needs the run's own model shape: say so before anything runs (the checkpoint load would refuse it
+    only after the model is built), with the way out that keeps the run."""
+    from trainer.checkpoint.load import model_shape_changes
+    from trainer.config import load_config
+
+    saved_path = plan.run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    changes = model_shape_changes(load_config(saved_path).model, _config(_fit_to_data(plan, announce=False)).model)
+    if changes:
+        shown = ", ".join(f"{key} {old} → {new}" for key, old, new in changes)
+        raise QuickstartError(
+            f"{plan.run_dir} holds a run of another model shape ({shown}); continuing it needs its own shape. Nothing "
+            f"was changed. Train the new shape in a directory of its own with --run-dir, e.g. --run-dir "
+            f"{unused_run_dir(plan.run_dir)}, or drop the model overrides to continue this run")
 
 
 def _resolve_inputs(plan: QuickstartPlan) -> list[str]:
@@ -174,7 +193,7 @@ def _prepare(plan: QuickstartPlan, inputs: Sequence[str]) -> None:
     print("   " + result.summary().replace("\n", "\n   "))
 
 
-def _fit_to_data(plan: QuickstartPlan) -> QuickstartPlan:
+def _fit_to_data(plan: QuickstartPlan, announce: bool = True) -> QuickstartPlan:
     """A small corpus still trains: one batch of training samples is enough. Evaluation gets a smaller micro batch
     (the global batch stays, gradient accumulation makes up the rest) when the validation split is smaller than one
     micro batch, and is turned off with a note when it is smaller than a quarter of one. The user's own overrides
@@ -185,7 +204,7 @@ def _fit_to_data(plan: QuickstartPlan) -> QuickstartPlan:
     manifest = Manifest.load(plan.data_dir)
     _check_one_training_batch(plan, cfg, manifest.splits["train"].num_samples)
     val_samples = manifest.splits["val"].num_samples if "val" in manifest.splits else 0
-    extra = _eval_overrides(cfg.train, val_samples)
+    extra = _eval_overrides(cfg.train, val_samples, print if announce else lambda _: None)
     if manifest.tokenizer.vocab_size < cfg.model.vocab_size:  # a small corpus's tokenizer (_train_tokenizer)
         extra.insert(0, f"model.vocab_size={manifest.tokenizer.vocab_size}")
     return replace(plan, overrides=(*extra, *plan.overrides)) if extra else plan
@@ -202,7 +221,7 @@ def _check_one_training_batch(plan: QuickstartPlan, cfg: Any, train_samples: int
         f"train.global_batch_size={max(1, train_samples)} train.micro_batch_size_per_gpu={max(1, train_samples)}")
 
 
-def _eval_overrides(train: Any, val_samples: int) -> list[str]:
+def _eval_overrides(train: Any, val_samples: int, say: Callable[[str], None]) -> list[str]:
     """The quickstart trains in this one process (dp 1), so an eval micro-step takes micro_batch_size samples."""
     micro = train.micro_batch_size_per_gpu
     if not train.eval_enabled or val_samples >= micro:
@@ -210,11 +229,11 @@ def _eval_overrides(train: Any, val_samples: int) -> list[str]:
     fitting = max((size for size in range(1, micro) if train.global_batch_size % size == 0 and size <= val_samples),
                   default=0)
     if fitting >= max(1, micro // 4):
-        print(f"   note: the validation split has {val_samples} samples, fewer than the micro batch of {micro}: "
+        say(f"   note: the validation split has {val_samples} samples, fewer than the micro batch of {micro}: "
               f"training with micro batch {fitting} × {train.global_batch_size // fitting} accumulation steps (the "
               f"same global batch of {train.global_batch_size}) so that evaluation fits")
         return [f"train.micro_batch_size_per_gpu={fitting}"]
-    print(f"   note: the validation split has {val_samples} samples, too few to evaluate on: evaluation is off "
+    say(f"   note: the validation split has {val_samples} samples, too few to evaluate on: evaluation is off "
           f"(train.eval_interval_steps=0); give more text to get a validation loss")
     return ["train.eval_interval_steps=0"]
 

@@ -83,6 +83,14 @@ def test_quickstart_on_a_small_corpus_then_other_input_leaves_the_first_run_inta
     assert model.config.vocab_size == tokenizer.vocab_size == 4096
     assert "def __init__(self" in result.stdout  # the sample, prompt first
 
+    # The same input with another model shape: refused before any stage runs (not at the checkpoint load).
+    before = tree_state(run_dir)
+    reshaped = quickstart(tmp_path, "--input", corpus.name, "model.hidden_size=192")
+    assert reshaped.returncode == 2, reshaped.stdout + reshaped.stderr
+    assert "another model shape (model.hidden_size 128 → 192, model.head_dim 32 → 48)" in reshaped.stderr, reshaped.stderr
+    assert "--run-dir runs/quickstart-notes-2" in reshaped.stderr and "== 3/6 train" not in reshaped.stdout
+    assert tree_state(run_dir) == before
+
     # Other input into the same run directory: refused before anything is touched, naming --run-dir.
     other = tmp_path / "other.jsonl"
     other.write_text("".join(corpus.read_text().splitlines(keepends=True)[:100]))
