@@ -76,6 +76,10 @@ def _on_off_as_text(value: Any) -> Any:
 class ParallelConfig(_Section):
     tp: PositiveInt = 1
     pp: PositiveInt = 1
+    # Decoder layers on each pipeline stage, first to last; None: model.num_layers / pp on every stage. For a pp that
+    # does not divide num_layers: the first and last stages take fewer, as they also run the embedding and lm_head
+    # (Llama 3 405B: 126 layers on 16 stages as [7, 8 × 14, 7]); `balanced_stage_layers` gives that split.
+    pipeline_stage_layers: list[int] | None = None
     dp: PositiveInt | Literal["auto"] = "auto"  # auto: world_size // (tp * pp)
     sequence_parallel: bool = False
     # selective: recompute cheap elementwise ops (norms, rotary, SiLU*mul), keep matmul and attention outputs.
@@ -309,7 +313,7 @@ class Derived:
     global_batch_size_tokens: int
     head_dim: int
     padded_vocab_size: int  # embedding rows: vocab_size rounded up to a multiple of tp * 128
-    layers_per_stage: int
+    stage_layers: tuple[int, ...]  # decoder layers on each pipeline stage, first to last (sum: model.num_layers)
     run_dir: str
     checkpoint_dir: str
 
@@ -320,6 +324,32 @@ class Derived:
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
     multiple = tp * VOCAB_PAD_MULTIPLE
     return math.ceil(vocab_size / multiple) * multiple
+
+
+def stage_layers(num_layers: int, par: ParallelConfig) -> tuple[int, ...]:
+    """Decoder layers per pipeline stage of a validated config: the user's list, else the even split."""
+    if par.pipeline_stage_layers is not None:
+        return tuple(par.pipeline_stage_layers)
+    return (num_layers // par.pp,) * par.pp
+
+
+def balanced_stage_layers(num_layers: int, pp: int) -> list[int]:
+    """`num_layers` over `pp` stages (pp <= num_layers) as evenly as possible: each stage holds ceil(L / pp) or one
+    fewer. The stages with one fewer are the end stages first, in the order last, first, second-to-last, second, ...:
+    the last stage also runs the final norm, lm_head and the loss, the first the embedding and (under 1F1B) the most
+    micro-batches in flight. Llama 3 405B (126 layers, pp 16) → [7, 8 × 14, 7], as published; Megatron-LM sets the
+    same with --decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers. Even when pp divides L."""
+    per_stage = -(-num_layers // pp)
+    layers = [per_stage] * pp
+    ends_first = [stage for pair in zip(range(pp - 1, -1, -1), range(pp)) for stage in pair]
+    for stage in list(dict.fromkeys(ends_first))[: per_stage * pp - num_layers]:
+        layers[stage] -= 1
+    return layers
+
+
+def stage_layers_text(layers: Sequence[int]) -> str:
+    """A stage list as a CLI override value (no spaces, so it needs no shell quoting): [7,8,8,7]."""
+    return "[" + ",".join(str(n) for n in layers) + "]"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -456,11 +486,7 @@ def _model_split_problems(cfg: Config) -> list[str]:
         if count % par.tp:
             choices = _set_str(_divisors(math.gcd(m.num_heads, m.num_kv_heads)))
             problems.append(f"parallel.tp ({par.tp}) must divide model.{field} ({count}): choose tp in {choices}")
-    if m.num_layers % par.pp:
-        problems.append(
-            f"parallel.pp ({par.pp}) must divide model.num_layers ({m.num_layers}): "
-            f"choose pp in {_set_str(_divisors(m.num_layers))}"
-        )
+    problems += _stage_layer_problems(m.num_layers, par)
     if par.sequence_parallel and par.tp == 1:
         problems.append(
             "parallel.sequence_parallel needs parallel.tp > 1 (it shards activations over the TP group): "
@@ -472,6 +498,34 @@ def _model_split_problems(cfg: Config) -> list[str]:
             f"parallel.sequence_parallel: choose a seq_len that is a multiple of {par.tp}"
         )
     return problems
+
+
+def _stage_layer_problems(num_layers: int, par: ParallelConfig) -> list[str]:
+    """parallel.pipeline_stage_layers against pp and model.num_layers; without it, pp must divide num_layers."""
+    layers, pp = par.pipeline_stage_layers, par.pp
+    if pp > num_layers:
+        return [f"parallel.pp ({pp}) must not exceed model.num_layers ({num_layers}): every pipeline stage needs a "
+                f"decoder layer: choose pp <= {num_layers}"]
+    example = f"parallel.pipeline_stage_layers={stage_layers_text(balanced_stage_layers(num_layers, pp))}"
+    if layers is None:
+        if num_layers % pp == 0:
+            return []
+        return [f"parallel.pp ({pp}) must divide model.num_layers ({num_layers}), or set the decoder layers of each "
+                f"stage: {example} (balanced: fewer on the first and last stages, which also hold the embedding and "
+                f"lm_head); or choose pp in {_set_str(_divisors(num_layers))}"]
+    given = f"parallel.pipeline_stage_layers ({stage_layers_text(layers)})"
+    if pp == 1 and layers != [num_layers]:
+        return [f"{given} needs parallel.pp > 1 (got 1; one stage holds all {num_layers} layers): remove it, or set "
+                f"parallel.pp={len(layers)} to split the model over {len(layers)} stages"]
+    if len(layers) != pp:
+        return [f"{given} has {len(layers)} entries but parallel.pp is {pp}: give one per stage, e.g. {example}"]
+    if min(layers) < 1:
+        return [f"{given}: every stage needs at least 1 decoder layer (stage {layers.index(min(layers))} has "
+                f"{min(layers)}): e.g. {example}"]
+    if sum(layers) != num_layers:
+        return [f"{given} sums to {sum(layers)} but model.num_layers is {num_layers}: the entries must add up to it, "
+                f"e.g. {example}"]
+    return []
 
 
 def _pipeline_problems(cfg: Config, device: str) -> list[str]:
@@ -546,7 +600,7 @@ def _derive(cfg: Config, world_size: int, device: str) -> Derived:
         global_batch_size_tokens=train.global_batch_size * train.seq_len,
         head_dim=cfg.model.resolved_head_dim(),
         padded_vocab_size=padded_vocab_size(cfg.model.vocab_size, par.tp),
-        layers_per_stage=cfg.model.num_layers // par.pp,
+        stage_layers=stage_layers(cfg.model.num_layers, par),
         run_dir=cfg.run_dir,
         checkpoint_dir=cfg.checkpoint_dir,
     )

@@ -99,6 +99,7 @@ class MemoryEstimate:
     cpu_offload_bytes: int  # optimizer state / weights that ZeRO offload keeps in host memory instead
     in_flight_micro_batches: int
     buffers_bytes: int = 0  # DeepSpeed's gradient buckets and ZeRO-3's gathered parameters (sized by config)
+    stage: int = 0  # the pipeline stage these numbers are for: the one with the largest total
 
     @property
     def total_bytes(self) -> int:
@@ -107,27 +108,35 @@ class MemoryEstimate:
 
 
 def estimate_memory(cfg: Config, derived: Derived) -> MemoryEstimate:
-    params = _stage_params_per_gpu(cfg.model, derived)
+    """The busiest pipeline stage's memory: every stage is estimated (its decoder layers from Derived.stage_layers,
+    the embedding on the first, final norm + lm_head + logits on the last, 1F1B's in-flight micro-batches) and the
+    largest total is returned; the first stage wins ties."""
+    stages = [_stage_memory(cfg, derived, stage) for stage in range(derived.pp)]
+    return max(stages, key=lambda memory: memory.total_bytes)  # max keeps the first of equal totals
+
+
+def _stage_memory(cfg: Config, derived: Derived, stage: int) -> MemoryEstimate:
+    params = stage_params_per_gpu(cfg.model, derived, stage)
     weights, grads, optimizer, offloaded = _state_bytes(cfg, derived, params)
-    activations, in_flight = _activation_bytes(cfg, derived)
+    activations, in_flight = _activation_bytes(cfg, derived, stage)
     buffers = _buffer_bytes(cfg, derived)
-    return MemoryEstimate(params, weights, grads, optimizer, activations, offloaded, in_flight, buffers)
+    return MemoryEstimate(params, weights, grads, optimizer, activations, offloaded, in_flight, buffers, stage)
 
 
-def _stage_params_per_gpu(model: ModelConfig, derived: Derived) -> int:
-    """Parameters on the busiest pipeline stage, per TP rank. Linears and vocab rows split over tp; norms replicate.
+def stage_params_per_gpu(model: ModelConfig, derived: Derived, stage: int) -> int:
+    """Parameters of one pipeline stage, per TP rank. Linears and vocab rows split over tp; norms replicate.
 
     The first stage holds the embedding, the last the final norm and lm_head (with tied embeddings and pp > 1 the last
     stage holds a copy of the embedding as its lm_head, kept in sync by an extra all-reduce).
     """
     shape, tp = layer_shape(model), derived.tp
-    layer = shape.linear_params // tp + shape.norm_params
     vocab_shard = derived.padded_vocab_size * model.hidden_size // tp
-    layers = derived.layers_per_stage * layer
-    head = model.hidden_size + (0 if model.tie_embeddings and derived.pp == 1 else vocab_shard)
-    if derived.pp == 1:
-        return vocab_shard + layers + head
-    return max(vocab_shard + layers, layers + head)
+    params = derived.stage_layers[stage] * (shape.linear_params // tp + shape.norm_params)
+    if stage == 0:
+        params += vocab_shard
+    if stage == derived.pp - 1:
+        params += model.hidden_size + (0 if model.tie_embeddings and derived.pp == 1 else vocab_shard)
+    return params
 
 
 def _state_bytes(cfg: Config, derived: Derived, params: int) -> tuple[int, int, int, int]:
@@ -173,28 +182,33 @@ def _buffer_bytes(cfg: Config, derived: Derived) -> int:
     return 0
 
 
-def _activation_bytes(cfg: Config, derived: Derived) -> tuple[int, int]:
-    """Activations kept for backward on the busiest stage, and the micro-batches in flight there.
+def _activation_bytes(cfg: Config, derived: Derived, stage: int) -> tuple[int, int]:
+    """Activations one pipeline stage keeps for backward, and its micro-batches in flight.
 
-    With 1F1B the first stage holds min(pp, grad_accum) micro-batches; the last holds one plus the logits.
+    With 1F1B stage s holds min(pp - s, grad_accum) micro-batches (the first the most, the last one); the last stage
+    also holds the final norm's input and the logits.
     """
     tokens = cfg.train.seq_len * derived.micro_batch_size_per_gpu
     per_layer = _layer_activation_bytes_per_token(cfg, derived) * tokens
-    act_b = 4 if cfg.precision.dtype == "fp32" else 2
-    # Last stage: the final norm as in a layer; logits (activation dtype) + their fp32 copy for the loss (mixed
-    # precision only) + the fp32 log-softmax that cross entropy saves.
-    logits = tokens * derived.padded_vocab_size // derived.tp * (act_b + 4 + (4 if act_b < 4 else 0))
     working = 0
     if cfg.parallel.activation_checkpointing == "full":
         # Backward recomputes one layer at a time: that layer's full activations exist on top of the saved inputs.
         working = _layer_activation_bytes_per_token(cfg, derived, mode="none") * tokens
+    in_flight = min(derived.pp - stage, derived.grad_accum_steps)
+    total = in_flight * derived.stage_layers[stage] * per_layer + working
+    if stage == derived.pp - 1:
+        total += _head_activation_bytes(cfg, derived, tokens)
+    return total, in_flight
+
+
+def _head_activation_bytes(cfg: Config, derived: Derived, tokens: int) -> int:
+    """The last stage's final norm as in a layer; logits (activation dtype) + their fp32 copy for the loss (mixed
+    precision only) + the fp32 log-softmax that cross entropy saves."""
+    act_b = 4 if cfg.precision.dtype == "fp32" else 2
+    logits = tokens * derived.padded_vocab_size // derived.tp * (act_b + 4 + (4 if act_b < 4 else 0))
     sp = derived.tp if cfg.parallel.sequence_parallel else 1
     final_norm = tokens * (4 + act_b) * cfg.model.hidden_size // sp
-    in_flight = 1 if derived.pp == 1 else min(derived.pp, derived.grad_accum_steps)
-    stage_layers = derived.layers_per_stage * per_layer
-    first = in_flight * stage_layers + working
-    last = stage_layers + working + final_norm + logits
-    return max(first, last), in_flight
+    return final_norm + logits
 
 
 def _layer_activation_bytes_per_token(cfg: Config, derived: Derived, mode: str | None = None) -> int:

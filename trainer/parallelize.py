@@ -11,7 +11,8 @@ The steps run in one fixed order (each constraint is commented where it is appli
   4. sequence-parallel gradient hooks
   5. activation checkpointing              none | selective | core_attention | full, per decoder layer
   6. torch.compile of each decoder layer   parallel.compile (trainer/compile.py), in place: names unchanged
-  7. pipeline partition                    DeepSpeed PipelineModule over [embed, layer 0..L-1, head]
+  7. pipeline partition                    DeepSpeed PipelineModule over [embed, layer 0..L-1, head], split into
+                                           Derived.stage_layers decoder layers per stage (even or uneven)
 
 Names: every parameter keeps the name it has in the plain model (`layers.0.self_attn.q_proj.weight`). The TP layers
 are megatron's classes subclassed to return only the output tensor (megatron's return `(output, bias)`), not wrapped,
@@ -37,8 +38,7 @@ import contextlib
 import functools
 import hashlib
 import io
-import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +56,7 @@ from trainer.bootstrap import ParallelContext, deepspeed_topology
 from trainer.compile import compile_backend, compile_layers
 from trainer.loss import chunked_lm_loss, chunked_vocab_parallel_lm_loss
 from trainer.config import Config, Derived, ModelConfig
-from trainer.model import VOCAB_PARAM_NAMES, DecoderLayer, Llama, init_std_for
+from trainer.model import VOCAB_PARAM_NAMES, Llama, init_std_for
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -114,7 +114,7 @@ def parallelize(model: Llama, cfg: Config, derived: Derived, ctx: ParallelContex
         raise ValueError(f"config plans tp={derived.tp} pp={derived.pp} but the process groups are tp={ctx.tp} "
                          f"pp={ctx.pp}: pass the same config to init_parallel and parallelize")
     # 1. Before anything allocates: only this stage's parts leave the meta device.
-    parts = StageParts.for_stage(cfg.model.num_layers, ctx.pp, ctx.pp_rank)
+    parts = StageParts.for_stage(derived.stage_layers, ctx.pp_rank)
     # 2. Before init, because init copies each rank's slice into the shard shapes the TP layers allocate.
     if ctx.tp > 1:
         _swap_tensor_parallel(model, parts, cfg, ctx)
@@ -138,23 +138,24 @@ def parallelize(model: Llama, cfg: Config, derived: Derived, ctx: ParallelContex
     if ctx.pp == 1:
         return ParallelModel(model, loss_fn, cfg.model.num_layers, False, backend, compiled)
     # 7. Last: PipelineModule registers the finished parts as opaque callables in a flat list.
-    return ParallelModel(_pipeline(model, parts, loss_fn, ctx), loss_fn, cfg.model.num_layers, True, backend,
-                         compiled)
+    return ParallelModel(_pipeline(model, parts, derived.stage_layers, loss_fn, ctx), loss_fn, cfg.model.num_layers,
+                         True, backend, compiled)
 
 
 @dataclass(frozen=True)
 class StageParts:
     """Which parts of [embed, layer 0..L-1, head] one pipeline stage owns: the first stage also holds the embedding,
-    the last also the final norm and lm_head; each holds num_layers / pp decoder layers (Derived.layers_per_stage)."""
+    the last also the final norm and lm_head; stage s holds stage_layers[s] decoder layers (Derived.stage_layers:
+    parallel.pipeline_stage_layers, or num_layers / pp each)."""
 
     embed: bool
     layers: range
     head: bool
 
     @classmethod
-    def for_stage(cls, num_layers: int, pp: int, stage: int) -> StageParts:
-        per_stage = num_layers // pp
-        return cls(stage == 0, range(stage * per_stage, (stage + 1) * per_stage), stage == pp - 1)
+    def for_stage(cls, stage_layers: Sequence[int], stage: int) -> StageParts:
+        start = sum(stage_layers[:stage])
+        return cls(stage == 0, range(start, start + stage_layers[stage]), stage == len(stage_layers) - 1)
 
     def list_bounds(self) -> tuple[int, int]:
         """[start, stop) of these parts in the PipelineModule layer list [embed, layers..., head]."""
@@ -482,18 +483,51 @@ class HeadStage(nn.Module):
         return self.lm_head(self.norm(hidden)).transpose(0, 1)
 
 
-def _pipeline(model: Llama, parts: StageParts, loss_fn: LossFn, ctx: ParallelContext) -> nn.Module:
+def pipeline_bounds(stage_layers: Sequence[int]) -> list[int]:
+    """Stage boundaries in the PipelineModule layer list [embed, layers..., head] (DeepSpeed's `parts`: stage s owns
+    [bounds[s], bounds[s + 1])): the embedding goes with the first stage, the head with the last."""
+    inner = [1 + sum(stage_layers[:stage]) for stage in range(1, len(stage_layers))]  # + 1: the embedding
+    return [0, *inner, sum(stage_layers) + 2]
+
+
+_BOUNDS_METHOD = "bounds:"  # partition_method of _StageListPipelineModule: "bounds:0,3,7" (pipeline_bounds)
+
+
+@functools.cache
+def _stage_list_pipeline_class() -> type:
+    """DeepSpeed's PipelineModule, placing the stage bounds it is given. DeepSpeed 0.19.8 has no such partition
+    method (`_partition_layers` knows uniform, parameters and type:<regex>, all computed by its own balancing), and
+    uneven stages (parallel.pipeline_stage_layers) need an exact split. Built on first use: deepspeed loads lazily."""
     from deepspeed.pipe import PipelineModule
 
+    class StageListPipelineModule(PipelineModule):
+        def _partition_layers(self, method: str = "uniform") -> None:
+            if not method.startswith(_BOUNDS_METHOD):
+                super()._partition_layers(method)
+                return
+            self.parts = [int(bound) for bound in method.removeprefix(_BOUNDS_METHOD).split(",")]
+            if len(self.parts) != self.num_stages + 1 or self.parts[-1] != len(self._layer_specs):
+                raise ValueError(f"pipeline bounds {self.parts} do not split {len(self._layer_specs)} parts into "
+                                 f"{self.num_stages} stages")
+            stage = self._topo.get_coord(self.global_rank).pipe
+            self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+    return StageListPipelineModule
+
+
+def _pipeline(model: Llama, parts: StageParts, stage_layers: Sequence[int], loss_fn: LossFn,
+              ctx: ParallelContext) -> nn.Module:
     layers = [EmbedStage(model.embed_tokens), *model.layers, HeadStage(model.norm, model.lm_head)]
+    bounds = pipeline_bounds(stage_layers)
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints the partition table on rank 0
-        pipe = PipelineModule(
+        pipe = _stage_list_pipeline_class()(
             layers=layers,
             loss_fn=loss_fn,
             topology=deepspeed_topology(ctx),  # DeepSpeed's pipe/data groups = megatron's (same rank layout)
-            # One balanced share of decoder layers per stage; embed goes with the first, head with the last. This is
-            # the split StageParts assumed when it chose which parts to allocate (checked below).
-            partition_method=f"type:^{re.escape(DecoderLayer.__name__)}$",
+            # Exactly Derived.stage_layers decoder layers per stage; embed goes with the first, head with the last.
+            # This is the split StageParts assumed when it chose which parts to allocate (checked below: DeepSpeed's
+            # stage coordinate of this rank must be ctx.pp_rank).
+            partition_method=_BOUNDS_METHOD + ",".join(str(bound) for bound in bounds),
             activation_checkpoint_interval=0,  # ours is per layer (step 5), the same with and without a pipeline
         )
     if (pipe._local_start, pipe._local_stop) != parts.list_bounds():

@@ -20,8 +20,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from trainer.config import Config, ConfigError, Derived, apply_overrides, parse_config
-from trainer.estimate import MemoryEstimate, estimate_memory, flops_per_token
+from trainer.config import (
+    Config,
+    ConfigError,
+    Derived,
+    apply_overrides,
+    balanced_stage_layers,
+    parse_config,
+    stage_layers_text,
+)
+from trainer.estimate import MemoryEstimate, estimate_memory, flops_per_token, stage_params_per_gpu
 from trainer.gpu_specs import GPUS, GpuSpec  # noqa: F401 - re-exported: plan.GPUS
 
 GIB = 2**30
@@ -62,20 +70,30 @@ class Layout:
     zero_stage: int
     micro_batch_size_per_gpu: int
     activation_checkpointing: str
+    # Decoder layers per pipeline stage when pp does not divide num_layers (config.balanced_stage_layers); None: even.
+    stage_layers: tuple[int, ...] | None = None
 
     def overrides(self) -> list[str]:
         """The dotted overrides that turn a run config into this layout (dp stays 'auto' = world / (tp·pp))."""
+        stages = "null" if self.stage_layers is None else stage_layers_text(self.stage_layers)
         return [
-            f"parallel.tp={self.tp}", f"parallel.pp={self.pp}", "parallel.dp=auto",
-            f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}",
+            f"parallel.tp={self.tp}", f"parallel.pp={self.pp}", f"parallel.pipeline_stage_layers={stages}",
+            "parallel.dp=auto", f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}",
             f"parallel.activation_checkpointing={self.activation_checkpointing}",
             f"zero.stage={self.zero_stage}", f"train.micro_batch_size_per_gpu={self.micro_batch_size_per_gpu}",
         ]
 
+    def pp_text(self) -> str:
+        """pp, with the stage split when uneven, runs written once: 16 [7,8x14,7]."""
+        if self.stage_layers is None:
+            return str(self.pp)
+        runs = [(n, len(list(group))) for n, group in itertools.groupby(self.stage_layers)]
+        return f"{self.pp} [" + ",".join(f"{n}x{count}" if count > 1 else str(n) for n, count in runs) + "]"
+
     def short(self) -> str:
         sp = "+sp" if self.sequence_parallel else ""
-        return (f"tp{self.tp}{sp} pp{self.pp} dp{self.dp} zero{self.zero_stage} micro{self.micro_batch_size_per_gpu} "
-                f"ac={self.activation_checkpointing}")
+        return (f"tp{self.tp}{sp} pp{self.pp_text().replace(' ', '')} dp{self.dp} zero{self.zero_stage} "
+                f"micro{self.micro_batch_size_per_gpu} ac={self.activation_checkpointing}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,10 +155,12 @@ class PlanResult:
     example_refusal: str | None = None  # the most frequent validation message, for the error when nothing fits
 
     def given_rank(self) -> int | None:
-        """1-based place of the input config's layout among the fitting ones (None when it does not fit)."""
-        if self.given is None:
+        """1-based place of the input config's layout among the fitting ones (None when it does not fit). A layout
+        the enumeration does not make (a hand-written uneven stage split) is placed where its step time sorts."""
+        if self.given is None or self.given_problem is not None:
             return None
-        return next((i for i, c in enumerate(self.candidates, 1) if c.layout == self.given.layout), None)
+        same = next((i for i, c in enumerate(self.candidates, 1) if c.layout == self.given.layout), None)
+        return same or 1 + sum(_rank_key(c) < _rank_key(self.given) for c in self.candidates)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -154,18 +174,21 @@ def _divisors(n: int) -> list[int]:
 def enumerate_layouts(cfg: Config, world_size: int) -> Iterator[Layout]:
     """Every tp × pp × sp × ZeRO × micro-batch × AC combination worth asking the validator about.
 
-    Only cheap arithmetic prunes here (tp·pp must divide the world, micro-batches are powers of two dividing the
-    per-DP-rank batch); everything the trainer refuses is refused by its own validation in `apply_layout`.
+    Only cheap arithmetic prunes here (tp·pp must divide the world, pp <= num_layers, micro-batches are powers of two
+    dividing the per-DP-rank batch); everything the trainer refuses is refused by its own validation in
+    `apply_layout`. A pp that does not divide num_layers gets the balanced uneven split (fewer layers on the end
+    stages: trainer.config.balanced_stage_layers); one that divides it, the even split.
     """
-    heads = math.gcd(cfg.model.num_heads, cfg.model.num_kv_heads)
-    for tp, pp in itertools.product(_divisors(heads), _divisors(cfg.model.num_layers)):
-        if world_size % (tp * pp):
+    heads, num_layers = math.gcd(cfg.model.num_heads, cfg.model.num_kv_heads), cfg.model.num_layers
+    for tp, pp in itertools.product(_divisors(heads), _divisors(world_size)):
+        if world_size % (tp * pp) or pp > num_layers:
             continue
         dp = world_size // (tp * pp)
+        stages = None if num_layers % pp == 0 else tuple(balanced_stage_layers(num_layers, pp))
         for sp, stage, micro, ac in itertools.product(
             (False, True) if tp > 1 else (False,), range(4), _micro_batches(cfg.train.global_batch_size, dp), AC_MODES
         ):
-            yield Layout(tp, pp, dp, sp, stage, micro, ac)
+            yield Layout(tp, pp, dp, sp, stage, micro, ac, stages)
 
 
 def _micro_batches(global_batch_size: int, dp: int) -> list[int]:
@@ -188,10 +211,15 @@ def apply_layout(cfg: Config, layout: Layout, cluster: Cluster) -> tuple[Config,
 
 
 def step_time(cfg: Config, derived: Derived, cluster: Cluster, calib: Calibration) -> StepTime:
-    """One optimizer step under 1F1B: (m + pp - 1) slots of one micro-batch on the busiest stage, plus DP traffic."""
+    """One optimizer step under 1F1B: (m + pp - 1) slots of one micro-batch on the busiest stage, plus DP traffic.
+
+    The busiest stage is the one with the longest slot (its decoder layers, plus lm_head on the last and the
+    embedding's TP all-reduce on the first): with uneven stages every stage waits for it, so it sets the pace.
+    """
     micro_batches = derived.grad_accum_steps
-    compute_micro_s = _compute_micro_s(cfg, derived, cluster, calib)
-    tp_micro_s = _tp_comm_micro_s(cfg, derived, cluster)
+    per_stage = [(_compute_micro_s(cfg, derived, cluster, calib, stage), _tp_comm_micro_s(cfg, derived, cluster, stage))
+                 for stage in range(derived.pp)]
+    compute_micro_s, tp_micro_s = max(per_stage, key=sum)
     pp_micro_s = _pp_comm_micro_s(cfg, derived, cluster)
     slot_s = compute_micro_s + tp_micro_s + pp_micro_s
     return StepTime(
@@ -203,17 +231,18 @@ def step_time(cfg: Config, derived: Derived, cluster: Cluster, calib: Calibratio
     )
 
 
-def _compute_micro_s(cfg: Config, derived: Derived, cluster: Cluster, calib: Calibration) -> float:
-    """FLOPs of one micro-batch on the busiest stage (the last: its layers plus lm_head), per TP rank."""
+def _compute_micro_s(cfg: Config, derived: Derived, cluster: Cluster, calib: Calibration, stage: int) -> float:
+    """FLOPs of one micro-batch on one pipeline stage (its decoder layers; the last also lm_head), per TP rank."""
     flops = flops_per_token(cfg.model, derived.padded_vocab_size, cfg.train.seq_len)
     head = 6 * derived.padded_vocab_size * cfg.model.hidden_size
-    layers = (flops.total - head) / derived.pp
+    share = derived.stage_layers[stage] / cfg.model.num_layers  # this stage's fraction of the decoder layers
+    layers = (flops.total - head) * share
     mode = cfg.parallel.activation_checkpointing
     if mode == "full":
         layers *= 4 / 3  # backward re-runs each layer's forward: 2 of the 6 FLOPs per parameter and token again
     elif mode == "core_attention":
-        layers += flops.attention / 3 / derived.pp  # one more attention forward (1 of its 3 training passes)
-    per_token = (layers + head) / derived.tp
+        layers += flops.attention / 3 * share  # one more attention forward (1 of its 3 training passes)
+    per_token = (layers + (head if stage == derived.pp - 1 else 0)) / derived.tp
     tokens = derived.micro_batch_size_per_gpu * cfg.train.seq_len
     seconds = per_token * tokens / (cluster.gpu.peak_tflops * 1e12 * calib.compute_efficiency)
     return seconds * (calib.selective_ac_time_factor if mode == "selective" else 1.0)
@@ -254,16 +283,16 @@ def _act_bytes(cfg: Config) -> int:
     return 4 if cfg.precision.dtype == "fp32" else 2
 
 
-def _tp_comm_micro_s(cfg: Config, derived: Derived, cluster: Cluster) -> float:
+def _tp_comm_micro_s(cfg: Config, derived: Derived, cluster: Cluster, stage: int) -> float:
     """Per layer: attention and MLP each all-reduce their output in forward and their input gradient in backward
     (SP: a reduce-scatter + all-gather pair instead, the same bytes). Full AC repeats the forward pair. Plus the
-    vocab-parallel embedding's all-reduce and lm_head's input-gradient all-reduce on the end stages."""
+    vocab-parallel embedding's all-reduce on the first stage and lm_head's input-gradient all-reduce on the last."""
     tp = derived.tp
     if tp == 1:
         return 0.0
     nbytes = derived.micro_batch_size_per_gpu * cfg.train.seq_len * cfg.model.hidden_size * _act_bytes(cfg)
     per_layer = 6 if cfg.parallel.activation_checkpointing == "full" else 4
-    count = derived.layers_per_stage * per_layer + 2
+    count = derived.stage_layers[stage] * per_layer + (stage == 0) + (stage == derived.pp - 1)
     return _collective_s(count * nbytes, tp, _link(cluster, 1, tp), "all_reduce", count)
 
 
@@ -293,7 +322,8 @@ def _dp_comm_exposed_s(cfg: Config, derived: Derived, cluster: Cluster, compute_
     if dp == 1:
         return 0.0
     link = _link(cluster, derived.tp, dp)
-    params = estimate_memory(cfg, derived).params_per_gpu
+    # Each stage reduces its own parameters over its own DP group, all at once: the largest stage finishes last.
+    params = max(stage_params_per_gpu(cfg.model, derived, stage) for stage in range(derived.pp))
     mixed = cfg.precision.dtype != "fp32"
     grad_bytes = params * (4 if (not mixed or cfg.precision.fp32_grad_accumulation) else 2)
     weight_bytes = params * (2 if mixed else 4)
@@ -304,7 +334,7 @@ def _dp_comm_exposed_s(cfg: Config, derived: Derived, cluster: Cluster, compute_
     overlap = z.overlap_comm and derived.pp == 1
     micro_batches = derived.grad_accum_steps
     if stage == 3:
-        layers = derived.layers_per_stage
+        layers = max(derived.stage_layers)  # ZeRO-3 runs without a pipeline (pp 1): all layers
         per_micro_s = (_collective_s(2 * weight_bytes, dp, link, "all_gather", 2 * layers)
                        + _collective_s(grad_bytes, dp, link, "reduce_scatter", layers))
         return micro_batches * (max(0.0, per_micro_s - compute_micro_s) if overlap else per_micro_s)
@@ -369,8 +399,11 @@ def _given_layout(cfg: Config, cluster: Cluster, calib: Calibration,
     """The config's own parallel settings on this cluster: what `submit` would run if nothing were changed."""
     par = cfg.parallel
     dp = cluster.world_size // (par.tp * par.pp) if cluster.world_size % (par.tp * par.pp) == 0 else 0
+    stages = None if par.pipeline_stage_layers is None else tuple(par.pipeline_stage_layers)
+    if stages is not None and len(set(stages)) == 1:
+        stages = None  # an even split written out is the even split the enumeration makes
     layout = Layout(par.tp, par.pp, dp, par.sequence_parallel, cfg.zero.stage, cfg.train.micro_batch_size_per_gpu,
-                    par.activation_checkpointing)
+                    par.activation_checkpointing, stages)
     try:
         new, derived = apply_layout(cfg, layout, cluster)
     except ConfigError as err:

@@ -240,7 +240,7 @@ def _table(candidates: list[Any]) -> list[str]:
         m, t, lay = c.memory, c.time, c.layout
         gib = [f"{b / 2**30:.1f}" for b in (m.weights_bytes, m.grads_bytes, m.optimizer_bytes, m.activations_bytes,
                                             m.buffers_bytes, m.total_bytes)]
-        rows.append((str(i), str(lay.tp), str(lay.pp), str(lay.dp), "y" if lay.sequence_parallel else "-",
+        rows.append((str(i), str(lay.tp), lay.pp_text(), str(lay.dp), "y" if lay.sequence_parallel else "-",
                      str(lay.zero_stage), str(lay.micro_batch_size_per_gpu), str(c.derived.grad_accum_steps),
                      lay.activation_checkpointing, *gib, *(_seconds(x) for x in (t.compute_s, t.exposed_comm_s,
                                                                                t.bubble_s, t.total_s)),

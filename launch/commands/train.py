@@ -111,6 +111,8 @@ def _dry_run_report(cfg: Any, derived: Any, args: argparse.Namespace, world_sour
         f"config       {args.config}{overrides}: {cfg.name}",
         f"world        {derived.world_size} processes ({world_source}) on {derived.device} = "
         f"tp {derived.tp} × pp {derived.pp} × dp {derived.dp}",
+        *([f"pipeline     decoder layers per stage {list(derived.stage_layers)} (first to last; embedding on the "
+           f"first, lm_head on the last)"] if derived.pp > 1 else []),
         f"batch        {derived.global_batch_size} samples × {cfg.train.seq_len} tokens = "
         f"{derived.global_batch_size_tokens:,} tokens/step = micro {derived.micro_batch_size_per_gpu} × "
         f"grad_accum {derived.grad_accum_steps} × dp {derived.dp}",
@@ -129,7 +131,7 @@ def _memory_lines(cfg: Any, memory: Any) -> list[str]:
     gib = 2**30
     lines = [
         f"memory/GPU   {memory.total_bytes / gib:.1f} GiB on the busiest stage "
-        f"({memory.params_per_gpu:,} params there): "
+        f"(stage {memory.stage}: {memory.params_per_gpu:,} params there): "
         f"weights {memory.weights_bytes / gib:.1f} + grads {memory.grads_bytes / gib:.1f} + optimizer "
         f"{memory.optimizer_bytes / gib:.1f} + activations {memory.activations_bytes / gib:.1f} + DeepSpeed buffers "
         f"{memory.buffers_bytes / gib:.1f} GiB",

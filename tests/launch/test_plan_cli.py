@@ -81,6 +81,25 @@ def test_written_config_passes_dry_run_and_submit_dry_run(tmp_path: Path) -> Non
     assert "#SBATCH --nodes=4" in submit.stdout
 
 
+def test_uneven_pipeline_winner_is_written_and_runs(tmp_path: Path) -> None:
+    """A slow network (0.5 GB/s per GPU) pushes 7B on 3 × 8 GPUs to pipelines whose pp does not divide 32 layers:
+    the winner's stage list is in the table, in the written config, and `train` / `submit --dry-run` accept it."""
+    written = tmp_path / "plan-uneven.yaml"
+    out = pretrain("plan", "--config", "configs/7b.yaml", "--nodes", "3", "--gpus-per-node", "8",
+                   "--inter-node-gbps", "0.5", "--write", str(written), "logging.run_dir=" + str(tmp_path / "run"))
+    assert out.returncode == 0, out.stderr
+    stages = yaml.safe_load(written.read_text())["parallel"]["pipeline_stage_layers"]
+    assert stages is not None and sum(stages) == 32 and max(stages) - min(stages) == 1
+    assert stages[0] == stages[-1] == min(stages)  # the end stages are the light ones
+    pp = len(stages)
+    assert any(line.split()[2:3] == [str(pp)] and "[" in line for line in out.stdout.splitlines()[:8])  # table
+    dry = pretrain("train", "--config", str(written), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"× pp {pp} ×" in dry.stdout and f"decoder layers per stage {stages}" in dry.stdout
+    submit = pretrain("submit", "--config", str(written), "--dry-run", cwd=tmp_path)
+    assert submit.returncode == 0, submit.stderr
+
+
 def test_hf_config_json_is_accepted(tmp_path: Path) -> None:
     raw = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 500000.0,

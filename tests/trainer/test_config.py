@@ -15,6 +15,7 @@ from trainer.config import (
     apply_overrides,
     dump_resolved,
     load_config,
+    balanced_stage_layers,
     padded_vocab_size,
     parse_config,
     save_resolved,
@@ -235,7 +236,8 @@ def test_valid_slurm_times_and_sbatch_lines() -> None:
             "parallel.tp (4) must divide model.num_kv_heads (6): choose tp in {1, 2, 3, 6}",
         ),
         (8, ["parallel.tp=8"], "parallel.tp (8) must divide model.num_heads (4): choose tp in {1, 2}"),
-        (3, ["parallel.pp=3"], "parallel.pp (3) must divide model.num_layers (2): choose pp in {1, 2}"),
+        (3, ["parallel.pp=3"], "parallel.pp (3) must not exceed model.num_layers (2): every pipeline stage needs a "
+                               "decoder layer: choose pp <= 2"),
         (2, ["parallel.sequence_parallel=true"], "parallel.sequence_parallel needs parallel.tp > 1"),
         (
             2,
@@ -296,10 +298,67 @@ def test_derived_values_are_separate_from_user_fields() -> None:
     assert (derived.tp, derived.pp, derived.dp) == (2, 1, 4)
     assert derived.grad_accum_steps == 32 // (4 * 4) == 2
     assert derived.global_batch_size_tokens == 32 * 64
-    assert derived.head_dim == 16 and derived.layers_per_stage == 2
+    assert derived.head_dim == 16 and derived.stage_layers == (2,)
     assert derived.padded_vocab_size == 256  # 256 is a multiple of 2 × 128
     assert derived.run_dir == "runs/tiny" and derived.checkpoint_dir == "runs/tiny/checkpoints"
     assert cfg.model_dump() == before and cfg.parallel.dp == "auto"
+
+
+def test_pipeline_stage_layers_from_a_cli_override() -> None:
+    """A list goes through the one override parser as YAML: parallel.pipeline_stage_layers=[3,5]."""
+    cfg = tiny("model.num_layers=8", "parallel.pp=2", "parallel.pipeline_stage_layers=[3,5]")
+    assert cfg.parallel.pipeline_stage_layers == [3, 5]
+    assert cfg.validate_for_world(2).stage_layers == (3, 5)
+    assert tiny("model.num_layers=8", "parallel.pp=2").validate_for_world(2).stage_layers == (4, 4)  # even: None
+    assert tiny("model.num_layers=5", "parallel.pipeline_stage_layers=[5]").validate_for_world(1).stage_layers == (5,)
+    written = tiny("model.num_layers=5", "parallel.pp=2", "parallel.pipeline_stage_layers=[2, 3]")
+    assert load_config_text(dump_resolved(written)) == written  # the resolved YAML reads back
+
+
+def load_config_text(text: str) -> Config:
+    return parse_config(yaml.safe_load(text))
+
+
+@pytest.mark.parametrize(
+    ("num_layers", "pp", "expected"),
+    [(126, 16, [7] + [8] * 14 + [7]), (5, 2, [3, 2]), (5, 3, [2, 2, 1]), (9, 4, [2, 3, 2, 2]), (10, 4, [2, 3, 3, 2]),
+     (8, 4, [2, 2, 2, 2]), (7, 7, [1] * 7), (3, 1, [3])],
+)
+def test_balanced_stage_layers_lighten_the_end_stages_first(num_layers: int, pp: int, expected: list[int]) -> None:
+    got = balanced_stage_layers(num_layers, pp)
+    assert got == expected and sum(got) == num_layers and max(got) - min(got) <= 1
+
+
+@pytest.mark.parametrize(
+    ("world", "overrides", "expected"),
+    [
+        (2, ["model.num_layers=5", "parallel.pp=2"],
+         "parallel.pp (2) must divide model.num_layers (5), or set the decoder layers of each stage: "
+         "parallel.pipeline_stage_layers=[3,2] (balanced: fewer on the first and last stages, which also hold the "
+         "embedding and lm_head); or choose pp in {1, 5}"),
+        (2, ["model.num_layers=5", "parallel.pp=2", "parallel.pipeline_stage_layers=[1,1,3]"],
+         "parallel.pipeline_stage_layers ([1,1,3]) has 3 entries but parallel.pp is 2: give one per stage, e.g. "
+         "parallel.pipeline_stage_layers=[3,2]"),
+        (2, ["model.num_layers=5", "parallel.pp=2", "parallel.pipeline_stage_layers=[2,2]"],
+         "parallel.pipeline_stage_layers ([2,2]) sums to 4 but model.num_layers is 5: the entries must add up to it, "
+         "e.g. parallel.pipeline_stage_layers=[3,2]"),
+        (3, ["model.num_layers=5", "parallel.pp=3", "parallel.pipeline_stage_layers=[0,3,2]"],
+         "parallel.pipeline_stage_layers ([0,3,2]): every stage needs at least 1 decoder layer (stage 0 has 0): e.g. "
+         "parallel.pipeline_stage_layers=[2,2,1]"),
+        (1, ["model.num_layers=5", "parallel.pipeline_stage_layers=[2,3]"],
+         "parallel.pipeline_stage_layers ([2,3]) needs parallel.pp > 1 (got 1; one stage holds all 5 layers): remove "
+         "it, or set parallel.pp=2 to split the model over 2 stages"),
+        (1, ["model.num_layers=5", "parallel.pipeline_stage_layers=[4]"],
+         "parallel.pipeline_stage_layers ([4]) needs parallel.pp > 1 (got 1; one stage holds all 5 layers)"),
+    ],
+)
+def test_pipeline_stage_layer_problems(world: int, overrides: list[str], expected: str) -> None:
+    assert expected in world_error_of(world, *overrides)
+
+
+def test_pipeline_stage_layers_must_be_whole_numbers() -> None:
+    assert "parallel.pipeline_stage_layers.1: Input should be a valid integer" in error_of(
+        "model.num_layers=5", "parallel.pp=2", "parallel.pipeline_stage_layers=[2, 3.5]")
 
 
 def test_explicit_dp_is_accepted_when_it_matches() -> None:

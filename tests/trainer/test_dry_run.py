@@ -66,6 +66,20 @@ def test_overrides_and_world_size_flag() -> None:
     assert ds["optimizer"]["params"]["lr"] == 1e-4 and ds["gradient_accumulation_steps"] == 1024 // (2 * 16)
 
 
+def test_uneven_pipeline_stages_from_the_command_line() -> None:
+    """The list override reaches the dry run (shell-safe, no spaces); a pp that does not divide the layers is refused
+    with a split to paste."""
+    out = pretrain("--config", "configs/70b.yaml", "--world-size", "192", "--dry-run", "parallel.pp=3",
+                   "parallel.pipeline_stage_layers=[26,28,26]")
+    assert out.returncode == 0, out.stderr
+    assert "tp 8 × pp 3 × dp 8" in out.stdout
+    assert "pipeline     decoder layers per stage [26, 28, 26]" in out.stdout
+    assert "on the busiest stage (stage 0: " in out.stdout  # 1F1B: the first stage holds 3 micro-batches
+    out = pretrain("--config", "configs/70b.yaml", "--world-size", "192", "--dry-run", "parallel.pp=3")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "parallel.pipeline_stage_layers=[27,27,26]" in out.stderr
+
+
 def test_world_size_from_environment() -> None:
     out = pretrain("--config", "configs/tiny.yaml", "--dry-run", env_extra={"WORLD_SIZE": "4"})
     assert out.returncode == 0, out.stderr

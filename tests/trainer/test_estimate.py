@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from trainer.config import load_config
-from trainer.estimate import count_parameters, estimate_memory, flops_per_token
+from trainer.estimate import count_parameters, estimate_memory, flops_per_token, stage_params_per_gpu
 
 REPO = Path(__file__).resolve().parents[2]
 GIB = 2**30
@@ -81,6 +81,45 @@ def test_tensor_and_pipeline_split_the_weights() -> None:
     # 20 of 80 layers per stage, 1/8 of each per TP rank, plus the embedding or head shard: about total / 32.
     assert memory.params_per_gpu == pytest.approx(counts.total / 32, rel=0.05)
     assert memory.in_flight_micro_batches == 4  # 1F1B: pp micro-batches live on the first stage
+
+
+def four_stages(split: list[int]):
+    """70b on 4 GPUs as pp 4 (tp 1) with the given decoder layers per stage."""
+    return setup("70b", "parallel.tp=1", "parallel.sequence_parallel=false", "parallel.pp=4",
+                 f"parallel.pipeline_stage_layers={split}", world=4)
+
+
+def test_stage_parameters_add_up_to_the_model() -> None:
+    cfg, derived = four_stages([19, 21, 22, 18])
+    stages = [stage_params_per_gpu(cfg.model, derived, stage) for stage in range(4)]
+    counts = count_parameters(cfg.model, derived.padded_vocab_size)
+    assert sum(stages) == counts.total
+    assert stages[1] == 21 * counts.per_layer and stages[2] == 22 * counts.per_layer  # no embedding or head there
+
+
+@pytest.mark.parametrize(
+    ("split", "busiest", "in_flight"),
+    [
+        ([1, 1, 1, 77], 3, 1),  # nearly all layers on the last stage: it wins despite one micro-batch in flight
+        ([77, 1, 1, 1], 0, 4),  # ... on the first: 4 micro-batches of 77 layers
+        ([2, 75, 2, 1], 1, 3),  # a middle stage: 1F1B holds pp - 1 = 3 micro-batches there
+        ([20, 20, 20, 20], 0, 4),  # even: the first stage (most micro-batches in flight) is the busiest
+    ],
+)
+def test_memory_is_the_busiest_pipeline_stage(split: list[int], busiest: int, in_flight: int) -> None:
+    cfg, derived = four_stages(split)
+    memory = estimate_memory(cfg, derived)
+    counts = count_parameters(cfg.model, derived.padded_vocab_size)
+    assert (memory.stage, memory.in_flight_micro_batches) == (busiest, in_flight)
+    embed = counts.embedding if busiest == 0 else 0
+    head = counts.final_norm + counts.lm_head if busiest == 3 else 0
+    assert memory.params_per_gpu == split[busiest] * counts.per_layer + embed + head
+    # Moving one layer from the busiest stage to another lightens the estimate by at least that layer's state.
+    lighter = list(split)
+    lighter[busiest] -= 1
+    lighter[(busiest + 1) % 4] += 1
+    if split != [20, 20, 20, 20]:
+        assert estimate_memory(*four_stages(lighter)).total_bytes < memory.total_bytes
 
 
 def test_activation_checkpointing_and_sequence_parallel_shrink_activations() -> None:

@@ -22,6 +22,7 @@ from trainer.parallelize import (
     canonical_name,
     init_weights_deterministic,
     parallelize,
+    pipeline_bounds,
 )
 from trainer.testing import run_distributed
 
@@ -147,13 +148,26 @@ def test_activation_checkpointing_keeps_names() -> None:
 
 
 @pytest.mark.parametrize(("num_layers", "pp"), [(2, 2), (4, 2), (4, 4), (80, 4), (3, 3), (2, 1)])
-def test_stage_parts_match_deepspeed_type_partition(num_layers: int, pp: int) -> None:
+def test_even_stages_match_deepspeed_type_partition(num_layers: int, pp: int) -> None:
+    """The even split places layers where DeepSpeed's own partition_method="type:DecoderLayer" did before uneven
+    stages existed, so runs and checkpoints of that time see the same stages."""
     from deepspeed.runtime.utils import partition_balanced
 
-    # What PipelineModule(partition_method="type:DecoderLayer") computes for [embed, layers..., head].
     parts = partition_balanced(weights=[0] + [1] * num_layers + [0], num_parts=pp)
+    even = [num_layers // pp] * pp
+    assert pipeline_bounds(even) == parts
     for stage in range(pp):
-        assert StageParts.for_stage(num_layers, pp, stage).list_bounds() == (parts[stage], parts[stage + 1])
+        assert StageParts.for_stage(even, stage).list_bounds() == (parts[stage], parts[stage + 1])
+
+
+def test_uneven_stage_parts_and_pipeline_bounds() -> None:
+    # [embed, l0, l1, l2, l3, l4, head] as [1, 3, 1]: stage 0 = embed + l0, stage 1 = l1..l3, stage 2 = l4 + head.
+    assert pipeline_bounds([1, 3, 1]) == [0, 2, 5, 7]
+    first, middle, last = (StageParts.for_stage([1, 3, 1], stage) for stage in range(3))
+    assert (first.embed, first.layers, first.head, first.list_bounds()) == (True, range(0, 1), False, (0, 2))
+    assert (middle.embed, middle.layers, middle.head, middle.list_bounds()) == (False, range(1, 4), False, (2, 5))
+    assert (last.embed, last.layers, last.head, last.list_bounds()) == (False, range(4, 5), True, (5, 7))
+    assert pipeline_bounds([5]) == [0, 7]
 
 
 def test_canonical_names_of_pipeline_parameters() -> None:

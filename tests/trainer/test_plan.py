@@ -48,7 +48,11 @@ def candidate(name: str, lay: Layout, cluster: Cluster, *overrides: str):
 def test_enumeration_covers_every_axis_and_only_world_divisors() -> None:
     layouts = list(enumerate_layouts(config("70b"), 256))
     assert {lay.tp for lay in layouts} == {1, 2, 4, 8}  # divisors of gcd(64 heads, 8 kv heads)
-    assert {lay.pp for lay in layouts} == {1, 2, 4, 8, 16}  # divisors of 80 layers that divide 256 / tp
+    assert {lay.pp for lay in layouts} == {1, 2, 4, 8, 16, 32, 64}  # divisors of 256 / tp up to 80 layers
+    # pp 32 and 64 do not divide 80 layers: the balanced uneven split; the others the even one.
+    splits = {lay.pp: lay.stage_layers for lay in layouts}
+    assert splits[32] == (2,) * 8 + (3,) * 16 + (2,) * 8 and splits[64] == (1,) * 24 + (2,) * 16 + (1,) * 24
+    assert {splits[pp] for pp in (1, 2, 4, 8, 16)} == {None}
     assert {lay.zero_stage for lay in layouts} == {0, 1, 2, 3}
     assert {lay.activation_checkpointing for lay in layouts} == {"none", "selective", "core_attention", "full"}
     assert {lay.sequence_parallel for lay in layouts if lay.tp == 1} == {False}
@@ -104,8 +108,9 @@ def test_communication_rules() -> None:
     tp8 = candidate("70b", layout(tp=8, pp=4, dp=8, sequence_parallel=True), cluster)
     tp8_full = candidate("70b", layout(tp=8, pp=4, dp=8, sequence_parallel=True, activation_checkpointing="full"),
                          cluster)
-    # Full AC repeats the forward all-reduce pair: 6 instead of 4 per layer (+2 on the end stages).
-    assert tp8_full.time.tp_comm_s / tp8.time.tp_comm_s == pytest.approx((20 * 6 + 2) / (20 * 4 + 2))
+    # Full AC repeats the forward all-reduce pair: 6 instead of 4 per layer (+1 for lm_head on the busiest, last
+    # stage; the embedding's all-reduce is on the first).
+    assert tp8_full.time.tp_comm_s / tp8.time.tp_comm_s == pytest.approx((20 * 6 + 1) / (20 * 4 + 1))
     assert tp8_full.time.compute_s > tp8.time.compute_s
     # TP across nodes (tp 16 does not divide the heads, so compare tp 8 on 4-GPU nodes): slower links.
     small_nodes = Cluster(64, 4, H100)
@@ -191,6 +196,48 @@ def test_the_configs_own_layout_is_placed_among_the_candidates() -> None:
     assert too_big.given_rank() is None and "GiB usable" in too_big.given_problem
     invalid = plan(config("70b", "parallel.pp=3"), Cluster(32, 8, H100))
     assert invalid.given is None and "parallel.pp (3) must divide model.num_layers (80)" in invalid.given_problem
+
+
+def test_uneven_stages_step_time_is_the_busiest_stage() -> None:
+    """78 layers on pp 4 as [19, 20, 20, 19]: the busiest slot is a middle stage's 20 layers (the last stage's 19 +
+    lm_head is less); 80 layers even is 20 layers + lm_head on the last. Same per-layer cost, so the two compute
+    times differ by exactly lm_head's compute."""
+    cluster = Cluster(32, 8, H100)
+    lay = layout(tp=8, pp=4, dp=8, sequence_parallel=True)
+    uneven = candidate("70b", dataclasses.replace(lay, stage_layers=(19, 20, 20, 19)), cluster, "model.num_layers=78")
+    even = candidate("70b", lay, cluster)
+    assert uneven.derived.stage_layers == (19, 20, 20, 19) and even.derived.stage_layers == (20,) * 4
+    head_flops = 6 * even.derived.padded_vocab_size * even.cfg.model.hidden_size / 8  # per token, per TP rank
+    tokens = even.derived.micro_batch_size_per_gpu * even.cfg.train.seq_len * even.derived.grad_accum_steps
+    head_s = head_flops * tokens / (H100.peak_tflops * 1e12 * Calibration().compute_efficiency)
+    assert even.time.compute_s - uneven.time.compute_s == pytest.approx(head_s)
+    # A lopsided split is slower: its 29-layer middle stage sets the pace for all four.
+    lopsided = candidate("70b", dataclasses.replace(lay, stage_layers=(17, 29, 15, 17)), cluster,
+                         "model.num_layers=78")
+    assert lopsided.time.compute_s == pytest.approx(uneven.time.compute_s * 29 / 20, rel=1e-9)
+    assert lopsided.time.total_s > uneven.time.total_s
+
+
+def test_plan_offers_uneven_stages_and_places_a_hand_written_split() -> None:
+    """Llama 3 405B's published layout (TP 8, PP 16 as [7, 8 x 14, 7], DP 64) is runnable now: the plan evaluates it,
+    and a hand-written split that the enumeration does not make still gets a rank."""
+    shape = ["model.vocab_size=128256", "model.hidden_size=16384", "model.intermediate_size=53248",
+             "model.num_layers=126", "model.num_heads=128", "model.num_kv_heads=8", "model.max_seq_len=8192",
+             "parallel.tp=8", "parallel.pp=16"]
+    cfg = with_batch(config("70b", *shape, "parallel.pipeline_stage_layers=[7,8,8,8,8,8,8,8,8,8,8,8,8,8,8,7]"),
+                     8192, 2**24)
+    result = plan(cfg, Cluster(1024, 8, H100))
+    assert result.given is not None and result.given_problem is None, result.given_problem
+    assert result.given.layout.stage_layers == (7,) + (8,) * 14 + (7,)
+    assert result.given.layout.short().startswith("tp8+sp pp16[7,8x14,7] dp64")
+    assert result.candidates[result.given_rank() - 1].layout == result.given.layout  # the enumeration made it
+    hand = with_batch(config("70b", *shape, "parallel.pipeline_stage_layers=[6,8,8,8,8,8,8,8,8,8,8,8,8,8,8,8]"),
+                      8192, 2**24)
+    placed = plan(hand, Cluster(1024, 8, H100))
+    rank = placed.given_rank()
+    assert rank is not None and placed.candidates[rank - 1].time.total_s >= placed.given.time.total_s
+    if rank > 1:
+        assert placed.candidates[rank - 2].time.total_s <= placed.given.time.total_s
 
 
 def test_core_attention_recomputes_one_attention_forward() -> None:
