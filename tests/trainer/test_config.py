@@ -315,6 +315,15 @@ def test_pipeline_stage_layers_from_a_cli_override() -> None:
     assert load_config_text(dump_resolved(written)) == written  # the resolved YAML reads back
 
 
+def test_a_list_override_is_not_shared_between_merges() -> None:
+    """Override values are parsed once and cached (plan merges thousands of layouts): each merge gets its own copy."""
+    items = ["data.datasets=[{path: a}]", "data.datasets.0.weight=2.0"]
+    first = apply_overrides({}, items)
+    second = apply_overrides({}, items[:1])
+    assert first["data"]["datasets"] == [{"path": "a", "weight": 2.0}]
+    assert second["data"]["datasets"] == [{"path": "a"}]
+
+
 def load_config_text(text: str) -> Config:
     return parse_config(yaml.safe_load(text))
 
