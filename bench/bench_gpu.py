@@ -49,10 +49,10 @@ import torch._dynamo  # noqa: E402
 from trainer.bootstrap import destroy_parallel, init_parallel, single_process_defaults  # noqa: E402
 from trainer.config import Config, Derived, load_config  # noqa: E402
 from trainer.data import SyntheticTokens  # noqa: E402
-from trainer.estimate import flops_per_token  # noqa: E402
+from trainer.estimate import estimate_memory, flops_per_token  # noqa: E402
 from trainer.fit import fit  # noqa: E402
 from trainer.hooks import CompileWarmupHook, HookList, default_hooks, peak_tflops_per_gpu  # noqa: E402
-from trainer.train import build_run  # noqa: E402
+from trainer.train import build_run, release_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["data.synthetic=true", "data.datasets=[]", "train.eval_interval_steps=0", "optim.warmup_steps=1",
@@ -72,6 +72,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first (compile happens here)")
     parser.add_argument("--variant", action="append", metavar="LABEL=OVERRIDE[,OVERRIDE...]",
                         help=f"a trainer loop; repeatable (default: {DEFAULT_VARIANTS})")
+    parser.add_argument("--then-variant", action="append", default=[], metavar="LABEL=OVERRIDE[,OVERRIDE...]",
+                        help="a trainer loop run after the HF loops (so the budget drops it first); repeatable")
     parser.add_argument("--hf-compile-backend", default="inductor", help="torch.compile backend of hf_compile")
     parser.add_argument("--skip", nargs="*", default=[], help="loops to leave out: trainer hf_eager hf_compile")
     parser.add_argument("--budget-s", type=float, default=330.0, help="start no loop after this many seconds")
@@ -153,8 +155,11 @@ def trainer_loop(args: argparse.Namespace, label: str, overrides: list[str], ctx
                       activation_checkpointing=cfg.parallel.activation_checkpointing, zero_stage=cfg.zero.stage,
                       precision=cfg.precision.dtype, engine=type(run.engine).__name__,
                       optimizer=type(run.engine.optimizer).__name__,
-                      compile_summary=None if warmup_hook is None else warmup_hook.summary)
+                      compile_summary=None if warmup_hook is None else warmup_hook.summary,
+                      # The dry-run's memory estimate of this very config (what `pretrain plan` ranks by; issue 16).
+                      estimate_gib=estimate_memory(cfg, derived).total_bytes / 2**30)
         module = weakref.ref(run.model.module)
+        release_run(run)  # as train() does: ZeRO-1/2 would otherwise keep model and optimizer state on the GPU
         del run, hooks, warmup_hook
     free_compiled_state()
     # A loop that is not freed would count against the next loop's memory (and could OOM it on a GPU).
@@ -222,19 +227,22 @@ def add_rates(row: dict[str, Any], tokens_per_step: int, flops_per_tok: int, pea
 
 def print_table(rows: list[dict[str, Any]], header: str) -> None:
     print(f"\n{header}")
-    print(f"{'loop':<22}{'s/step':>9}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}{'warm-up s':>11}")
+    print(f"{'loop':<22}{'s/step':>9}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}{'est GiB':>9}"
+          f"{'est/peak':>9}{'warm-up s':>11}")
     for row in rows:
         if row.get("skipped"):
             print(f"{row['label']:<22}  skipped: {row['skipped']}")
             continue
         mfu = "-" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
+        estimate = row.get("estimate_gib")
+        est, ratio = ("-", "-") if estimate is None else (f"{estimate:.2f}", f"{estimate / row['peak_memory_gib']:.3f}")
         print(f"{row['label']:<22}{row['s_per_step']:>9.3f}{row['tokens_per_s']:>12,.0f}{row['tflops_per_gpu']:>10.4g}"
-              f"{mfu:>8}{row['peak_memory_gib']:>10.2f}{row['warmup_s']:>11.1f}")
+              f"{mfu:>8}{row['peak_memory_gib']:>10.2f}{est:>9}{ratio:>9}{row['warmup_s']:>11.1f}")
 
 
-def variants(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+def variants(specs: list[str]) -> list[tuple[str, list[str]]]:
     out = []
-    for spec in args.variant or DEFAULT_VARIANTS:
+    for spec in specs:
         label, _, overrides = spec.partition("=")
         out.append((f"trainer[{label}]", [o for o in overrides.split(",") if o]))
     return out
@@ -243,12 +251,15 @@ def variants(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
 def plan_loops(args: argparse.Namespace, ctx: Any, cfg: Config, derived: Derived) -> list[tuple[str, Callable]]:
     loops: list[tuple[str, Callable[[], dict[str, Any]]]] = []
     if "trainer" not in args.skip:
-        for label, overrides in variants(args):
+        for label, overrides in variants(args.variant or DEFAULT_VARIANTS):
             loops.append((label, lambda lbl=label, ovr=overrides: trainer_loop(args, lbl, ovr, ctx)))
     if "hf_eager" not in args.skip:
         loops.append(("hf_eager", lambda: hf_loop(args, cfg, derived, ctx.device, None)))
     if "hf_compile" not in args.skip:
         loops.append(("hf_compile", lambda: hf_loop(args, cfg, derived, ctx.device, args.hf_compile_backend)))
+    if "trainer" not in args.skip:
+        for label, overrides in variants(args.then_variant):
+            loops.append((label, lambda lbl=label, ovr=overrides: trainer_loop(args, lbl, ovr, ctx)))
     return loops
 
 

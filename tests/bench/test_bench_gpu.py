@@ -21,17 +21,25 @@ def test_bench_gpu_runs_every_loop_on_cpu_and_writes_json(tmp_path: Path) -> Non
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     # aot_eager for the compiled HF loop: the graph capture runs, inductor's C++ build (~1 min here) does not.
     done = subprocess.run([sys.executable, "bench/bench_gpu.py", "--device", "cpu", "--tiny", "--steps", "1",
-                           "--warmup-steps", "1", "--hf-compile-backend", "aot_eager", "--out", str(out)],
+                           "--warmup-steps", "1", "--hf-compile-backend", "aot_eager", "--out", str(out),
+                           "--then-variant", "zero1_core=zero.stage=1,parallel.activation_checkpointing=core_attention"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(out.read_text())
     rows = {row["label"]: row for row in report["rows"]}
-    assert list(rows)[:4] == ["trainer[no_ac]", "trainer[config_ac]", "hf_eager", "hf_compile"]
-    for label in ("trainer[no_ac]", "trainer[config_ac]", "hf_eager", "hf_compile"):
+    # --then-variant loops come after the HF loops, so a tight budget drops them first.
+    assert list(rows)[:5] == ["trainer[no_ac]", "trainer[config_ac]", "hf_eager", "hf_compile", "trainer[zero1_core]"]
+    for label in ("trainer[no_ac]", "trainer[config_ac]", "hf_eager", "hf_compile", "trainer[zero1_core]"):
         assert rows[label]["tokens_per_s"] > 0 and rows[label]["peak_memory_gib"] > 0, label
         assert rows[label]["model_freed_after_loop"], f"{label} leaks its model into the next loop"
     assert rows["trainer[no_ac]"]["activation_checkpointing"] == "none"
     assert rows["trainer[no_ac]"]["engine"] == "DeepSpeedEngine"
+    assert rows["trainer[zero1_core]"]["zero_stage"] == 1
+    assert rows["trainer[zero1_core]"]["activation_checkpointing"] == "core_attention"
+    # Each trainer loop carries the dry-run's memory estimate of its own config (issue 16's GPU check reads it).
+    estimates = [rows[label]["estimate_gib"] for label in ("trainer[no_ac]", "trainer[config_ac]", "trainer[zero1_core]")]
+    assert all(e > 0 for e in estimates) and estimates[0] != estimates[2]  # tiny.yaml: no AC, ZeRO-0 (= no_ac)
+    assert "estimate_gib" not in rows["hf_eager"] and "est/peak" in done.stdout
     assert rows["hf_compile"]["compile_backend"] == "aot_eager"
     assert report["tokens_per_step"] == 8 * 64 and report["peak_tflops"] is None  # no MFU on CPU
     assert "hf_eager" in done.stdout and "wrote" in done.stdout

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Every GPU check the open issues need, as stages of one script, on a GPU host with no package index
+# (../shared/notes/gpu-h200.md). One device call per stage (a call runs at most 10 minutes), in this order:
+#
+#   bash bench/gpu_session.sh bench   # ~6.5 min: bench/bench_gpu.py on configs/1b.yaml (issue 13 throughput; issue 16
+#                                     #   memory estimate vs max_memory_allocated in 3 settings)        timeout_s 450
+#   bash bench/gpu_session.sh tier    # <= 4 min: python -m pytest -m gpu (issue 12 item 4)           timeout_s 330
+#   bash bench/gpu_session.sh suite   # python -m pytest, the README's test command, GPU visible (issue 12 item 3)
+#   bash bench/gpu_session.sh small   # bench on configs/125m.yaml (issue 13: the small shape)         timeout_s 240
+#
+# Carry the wheels: device `run` with carry [".whl"] (bench/gpu_wheels.sh fills .whl/ on the CPU machine). Logs and
+# JSON land in $OUT (or bench/out/): <stage>.log, bench_gpu_*.json, junit XML for the test stages.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+stage=${1:?"usage: bash bench/gpu_session.sh bench|tier|suite|small"}
+out_dir=${OUT:-bench/out}
+mkdir -p "$out_dir"
+
+# What the host lacks goes to /tmp/site; the package itself runs from the tree (no install): a `pretrain` shim on PATH
+# for the tests that call the console script.
+if [ -d .whl ] && ! python3 -c "import deepspeed, megatron.core, pydantic" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+mkdir -p /tmp/shim && printf '#!/bin/sh\nexec python3 -m launch "$@"\n' > /tmp/shim/pretrain && chmod +x /tmp/shim/pretrain
+export PATH=/tmp/shim:$PATH
+{ date -u +%FT%TZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader;
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+  git log --oneline -1 2>/dev/null; } 2>&1 | tee "$out_dir/$stage.log"
+
+run_timed() {  # label, timeout seconds, command...
+  local label=$1 limit_s=$2; shift 2
+  local start_s=$(date +%s)
+  timeout "$limit_s" "$@" 2>&1 | tee -a "$out_dir/$stage.log"
+  local rc=${PIPESTATUS[0]}
+  echo "== $label: exit $rc in $(( $(date +%s) - start_s )) s (limit $limit_s s)" | tee -a "$out_dir/$stage.log"
+}
+
+case $stage in
+  bench)  # trainer no AC, trainer with the config's AC (ZeRO-2), HF eager, HF compiled, then ZeRO-1 + core_attention
+    DS_ACCELERATOR=cuda run_timed bench 420 python3 bench/bench_gpu.py --out "$out_dir/bench_gpu_1b.json" \
+      --then-variant "zero1_core_attn=zero.stage=1,parallel.activation_checkpointing=core_attention" ;;
+  small)
+    DS_ACCELERATOR=cuda run_timed small 220 python3 bench/bench_gpu.py --config configs/125m.yaml --budget-s 150 \
+      --out "$out_dir/bench_gpu_125m.json" ;;
+  tier)   # conftest sets DS_ACCELERATOR=cpu for the CPU tests; the CUDA runs must switch DeepSpeed themselves
+    run_timed tier 310 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=0 --junitxml="$out_dir/tier.xml" ;;
+  suite)
+    run_timed suite 580 python3 -m pytest -q -p no:cacheprovider --durations=20 --junitxml="$out_dir/suite.xml" ;;
+  *) echo "unknown stage $stage: bench|tier|suite|small" >&2; exit 2 ;;
+esac
