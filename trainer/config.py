@@ -794,7 +794,9 @@ def dump_resolved(cfg: Config, derived: Derived | None = None) -> str:
     header = ["# Resolved config (all defaults filled in). Reproduce the run with: pretrain train --config <this file>"]
     if derived is not None:
         header.append(f"# Derived for world size {derived.world_size} (comments, not read back):")
-        header += [f"#   {key}: {value}" for key, value in derived.as_dict().items()]
+        # Tuples as lists (stage_layers: [2, 3]): the form an override takes, so it can be pasted back.
+        header += [f"#   {key}: {list(value) if isinstance(value, tuple) else value}"
+                   for key, value in derived.as_dict().items()]
     body = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=False)
     return "\n".join(header) + "\n" + body
 
