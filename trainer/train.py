@@ -76,12 +76,23 @@ def _train_in_run_dir(cfg: Config, derived: Derived, ctx: ParallelContext, run_d
     run = build_run(cfg, derived, ctx, run_dir)
     hooks = training_hooks(run, signals, extra_hooks)
     try:
-        return fit(run, HookList(hooks))
-    finally:
-        for hook in hooks:
-            if isinstance(hook, Watchdog):
-                hook.stop()  # after the final save (on_train_end) and on errors: nothing left to watch
-        release_run(run)
+        state = fit(run, HookList(hooks))
+    except BaseException:
+        _stop_watchdog(hooks)
+        try:
+            release_run(run)
+        except Exception:  # the training error is the one to report (its exit code, 74/76/77, drives the scheduler)
+            log.warning("could not free the engine after the error below", exc_info=True)
+        raise
+    _stop_watchdog(hooks)
+    release_run(run)
+    return state
+
+
+def _stop_watchdog(hooks: Sequence[Hook]) -> None:
+    for hook in hooks:
+        if isinstance(hook, Watchdog):
+            hook.stop()  # after the final save (on_train_end) and on errors: nothing left to watch
 
 
 def release_run(run: RunContext) -> None:
