@@ -7,9 +7,11 @@ time: a small Llama (hidden 256 or --hidden, 4 layers, vocab 2048, seq 128, fp32
 `trainer.train.train` on forked gloo ranks (trainer.testing.run_distributed), one torch thread per rank, seconds per optimizer step from a
 hook (median of the steps after the first two). The plan model is fed this machine's constants, measured in the same
 run: the single-process step time of the same model gives the compute rate (peak × efficiency: the calibration), a
-gloo all-reduce of 4 KiB and 4 MiB gives latency and bandwidth. Then trainer.plan.step_time predicts DP2 (ZeRO-0),
-TP2 and PP2 and the ratios between them are compared with the measured ones. Layouts are interleaved round by round,
-so the load of other jobs hits them alike.
+gloo all-reduce of 4 KiB and 4 MiB gives latency and bandwidth, timing the model's per-rank GEMMs at tp 1 and 2 gives
+the GEMM width curve (written to bench/out/gemm_efficiency_cpu_h<hidden>.json, the form `pretrain plan
+--gemm-efficiency` reads). Then trainer.plan.step_time predicts DP2 (ZeRO-0), TP2 and PP2, with a flat curve and with
+the measured one, and the ratios between them are compared with the measured ones. Layouts are interleaved round by
+round, so the load of other jobs hits them alike.
 
 memory: a bigger model (hidden 512, 4 layers, vocab 8192, seq 256, micro 4, fp32; global batch 8) for 3 steps per
 layout; measured = peak RSS of the rank minus its RSS when the body started (forked ranks share the parent's torch
@@ -52,7 +54,7 @@ from trainer.config import load_config  # noqa: E402
 from trainer.estimate import estimate_memory, flops_per_token  # noqa: E402
 from trainer.gpu_specs import GpuSpec  # noqa: E402
 from trainer.hooks import Hook  # noqa: E402
-from trainer.plan import Calibration, Cluster, step_time  # noqa: E402
+from trainer.plan import Calibration, Cluster, GemmEfficiency, layer_gemms, step_time  # noqa: E402
 from trainer.testing import run_distributed  # noqa: E402
 from trainer.train import train  # noqa: E402,F401  (deepspeed + megatron imported before the fork, not per run)
 
@@ -167,6 +169,52 @@ def measure_link() -> tuple[float, float]:
     return latency_s, bandwidth
 
 
+def _gemm_s(tokens: int, k: int, n: int, repeats: int) -> float:
+    """Fastest of `repeats` forward + backward passes of one linear as the trainer runs it (megatron's
+    LinearWithGradAccumulation: y = x Wᵀ; dx = dy W; dW = dyᵀ x): the least disturbed by other jobs."""
+    x, weight, dy = torch.randn(tokens, k), torch.randn(n, k), torch.randn(tokens, n)
+    best_s = float("inf")
+    for _ in range(repeats + 1):  # the first pass warms up the allocator and caches
+        start = time.perf_counter()
+        torch.nn.functional.linear(x, weight)
+        dy.matmul(weight)
+        dy.t().matmul(x)
+        best_s = min(best_s, time.perf_counter() - start)
+    return best_s
+
+
+def gemm_shapes(model: list[str], tp: int) -> list[tuple[str, int, int, int, int]]:
+    """The per-rank GEMMs of one decoder layer and lm_head at `tp`, from the plan's own list (so the bench times what
+    the plan prices): (name, tokens, K, N, width = the TP-split dimension per rank)."""
+    cfg = load_config(TINY, [*COMMON, *model])
+    hidden, vocab = cfg.model.hidden_size, cfg.validate_for_world(1, device="cpu").padded_vocab_size
+    tokens = cfg.train.micro_batch_size_per_gpu * cfg.train.seq_len
+    column = {"q", "k", "v", "gate", "up"}  # split the output (N); o and down split their input (K)
+    shapes = [(name, tokens, hidden, split // tp, split // tp) if name in column else
+              (name, tokens, split // tp, hidden, split // tp) for name, _, split in layer_gemms(cfg.model)]
+    return [*shapes, ("lm_head", tokens, hidden, vocab // tp, vocab // tp)]
+
+
+def measure_gemm_curve(model: list[str], repeats: int) -> dict[str, Any]:
+    """This machine's width curve, one thread as the ranks run: every per-rank GEMM of the model at tp 1 and 2,
+    interleaved; factor(width) = FLOP/s of the GEMMs of that width (FLOP-weighted) / the best width's."""
+    flops_at: dict[int, float] = {}
+    seconds_at: dict[int, float] = {}
+    rows = []
+    for tp in (1, 2):
+        for name, tokens, k, n, width in gemm_shapes(model, tp):
+            seconds = _gemm_s(tokens, k, n, repeats)
+            flops = 6 * tokens * k * n
+            flops_at[width] = flops_at.get(width, 0.0) + flops
+            seconds_at[width] = seconds_at.get(width, 0.0) + seconds
+            rows.append({"tp": tp, "gemm": name, "tokens": tokens, "k": k, "n": n, "width": width,
+                         "gflops": flops / seconds / 1e9})
+    rate = {width: flops_at[width] / seconds_at[width] for width in flops_at}
+    best = max(rate.values())
+    return {"gemms": rows, "width": {width: rate[width] / best for width in sorted(rate)},
+            "best_gflops": best / 1e9}
+
+
 def _median_step_s(ranks: list[dict[str, Any]], key: str = "steps_s") -> float:
     return statistics.median(ranks[0][key][1:])  # after the first two steps (warm-up, first optimizer state)
 
@@ -187,10 +235,11 @@ def time_part(args: argparse.Namespace) -> dict[str, Any]:
     measured: dict[str, list[float]] = {"1proc": [], **{name: [] for name in TIME_LAYOUTS}}
     cpu: dict[str, list[float]] = {name: [] for name in measured}
     undisturbed: dict[str, list[float]] = {name: [] for name in measured}
-    links, loads = [], []
+    links, loads, curves = [], [], []
     for round_index in range(args.rounds):
         loads.append(_load_average())
         links.append(measure_link())
+        curves.append(measure_gemm_curve(time_model(args.hidden), args.gemm_repeats))
         for name, overrides in {"1proc": [], **TIME_LAYOUTS}.items():
             ranks = _run(1 if name == "1proc" else 2, [*steps, *overrides])
             measured[name].append(_median_step_s(ranks))
@@ -203,31 +252,48 @@ def time_part(args: argparse.Namespace) -> dict[str, Any]:
     step_s = {name: min(values) for name, values in undisturbed.items()}
     latency_s = statistics.median(link[0] for link in links)
     bandwidth = statistics.median(link[1] for link in links)
-    predicted = predict_times(time_model(args.hidden), step_s["1proc"], latency_s, bandwidth)
+    # Per width, the best round's factor: like the step times, other jobs only ever make a GEMM slower.
+    widths = curves[0]["width"]
+    curve = GemmEfficiency(width=tuple((w, max(c["width"][w] for c in curves)) for w in widths),
+                           source=f"bench_plan --part time --hidden {args.hidden}, "
+                                  f"{time.strftime('%Y-%m-%d', time.gmtime())}: torch matmuls, one CPU thread")
+    model = time_model(args.hidden)
+    flat = predict_times(model, step_s["1proc"], latency_s, bandwidth, GemmEfficiency())
+    predicted = predict_times(model, step_s["1proc"], latency_s, bandwidth, curve)
     return {"measured_s": measured, "cpu_s_rank0": cpu, "undisturbed_s": undisturbed, "load_average": loads,
             "min_wall_s": {name: min(values) for name, values in measured.items()}, "min_s": step_s,
             "median_s": {name: statistics.median(values) for name, values in measured.items()},
-            "gloo_latency_s": latency_s, "gloo_bandwidth_Bps": bandwidth,
-            "predicted": predicted}
+            "gloo_latency_s": latency_s, "gloo_bandwidth_Bps": bandwidth, "gemm_rounds": curves,
+            "gemm_efficiency": {"width": {str(w): f for w, f in curve.width}, "source": curve.source},
+            "predicted_flat": flat, "predicted": predicted}
 
 
-def predict_times(model: list[str], single_s: float, latency_s: float, bandwidth: float) -> dict[str, Any]:
-    """Feed the plan model this machine: one 'GPU' = one CPU rank whose compute rate makes the 1-process run match."""
+def predict_times(model: list[str], single_s: float, latency_s: float, bandwidth: float,
+                  gemm: GemmEfficiency) -> dict[str, Any]:
+    """Feed the plan model this machine: one 'GPU' = one CPU rank whose compute rate makes the 1-process run match
+    (with the GEMM curve applied to the 1-process shapes too, so the curve moves only the ratios)."""
     base = load_config(TINY, [*COMMON, *model])
     derived1 = base.validate_for_world(1, device="cpu")
     flops = flops_per_token(base.model, derived1.padded_vocab_size, base.train.seq_len).total
     rate = flops * derived1.global_batch_size_tokens / single_s  # FLOP/s reached by the trainer on one rank
-    cpu = GpuSpec("cpu-rank", 24.0, rate / 1e12, bandwidth / 1e9, bandwidth / 1e9, latency_s, latency_s)
-    calib = Calibration(compute_efficiency=1.0, source="bench_plan: 1-process step time")
+    calib = Calibration(compute_efficiency=1.0, source="bench_plan: 1-process step time", gemm=gemm)
+    # One process has no communication: its predicted time scales as 1 / rate, so one correction calibrates it.
+    rate *= _predict(model, "1proc", rate, latency_s, bandwidth, calib).total_s / single_s
     out: dict[str, Any] = {"compute_rate_gflops": rate / 1e9}
-    for name, overrides in {"1proc": [], **TIME_LAYOUTS}.items():
-        world = 1 if name == "1proc" else 2
-        cfg = load_config(TINY, [*COMMON, *model, *overrides])
-        derived = cfg.validate_for_world(world, device="cpu")
-        t = step_time(cfg, derived, Cluster(1, world, cpu, link_efficiency=1.0), calib)
+    for name in ("1proc", *TIME_LAYOUTS):
+        t = _predict(model, name, rate, latency_s, bandwidth, calib)
         out[name] = {"total_s": t.total_s, "compute_s": t.compute_s, "comm_s": t.exposed_comm_s,
                      "bubble_s": t.bubble_s}
     return out
+
+
+def _predict(model: list[str], name: str, rate: float, latency_s: float, bandwidth: float,
+             calib: Calibration) -> Any:
+    cpu = GpuSpec("cpu-rank", 24.0, rate / 1e12, bandwidth / 1e9, bandwidth / 1e9, latency_s, latency_s)
+    world = 1 if name == "1proc" else 2
+    cfg = load_config(TINY, [*COMMON, *model, *TIME_LAYOUTS.get(name, [])])
+    derived = cfg.validate_for_world(world, device="cpu")
+    return step_time(cfg, derived, Cluster(1, world, cpu, link_efficiency=1.0), calib)
 
 
 def memory_part(args: argparse.Namespace) -> dict[str, Any]:
@@ -321,18 +387,23 @@ def print_gpu(rows: dict[str, dict[str, Any]]) -> None:
 
 
 def print_time(result: dict[str, Any]) -> None:
-    med, pred = result["min_s"], result["predicted"]
+    med, pred, flat = result["min_s"], result["predicted"], result["predicted_flat"]
     print(f"\ngloo all-reduce: latency {result['gloo_latency_s'] * 1e6:.0f} us, bus bandwidth "
-          f"{result['gloo_bandwidth_Bps'] / 1e9:.2f} GB/s; compute rate {pred['compute_rate_gflops']:.1f} GFLOP/s")
+          f"{result['gloo_bandwidth_Bps'] / 1e9:.2f} GB/s; compute rate {pred['compute_rate_gflops']:.1f} GFLOP/s "
+          f"(flat curve: {flat['compute_rate_gflops']:.1f})")
+    print("GEMM width curve (factor on the best width's FLOP/s): " + ", ".join(
+        f"{w}: {f:.3f}" for w, f in result["gemm_efficiency"]["width"].items()))
     print("measured: wall minus run-queue wait (longest of the ranks, per step), median over steps, best round")
-    print(f"{'layout':<8}{'measured s':>12}{'predicted s':>13}{'comm s':>9}{'bubble s':>10}")
+    print(f"{'layout':<8}{'measured s':>12}{'pred flat s':>13}{'pred curve s':>14}{'comm s':>9}{'bubble s':>10}")
     for name in med:
         p = pred[name]
-        print(f"{name:<8}{med[name]:>12.3f}{p['total_s']:>13.3f}{p['comm_s']:>9.3f}{p['bubble_s']:>10.3f}")
-    print(f"{'ratio':<10}{'measured':>10}{'predicted':>11}{'pred/meas':>11}")
+        print(f"{name:<8}{med[name]:>12.3f}{flat[name]['total_s']:>13.3f}{p['total_s']:>14.3f}{p['comm_s']:>9.3f}"
+              f"{p['bubble_s']:>10.3f}")
+    print(f"{'ratio':<10}{'measured':>10}{'flat':>9}{'pred/meas':>11}{'curve':>9}{'pred/meas':>11}")
     for a, b in (("TP2", "DP2"), ("PP2", "DP2"), ("PP2", "TP2"), ("DP2", "1proc")):
-        m, p = med[a] / med[b], pred[a]["total_s"] / pred[b]["total_s"]
-        print(f"{a + '/' + b:<10}{m:>10.3f}{p:>11.3f}{p / m:>11.3f}")
+        m = med[a] / med[b]
+        f, p = flat[a]["total_s"] / flat[b]["total_s"], pred[a]["total_s"] / pred[b]["total_s"]
+        print(f"{a + '/' + b:<10}{m:>10.3f}{f:>9.3f}{f / m:>11.3f}{p:>9.3f}{p / m:>11.3f}")
 
 
 def print_memory(rows: dict[str, dict[str, Any]]) -> None:
@@ -355,6 +426,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the layouts")
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run (time part)")
     parser.add_argument("--hidden", type=int, default=256, help="hidden size of the time part's model (256)")
+    parser.add_argument("--gemm-repeats", type=int, default=5,
+                        help="time part: passes per GEMM shape per round, fastest kept (5)")
     parser.add_argument("--gpu", default="h200", help="GPU kind for the gpu part's predictions (trainer/gpu_specs.py)")
     parser.add_argument("--config", default="configs/1b.yaml", help="the gpu part's config (configs/1b.yaml)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="gpu part: cpu only to dry-run it")
@@ -371,6 +444,10 @@ def main() -> int:
             "torch": torch.__version__, "args": vars(args)}
     path.write_text(json.dumps({**meta, "result": result}, indent=2) + "\n")
     print(f"wrote {path}")
+    if args.part == "time":  # the curve as `pretrain plan --gemm-efficiency` reads it
+        curve_path = out_dir / f"gemm_efficiency_cpu_h{args.hidden}.json"
+        curve_path.write_text(json.dumps(result["gemm_efficiency"], indent=2) + "\n")
+        print(f"wrote {curve_path} (pretrain plan --gemm-efficiency {curve_path.relative_to(REPO)})")
     return 0
 
 

@@ -29,7 +29,7 @@ from trainer.config import (
     parse_config,
     stage_layers_text,
 )
-from trainer.estimate import MemoryEstimate, estimate_memory, flops_per_token, stage_params_per_gpu
+from trainer.estimate import MemoryEstimate, estimate_memory, flops_per_token, layer_shape, stage_params_per_gpu
 from trainer.gpu_specs import GPUS, GpuSpec  # noqa: F401 - re-exported: plan.GPUS
 
 GIB = 2**30
@@ -49,6 +49,89 @@ class Cluster:
         return self.nodes * self.gpus_per_node
 
 
+GEMM_FLAG = "--gemm-efficiency"
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmEfficiency:
+    """How fast a GEMM runs for its per-rank shape, as a factor on the layout-independent rate (peak × compute
+    efficiency): a rank's time for a GEMM is its FLOPs / (rate × factor). Narrow GEMMs (a TP shard) and short ones
+    (a small micro-batch) reach a lower fraction of peak, on CPUs and GPUs alike.
+
+    factor = width_curve(per-rank width of the dimension TP splits) × tokens_curve(micro · seq), each piecewise linear
+    in log2(size) between its points and flat beyond the ends; no points = 1.0. Separable: a first-order model, not a
+    full (M, K, N) table. 1.0 should sit at the shapes the compute efficiency was calibrated at.
+    Default flat: there is no GPU measurement to draw a curve from (docs/planning.md).
+    """
+
+    width: tuple[tuple[int, float], ...] = ()
+    tokens: tuple[tuple[int, float], ...] = ()
+    source: str = "flat 1.0 (no GPU measurement of a curve)"
+
+    def factor(self, width: float, tokens: int) -> float:
+        return _log_interpolate(self.width, width) * _log_interpolate(self.tokens, tokens)
+
+    def tokens_factor(self, tokens: int) -> float:
+        return _log_interpolate(self.tokens, tokens)
+
+
+def _log_interpolate(points: tuple[tuple[int, float], ...], size: float) -> float:
+    """Piecewise linear in log2(size) through sorted (size, factor) points; the end value beyond either end."""
+    if not points:
+        return 1.0
+    if size <= points[0][0]:
+        return points[0][1]
+    for (lo, f_lo), (hi, f_hi) in zip(points, points[1:]):
+        if size <= hi:
+            return f_lo + (f_hi - f_lo) * math.log2(size / lo) / math.log2(hi / lo)
+    return points[-1][1]
+
+
+def gemm_efficiency_from_dict(raw: Any, origin: str) -> GemmEfficiency:
+    """A curve from {"width": {size: factor, ...}, "tokens": {size: factor, ...}, "source": "..."}; ConfigError
+    naming `origin` (the flag and file) and the fix for anything else."""
+    example = 'e.g. {"width": {"256": 0.8, "1024": 1.0}, "tokens": {"512": 0.9, "4096": 1.0}}'
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: expected a mapping with 'width' and/or 'tokens', got {type(raw).__name__}: "
+                          f"write {example}")
+    unknown = sorted(set(raw) - {"width", "tokens", "source"})
+    if unknown or not ({"width", "tokens"} & set(raw)):
+        raise ConfigError(f"{origin}: {'unknown keys ' + ', '.join(map(str, unknown)) if unknown else 'no curve'}: "
+                          f"give 'width' and/or 'tokens' (and an optional 'source'), {example}")
+    curves = {axis: _curve_points(raw.get(axis, {}), f"{origin}: {axis}", example) for axis in ("width", "tokens")}
+    return GemmEfficiency(curves["width"], curves["tokens"], str(raw.get("source", origin)))
+
+
+def _curve_points(raw: Any, where: str, example: str) -> tuple[tuple[int, float], ...]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping size -> factor, got {raw!r}: write {example}")
+    points = []
+    for key, value in raw.items():
+        try:
+            size, factor = int(key), float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: {key!r}: {value!r} is not size (an integer) -> factor (a number): "
+                              f"write {example}") from None
+        if size < 1 or not (0 < factor < math.inf):
+            raise ConfigError(f"{where}: {key!r}: {value!r}: sizes must be >= 1 and factors > 0 (1.0 = the "
+                              f"calibrated rate), {example}")
+        points.append((size, factor))
+    return tuple(sorted(points))
+
+
+def load_gemm_efficiency(path: Path) -> GemmEfficiency:
+    """A curve from a JSON or YAML file (`pretrain plan --gemm-efficiency`, written by bench/bench_plan.py)."""
+    import yaml  # YAML reads JSON too; trainer.config imports it already
+
+    origin = f"{GEMM_FLAG} {path}"
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{origin}: cannot read it ({err}): pass a JSON or YAML file with a 'width' and/or "
+                          f"'tokens' curve") from None
+    return gemm_efficiency_from_dict(raw, origin)
+
+
 @dataclasses.dataclass(frozen=True)
 class Calibration:
     """Measured constants of the compute model (docs/planning.md, "Calibration")."""
@@ -59,6 +142,7 @@ class Calibration:
     # Selective AC recomputes elementwise ops (no FLOPs counted): same H200, 42.4 % → ~38 % MFU.
     selective_ac_time_factor: float = 0.424 / 0.38
     source: str = "notes/gpu-h200.md: 1B on one H200, 2026-12-04"
+    gemm: GemmEfficiency = GemmEfficiency()  # per-shape factor on compute_efficiency; flat by default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,19 +315,40 @@ def step_time(cfg: Config, derived: Derived, cluster: Cluster, calib: Calibratio
     )
 
 
+def layer_gemms(model: Any) -> list[tuple[str, int, int]]:
+    """A decoder layer's matmuls as the trainer builds them (trainer/parallelize.py: q, k, v, gate, up column-parallel,
+    o, down row-parallel): (name, weight elements K·N, the dimension TP splits). Their K·N add up to
+    LayerShape.linear_params, so a flat curve gives exactly the FLOPs of flops_per_token."""
+    shape = layer_shape(model)
+    h, q, kv, inter = shape.hidden, shape.q_width, shape.kv_width, shape.intermediate
+    return [("q", h * q, q), ("k", h * kv, kv), ("v", h * kv, kv), ("o", q * h, q),
+            ("gate", h * inter, inter), ("up", h * inter, inter), ("down", inter * h, inter)]
+
+
+def _effective_flops(flops: float, width: float, tokens: int, gemm: GemmEfficiency) -> float:
+    """FLOPs at the layout-independent rate that take as long as `flops` of this GEMM shape."""
+    return flops / gemm.factor(width, tokens)
+
+
 def _compute_micro_s(cfg: Config, derived: Derived, cluster: Cluster, calib: Calibration, stage: int) -> float:
-    """FLOPs of one micro-batch on one pipeline stage (its decoder layers; the last also lm_head), per TP rank."""
-    flops = flops_per_token(cfg.model, derived.padded_vocab_size, cfg.train.seq_len)
-    head = 6 * derived.padded_vocab_size * cfg.model.hidden_size
-    share = derived.stage_layers[stage] / cfg.model.num_layers  # this stage's fraction of the decoder layers
-    layers = (flops.total - head) * share
+    """FLOPs of one micro-batch on one pipeline stage (its decoder layers; the last also lm_head), per TP rank, each
+    matmul at its shape's factor of the rate (calib.gemm: per-rank width after the TP split, micro·seq tokens)."""
+    tp, gemm, model = derived.tp, calib.gemm, cfg.model
+    tokens = derived.micro_batch_size_per_gpu * cfg.train.seq_len
+    flops = flops_per_token(model, derived.padded_vocab_size, cfg.train.seq_len)
+    # The attention core's per-head matrices (seq × head_dim) do not narrow with TP: only the tokens curve applies.
+    attention = flops.attention / model.num_layers / tp / gemm.tokens_factor(tokens)
+    per_layer = sum(_effective_flops(6 * params / tp, split / tp, tokens, gemm)
+                    for _, params, split in layer_gemms(model)) + attention
+    layers = per_layer * derived.stage_layers[stage]
     mode = cfg.parallel.activation_checkpointing
     if mode == "full":
         layers *= 4 / 3  # backward re-runs each layer's forward: 2 of the 6 FLOPs per parameter and token again
     elif mode == "core_attention":
-        layers += flops.attention / 3 * share  # one more attention forward (1 of its 3 training passes)
-    per_token = (layers + (head if stage == derived.pp - 1 else 0)) / derived.tp
-    tokens = derived.micro_batch_size_per_gpu * cfg.train.seq_len
+        layers += attention / 3 * derived.stage_layers[stage]  # one more attention forward (1 of its 3 passes)
+    vocab = derived.padded_vocab_size
+    head = _effective_flops(6 * vocab * model.hidden_size / tp, vocab / tp, tokens, gemm)
+    per_token = layers + (head if stage == derived.pp - 1 else 0)
     seconds = per_token * tokens / (cluster.gpu.peak_tflops * 1e12 * calib.compute_efficiency)
     return seconds * (calib.selective_ac_time_factor if mode == "selective" else 1.0)
 

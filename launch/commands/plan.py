@@ -25,7 +25,8 @@ examples:
 --config takes a YAML run config or a Hugging Face Llama config.json (or its directory); with config.json the other
 sections are defaults and data/max_steps are placeholders to edit. Overrides (key=value) apply to the YAML first.
 GPU kinds: {gpus}. Override any of their numbers: --gpu-memory-gib, --peak-tflops, --intra-node-gbps,
---inter-node-gbps. Step times are predictions (docs/planning.md says how far they were checked).
+--inter-node-gbps; feed a measured GEMM-efficiency curve with --gemm-efficiency. Step times are predictions
+(docs/planning.md says how far they were checked).
 """
 
 
@@ -52,6 +53,10 @@ def register(subparsers: Any) -> None:
     cluster.add_argument("--link-efficiency", type=float, help="achieved / nominal link bandwidth (default 0.75)")
     cluster.add_argument("--compute-efficiency", type=float,
                          help="fraction of peak the trainer reaches without comm (default: calibrated 0.424)")
+    cluster.add_argument("--gemm-efficiency", metavar="FILE",
+                         help="JSON/YAML curve of GEMM speed by per-rank shape, a factor on that fraction: "
+                              '{"width": {256: 0.8, 1024: 1.0}, "tokens": {...}} (default flat 1.0; '
+                              "bench/bench_plan.py --part time writes one for a CPU)")
     search = parser.add_argument_group("search")
     search.add_argument("--seq-len", type=int, help="tokens per sample (default: train.seq_len)")
     search.add_argument("--global-batch-tokens", type=int,
@@ -71,9 +76,7 @@ def run(args: argparse.Namespace) -> int:
     _check_flags(args)
     cfg = planner.with_batch(_load_model_config(args), args.seq_len, args.global_batch_tokens)
     cluster = _cluster(args, cfg)
-    calib = planner.Calibration()
-    if args.compute_efficiency is not None:
-        calib = planner.Calibration(compute_efficiency=args.compute_efficiency, source="--compute-efficiency")
+    calib = _calibration(args)
     result = planner.plan(cfg, cluster, calib, headroom=args.headroom)
     if not result.candidates:
         raise _nothing_fits(result, cluster, args)
@@ -82,6 +85,19 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps(_as_json(result, cluster, calib, args), indent=2) if args.json
           else _report(result, cluster, calib, args))
     return 0
+
+
+def _calibration(args: argparse.Namespace) -> Any:
+    import dataclasses
+
+    from trainer import plan as planner
+
+    calib = planner.Calibration()
+    if args.compute_efficiency is not None:
+        calib = planner.Calibration(compute_efficiency=args.compute_efficiency, source="--compute-efficiency")
+    if args.gemm_efficiency is not None:
+        calib = dataclasses.replace(calib, gemm=planner.load_gemm_efficiency(Path(args.gemm_efficiency)))
+    return calib
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -201,7 +217,8 @@ def _report(result: Any, cluster: Any, calib: Any, args: argparse.Namespace) -> 
         f"seq {cfg.train.seq_len}, {best.derived.global_batch_size_tokens:,} tokens/step ({cfg.precision.dtype})",
         f"cluster    {cluster.nodes} × {cluster.gpus_per_node} {cluster.gpu.name} ({cluster.gpu.memory_gib:g} GiB, "
         f"{cluster.gpu.peak_tflops:g} TFLOP/s bf16, {cluster.gpu.intra_node_gbps:g}/{cluster.gpu.inter_node_gbps:g} "
-        f"GB/s intra/inter × {cluster.link_efficiency:g}); compute at {calib.compute_efficiency:.1%} of peak",
+        f"GB/s intra/inter × {cluster.link_efficiency:g}); compute at {calib.compute_efficiency:.1%} of peak, "
+        f"GEMM curve: {calib.gemm.source}",
         f"searched   {result.enumerated} layouts: {result.invalid} refused by config validation, {result.too_big} over "
         f"{result.usable_memory_gib:.1f} GiB ({args.headroom:.0%} headroom), {len(result.candidates)} fit",
         "",

@@ -124,3 +124,23 @@ def test_errors_exit_2_and_say_what_to_do() -> None:
     assert headroom.returncode == 2 and "--headroom (1.5) must be in [0, 1)" in headroom.stderr
     to_dir = pretrain("plan", "--config", "configs/7b.yaml", "--write", str(REPO / "configs"))
     assert to_dir.returncode == 2 and "is a directory: pass a file path" in to_dir.stderr
+
+
+def test_gemm_efficiency_curve_from_a_file(tmp_path: Path) -> None:
+    """A measured curve is read from JSON, named in the report and priced in; a bad one exits 2 naming the flag."""
+    curve = tmp_path / "curve.json"
+    curve.write_text(json.dumps({"width": {"512": 0.5, "2048": 1.0}, "source": "my microbenchmark"}))
+    args = ("plan", "--config", "configs/7b.yaml", "--nodes", "1", "--gpu", "h200", "--json", "--top", "1",
+            "parallel.tp=8", "--global-batch-tokens", "1048576", "--seq-len", "2048")
+    flat, measured = pretrain(*args), pretrain(*args, "--gemm-efficiency", str(curve))
+    assert flat.returncode == 0 and measured.returncode == 0, measured.stderr
+    flat_doc, curve_doc = json.loads(flat.stdout), json.loads(measured.stdout)
+    assert curve_doc["calibration"]["gemm"]["source"] == "my microbenchmark"
+    # The config's own layout, 7B at tp 8: q, k, v, o shards are 512 wide (factor 0.5), gate/up/down 1376 (0.86):
+    # (4·4096² / 0.5 + 3·4096·11008 / 0.86) / (4·4096² + 3·4096·11008) = 1.45 on the layers' matmuls; the attention
+    # core and lm_head (4000 wide) stay at 1.0.
+    flat_s, curve_s = (doc["config_layout"]["step_time_s"]["compute"] for doc in (flat_doc, curve_doc))
+    assert 1.3 < curve_s / flat_s < 1.45
+    curve.write_text(json.dumps({"width": {"512": -1}}))
+    bad = pretrain(*args, "--gemm-efficiency", str(curve))
+    assert bad.returncode == 2 and f"--gemm-efficiency {curve}: width: '512': -1" in bad.stderr

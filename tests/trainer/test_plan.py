@@ -15,11 +15,15 @@ from trainer.plan import (
     GPUS,
     Calibration,
     Cluster,
+    GemmEfficiency,
     Layout,
     apply_layout,
     config_from_hf_json,
     enumerate_layouts,
     evaluate,
+    gemm_efficiency_from_dict,
+    layer_gemms,
+    load_gemm_efficiency,
     plan,
     step_time,
     why_line,
@@ -252,3 +256,96 @@ def test_core_attention_recomputes_one_attention_forward() -> None:
     attention_s = per_token * tokens / (H100.peak_tflops * 1e12 * Calibration().compute_efficiency)
     assert core.time.compute_s - none.time.compute_s == pytest.approx(attention_s)
     assert core.memory.activations_bytes < none.memory.activations_bytes
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GEMM efficiency by per-rank shape (Calibration.gemm)
+
+# 1B: kv_width = 8 heads × 64 = 512 is its narrowest matmul at tp 1, so this curve is 1.0 for every tp-1 GEMM and
+# slows only TP shards: k and v at 256 (tp 2) run at 0.75, at 128 (tp 4) at 0.5.
+NARROW_IS_SLOW = GemmEfficiency(width=((128, 0.5), (512, 1.0)), source="test")
+
+
+def test_layer_gemms_add_up_to_the_flop_count() -> None:
+    model = config("1b").model
+    per_token = flops_per_token(model, 32000, 2048)
+    linear = sum(params for _, params, _ in layer_gemms(model))
+    assert 6 * (linear * model.num_layers + 32000 * model.hidden_size) == per_token.matmul
+    assert {split for _, _, split in layer_gemms(model)} == {2048, 512, 8192}  # q/o, k/v, gate/up/down
+
+
+def test_flat_curve_changes_nothing() -> None:
+    """Explicit 1.0 points price every GEMM as the default does, to the last bit of the step time."""
+    cluster = Cluster(2, 8, H100)
+    explicit = Calibration(gemm=gemm_efficiency_from_dict({"width": {64: 1.0, 8192: 1.0}, "tokens": {1: 1.0}}, "t"))
+    for lay in (layout(dp=16, micro_batch_size_per_gpu=4), layout(tp=4, dp=4, sequence_parallel=True, micro_batch_size_per_gpu=2)):
+        cfg, derived = apply_layout(config("1b"), lay, cluster)
+        assert step_time(cfg, derived, cluster, explicit) == step_time(cfg, derived, cluster, Calibration())
+    assert Calibration().gemm.factor(1, 1) == Calibration().gemm.factor(10**6, 10**6) == 1.0
+
+
+def test_curve_is_log_linear_between_points_and_flat_beyond() -> None:
+    curve = GemmEfficiency(width=((256, 0.6), (1024, 1.0)), tokens=((512, 0.5), (2048, 1.0)))
+    assert curve.factor(512, 4096) == pytest.approx(0.8)  # halfway in log2 between 256 and 1024
+    assert curve.factor(64, 4096) == 0.6 and curve.factor(10**5, 4096) == 1.0
+    assert curve.factor(1024, 1024) == pytest.approx(0.75) and curve.factor(1024, 1) == 0.5
+
+
+def test_narrow_gemms_slow_tp_relative_to_dp_and_leave_dp_unchanged() -> None:
+    cluster = Cluster(1, 8, H100)
+    slow = Calibration(gemm=NARROW_IS_SLOW)
+
+    def times(lay: Layout):
+        cfg, derived = apply_layout(config("1b"), lay, cluster)
+        return step_time(cfg, derived, cluster, Calibration()), step_time(cfg, derived, cluster, slow)
+
+    dp_flat, dp_curve = times(layout(dp=8, micro_batch_size_per_gpu=4))
+    tp2_flat, tp2_curve = times(layout(tp=2, dp=4, micro_batch_size_per_gpu=4))
+    tp4_flat, tp4_curve = times(layout(tp=4, dp=2, micro_batch_size_per_gpu=4))
+    assert dp_curve == dp_flat  # every tp-1 GEMM is at 1.0
+    assert tp2_curve.tp_comm_s == tp2_flat.tp_comm_s and tp2_curve.compute_s > tp2_flat.compute_s
+    assert tp2_curve.total_s / dp_curve.total_s > tp2_flat.total_s / dp_flat.total_s
+    # tp 4 narrows k and v further (0.5): it loses more of its compute than tp 2 (0.75).
+    assert tp4_curve.compute_s / tp4_flat.compute_s > tp2_curve.compute_s / tp2_flat.compute_s > 1
+    # The extra time is exactly k and v at their factors: 2 × 6·h·kv FLOPs per token per layer, per TP rank.
+    cfg, derived = apply_layout(config("1b"), layout(tp=2, dp=4, micro_batch_size_per_gpu=4), cluster)
+    tokens = 4 * cfg.train.seq_len * derived.grad_accum_steps
+    kv_flops = 2 * 6 * cfg.model.hidden_size * 512 / 2 * cfg.model.num_layers * tokens * (1 / 0.75 - 1)
+    extra_s = kv_flops / (H100.peak_tflops * 1e12 * 0.424)
+    assert tp2_curve.compute_s - tp2_flat.compute_s == pytest.approx(extra_s)
+
+
+def test_tokens_curve_slows_small_micro_batches() -> None:
+    cluster = Cluster(1, 8, H100)
+    short_is_slow = Calibration(gemm=GemmEfficiency(tokens=((2048, 0.5), (8192, 1.0))))
+    cfg, derived = apply_layout(config("1b"), layout(dp=8, micro_batch_size_per_gpu=1), cluster)  # 2048 tokens
+    assert step_time(cfg, derived, cluster, short_is_slow).compute_s == pytest.approx(
+        2 * step_time(cfg, derived, cluster, Calibration()).compute_s)  # every matmul and the attention core
+    cfg, derived = apply_layout(config("1b"), layout(dp=8, micro_batch_size_per_gpu=4), cluster)  # 8192 tokens
+    assert step_time(cfg, derived, cluster, short_is_slow) == step_time(cfg, derived, cluster, Calibration())
+
+
+@pytest.mark.parametrize("raw, message", [
+    ([0.5, 1.0], "expected a mapping with 'width' and/or 'tokens', got list"),
+    ({"source": "x"}, "no curve: give 'width' and/or 'tokens'"),
+    ({"widths": {256: 0.5}}, "unknown keys widths"),
+    ({"width": [[256, 0.5]]}, "width: expected a mapping size -> factor"),
+    ({"width": {"wide": 0.5}}, "width: 'wide': 0.5 is not size \\(an integer\\) -> factor"),
+    ({"tokens": {512: 0}}, "tokens: 512: 0: sizes must be >= 1 and factors > 0"),
+    ({"width": {0: 0.5}}, "width: 0: 0.5: sizes must be >= 1"),
+])
+def test_bad_curve_input_names_the_flag(raw, message: str) -> None:
+    with pytest.raises(ConfigError, match="^--gemm-efficiency c.json: " + message):
+        gemm_efficiency_from_dict(raw, "--gemm-efficiency c.json")
+
+
+def test_curve_file_json_and_yaml(tmp_path: Path) -> None:
+    (tmp_path / "c.json").write_text(json.dumps({"width": {"256": 0.8, "1024": 1.0}, "source": "bench"}))
+    assert load_gemm_efficiency(tmp_path / "c.json") == GemmEfficiency(((256, 0.8), (1024, 1.0)), (), "bench")
+    (tmp_path / "c.yaml").write_text("tokens: {4096: 1.0, 1024: 0.7}\n")
+    assert load_gemm_efficiency(tmp_path / "c.yaml").tokens == ((1024, 0.7), (4096, 1.0))  # sorted
+    with pytest.raises(ConfigError, match=r"^--gemm-efficiency .*missing.json: cannot read it"):
+        load_gemm_efficiency(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{width: [")
+    with pytest.raises(ConfigError, match=r"^--gemm-efficiency .*bad.json: cannot read it"):
+        load_gemm_efficiency(tmp_path / "bad.json")
