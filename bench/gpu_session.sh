@@ -2,8 +2,9 @@
 # Every GPU check the open issues need, as stages of one script, on a GPU host with no package index
 # (../shared/notes/gpu-h200.md). One device call per stage (a call runs at most 10 minutes), in this order:
 #
-#   bash bench/gpu_session.sh bench   # ~6.5 min: bench/bench_gpu.py on configs/1b.yaml (issue 13 throughput; issue 16
-#                                     #   memory estimate vs max_memory_allocated in 3 settings)        timeout_s 450
+#   bash bench/gpu_session.sh bench   # ~6.5 min: bench/bench_gpu.py on configs/1b.yaml (issue 13 throughput, the fused
+#                                     #   loss if the budget allows; issue 16 memory estimate vs
+#                                     #   max_memory_allocated in 3 settings)                           timeout_s 450
 #   bash bench/gpu_session.sh tier    # <= 4 min: python -m pytest -m gpu (issue 12 item 4)           timeout_s 330
 #   bash bench/gpu_session.sh suite   # python -m pytest, the README's test command, GPU visible (issue 12 item 3)
 #   bash bench/gpu_session.sh small   # bench on configs/125m.yaml (issue 13: the small shape)         timeout_s 240
@@ -39,7 +40,8 @@ run_timed() {  # label, timeout seconds, command...
 case $stage in
   bench)  # trainer no AC, trainer with the config's AC (ZeRO-2), HF eager, HF compiled, then ZeRO-1 + core_attention
     DS_ACCELERATOR=cuda run_timed bench 420 python3 bench/bench_gpu.py --out "$out_dir/bench_gpu_1b.json" \
-      --then-variant "zero1_core_attn=zero.stage=1,parallel.activation_checkpointing=core_attention" ;;
+      --then-variant "zero1_core_attn=zero.stage=1,parallel.activation_checkpointing=core_attention" \
+      --then-variant "fused_loss=parallel.activation_checkpointing=none,parallel.lm_loss=fused_linear" ;;
   small)
     DS_ACCELERATOR=cuda run_timed small 220 python3 bench/bench_gpu.py --config configs/125m.yaml --budget-s 150 \
       --out "$out_dir/bench_gpu_125m.json" ;;

@@ -91,6 +91,10 @@ class ParallelConfig(_Section):
     # graph capture + AOTAutograd without code generation (debugging and the CPU equivalence tests).
     # YAML 1.1 reads a bare on/off as true/false: both spellings are accepted.
     compile: Annotated[Literal["auto", "on", "off", "aot_eager"], BeforeValidator(_on_off_as_text)] = "auto"
+    # The loss (trainer/loss.py). chunked: lm_head makes the (B, T, V) logits, the cross entropy walks them in token
+    # chunks (no fp32 copy). fused_linear: lm_head and the loss in one, chunk by chunk: no logits and no logits'
+    # gradient for the whole micro-batch (2 × 1 GB in bf16 at the 1B shape); tp 1 and ZeRO 0-2 only.
+    lm_loss: Literal["chunked", "fused_linear"] = "chunked"
 
 
 OffloadDevice = Literal["none", "cpu", "nvme"]
@@ -481,6 +485,20 @@ def _world_problems(cfg: Config, world_size: int, device: str) -> list[str]:
     return problems
 
 
+def _lm_loss_problems(cfg: Config) -> list[str]:
+    if cfg.parallel.lm_loss != "fused_linear":
+        return []
+    problems = []
+    if cfg.parallel.tp > 1:
+        problems.append(f"parallel.lm_loss=fused_linear runs at tp 1 only (under tensor parallelism the loss stays "
+                        f"vocab-parallel over the sharded logits): set parallel.lm_loss=chunked, or parallel.tp=1")
+    if cfg.zero.stage == 3:
+        problems.append("parallel.lm_loss=fused_linear cannot run with zero.stage=3 (ZeRO-3 releases lm_head's "
+                        "gathered weight when lm_head's forward returns, before the fused loss reads it): set "
+                        "parallel.lm_loss=chunked, or zero.stage=2")
+    return problems
+
+
 def _model_split_problems(cfg: Config) -> list[str]:
     m, par, problems = cfg.model, cfg.parallel, []
     for field, count in (("num_heads", m.num_heads), ("num_kv_heads", m.num_kv_heads)):
@@ -488,6 +506,7 @@ def _model_split_problems(cfg: Config) -> list[str]:
             choices = _set_str(_divisors(math.gcd(m.num_heads, m.num_kv_heads)))
             problems.append(f"parallel.tp ({par.tp}) must divide model.{field} ({count}): choose tp in {choices}")
     problems += _stage_layer_problems(m.num_layers, par)
+    problems += _lm_loss_problems(cfg)
     if par.sequence_parallel and par.tp == 1:
         problems.append(
             "parallel.sequence_parallel needs parallel.tp > 1 (it shards activations over the TP group): "

@@ -10,6 +10,10 @@ import dataclasses
 
 from trainer.config import Config, Derived, ModelConfig
 
+# trainer.loss.DEFAULT_CHUNK_BYTES, repeated here because this module imports no torch (`pretrain plan` runs without
+# it); tests/trainer/test_estimate.py checks that the two agree.
+LOSS_CHUNK_BYTES = 128 * 2**20
+
 
 @dataclasses.dataclass(frozen=True)
 class ParamCount:
@@ -201,14 +205,31 @@ def _activation_bytes(cfg: Config, derived: Derived, stage: int) -> tuple[int, i
     return total, in_flight
 
 
-def _head_activation_bytes(cfg: Config, derived: Derived, tokens: int) -> int:
-    """The last stage's final norm as in a layer; logits (activation dtype) + their fp32 copy for the loss (mixed
-    precision only) + the fp32 log-softmax that cross entropy saves."""
+def _head_activation_bytes(cfg: Config, derived: Derived, tokens: int, loss: str | None = None) -> int:
+    """The last stage's final norm as in a layer, and what lm_head + loss hold at the loss' backward: the stage's
+    peak, as every layer's activations are still saved then. loss: parallel.lm_loss by default."""
     act_b = 4 if cfg.precision.dtype == "fp32" else 2
-    logits = tokens * derived.padded_vocab_size // derived.tp * (act_b + 4 + (4 if act_b < 4 else 0))
     sp = derived.tp if cfg.parallel.sequence_parallel else 1
     final_norm = tokens * (4 + act_b) * cfg.model.hidden_size // sp
-    return final_norm + logits
+    return final_norm + loss_bytes(cfg, derived, tokens, loss or cfg.parallel.lm_loss)
+
+
+def loss_bytes(cfg: Config, derived: Derived, tokens: int, loss: str) -> int:
+    """lm_head's output and the loss' working set at the loss' backward, for one micro-batch of `tokens`.
+    loss: "chunked" | "fused_linear" (parallel.lm_loss), or "plain" (trainer.model.lm_loss, which training used
+    until 2026-12-04: the one GPU measurement, tests/trainer/test_estimate.py, ran it)."""
+    act_b = 4 if cfg.precision.dtype == "fp32" else 2
+    vocab_shard = derived.padded_vocab_size // derived.tp
+    logits = tokens * vocab_shard
+    if loss == "plain":  # the logits, their fp32 copy (mixed precision) and the fp32 log-softmax cross entropy saves
+        return logits * (act_b + 4 + (4 if act_b < 4 else 0))
+    chunks = 2 * LOSS_CHUNK_BYTES  # one chunk's fp32 logits and its fp32 working copy (trainer.loss)
+    if loss == "chunked":  # the logits (kept for backward) and their gradient, made in the loss' backward
+        return 2 * logits * act_b + chunks
+    if loss == "fused_linear":  # no logits: the weight's and the hidden states' fp32 gradients, one chunk's
+        weight = vocab_shard * cfg.model.hidden_size  # fp32 temporaries and gradient, one chunk's (V, H) product
+        return weight * (4 + act_b) + tokens * cfg.model.hidden_size * 4 + chunks + LOSS_CHUNK_BYTES * act_b // 4
+    raise ValueError(f"unknown loss {loss!r}: chunked, fused_linear or plain")
 
 
 def _layer_activation_bytes_per_token(cfg: Config, derived: Derived, mode: str | None = None) -> int:

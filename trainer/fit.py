@@ -68,8 +68,9 @@ def train_step(run: RunContext, batches: Iterator[Any]) -> torch.Tensor:
     total = torch.zeros((), device=run.ctx.device)
     for _ in range(run.derived.grad_accum_steps):
         tokens, labels = next(batches)
-        logits = engine(tokens.to(run.ctx.device, non_blocking=True))
-        loss = run.model.loss_fn(logits, labels.to(run.ctx.device, non_blocking=True))
+        # The logits; under parallel.lm_loss=fused_linear the normed hidden states, which the loss turns into logits.
+        outputs = engine(tokens.to(run.ctx.device, non_blocking=True))
+        loss = run.model.loss_fn(outputs, labels.to(run.ctx.device, non_blocking=True))
         engine.backward(loss)  # scales by 1/grad_accum; the last micro-step reduces gradients over DP
         engine.step()  # steps optimizer and LR schedule only at the accumulation boundary
         total += loss.detach()
@@ -88,8 +89,8 @@ def evaluate(run: RunContext, step: int) -> EvalOutput:
     run.engine.eval()
     total = torch.zeros((), device=run.ctx.device)
     for tokens, labels in run.eval_loader:
-        logits = run.engine(tokens.to(run.ctx.device, non_blocking=True))
-        total += run.model.loss_fn(logits, labels.to(run.ctx.device, non_blocking=True)).float()
+        outputs = run.engine(tokens.to(run.ctx.device, non_blocking=True))
+        total += run.model.loss_fn(outputs, labels.to(run.ctx.device, non_blocking=True)).float()
     run.engine.train()
     dist.all_reduce(total, group=run.ctx.dp_group)
     return EvalOutput(step, total.item() / (num_microbatches * run.ctx.dp), num_microbatches)

@@ -132,3 +132,74 @@ def _lse_and_label_logit(logits: torch.Tensor, labels: torch.Tensor, keep: torch
     if group is not None:
         dist.all_reduce(sums, group=group)  # Σ exp over all shards; the label's logit from the one shard holding it
     return row_max + sums[0].log(), row_max + sums[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fused lm_head + cross entropy (parallel.lm_loss=fused_linear, tp == 1)
+
+
+def fused_linear_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                         ignore_index: int = -100, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
+    """lm_head and the loss in one: hidden (B, T, H) after the final norm, weight (V_padded, H) = lm_head.weight,
+    labels (B, T) → the same mean loss as `chunked_lm_loss(hidden @ weight.T, labels, vocab_size)`, but no logits
+    exist beyond one chunk of tokens: neither the (B, T, V) logits nor their gradient (2 × 1 GB in bf16 at the 1B
+    micro-batch). The gradients are computed chunk by chunk in the forward, while each chunk's logits exist (the
+    method of Liger-Kernel's fused linear cross entropy, here in plain torch), and scaled by the incoming gradient in
+    backward: the same three matmuls per chunk as lm_head's forward and backward, nothing recomputed. Kept for
+    backward: the hidden states' gradient (B·T × H fp32) and the weight's (V × H fp32). Without grad (evaluation) only
+    the loss is computed."""
+    flat_hidden = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])  # (T*B, H): free for Llama's (T, B) layout
+    flat_labels = labels.transpose(0, 1).reshape(-1)
+    real_columns = min(vocab_size, weight.shape[0])
+    rows_per_chunk = max(1, chunk_bytes // (4 * real_columns))
+    return _FusedLinearCrossEntropy.apply(flat_hidden, weight, flat_labels, real_columns, ignore_index,
+                                          rows_per_chunk)
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, real_columns: int,
+                ignore_index: int, rows_per_chunk: int) -> torch.Tensor:
+        keep = labels != ignore_index
+        safe_labels = torch.where(keep, labels, 0)
+        real_weight = weight[:real_columns]  # (V_real, H) view: padding rows never enter the softmax
+        # needs_input_grad is False for both under torch.no_grad() (evaluation): then only the loss is computed.
+        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if want_grad else None
+        grad_weight = torch.zeros(real_weight.shape, dtype=torch.float32, device=weight.device) if want_grad else None
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            logits = (hidden[rows] @ real_weight.t()).float()  # (n, V_real) fp32: the only logits that exist
+            lse = torch.logsumexp(logits, dim=-1)
+            label_logit = logits.gather(1, safe_labels[rows, None]).squeeze(1)
+            loss_sum += ((lse - label_logit) * keep[rows]).sum()
+            if want_grad:
+                grad_logits = _softmax_minus_one_hot_(logits, lse, safe_labels[rows], keep[rows]).to(hidden.dtype)
+                grad_hidden[rows] = grad_logits @ real_weight  # in the model dtype, as lm_head's backward would
+                grad_weight += grad_logits.t() @ hidden[rows]  # (V, H) in the model dtype, summed in fp32
+        count = keep.sum()
+        ctx.save_for_backward(grad_hidden, grad_weight, count)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        ctx.padded_rows = weight.shape[0]
+        return loss_sum / count  # all labels ignored: 0/0 = NaN, like torch's cross_entropy
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
+        grad_hidden, grad_weight, count = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.dtypes
+        scale = grad_loss.float() / count.clamp(min=1)  # fp16: the loss scale is applied in fp32, then rounded once
+        # Scaled and rounded straight into the outputs (out=): no second fp32 copy of either gradient.
+        grad_w = torch.zeros((ctx.padded_rows, grad_weight.shape[1]), dtype=weight_dtype, device=grad_weight.device)
+        torch.mul(grad_weight, scale, out=grad_w[: grad_weight.shape[0]])  # padding rows stay exactly zero
+        grad_h = torch.mul(grad_hidden, scale, out=torch.empty(grad_hidden.shape, dtype=hidden_dtype,
+                                                               device=grad_hidden.device))
+        return grad_h, grad_w, None, None, None, None
+
+
+def _softmax_minus_one_hot_(logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor,
+                            keep: torch.Tensor) -> torch.Tensor:
+    """d(Σ loss)/d logits for one chunk, in place over the fp32 logits: softmax − one-hot, zero on ignored rows."""
+    probs = logits.sub_(lse[:, None]).exp_()
+    probs[torch.arange(probs.shape[0], device=probs.device), labels] -= 1.0
+    return probs.mul_(keep[:, None])

@@ -54,7 +54,7 @@ from torch.utils.checkpoint import (
 
 from trainer.bootstrap import ParallelContext, deepspeed_topology
 from trainer.compile import compile_backend, compile_layers
-from trainer.loss import chunked_lm_loss, chunked_vocab_parallel_lm_loss
+from trainer.loss import chunked_lm_loss, chunked_vocab_parallel_lm_loss, fused_linear_lm_loss
 from trainer.config import Config, Derived, ModelConfig
 from trainer.model import VOCAB_PARAM_NAMES, Llama, init_std_for
 
@@ -70,7 +70,7 @@ class ParallelModel:
     """This rank's model: the Llama itself (pp == 1) or a DeepSpeed PipelineModule holding this stage's parts."""
 
     module: nn.Module
-    loss_fn: LossFn  # (logits (B, T, V/tp), labels (B, T)) → mean loss over the micro-batch
+    loss_fn: LossFn  # (logits (B, T, V/tp) or, under lm_loss=fused_linear, hidden (B, T, H); labels (B, T)) → mean
     num_layers: int
     is_pipeline: bool
     compile_backend: str | None = None  # the torch.compile backend of this rank's decoder layers; None: eager
@@ -134,7 +134,7 @@ def parallelize(model: Llama, cfg: Config, derived: Derived, ctx: ParallelContex
     #    (torchtitan's order); before the pipeline and deepspeed.initialize, which then call the compiled layers.
     backend = compile_backend(cfg.parallel.compile, ctx.device.type)
     compiled = compile_layers([model.layers[i] for i in parts.layers], backend)
-    loss_fn = _loss_fn(cfg.model.vocab_size, ctx)
+    loss_fn = _loss_fn(cfg, ctx, model.lm_head if parts.head else None)
     if ctx.pp == 1:
         return ParallelModel(model, loss_fn, cfg.model.num_layers, False, backend, compiled)
     # 7. Last: PipelineModule registers the finished parts as opaque callables in a flat list.
@@ -261,14 +261,41 @@ def _mark_tp(module: nn.Module, dim: int) -> nn.Module:
     return module
 
 
-def _loss_fn(vocab_size: int, ctx: ParallelContext) -> LossFn:
+def _loss_fn(cfg: Config, ctx: ParallelContext, lm_head: nn.Module | None) -> LossFn:
     """The loss over the tokenizer's `vocab_size` columns only: padded columns never enter the softmax. Chunked over
     tokens (trainer.loss), so no fp32 copy of a whole micro-batch's logits exists; the same numbers as `lm_loss` /
-    `vocab_parallel_lm_loss`, which stay as the unchunked references (tests/trainer/test_loss.py)."""
+    `vocab_parallel_lm_loss`, which stay as the unchunked references (tests/trainer/test_loss.py). With
+    parallel.lm_loss=fused_linear the loss also applies lm_head (this stage's, None where there is none)."""
+    vocab_size = cfg.model.vocab_size
+    if cfg.parallel.lm_loss == "fused_linear":
+        return _fused_linear_loss_fn(lm_head, vocab_size)
     if ctx.tp == 1:
         return functools.partial(chunked_lm_loss, vocab_size=vocab_size)
     return functools.partial(chunked_vocab_parallel_lm_loss, vocab_size=vocab_size, tp_rank=ctx.tp_rank,
                              tp_group=ctx.tp_group)
+
+
+def _fused_linear_loss_fn(lm_head: nn.Module | None, vocab_size: int) -> LossFn:
+    """lm_head stays in the module tree (DeepSpeed optimises its weight, checkpoints save it under its name, tied
+    embeddings share it) but passes the normed hidden states through: the model then returns (B, T, H) where it
+    returned logits, and the loss applies lm_head's weight chunk by chunk (trainer.loss.fused_linear_lm_loss)."""
+    if lm_head is None:  # a pipeline stage without the head never computes the loss
+        return _no_loss_here
+    lm_head.forward = _hidden_through  # type: ignore[method-assign]
+
+    def loss(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # The weight is read at each call: DeepSpeed casts (bf16/fp16) and may replace it after this is built.
+        return fused_linear_lm_loss(hidden, lm_head.weight, labels, vocab_size)
+
+    return loss
+
+
+def _hidden_through(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden
+
+
+def _no_loss_here(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError("the loss is computed on the last pipeline stage only: this stage holds no lm_head")
 
 
 def vocab_parallel_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, tp_rank: int,

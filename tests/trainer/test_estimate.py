@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from trainer.config import load_config
-from trainer.estimate import count_parameters, estimate_memory, flops_per_token, stage_params_per_gpu
+from trainer.estimate import (LOSS_CHUNK_BYTES, count_parameters, estimate_memory, flops_per_token, loss_bytes,
+                              stage_params_per_gpu)
 
 REPO = Path(__file__).resolve().parents[2]
 GIB = 2**30
@@ -143,11 +144,16 @@ def test_shipped_gpu_configs_fit_an_80gb_gpu(name: str) -> None:
 
 def test_one_h200_measurement_and_deepspeed_buffers() -> None:
     """1B, bf16, ZeRO-2, selective AC, micro 8 × seq 2048 on one H200 peaked at 36.16 GiB max_memory_allocated
-    (notes/gpu-h200.md); two 5e8-element bf16 gradient buckets (overlap_comm) are part of it."""
+    (notes/gpu-h200.md); two 5e8-element bf16 gradient buckets (overlap_comm) are part of it. That run used the plain
+    loss (fp32 copies of the whole micro-batch's logits); the estimate of the same run is the chunked-loss estimate
+    with the plain loss' bytes in place of the chunked loss' (2.7 GiB less: not measured on a GPU yet)."""
     cfg, derived = setup("1b", "train.global_batch_size=32", "data.synthetic=true", "data.datasets=[]", world=1)
     memory = estimate_memory(cfg, derived)
     assert memory.buffers_bytes == 2 * 500_000_000 * 2
-    assert memory.total_bytes / GIB == pytest.approx(36.16, rel=0.03)
+    tokens = cfg.train.seq_len * derived.micro_batch_size_per_gpu
+    as_measured = memory.total_bytes - loss_bytes(cfg, derived, tokens, "chunked") + loss_bytes(cfg, derived, tokens,
+                                                                                                   "plain")
+    assert as_measured / GIB == pytest.approx(36.16, rel=0.03)
     cfg, derived = setup("1b", "zero.overlap_comm=false")
     assert estimate_memory(cfg, derived).buffers_bytes == 500_000_000 * 2
     # bf16 + fp32 accumulation under ZeRO-1 runs DeepSpeed's BF16_Optimizer: no buckets, fp32 grads instead.
@@ -159,3 +165,21 @@ def test_fp32_zero_keeps_a_master_copy() -> None:
     cfg, derived = setup("tiny", "zero.stage=1", world=2)
     memory = estimate_memory(cfg, derived)
     assert memory.optimizer_bytes == 12 * memory.params_per_gpu // 2  # master copy + m + v, partitioned over dp 2
+
+
+def test_the_estimate_follows_the_configured_loss() -> None:
+    """At the 1B micro-batch (8 × 2048 tokens, vocab 32,000, bf16) on CPU, bench/bench_loss_memory.py measured
+    lm_head + loss peaks of 6,000 (plain), 2,256 (chunked) and 945 MiB (fused_linear) (docs/benchmarks.md); the
+    estimate's loss bytes: 5,000, 2,256 and 823 MiB (plain: the saved tensors only, not its backward temporaries)."""
+    from trainer.loss import DEFAULT_CHUNK_BYTES
+
+    assert LOSS_CHUNK_BYTES == DEFAULT_CHUNK_BYTES
+    cfg, derived = setup("1b", "train.global_batch_size=32", "data.synthetic=true", "data.datasets=[]", world=1)
+    tokens = cfg.train.seq_len * derived.micro_batch_size_per_gpu
+    mib = {loss: loss_bytes(cfg, derived, tokens, loss) / 2**20 for loss in ("plain", "chunked", "fused_linear")}
+    assert mib["chunked"] == pytest.approx(2256, rel=0.01) and mib["fused_linear"] == pytest.approx(945, rel=0.15)
+    assert mib["fused_linear"] < mib["chunked"] < mib["plain"]
+    fused_cfg, fused_derived = setup("1b", "train.global_batch_size=32", "data.synthetic=true", "data.datasets=[]",
+                                     "parallel.lm_loss=fused_linear", world=1)
+    saved = estimate_memory(cfg, derived).total_bytes - estimate_memory(fused_cfg, fused_derived).total_bytes
+    assert saved == (mib["chunked"] - mib["fused_linear"]) * 2**20

@@ -1,0 +1,99 @@
+"""parallel.lm_loss=fused_linear: lm_head and the cross entropy in one (trainer.loss.fused_linear_lm_loss) equal
+lm_head followed by the plain loss, in value and in both gradients, and train every layout it runs in to the checked-in
+single-process trace. Awkward shapes as in test_loss.py: a padded vocabulary (389 real of 512), chunks that do not
+divide the tokens, ignored labels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import deepspeed  # noqa: F401  (imported once in the parent: forked ranks start in ~0.3 s)
+import megatron.core.tensor_parallel  # noqa: F401
+import pytest
+import torch
+
+from test_parallel_training import GOLDEN, REL_TOL, max_rel_diff, run_and_read
+from trainer.config import ConfigError, load_config
+from trainer.loss import fused_linear_lm_loss
+from trainer.model import lm_loss
+
+REPO = Path(__file__).resolve().parents[2]
+VOCAB, PADDED, HIDDEN = 389, 512, 24
+
+
+def _inputs(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    hidden_tbh = torch.randn(7, 3, HIDDEN, generator=generator).to(dtype)  # the model's (T, B, H) layout
+    weight = (torch.randn(PADDED, HIDDEN, generator=generator) * 0.5).to(dtype)
+    weight[VOCAB:] = 0  # padding rows, as the trainer initialises them
+    labels = torch.randint(0, VOCAB, (3, 7), generator=generator)
+    labels[0, 2] = labels[2, 6] = -100
+    return hidden_tbh, weight, labels
+
+
+def _loss_and_grads(loss_of, hidden_tbh, weight, grad_scale):  # noqa: ANN001, ANN202
+    hidden_leaf, weight_leaf = hidden_tbh.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = loss_of(hidden_leaf.transpose(0, 1), weight_leaf)
+    (loss * grad_scale).backward()
+    return loss.detach(), hidden_leaf.grad, weight_leaf.grad
+
+
+def _unfused(labels: torch.Tensor):  # noqa: ANN202
+    return lambda hidden, weight: lm_loss(hidden @ weight.t(), labels, VOCAB)
+
+
+@pytest.mark.parametrize(("dtype", "rtol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("chunk_tokens", [1, 5, 21, 1000])  # one row per chunk .. everything in one chunk
+def test_fused_loss_equals_lm_head_then_loss_in_value_and_both_gradients(dtype: torch.dtype, rtol: float,
+                                                                           chunk_tokens: int) -> None:
+    """bf16: the reference rounds the whole gradient of the logits to bf16 once; the fused loss rounds each chunk's
+    and sums the weight gradient in fp32, so they differ by bf16 rounding (2e-2 of the largest element)."""
+    hidden, weight, labels = _inputs(dtype)
+    want = _loss_and_grads(_unfused(labels), hidden, weight, grad_scale=1024.0)  # a loss scale, as fp16 runs use
+    fused = lambda h, w: fused_linear_lm_loss(h, w, labels, VOCAB, chunk_bytes=4 * VOCAB * chunk_tokens)  # noqa: E731
+    got = _loss_and_grads(fused, hidden, weight, grad_scale=1024.0)
+    for name, g, w in zip(("loss", "hidden grad", "weight grad"), got, want, strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        assert (g.float() - w.float()).abs().max() <= rtol * w.float().abs().max(), name
+    assert torch.equal(got[2][VOCAB:], torch.zeros_like(got[2][VOCAB:]))  # padding rows: exactly zero gradient
+
+
+def test_without_grad_only_the_loss_is_computed() -> None:
+    hidden, weight, labels = _inputs(torch.float32)
+    with torch.no_grad():
+        loss = fused_linear_lm_loss(hidden.transpose(0, 1), weight, labels, VOCAB)
+    assert torch.allclose(loss, lm_loss(hidden.transpose(0, 1) @ weight.t(), labels, VOCAB), rtol=1e-6)
+    assert loss.grad_fn is None
+
+
+def test_all_labels_ignored_gives_nan_like_torch() -> None:
+    hidden, weight, labels = _inputs(torch.float32)
+    assert fused_linear_lm_loss(hidden.transpose(0, 1), weight, torch.full_like(labels, -100), VOCAB).isnan()
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["parallel.tp=2"], "parallel.lm_loss=fused_linear runs at tp 1 only"),
+    (["zero.stage=3"], "parallel.lm_loss=fused_linear cannot run with zero.stage=3"),
+])
+def test_layouts_it_cannot_run_are_refused_with_the_fix(overrides: list[str], message: str) -> None:
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["parallel.lm_loss=fused_linear", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate_for_world(2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("world_size", "overrides"), [
+    pytest.param(1, [], id="1proc"),
+    pytest.param(2, ["zero.stage=2"], id="dp2-zero2"),
+    pytest.param(2, ["parallel.pp=2"], id="pp2"),
+    pytest.param(1, ["parallel.activation_checkpointing=full", "parallel.compile=aot_eager"], id="1proc-full_ac-compiled"),
+])
+def test_training_with_the_fused_loss_matches_the_golden_trace(world_size: int, overrides: list[str],
+                                                               tmp_path: Path) -> None:
+    """Train and eval losses of every step (eval runs the no-grad path) equal the single-process eager trace that
+    every chunked-loss layout matches (test_parallel_training.py)."""
+    golden = json.loads(GOLDEN.read_text())
+    got = run_and_read(world_size, ["parallel.lm_loss=fused_linear", *overrides], tmp_path)
+    assert max_rel_diff(got["losses"], golden["train_losses"]) <= REL_TOL, (got["losses"], golden["train_losses"])
+    assert max_rel_diff([got["val_loss"]], [golden["val_loss"]]) <= REL_TOL
