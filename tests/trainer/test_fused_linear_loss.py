@@ -97,3 +97,14 @@ def test_training_with_the_fused_loss_matches_the_golden_trace(world_size: int, 
     got = run_and_read(world_size, ["parallel.lm_loss=fused_linear", *overrides], tmp_path)
     assert max_rel_diff(got["losses"], golden["train_losses"]) <= REL_TOL, (got["losses"], golden["train_losses"])
     assert max_rel_diff([got["val_loss"]], [golden["val_loss"]]) <= REL_TOL
+
+
+@pytest.mark.slow
+def test_tied_embeddings_train_alike_with_either_loss(tmp_path: Path) -> None:
+    """Tied: lm_head's weight is the embedding's, so the fused loss' weight gradient adds to the embedding's own."""
+    tied = ["model.tie_embeddings=true"]
+    chunked = run_and_read(1, tied, tmp_path / "chunked")
+    fused = run_and_read(1, [*tied, "parallel.lm_loss=fused_linear"], tmp_path / "fused")
+    assert max_rel_diff(fused["losses"], chunked["losses"]) <= REL_TOL, (fused["losses"], chunked["losses"])
+    assert max_rel_diff(fused["grad_norms"], chunked["grad_norms"]) <= 1e-4
+    assert max_rel_diff([fused["val_loss"]], [chunked["val_loss"]]) <= REL_TOL
