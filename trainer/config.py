@@ -93,7 +93,7 @@ class ParallelConfig(_Section):
     compile: Annotated[Literal["auto", "on", "off", "aot_eager"], BeforeValidator(_on_off_as_text)] = "auto"
     # The loss (trainer/loss.py). chunked: lm_head makes the (B, T, V) logits, the cross entropy walks them in token
     # chunks (no fp32 copy). fused_linear: lm_head and the loss in one, chunk by chunk: no logits and no logits'
-    # gradient for the whole micro-batch (2 × 1 GB in bf16 at the 1B shape); tp 1 and ZeRO 0-2 only.
+    # gradient for the whole micro-batch (2 × 1 GB in bf16 at the 1B shape); any tp and pp, ZeRO 0-2.
     lm_loss: Literal["chunked", "fused_linear"] = "chunked"
 
 
@@ -486,17 +486,11 @@ def _world_problems(cfg: Config, world_size: int, device: str) -> list[str]:
 
 
 def _lm_loss_problems(cfg: Config) -> list[str]:
-    if cfg.parallel.lm_loss != "fused_linear":
+    if cfg.parallel.lm_loss != "fused_linear" or cfg.zero.stage != 3:
         return []
-    problems = []
-    if cfg.parallel.tp > 1:
-        problems.append(f"parallel.lm_loss=fused_linear runs at tp 1 only (under tensor parallelism the loss stays "
-                        f"vocab-parallel over the sharded logits): set parallel.lm_loss=chunked, or parallel.tp=1")
-    if cfg.zero.stage == 3:
-        problems.append("parallel.lm_loss=fused_linear cannot run with zero.stage=3 (ZeRO-3 releases lm_head's "
-                        "gathered weight when lm_head's forward returns, before the fused loss reads it): set "
-                        "parallel.lm_loss=chunked, or zero.stage=2")
-    return problems
+    return ["parallel.lm_loss=fused_linear cannot run with zero.stage=3 (ZeRO-3 releases lm_head's gathered weight "
+            "when lm_head's forward returns, before the fused loss reads it): set parallel.lm_loss=chunked, or "
+            "zero.stage=2"]
 
 
 def _model_split_problems(cfg: Config) -> list[str]:

@@ -135,33 +135,42 @@ def _lse_and_label_logit(logits: torch.Tensor, labels: torch.Tensor, keep: torch
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Fused lm_head + cross entropy (parallel.lm_loss=fused_linear, tp == 1)
+# Fused lm_head + cross entropy (parallel.lm_loss=fused_linear)
 
 
 def fused_linear_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int,
-                         ignore_index: int = -100, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
-    """lm_head and the loss in one: hidden (B, T, H) after the final norm, weight (V_padded, H) = lm_head.weight,
-    labels (B, T) → the same mean loss as `chunked_lm_loss(hidden @ weight.T, labels, vocab_size)`, but no logits
+                         tp_rank: int = 0, tp_group: Any = None, ignore_index: int = -100,
+                         chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
+    """lm_head and the loss in one: hidden (B, T, H) after the final norm, weight (V_padded/tp, H) = this rank's
+    lm_head.weight, labels (B, T) → the same mean loss as the chunked loss over `hidden @ weight.T`, but no logits
     exist beyond one chunk of tokens: neither the (B, T, V) logits nor their gradient (2 × 1 GB in bf16 at the 1B
     micro-batch). The gradients are computed chunk by chunk in the forward, while each chunk's logits exist (the
     method of Liger-Kernel's fused linear cross entropy, here in plain torch), and scaled by the incoming gradient in
     backward: the same three matmuls per chunk as lm_head's forward and backward, nothing recomputed. Kept for
-    backward: the hidden states' gradient (B·T × H fp32) and the weight's (V × H fp32). Without grad (evaluation) only
-    the loss is computed."""
+    backward: the hidden states' gradient (B·T × H fp32) and the weight's (V/tp × H fp32). Without grad (evaluation)
+    only the loss is computed.
+
+    Under TP (tp_group given) each rank holds V/tp rows of the weight; per chunk the row max, Σ exp and the label's
+    logit are reduced over the group as in `chunked_vocab_parallel_lm_loss`, so every rank returns the same loss, its
+    own rows' weight gradient and its partial hidden-state gradient: the caller hands the hidden states through
+    megatron's copy-to / gather-from-sequence-parallel region, whose backward sums those partials as lm_head's
+    would."""
     flat_hidden = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])  # (T*B, H): free for Llama's (T, B) layout
     flat_labels = labels.transpose(0, 1).reshape(-1)
-    real_columns = min(vocab_size, weight.shape[0])
-    rows_per_chunk = max(1, chunk_bytes // (4 * real_columns))
-    return _FusedLinearCrossEntropy.apply(flat_hidden, weight, flat_labels, real_columns, ignore_index,
-                                          rows_per_chunk)
+    shard_rows = weight.shape[0]
+    vocab_start = tp_rank * shard_rows
+    real_columns = min(max(vocab_size - vocab_start, 0), shard_rows)  # the last ranks may hold only padding
+    # From the shard width, not the real columns: every TP rank must run the same number of chunks (collectives).
+    rows_per_chunk = max(1, chunk_bytes // (4 * shard_rows))
+    return _FusedLinearCrossEntropy.apply(flat_hidden, weight, flat_labels, real_columns, vocab_start, tp_group,
+                                          ignore_index, rows_per_chunk)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, real_columns: int,
-                ignore_index: int, rows_per_chunk: int) -> torch.Tensor:
+                vocab_start: int, group: Any, ignore_index: int, rows_per_chunk: int) -> torch.Tensor:
         keep = labels != ignore_index
-        safe_labels = torch.where(keep, labels, 0)
         real_weight = weight[:real_columns]  # (V_real, H) view: padding rows never enter the softmax
         # needs_input_grad is False for both under torch.no_grad() (evaluation): then only the loss is computed.
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
@@ -170,12 +179,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], rows_per_chunk):
             rows = slice(start, start + rows_per_chunk)
-            logits = (hidden[rows] @ real_weight.t()).float()  # (n, V_real) fp32: the only logits that exist
-            lse = torch.logsumexp(logits, dim=-1)
-            label_logit = logits.gather(1, safe_labels[rows, None]).squeeze(1)
+            logits = hidden[rows] @ real_weight.t()  # (n, V_real): the only logits that exist
+            lse, label_logit = _lse_and_label_logit(logits, labels[rows], keep[rows], real_columns, vocab_start,
+                                                    group)
             loss_sum += ((lse - label_logit) * keep[rows]).sum()
             if want_grad:
-                grad_logits = _softmax_minus_one_hot_(logits, lse, safe_labels[rows], keep[rows]).to(hidden.dtype)
+                grad_logits = _softmax_minus_one_hot(logits, lse, labels[rows], keep[rows], real_columns,
+                                                     vocab_start).to(hidden.dtype)
                 grad_hidden[rows] = grad_logits @ real_weight  # in the model dtype, as lm_head's backward would
                 grad_weight += grad_logits.t() @ hidden[rows]  # (V, H) in the model dtype, summed in fp32
         count = keep.sum()
@@ -194,12 +204,15 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         torch.mul(grad_weight, scale, out=grad_w[: grad_weight.shape[0]])  # padding rows stay exactly zero
         grad_h = torch.mul(grad_hidden, scale, out=torch.empty(grad_hidden.shape, dtype=hidden_dtype,
                                                                device=grad_hidden.device))
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
-def _softmax_minus_one_hot_(logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor,
-                            keep: torch.Tensor) -> torch.Tensor:
-    """d(Σ loss)/d logits for one chunk, in place over the fp32 logits: softmax − one-hot, zero on ignored rows."""
-    probs = logits.sub_(lse[:, None]).exp_()
-    probs[torch.arange(probs.shape[0], device=probs.device), labels] -= 1.0
+def _softmax_minus_one_hot(logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor,
+                           real_columns: int, vocab_start: int) -> torch.Tensor:
+    """d(Σ loss)/d logits for one chunk of this shard's real columns, fp32: softmax − one-hot (the one where this
+    shard holds the label), zero on ignored rows. lse: the log Σ exp over every shard."""
+    probs = logits.to(torch.float32, copy=True).sub_(lse[:, None]).exp_()
+    local, in_shard = _local_labels(labels, keep, real_columns, vocab_start)
+    hit = in_shard.nonzero().squeeze(1)
+    probs[hit, local[hit]] -= 1.0
     return probs.mul_(keep[:, None])

@@ -268,26 +268,48 @@ def _loss_fn(cfg: Config, ctx: ParallelContext, lm_head: nn.Module | None) -> Lo
     parallel.lm_loss=fused_linear the loss also applies lm_head (this stage's, None where there is none)."""
     vocab_size = cfg.model.vocab_size
     if cfg.parallel.lm_loss == "fused_linear":
-        return _fused_linear_loss_fn(lm_head, vocab_size)
+        return _fused_linear_loss_fn(lm_head, vocab_size, ctx, cfg.parallel.sequence_parallel)
     if ctx.tp == 1:
         return functools.partial(chunked_lm_loss, vocab_size=vocab_size)
     return functools.partial(chunked_vocab_parallel_lm_loss, vocab_size=vocab_size, tp_rank=ctx.tp_rank,
                              tp_group=ctx.tp_group)
 
 
-def _fused_linear_loss_fn(lm_head: nn.Module | None, vocab_size: int) -> LossFn:
+def _fused_linear_loss_fn(lm_head: nn.Module | None, vocab_size: int, ctx: ParallelContext,
+                          sequence_parallel: bool) -> LossFn:
     """lm_head stays in the module tree (DeepSpeed optimises its weight, checkpoints save it under its name, tied
     embeddings share it) but passes the normed hidden states through: the model then returns (B, T, H) where it
-    returned logits, and the loss applies lm_head's weight chunk by chunk (trainer.loss.fused_linear_lm_loss)."""
+    returned logits, and the loss applies lm_head's weight chunk by chunk (trainer.loss.fused_linear_lm_loss).
+    Under TP the hidden states enter the way megatron's ColumnParallelLinear takes its input: gathered over the
+    sequence under SP (backward: reduce-scatter), else as they are (backward: all-reduce of the partial gradients)."""
     if lm_head is None:  # a pipeline stage without the head never computes the loss
         return _no_loss_here
     lm_head.forward = _hidden_through  # type: ignore[method-assign]
 
     def loss(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if ctx.tp > 1:
+            hidden = _into_column_parallel(hidden, ctx.tp_group, sequence_parallel)
         # The weight is read at each call: DeepSpeed casts (bf16/fp16) and may replace it after this is built.
-        return fused_linear_lm_loss(hidden, lm_head.weight, labels, vocab_size)
+        return fused_linear_lm_loss(hidden, lm_head.weight, labels, vocab_size, ctx.tp_rank,
+                                    ctx.tp_group if ctx.tp > 1 else None)
 
     return loss
+
+
+def _into_column_parallel(hidden: torch.Tensor, tp_group: Any, sequence_parallel: bool) -> torch.Tensor:
+    """hidden (B, T or T/tp under SP, H), a view of (T, B, H) → (B, T, H), with megatron's TP region mappings."""
+    from megatron.core.tensor_parallel.mappings import (
+        copy_to_tensor_model_parallel_region,
+        gather_from_sequence_parallel_region,
+    )
+
+    sequence_first = hidden.transpose(0, 1)
+    if sequence_parallel:
+        sequence_first = gather_from_sequence_parallel_region(sequence_first, tensor_parallel_output_grad=True,
+                                                              group=tp_group)
+    else:
+        sequence_first = copy_to_tensor_model_parallel_region(sequence_first, group=tp_group)
+    return sequence_first.transpose(0, 1)
 
 
 def _hidden_through(hidden: torch.Tensor) -> torch.Tensor:

@@ -17,17 +17,18 @@ from test_parallel_training import GOLDEN, REL_TOL, max_rel_diff, run_and_read
 from trainer.config import ConfigError, load_config
 from trainer.loss import fused_linear_lm_loss
 from trainer.model import lm_loss
+from trainer.testing import run_distributed
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB, PADDED, HIDDEN = 389, 512, 24
 
 
-def _inputs(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _inputs(dtype: torch.dtype, vocab: int = VOCAB) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     hidden_tbh = torch.randn(7, 3, HIDDEN, generator=generator).to(dtype)  # the model's (T, B, H) layout
     weight = (torch.randn(PADDED, HIDDEN, generator=generator) * 0.5).to(dtype)
-    weight[VOCAB:] = 0  # padding rows, as the trainer initialises them
-    labels = torch.randint(0, VOCAB, (3, 7), generator=generator)
+    weight[vocab:] = 0  # padding rows, as the trainer initialises them
+    labels = torch.randint(0, vocab, (3, 7), generator=generator)
     labels[0, 2] = labels[2, 6] = -100
     return hidden_tbh, weight, labels
 
@@ -59,6 +60,34 @@ def test_fused_loss_equals_lm_head_then_loss_in_value_and_both_gradients(dtype: 
     assert torch.equal(got[2][VOCAB:], torch.zeros_like(got[2][VOCAB:]))  # padding rows: exactly zero gradient
 
 
+def _vocab_parallel_fused(rank: int, world_size: int, vocab: int) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """This rank's loss, its rows' weight gradient, and the hidden-state gradient summed over the TP group."""
+    import torch.distributed as dist
+
+    hidden, weight, labels = _inputs(torch.float32, vocab)
+    rows = PADDED // world_size
+    hidden_leaf = hidden.clone().requires_grad_()
+    shard = weight[rank * rows:(rank + 1) * rows].clone().requires_grad_()
+    loss = fused_linear_lm_loss(hidden_leaf.transpose(0, 1), shard, labels, vocab, rank, dist.group.WORLD,
+                                chunk_bytes=4 * rows * 5)
+    (loss * 0.5).backward()
+    dist.all_reduce(hidden_leaf.grad)  # what megatron's copy-to-TP-region backward does
+    return loss.item(), shard.grad, hidden_leaf.grad
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("world_size", "vocab"), [(2, VOCAB), (4, 300)], ids=["tp2", "tp4-a-shard-of-padding"])
+def test_vocab_parallel_fused_loss_equals_the_full_vocabulary_loss(world_size: int, vocab: int) -> None:
+    hidden, weight, labels = _inputs(torch.float32, vocab)
+    want_loss, want_hidden_grad, want_weight_grad = _loss_and_grads(
+        lambda h, w: lm_loss(h @ w.t(), labels, vocab), hidden, weight, grad_scale=0.5)
+    results = run_distributed(_vocab_parallel_fused, world_size, vocab, timeout_s=120)
+    assert [loss for loss, _, _ in results] == pytest.approx([want_loss.item()] * world_size, rel=1e-6)
+    torch.testing.assert_close(torch.cat([grad for _, grad, _ in results]), want_weight_grad, rtol=1e-5, atol=1e-7)
+    for _, _, hidden_grad in results:
+        torch.testing.assert_close(hidden_grad, want_hidden_grad, rtol=1e-5, atol=1e-7)
+
+
 def test_without_grad_only_the_loss_is_computed() -> None:
     hidden, weight, labels = _inputs(torch.float32)
     with torch.no_grad():
@@ -72,13 +101,9 @@ def test_all_labels_ignored_gives_nan_like_torch() -> None:
     assert fused_linear_lm_loss(hidden.transpose(0, 1), weight, torch.full_like(labels, -100), VOCAB).isnan()
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["parallel.tp=2"], "parallel.lm_loss=fused_linear runs at tp 1 only"),
-    (["zero.stage=3"], "parallel.lm_loss=fused_linear cannot run with zero.stage=3"),
-])
-def test_layouts_it_cannot_run_are_refused_with_the_fix(overrides: list[str], message: str) -> None:
-    cfg = load_config(REPO / "configs" / "tiny.yaml", ["parallel.lm_loss=fused_linear", *overrides])
-    with pytest.raises(ConfigError, match=message):
+def test_zero3_is_refused_with_the_fix() -> None:
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["parallel.lm_loss=fused_linear", "zero.stage=3"])
+    with pytest.raises(ConfigError, match="parallel.lm_loss=fused_linear cannot run with zero.stage=3.*zero.stage=2"):
         cfg.validate_for_world(2)
 
 
@@ -87,6 +112,8 @@ def test_layouts_it_cannot_run_are_refused_with_the_fix(overrides: list[str], me
     pytest.param(1, [], id="1proc"),
     pytest.param(2, ["zero.stage=2"], id="dp2-zero2"),
     pytest.param(2, ["parallel.pp=2"], id="pp2"),
+    pytest.param(2, ["parallel.tp=2"], id="tp2"),
+    pytest.param(2, ["parallel.tp=2", "parallel.sequence_parallel=true"], id="tp2-sp"),
     pytest.param(1, ["parallel.activation_checkpointing=full", "parallel.compile=aot_eager"], id="1proc-full_ac-compiled"),
 ])
 def test_training_with_the_fused_loss_matches_the_golden_trace(world_size: int, overrides: list[str],
