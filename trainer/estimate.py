@@ -223,12 +223,12 @@ def loss_bytes(cfg: Config, derived: Derived, tokens: int, loss: str) -> int:
     logits = tokens * vocab_shard
     if loss == "plain":  # the logits, their fp32 copy (mixed precision) and the fp32 log-softmax cross entropy saves
         return logits * (act_b + 4 + (4 if act_b < 4 else 0))
-    chunks = 2 * LOSS_CHUNK_BYTES  # one chunk's fp32 logits and its fp32 working copy (trainer.loss)
-    if loss == "chunked":  # the logits (kept for backward) and their gradient, made in the loss' backward
-        return 2 * logits * act_b + chunks
+    chunk = min(LOSS_CHUNK_BYTES, logits * 4)  # one chunk of fp32 logits (trainer.loss); all of them if fewer
+    if loss == "chunked":  # the logits (kept for backward) and their gradient, made in the loss' backward; a chunk
+        return 2 * logits * act_b + 2 * chunk  # in fp32 and its working copy
     if loss == "fused_linear":  # no logits: the weight's and the hidden states' fp32 gradients, one chunk's
         weight = vocab_shard * cfg.model.hidden_size  # fp32 temporaries and gradient, one chunk's (V, H) product
-        return weight * (4 + act_b) + tokens * cfg.model.hidden_size * 4 + chunks + LOSS_CHUNK_BYTES * act_b // 4
+        return weight * (4 + act_b) + tokens * cfg.model.hidden_size * 4 + 2 * chunk + chunk * act_b // 4
     raise ValueError(f"unknown loss {loss!r}: chunked, fused_linear or plain")
 
 

@@ -120,15 +120,20 @@ def _dry_run_report(cfg: Any, derived: Any, args: argparse.Namespace, world_sour
         f"vocab {cfg.model.vocab_size:,} padded to {derived.padded_vocab_size:,})",
         f"FLOPs/token  {flops.total:.3e} training (matmul {flops.matmul:.3e} + attention {flops.attention:.3e}); "
         f"{flops.total * derived.global_batch_size_tokens:.3e} per step",
-        *_memory_lines(cfg, memory),
+        *_memory_lines(cfg, derived, memory),
         "DeepSpeed config:",
         json.dumps(build_deepspeed_config(cfg, derived), indent=2),
     ]
     return "\n".join(lines)
 
 
-def _memory_lines(cfg: Any, memory: Any) -> list[str]:
+def _memory_lines(cfg: Any, derived: Any, memory: Any) -> list[str]:
+    from trainer.estimate import loss_bytes
+
     gib = 2**30
+    tokens = cfg.train.seq_len * derived.micro_batch_size_per_gpu
+    other = "fused_linear" if cfg.parallel.lm_loss == "chunked" else "chunked"
+    loss_gib, other_gib = (loss_bytes(cfg, derived, tokens, kind) / gib for kind in (cfg.parallel.lm_loss, other))
     lines = [
         f"memory/GPU   {memory.total_bytes / gib:.1f} GiB on the busiest stage "
         f"(stage {memory.stage}: {memory.params_per_gpu:,} params there): "
@@ -138,6 +143,8 @@ def _memory_lines(cfg: Any, memory: Any) -> list[str]:
         f"             ({cfg.precision.dtype}, ZeRO-{cfg.zero.stage}, activation checkpointing "
         f"{cfg.parallel.activation_checkpointing}, {memory.in_flight_micro_batches} micro-batch(es) in flight; "
         f"add CUDA context, NCCL buffers, fragmentation)",
+        f"             lm_head + loss on the last stage: {loss_gib:.2f} GiB of the activations "
+        f"(parallel.lm_loss={cfg.parallel.lm_loss}; with {other}: {other_gib:.2f} GiB)",
     ]
     if memory.cpu_offload_bytes:
         lines.append(f"             offloaded to host memory: {memory.cpu_offload_bytes / gib:.1f} GiB per GPU")

@@ -66,6 +66,19 @@ def test_overrides_and_world_size_flag() -> None:
     assert ds["optimizer"]["params"]["lr"] == 1e-4 and ds["gradient_accumulation_steps"] == 1024 // (2 * 16)
 
 
+def test_the_loss_working_set_is_shown_for_both_losses() -> None:
+    """configs/1b.yaml's micro-batch (8 × 2048 tokens, vocab 32,000, bf16): the chunked loss keeps the logits and their
+    gradient (2 × 1,000 MiB) + two 128 MiB chunks; the fused one the weight's and the hidden states' fp32 gradients."""
+    out = pretrain("--config", "configs/1b.yaml", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert ("lm_head + loss on the last stage: 2.20 GiB of the activations (parallel.lm_loss=chunked; with "
+            "fused_linear: 0.80 GiB)") in out.stdout
+    fused = pretrain("--config", "configs/1b.yaml", "--dry-run", "parallel.lm_loss=fused_linear")
+    assert "(parallel.lm_loss=fused_linear; with chunked: 2.20 GiB)" in fused.stdout
+    activations = [float(re.search(r"activations ([\d.]+)", o.stdout).group(1)) for o in (out, fused)]
+    assert activations[0] - activations[1] == pytest.approx(2.20 - 0.80, abs=0.06)
+
+
 def test_uneven_pipeline_stages_from_the_command_line() -> None:
     """The list override reaches the dry run (shell-safe, no spaces); a pp that does not divide the layers is refused
     with a split to paste."""
