@@ -227,16 +227,16 @@ def add_rates(row: dict[str, Any], tokens_per_step: int, flops_per_tok: int, pea
 
 def print_table(rows: list[dict[str, Any]], header: str) -> None:
     print(f"\n{header}")
-    print(f"{'loop':<22}{'s/step':>9}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}{'est GiB':>9}"
+    print(f"{'loop':<26}{'s/step':>9}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}{'est GiB':>9}"
           f"{'est/peak':>9}{'warm-up s':>11}")
     for row in rows:
         if row.get("skipped"):
-            print(f"{row['label']:<22}  skipped: {row['skipped']}")
+            print(f"{row['label']:<26}  skipped: {row['skipped']}")
             continue
         mfu = "-" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
         estimate = row.get("estimate_gib")
         est, ratio = ("-", "-") if estimate is None else (f"{estimate:.2f}", f"{estimate / row['peak_memory_gib']:.3f}")
-        print(f"{row['label']:<22}{row['s_per_step']:>9.3f}{row['tokens_per_s']:>12,.0f}{row['tflops_per_gpu']:>10.4g}"
+        print(f"{row['label']:<26}{row['s_per_step']:>9.3f}{row['tokens_per_s']:>12,.0f}{row['tflops_per_gpu']:>10.4g}"
               f"{mfu:>8}{row['peak_memory_gib']:>10.2f}{est:>9}{ratio:>9}{row['warmup_s']:>11.1f}")
 
 
