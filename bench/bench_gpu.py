@@ -77,6 +77,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--hf-compile-backend", default="inductor", help="torch.compile backend of hf_compile")
     parser.add_argument("--skip", nargs="*", default=[], help="loops to leave out: trainer hf_eager hf_compile")
     parser.add_argument("--budget-s", type=float, default=330.0, help="start no loop after this many seconds")
+    parser.add_argument("--plan-gpu", default="h200", help="GPU kind whose `pretrain plan` step time is printed next to "
+                        "each trainer loop's (trainer.gpu_specs; on CPU the column is that GPU's prediction, not this "
+                        "machine's)")
     parser.add_argument("--out", help="JSON path (default bench/out/bench_gpu_<device>.json)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides for every trainer loop")
     return parser.parse_args()
@@ -156,8 +159,9 @@ def trainer_loop(args: argparse.Namespace, label: str, overrides: list[str], ctx
                       precision=cfg.precision.dtype, engine=type(run.engine).__name__,
                       optimizer=type(run.engine.optimizer).__name__,
                       compile_summary=None if warmup_hook is None else warmup_hook.summary,
-                      # The dry-run's memory estimate of this very config (what `pretrain plan` ranks by; issue 16).
-                      estimate_gib=estimate_memory(cfg, derived).total_bytes / 2**30)
+                      # The dry-run's memory estimate and `pretrain plan`'s step time of this very config (issue 16).
+                      estimate_gib=estimate_memory(cfg, derived).total_bytes / 2**30,
+                      plan_s_per_step=planned_step_s(cfg, derived, args.plan_gpu))
         module = weakref.ref(run.model.module)
         release_run(run)  # as train() does: ZeRO-1/2 would otherwise keep model and optimizer state on the GPU
         del run, hooks, warmup_hook
@@ -165,6 +169,14 @@ def trainer_loop(args: argparse.Namespace, label: str, overrides: list[str], ctx
     # A loop that is not freed would count against the next loop's memory (and could OOM it on a GPU).
     result["model_freed_after_loop"] = module() is None
     return result
+
+
+def planned_step_s(cfg: Config, derived: Derived, gpu: str) -> float:
+    """`pretrain plan`'s predicted step time for this config on one GPU of kind `gpu`, default calibration."""
+    from trainer.gpu_specs import GPUS
+    from trainer.plan import Calibration, Cluster, step_time
+
+    return step_time(cfg, derived, Cluster(nodes=1, gpus_per_node=1, gpu=GPUS[gpu]), Calibration()).total_s
 
 
 def hf_loop(args: argparse.Namespace, cfg: Config, derived: Derived, device: torch.device,
@@ -228,7 +240,7 @@ def add_rates(row: dict[str, Any], tokens_per_step: int, flops_per_tok: int, pea
 def print_table(rows: list[dict[str, Any]], header: str) -> None:
     print(f"\n{header}")
     print(f"{'loop':<26}{'s/step':>9}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}{'est GiB':>9}"
-          f"{'est/peak':>9}{'warm-up s':>11}")
+          f"{'est/peak':>9}{'plan s':>8}{'plan/meas':>10}{'warm-up s':>11}")
     for row in rows:
         if row.get("skipped"):
             print(f"{row['label']:<26}  skipped: {row['skipped']}")
@@ -236,8 +248,11 @@ def print_table(rows: list[dict[str, Any]], header: str) -> None:
         mfu = "-" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
         estimate = row.get("estimate_gib")
         est, ratio = ("-", "-") if estimate is None else (f"{estimate:.2f}", f"{estimate / row['peak_memory_gib']:.3f}")
+        planned = row.get("plan_s_per_step")
+        plan_s, plan_ratio = ("-", "-") if planned is None else (f"{planned:.3f}", f"{planned / row['s_per_step']:.3f}")
         print(f"{row['label']:<26}{row['s_per_step']:>9.3f}{row['tokens_per_s']:>12,.0f}{row['tflops_per_gpu']:>10.4g}"
-              f"{mfu:>8}{row['peak_memory_gib']:>10.2f}{est:>9}{ratio:>9}{row['warmup_s']:>11.1f}")
+              f"{mfu:>8}{row['peak_memory_gib']:>10.2f}{est:>9}{ratio:>9}{plan_s:>8}{plan_ratio:>10}"
+              f"{row['warmup_s']:>11.1f}")
 
 
 def variants(specs: list[str]) -> list[tuple[str, list[str]]]:

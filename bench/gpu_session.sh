@@ -4,7 +4,8 @@
 #
 #   bash bench/gpu_session.sh bench   # ~6.5 min: bench/bench_gpu.py on configs/1b.yaml (issue 13 throughput, the fused
 #                                     #   loss if the budget allows; issue 16 memory estimate vs
-#                                     #   max_memory_allocated in 3 settings)                           timeout_s 450
+#                                     #   max_memory_allocated in 3 settings, plan's step time vs measured)
+#                                     #                                                                 timeout_s 450
 #   bash bench/gpu_session.sh tier    # <= 4 min: python -m pytest -m gpu (issue 12 item 4)           timeout_s 330
 #   bash bench/gpu_session.sh suite   # python -m pytest, the README's test command, GPU visible (issue 12 item 3)
 #   bash bench/gpu_session.sh small   # bench on configs/125m.yaml (issue 13: the small shape)         timeout_s 240

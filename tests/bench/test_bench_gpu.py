@@ -40,6 +40,9 @@ def test_bench_gpu_runs_every_loop_on_cpu_and_writes_json(tmp_path: Path) -> Non
     estimates = [rows[label]["estimate_gib"] for label in ("trainer[no_ac]", "trainer[config_ac]", "trainer[zero1_core]")]
     assert all(e > 0 for e in estimates) and estimates[0] != estimates[2]  # tiny.yaml: no AC, ZeRO-0 (= no_ac)
     assert "estimate_gib" not in rows["hf_eager"] and "est/peak" in done.stdout
+    # ... and `pretrain plan`'s step time for it on an H200 (the default --plan-gpu): recompute costs time there.
+    planned = {label: rows[label]["plan_s_per_step"] for label in ("trainer[no_ac]", "trainer[zero1_core]")}
+    assert 0 < planned["trainer[no_ac]"] < planned["trainer[zero1_core]"] and "plan/meas" in done.stdout
     assert rows["hf_compile"]["compile_backend"] == "aot_eager"
     assert report["tokens_per_step"] == 8 * 64 and report["peak_tflops"] is None  # no MFU on CPU
     assert "hf_eager" in done.stdout and "wrote" in done.stdout
