@@ -88,6 +88,8 @@ def test_uneven_stages_match_single_process(split: str, runs: dict) -> None:
     assert rel_diff(got["losses"], want["losses"], steps) <= REL_TOL, (got["losses"], want["losses"])
     assert rel_diff(got["grad_norms"], want["grad_norms"], steps) <= 1e-4  # the same clipping
     assert want["losses"][6] < want["losses"][1] - 0.1  # it learns (measured 5.55 → 5.38): not two flat lines
+    topology = json.loads((got["checkpoints"] / "step_6" / "metadata.json").read_text())["topology"]
+    assert topology["stage_layers"] == json.loads(SPLITS[split][1][1].split("=", 1)[1])  # recorded, informative
 
 
 @pytest.mark.parametrize(("source", "target"), [

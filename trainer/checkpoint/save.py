@@ -276,6 +276,8 @@ def build_metadata(run: Any, step: int, extra_state: dict[str, Any], reason: str
         "step": step, "consumed_samples": consumed, "consumed_tokens": consumed * cfg.train.seq_len,
         "created_unix_s": round(time.time(), 3), "save_reason": reason,
         "topology": {"world_size": ctx.world_size, "tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp,
+                     # Informative: loading reshards by parameter name, whatever the split was.
+                     "stage_layers": list(run.derived.stage_layers),
                      "zero_stage": cfg.zero.stage, "dtype": cfg.precision.dtype,
                      "vocab_size": cfg.model.vocab_size, "padded_vocab_size": run.derived.padded_vocab_size},
         "software": software_versions(),
