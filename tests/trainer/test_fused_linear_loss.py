@@ -114,7 +114,8 @@ def test_zero3_is_refused_with_the_fix() -> None:
     pytest.param(2, ["parallel.pp=2"], id="pp2"),
     pytest.param(2, ["parallel.tp=2"], id="tp2"),
     pytest.param(2, ["parallel.tp=2", "parallel.sequence_parallel=true"], id="tp2-sp"),
-    pytest.param(1, ["parallel.activation_checkpointing=full", "parallel.compile=aot_eager"], id="1proc-full_ac-compiled"),
+    pytest.param(1, ["parallel.activation_checkpointing=full", "parallel.compile=aot_eager"],
+                 id="1proc-full_ac-compiled"),
 ])
 def test_training_with_the_fused_loss_matches_the_golden_trace(world_size: int, overrides: list[str],
                                                                tmp_path: Path) -> None:
