@@ -98,8 +98,8 @@ def _stop_watchdog(hooks: Sequence[Hook]) -> None:
 def release_run(run: RunContext) -> None:
     """Free the engine, model and optimizer state for a caller that goes on after training (the quickstart exports in
     the same process; a sweep, notebook or bench trains again; on a GPU what stays behind stays in its memory).
-    Python's GC alone cannot: each of these is a cycle through C++ that it does not see (deepspeed 0.19.8;
-    tests/trainer/test_train_release.py fails if a DeepSpeed upgrade brings one back)."""
+    Python's GC alone cannot: some are cycles through C++ that it does not see, the rest DeepSpeed's module-level
+    references (deepspeed 0.19.8; tests/trainer/test_train_release.py fails if an upgrade brings another one)."""
     engine = run.engine
     # ZeRO-1/2/3 gradient hooks live on autograd nodes and point back at the optimizer: destroy() removes them.
     engine.destroy()
