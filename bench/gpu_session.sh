@@ -45,6 +45,7 @@ case $stage in
       --then-variant "fused_loss=parallel.activation_checkpointing=none,parallel.lm_loss=fused_linear" ;;
   small)
     DS_ACCELERATOR=cuda run_timed small 220 python3 bench/bench_gpu.py --config configs/125m.yaml --budget-s 150 \
+      --then-variant "fused_loss=parallel.activation_checkpointing=none,parallel.lm_loss=fused_linear" \
       --out "$out_dir/bench_gpu_125m.json" ;;
   tier)   # conftest sets DS_ACCELERATOR=cpu for the CPU tests; the CUDA runs must switch DeepSpeed themselves
     run_timed tier 310 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=0 --junitxml="$out_dir/tier.xml" ;;
