@@ -95,11 +95,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         scale = grad_loss.float() / count.clamp(min=1)
         for start in range(0, logits.shape[0], rows_per_chunk):
             rows = slice(start, start + rows_per_chunk)
-            probs = logits[rows, :real_columns].to(torch.float32, copy=True).sub_(lse[rows, None]).exp_()  # softmax
-            local, in_shard = _local_labels(labels[rows], keep[rows], real_columns, vocab_start)
-            hit = in_shard.nonzero().squeeze(1)
-            probs[hit, local[hit]] -= 1.0
-            grad[rows, :real_columns] = probs.mul_((keep[rows] * scale)[:, None])  # ignored rows: zero gradient
+            grad[rows, :real_columns] = _softmax_minus_one_hot(logits[rows, :real_columns], lse[rows], labels[rows],
+                                                               keep[rows], real_columns, vocab_start, scale)
         return grad, None, None, None, None, None, None
 
 
@@ -208,11 +205,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
 
 def _softmax_minus_one_hot(logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor,
-                           real_columns: int, vocab_start: int) -> torch.Tensor:
+                           real_columns: int, vocab_start: int, scale: torch.Tensor | None = None) -> torch.Tensor:
     """d(Σ loss)/d logits for one chunk of this shard's real columns, fp32: softmax − one-hot (the one where this
-    shard holds the label), zero on ignored rows. lse: the log Σ exp over every shard."""
+    shard holds the label), times `scale` if given, zero on ignored rows. lse: the log Σ exp over every shard."""
     probs = logits.to(torch.float32, copy=True).sub_(lse[:, None]).exp_()
     local, in_shard = _local_labels(labels, keep, real_columns, vocab_start)
     hit = in_shard.nonzero().squeeze(1)
     probs[hit, local[hit]] -= 1.0
-    return probs.mul_(keep[:, None])
+    return probs.mul_((keep if scale is None else keep * scale)[:, None])
