@@ -205,20 +205,24 @@ def _activation_bytes(cfg: Config, derived: Derived, stage: int) -> tuple[int, i
     return total, in_flight
 
 
-def _head_activation_bytes(cfg: Config, derived: Derived, tokens: int, loss: str | None = None) -> int:
+def _head_activation_bytes(cfg: Config, derived: Derived, tokens: int) -> int:
     """The last stage's final norm as in a layer, and what lm_head + loss hold at the loss' backward: the stage's
-    peak, as every layer's activations are still saved then. loss: parallel.lm_loss by default."""
-    act_b = 4 if cfg.precision.dtype == "fp32" else 2
+    peak, as every layer's activations are still saved then."""
     sp = derived.tp if cfg.parallel.sequence_parallel else 1
-    final_norm = tokens * (4 + act_b) * cfg.model.hidden_size // sp
-    return final_norm + loss_bytes(cfg, derived, tokens, loss or cfg.parallel.lm_loss)
+    final_norm = tokens * (4 + activation_element_bytes(cfg)) * cfg.model.hidden_size // sp
+    return final_norm + loss_bytes(cfg, derived, tokens, cfg.parallel.lm_loss)
+
+
+def activation_element_bytes(cfg: Config) -> int:
+    """Bytes per activation element: fp32 runs keep fp32, mixed precision bf16/fp16."""
+    return 4 if cfg.precision.dtype == "fp32" else 2
 
 
 def loss_bytes(cfg: Config, derived: Derived, tokens: int, loss: str) -> int:
     """lm_head's output and the loss' working set at the loss' backward, for one micro-batch of `tokens`.
     loss: "chunked" | "fused_linear" (parallel.lm_loss), or "plain" (trainer.model.lm_loss, which training used
     until 2026-12-04: the one GPU measurement, tests/trainer/test_estimate.py, ran it)."""
-    act_b = 4 if cfg.precision.dtype == "fp32" else 2
+    act_b = activation_element_bytes(cfg)
     vocab_shard = derived.padded_vocab_size // derived.tp
     logits = tokens * vocab_shard
     if loss == "plain":  # the logits, their fp32 copy (mixed precision) and the fp32 log-softmax cross entropy saves
@@ -248,7 +252,7 @@ def _layer_activation_bytes_per_token(cfg: Config, derived: Derived, mode: str |
     mode = mode or cfg.parallel.activation_checkpointing
     shape, tp = layer_shape(cfg.model), derived.tp
     sp = tp if cfg.parallel.sequence_parallel else 1
-    a = 4 if cfg.precision.dtype == "fp32" else 2
+    a = activation_element_bytes(cfg)
     lse = 4 * cfg.model.num_heads // tp
     h, q, kv, inter = shape.hidden, shape.q_width // tp, shape.kv_width // tp, shape.intermediate // tp
     if mode == "full":

@@ -29,7 +29,14 @@ from trainer.config import (
     parse_config,
     stage_layers_text,
 )
-from trainer.estimate import MemoryEstimate, estimate_memory, flops_per_token, layer_shape, stage_params_per_gpu
+from trainer.estimate import (
+    MemoryEstimate,
+    activation_element_bytes,
+    estimate_memory,
+    flops_per_token,
+    layer_shape,
+    stage_params_per_gpu,
+)
 from trainer.gpu_specs import GPUS, GpuSpec  # noqa: F401 - re-exported: plan.GPUS
 
 GIB = 2**30
@@ -384,10 +391,6 @@ def _collective_s(nbytes: float, size: int, link: tuple[float, float], kind: str
     return count * hops * hop_s + passes * (size - 1) / size * nbytes / bandwidth
 
 
-def _act_bytes(cfg: Config) -> int:
-    return 4 if cfg.precision.dtype == "fp32" else 2
-
-
 def _tp_comm_micro_s(cfg: Config, derived: Derived, cluster: Cluster, stage: int) -> float:
     """Per layer: attention and MLP each all-reduce their output in forward and their input gradient in backward
     (SP: a reduce-scatter + all-gather pair instead, the same bytes). Full AC repeats the forward pair. Plus the
@@ -395,7 +398,8 @@ def _tp_comm_micro_s(cfg: Config, derived: Derived, cluster: Cluster, stage: int
     tp = derived.tp
     if tp == 1:
         return 0.0
-    nbytes = derived.micro_batch_size_per_gpu * cfg.train.seq_len * cfg.model.hidden_size * _act_bytes(cfg)
+    tokens = derived.micro_batch_size_per_gpu * cfg.train.seq_len
+    nbytes = tokens * cfg.model.hidden_size * activation_element_bytes(cfg)
     per_layer = 6 if cfg.parallel.activation_checkpointing == "full" else 4
     count = derived.stage_layers[stage] * per_layer + (stage == 0) + (stage == derived.pp - 1)
     return _collective_s(count * nbytes, tp, _link(cluster, 1, tp), "all_reduce", count)
@@ -406,7 +410,8 @@ def _pp_comm_micro_s(cfg: Config, derived: Derived, cluster: Cluster) -> float:
     SP (trainer sets DeepSpeed pipe_partitioned=false). Neighbouring stages are tp·dp ranks apart."""
     if derived.pp == 1:
         return 0.0
-    nbytes = derived.micro_batch_size_per_gpu * cfg.train.seq_len * cfg.model.hidden_size * _act_bytes(cfg)
+    tokens = derived.micro_batch_size_per_gpu * cfg.train.seq_len
+    nbytes = tokens * cfg.model.hidden_size * activation_element_bytes(cfg)
     gpu, eff = cluster.gpu, cluster.link_efficiency
     inter = derived.tp * derived.dp >= cluster.gpus_per_node
     bandwidth = (gpu.inter_node_gbps if inter else gpu.intra_node_gbps) * 1e9 * eff
