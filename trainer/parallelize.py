@@ -535,8 +535,8 @@ class HeadStage(nn.Module):
 def pipeline_bounds(stage_layers: Sequence[int]) -> list[int]:
     """Stage boundaries in the PipelineModule layer list [embed, layers..., head] (DeepSpeed's `parts`: stage s owns
     [bounds[s], bounds[s + 1])): the embedding goes with the first stage, the head with the last."""
-    inner = [1 + sum(stage_layers[:stage]) for stage in range(1, len(stage_layers))]  # + 1: the embedding
-    return [0, *inner, sum(stage_layers) + 2]
+    starts = [StageParts.for_stage(stage_layers, stage).list_bounds()[0] for stage in range(len(stage_layers))]
+    return [*starts, sum(stage_layers) + 2]  # + 2: the embedding and the head
 
 
 _BOUNDS_METHOD = "bounds:"  # partition_method of _StageListPipelineModule: "bounds:0,3,7" (pipeline_bounds)
@@ -551,9 +551,7 @@ def _stage_list_pipeline_class() -> type:
 
     class StageListPipelineModule(PipelineModule):
         def _partition_layers(self, method: str = "uniform") -> None:
-            if not method.startswith(_BOUNDS_METHOD):
-                super()._partition_layers(method)
-                return
+            # DeepSpeed passes partition_method through; _pipeline always gives "bounds:...".
             self.parts = [int(bound) for bound in method.removeprefix(_BOUNDS_METHOD).split(",")]
             if len(self.parts) != self.num_stages + 1 or self.parts[-1] != len(self._layer_specs):
                 raise ValueError(f"pipeline bounds {self.parts} do not split {len(self._layer_specs)} parts into "
