@@ -10,7 +10,7 @@ mkdir -p .whl
 version() { python -c "import importlib.metadata as m; print(m.version('$1'))"; }
 specs=()
 for name in megatron-core webdataset braceexpand orjson pydantic pydantic_core annotated-types typing-inspection \
-            hjson zstandard; do
+            hjson zstandard torchao; do
   specs+=("$name==$(version "$name")")
 done
 pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

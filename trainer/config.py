@@ -122,6 +122,12 @@ class PrecisionConfig(_Section):
     loss_scale_window_steps: PositiveInt = 1000
     loss_scale_hysteresis: PositiveInt = 2
     min_loss_scale: PositiveInt = 1
+    # FP8 matmuls in the decoder layers' linears (trainer/float8.py, torchao float8 training); everything else stays
+    # in `dtype`. tensorwise: one dynamic scale per tensor (fastest); rowwise: one per row (closer to bf16);
+    # rowwise_with_gw_hp: rowwise, with the weight gradient's matmul in high precision. Needs tp=1 and every linear
+    # dimension a multiple of 16 (FP8 tensor cores); pays on H100/H200-class GPUs, emulated (slow) on CPU.
+    fp8: Annotated[Literal["off", "tensorwise", "rowwise", "rowwise_with_gw_hp"],
+                   BeforeValidator(_on_off_as_text)] = "off"
 
 
 class NoDecayConfig(_Section):
@@ -380,6 +386,7 @@ def _static_problems(cfg: Config) -> list[str]:
         + _schedule_problems(cfg)
         + _data_problems(cfg.data)
         + _zero_precision_problems(cfg)
+        + _fp8_problems(cfg)
         + _launch_problems(cfg.launch)
     )
 
@@ -455,6 +462,32 @@ def _zero_precision_problems(cfg: Config) -> list[str]:
             f"precision.fp32_grad_accumulation with precision.dtype={p.dtype} needs zero.stage >= 1 (DeepSpeed "
             f"rejects it under ZeRO-0): set zero.stage=1 or precision.fp32_grad_accumulation=false"
         )
+    return problems
+
+
+def _fp8_problems(cfg: Config) -> list[str]:
+    recipe = cfg.precision.fp8
+    if recipe == "off":
+        return []
+    problems, m = [], cfg.model
+    if cfg.precision.dtype == "fp16":
+        problems.append(f"precision.fp8={recipe} runs with precision.dtype=bf16 (or fp32 to debug), not fp16: fp16's "
+                        f"loss scale and FP8's dynamic scales are not tested together: set precision.dtype=bf16")
+    if cfg.parallel.tp > 1:
+        # torchao's Float8Linear replaces nn.Linear; our TP layers are megatron-core's, whose matmuls it cannot reach.
+        problems.append(f"precision.fp8={recipe} needs parallel.tp=1 (FP8 replaces plain linears; the tensor-parallel "
+                        f"ones are megatron-core's): set parallel.tp=1 (use pp, dp and ZeRO to scale) or "
+                        f"precision.fp8=off")
+    head_dim = m.resolved_head_dim()
+    dims = {"model.hidden_size": m.hidden_size, "model.intermediate_size": m.intermediate_size,
+            "model.num_heads × head_dim": m.num_heads * head_dim,
+            "model.num_kv_heads × head_dim": m.num_kv_heads * head_dim,
+            "train.micro_batch_size_per_gpu × train.seq_len": cfg.train.micro_batch_size_per_gpu * cfg.train.seq_len}
+    odd = [f"{name} ({value})" for name, value in dims.items() if value % 16]
+    if odd:
+        problems.append(f"precision.fp8={recipe} needs every matmul dimension to be a multiple of 16 (FP8 tensor "
+                        f"cores; the tokens of a micro-batch are the weight gradient's inner dimension), but "
+                        f"{', '.join(odd)} is not: change it, or set precision.fp8=off")
     return problems
 
 

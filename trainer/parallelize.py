@@ -8,6 +8,7 @@ The steps run in one fixed order (each constraint is commented where it is appli
   2. tensor-parallel swap                  q/k/v/gate/up → ColumnParallelLinear, o/down → RowParallelLinear,
                                            embed_tokens → VocabParallelEmbedding, lm_head → ColumnParallelLinear
   3. materialise + deterministic init      full weights drawn per parameter, this rank's slice copied in
+  3b. FP8 linears                          precision.fp8: decoder-layer nn.Linear → torchao Float8Linear (tp 1)
   4. sequence-parallel gradient hooks
   5. activation checkpointing              none | selective | core_attention | full, per decoder layer
   6. torch.compile of each decoder layer   parallel.compile (trainer/compile.py), in place: names unchanged
@@ -56,6 +57,7 @@ from trainer.bootstrap import ParallelContext, deepspeed_topology
 from trainer.compile import compile_backend, compile_layers
 from trainer.loss import chunked_lm_loss, chunked_vocab_parallel_lm_loss, fused_linear_lm_loss
 from trainer.config import Config, Derived, ModelConfig
+from trainer.float8 import convert_to_float8
 from trainer.model import VOCAB_PARAM_NAMES, Llama, init_std_for
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -75,6 +77,7 @@ class ParallelModel:
     is_pipeline: bool
     compile_backend: str | None = None  # the torch.compile backend of this rank's decoder layers; None: eager
     layers_compiled: int = 0
+    fp8_linears: int = 0  # this rank's linears with FP8 matmuls (precision.fp8)
 
     def canonical_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(name in the unsharded, unpipelined model, this rank's parameter (a TP shard where `tp_partition_dim`))."""
@@ -124,6 +127,9 @@ def parallelize(model: Llama, cfg: Config, derived: Derived, ctx: ParallelContex
     if cfg.model.tie_embeddings:  # after the swap and materialisation, which both replaced the two modules
         model.lm_head.weight = model.embed_tokens.weight
     init_weights_deterministic(model, cfg.model, cfg.train.seed, ctx.tp_rank, ctx.tp)
+    # 3b. After init (the FP8 linears keep the initialised Parameters), before checkpointing and compile, which wrap
+    #     and trace the FP8 matmuls.
+    fp8_linears = convert_to_float8([model.layers[i] for i in parts.layers], cfg.precision.fp8, ctx.device.type)
     # 4. After materialisation, because the hooks attach to the final Parameter objects.
     if cfg.parallel.sequence_parallel:
         _all_reduce_sequence_parallel_grads(model, ctx.tp_group)
@@ -136,10 +142,10 @@ def parallelize(model: Llama, cfg: Config, derived: Derived, ctx: ParallelContex
     compiled = compile_layers([model.layers[i] for i in parts.layers], backend)
     loss_fn = _loss_fn(cfg, ctx, model.lm_head if parts.head else None)
     if ctx.pp == 1:
-        return ParallelModel(model, loss_fn, cfg.model.num_layers, False, backend, compiled)
+        return ParallelModel(model, loss_fn, cfg.model.num_layers, False, backend, compiled, fp8_linears)
     # 7. Last: PipelineModule registers the finished parts as opaque callables in a flat list.
     return ParallelModel(_pipeline(model, parts, derived.stage_layers, loss_fn, ctx), loss_fn, cfg.model.num_layers,
-                         True, backend, compiled)
+                         True, backend, compiled, fp8_linears)
 
 
 @dataclass(frozen=True)
@@ -444,7 +450,8 @@ def _ops(*names: str) -> frozenset[Any]:
 # SiLU·mul, residual adds), whose saved inputs cost as much memory as the matmul outputs but little compute.
 _ATTENTION_CORE_OPS = _ops("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
                            "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
-_SAVE_OPS = _ops("mm", "addmm", "bmm") | _ATTENTION_CORE_OPS
+# _scaled_mm: the FP8 matmul (precision.fp8), a matmul like the others.
+_SAVE_OPS = _ops("mm", "addmm", "bmm", "_scaled_mm") | _ATTENTION_CORE_OPS
 
 
 def _collective_policy(op: Any) -> CheckpointPolicy | None:

@@ -156,6 +156,9 @@ def build_run(cfg: Config, derived: Derived, ctx: ParallelContext, run_dir: Path
     log.info("rank %d/%d: tp %d/%d pp %d/%d dp %d/%d, %d parameters here", ctx.rank, ctx.world_size,
              ctx.tp_rank, ctx.tp, ctx.pp_rank, ctx.pp, ctx.dp_rank, ctx.dp,
              sum(p.numel() for p in pmodel.module.parameters()))
+    if pmodel.fp8_linears:
+        log.info("fp8 (%s): %d decoder-layer linears run FP8 matmuls; embedding, lm_head and the rest stay %s",
+                 cfg.precision.fp8, pmodel.fp8_linears, cfg.precision.dtype)
     # After parallelize (each rank copies its shards) and before deepspeed.initialize (which builds the fp32 master
     # and ZeRO partitions from these weights): weights only, and only when there is no checkpoint to resume from.
     resume_choice = init_unless_resuming(pmodel, cfg, ctx)

@@ -1,14 +1,20 @@
-"""Shared pieces of the HF conversion tests: a varied corpus, tiny configs, an HF twin loader, KL and greedy decode."""
+"""Shared pieces of the HF tests: a varied corpus, tiny configs, an HF twin loader, KL and greedy decode, and the HF
+reference training loop (`LlamaForCausalLM` + `torch.optim.AdamW`) that our training is compared with."""
 
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from trainer.config import ModelConfig
+from trainer.config import Config, ModelConfig, load_config
+from trainer.data import SyntheticTokens
+
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
 VOCAB = 500  # tokenizer pieces; padded to 512 rows at tp=1 (padding is in every test on purpose)
 # 0.1, not the usual 0.02: at 0.02 attention is near-uniform, and a wrong rotary layout moved logits by only 0.005.
@@ -81,3 +87,52 @@ def load_hf(path: Path) -> torch.nn.Module:
     model, info = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
     assert not any(info[kind] for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
     return model.eval()
+
+
+def hf_llama(vocab_size: int, tie: bool, seed: int) -> Any:
+    """A random HF Llama of configs/tiny.yaml's shape (fp32), the reference nobody on this project wrote."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = load_config(TINY).model
+    hf_cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                         num_key_value_heads=cfg.num_kv_heads, rope_theta=cfg.rope_theta,
+                         rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_seq_len,
+                         tie_word_embeddings=tie, initializer_range=0.1)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(hf_cfg).float()
+
+
+def lr_factor(step: int, cfg: Config) -> float:
+    """Linear warmup to the peak at step warmup-1, then cosine from the peak to lr * min_lr_ratio at max_steps."""
+    warmup, floor = cfg.optim.warmup_steps, cfg.optim.min_lr_ratio
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / (cfg.train.max_steps - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_hf_reference(model: Any, cfg: Config) -> list[float]:
+    """The textbook loop on HF's model: one forward over each whole global batch (the mean over the batch does not
+    depend on how our run splits it over DP ranks and micro-steps)."""
+    no_decay = [p for name, p in model.named_parameters() if name.endswith("norm.weight")]
+    decay = [p for name, p in model.named_parameters() if not name.endswith("norm.weight")]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+    batch = cfg.train.global_batch_size
+    stream = SyntheticTokens(vocab_size=cfg.model.vocab_size, seq_len=cfg.train.seq_len, micro_batch_size=batch,
+                             seed=cfg.train.seed)
+    losses = []
+    for step in range(cfg.train.max_steps):
+        tokens, labels = stream.microbatch(step * batch)
+        logits = model(tokens).logits  # (B, T, vocab_size): HF's model has no padding columns
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses

@@ -15,7 +15,6 @@ models) and 389 (odd, like GPT-2's 50257; tied embeddings). A padding column in 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +25,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer.config import Config, load_config
-from trainer.data import SyntheticTokens
+from hf_fixtures import TINY, hf_llama, train_hf_reference
+from trainer.config import load_config
 from trainer.testing import run_distributed
 
 pytestmark = pytest.mark.slow
 
-TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 STEPS = 20
 # Loss: fp32 on both sides, only the summation order differs (HF: one (B*T, V) cross entropy; ours: per micro-batch,
 # per DP rank, per TP shard). Measured: <= 3e-7 relative over 20 steps in every layout below.
@@ -47,54 +45,6 @@ WEIGHT_REL_TOL = 1e-3
 WEIGHT_ATOL = 1e-3
 BASE = [f"train.max_steps={STEPS}", "train.log_interval_steps=1", "train.eval_interval_steps=0",
         "logging.tensorboard=false", "checkpoint.save_interval_steps=1000", "checkpoint.save_at_end=true"]
-
-
-def _hf_model(vocab_size: int, tie: bool, seed: int) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = load_config(TINY).model
-    hf_cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                         num_key_value_heads=cfg.num_kv_heads, rope_theta=cfg.rope_theta,
-                         rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_seq_len,
-                         tie_word_embeddings=tie, initializer_range=0.1)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(hf_cfg).float()
-
-
-def _lr_factor(step: int, cfg: Config) -> float:
-    """Linear warmup to the peak at step warmup-1, then cosine from the peak to lr * min_lr_ratio at max_steps."""
-    warmup, floor = cfg.optim.warmup_steps, cfg.optim.min_lr_ratio
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / (cfg.train.max_steps - warmup)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def _train_hf_reference(model: Any, cfg: Config) -> list[float]:
-    """The textbook loop on HF's model: one forward over each whole global batch (the mean over the batch does not
-    depend on how our run splits it over DP ranks and micro-steps)."""
-    no_decay = [p for name, p in model.named_parameters() if name.endswith("norm.weight")]
-    decay = [p for name, p in model.named_parameters() if not name.endswith("norm.weight")]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, cfg))
-    batch = cfg.train.global_batch_size
-    stream = SyntheticTokens(vocab_size=cfg.model.vocab_size, seq_len=cfg.train.seq_len, micro_batch_size=batch,
-                             seed=cfg.train.seed)
-    losses = []
-    for step in range(cfg.train.max_steps):
-        tokens, labels = stream.microbatch(step * batch)
-        logits = model(tokens).logits  # (B, T, vocab_size): HF's model has no padding columns
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
 
 
 def _train(rank: int, world_size: int, overrides: list[str]) -> None:
@@ -125,12 +75,12 @@ def references(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, bool
     out = {}
     for vocab, tie in CASES:
         root = tmp_path_factory.mktemp(f"vocab{vocab}")
-        model = _hf_model(vocab, tie, seed=vocab)
+        model = hf_llama(vocab, tie, seed=vocab)
         initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
         model.save_pretrained(root / "hf")
         imported = import_hf_to_dir(root / "hf", root / "imported", tp=1)
         cfg = load_config(TINY, [*BASE, f"model.vocab_size={vocab}", f"model.tie_embeddings={str(tie).lower()}"])
-        losses = _train_hf_reference(model, cfg)
+        losses = train_hf_reference(model, cfg)
         out[vocab, tie] = {"root": root, "init_from": imported.out_dir / "model.safetensors", "losses": losses,
                            "initial": initial, "weights": {k: v.detach().clone() for k, v in model.state_dict().items()}}
     return out

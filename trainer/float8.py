@@ -1,0 +1,82 @@
+"""FP8 matmuls for the decoder layers' linears (`precision.fp8`), by torchao's float8 training.
+
+Each q/k/v/o/gate/up/down projection becomes torchao's `Float8Linear`: its input, weight and output gradient are cast
+to float8 with a dynamic scale (per tensor, or per row for the rowwise recipes) right before each of the three
+matmuls of forward and backward; weights, gradients, optimizer state and every other op stay in the run's dtype. On an
+H100/H200 the matmuls run on FP8 tensor cores (2× the bf16 peak); on CPU `torch._scaled_mm` emulates them, so the
+numerics of an FP8 run can be tested and measured here (bench/bench_fp8_loss.py).
+
+What stays in high precision, and why (torchtitan and torchao's own recipes do the same):
+- the embedding (a lookup, not a matmul) and lm_head: the logits' precision decides the loss, and lm_head is one
+  matmul of L·12 per step;
+- norms, rotary, attention's softmax(QK^T)V (SDPA), SiLU·mul: not linears.
+
+`Float8Linear.from_float` keeps the `nn.Linear`'s Parameter objects and names, so checkpoints, `init_from`, the HF
+export and resharding see the same state as a bf16 run: a run can switch FP8 on or off across a resume.
+
+Order in `parallelize`: after the weights are materialised and initialised (the swap keeps them) and before
+activation checkpointing and torch.compile, which then wrap and trace the FP8 layers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+# torchao's CUDA kernels (mxfp8, cutlass) fail to load without a GPU driver and torchao logs each failure as a
+# warning at import; float8 training does not use them (it calls torch._scaled_mm).
+_TORCHAO_IMPORT_LOGGER = "torchao"
+
+
+def convert_to_float8(layers: Iterable[nn.Module], recipe: str, device_type: str) -> int:
+    """Swap every `nn.Linear` inside `layers` for torchao's `Float8Linear` with `recipe` (precision.fp8: tensorwise,
+    rowwise, rowwise_with_gw_hp) in place; "off" leaves them. Returns the number of linears converted."""
+    if recipe == "off":
+        return 0
+    convert = _torchao_float8(quiet=device_type != "cuda").convert_to_float8_training
+    config = float8_config(recipe)
+    converted = 0
+    for layer in layers:
+        before = _count_linears(layer)
+        convert(layer, config=config)
+        converted += before
+    return converted
+
+
+def float8_config(recipe: str) -> Any:
+    """torchao's `Float8LinearConfig` for `recipe`, with every scale rounded down to a power of two.
+
+    torchao's rowwise recipes already do this; its tensorwise recipe uses the exact amax / fp8_max scale. With that
+    scale, a 1e-7 difference in one element of a tensor (another loss chunking, another DP reduction order) moves
+    the scale, and so every element of the tensor, by 1e-7, which flips the e4m3/e5m2 rounding of the few elements
+    that sit on a boundary by 12-25 %: the gradients of the chunked loss and the plain loss differed by 1.9e-2
+    (measured, tests/trainer/test_float8.py), and ZeRO-3 over 2 ranks drifted from one process. A power-of-two scale
+    does not move for such a difference (the gap fell to 3e-7) and scaling by it is exact in fp32; it uses at most
+    one binade less of FP8's range."""
+    import dataclasses
+
+    config_cls = _torchao_float8(quiet=True).Float8LinearConfig
+    return dataclasses.replace(config_cls.from_recipe_name(recipe), round_scales_to_power_of_2=True)
+
+
+def _count_linears(module: nn.Module) -> int:
+    return sum(type(m) is nn.Linear for m in module.modules())
+
+
+def _torchao_float8(quiet: bool) -> Any:
+    """The `torchao.float8` module; `quiet`: without torchao's import-time warnings about its CUDA kernels."""
+    log = logging.getLogger(_TORCHAO_IMPORT_LOGGER)
+    level = log.level
+    if quiet:
+        log.setLevel(logging.ERROR)
+    try:
+        import torchao.float8
+    except ImportError as err:
+        raise ImportError("precision.fp8 needs torchao (pip install 'torchao>=0.18'), or set precision.fp8=off") \
+            from err
+    finally:
+        log.setLevel(level)
+    return torchao.float8
