@@ -9,12 +9,14 @@
 #   bash bench/gpu_session.sh tier    # <= 4 min: python -m pytest -m gpu (issue 12 item 4)           timeout_s 330
 #   bash bench/gpu_session.sh suite   # python -m pytest, the README's test command, GPU visible (issue 12 item 3)
 #   bash bench/gpu_session.sh small   # bench on configs/125m.yaml (issue 13: the small shape)         timeout_s 240
+#   bash bench/gpu_session.sh fp8     # 1B trainer no AC: bf16 vs precision.fp8 tensorwise / rowwise
+#                                     #   (issue 13's FP8 lever: does it pay at 1B?)                      timeout_s 330
 #
 # Carry the wheels: device `run` with carry [".whl"] (bench/gpu_wheels.sh fills .whl/ on the CPU machine). Logs and
 # JSON land in $OUT (or bench/out/): <stage>.log, bench_gpu_*.json, junit XML for the test stages.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?"usage: bash bench/gpu_session.sh bench|tier|suite|small"}
+stage=${1:?"usage: bash bench/gpu_session.sh bench|tier|suite|small|fp8"}
 out_dir=${OUT:-bench/out}
 mkdir -p "$out_dir"
 
@@ -47,9 +49,15 @@ case $stage in
     DS_ACCELERATOR=cuda run_timed small 220 python3 bench/bench_gpu.py --config configs/125m.yaml --budget-s 150 \
       --then-variant "fused_loss=parallel.activation_checkpointing=none,parallel.lm_loss=fused_linear" \
       --out "$out_dir/bench_gpu_125m.json" ;;
+  fp8)    # the trainer alone (compiled, as on CUDA by default): FP8's matmuls against bf16's on the same shape
+    DS_ACCELERATOR=cuda run_timed fp8 310 python3 bench/bench_gpu.py --skip hf_eager hf_compile --budget-s 240 \
+      --variant "no_ac=parallel.activation_checkpointing=none" \
+      --variant "fp8_tensorwise=parallel.activation_checkpointing=none,precision.fp8=tensorwise" \
+      --variant "fp8_rowwise=parallel.activation_checkpointing=none,precision.fp8=rowwise" \
+      --out "$out_dir/bench_gpu_1b_fp8.json" ;;
   tier)   # conftest sets DS_ACCELERATOR=cpu for the CPU tests; the CUDA runs must switch DeepSpeed themselves
     run_timed tier 310 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=0 --junitxml="$out_dir/tier.xml" ;;
   suite)
     run_timed suite 580 python3 -m pytest -q -p no:cacheprovider --durations=20 --junitxml="$out_dir/suite.xml" ;;
-  *) echo "unknown stage $stage: bench|tier|suite|small" >&2; exit 2 ;;
+  *) echo "unknown stage $stage: bench|tier|suite|small|fp8" >&2; exit 2 ;;
 esac

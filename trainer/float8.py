@@ -27,8 +27,9 @@ from typing import Any
 from torch import nn
 
 # torchao's CUDA kernels (mxfp8, cutlass) fail to load without a GPU driver and torchao logs each failure as a
-# warning at import; float8 training does not use them (it calls torch._scaled_mm).
-_TORCHAO_IMPORT_LOGGER = "torchao"
+# warning at import; float8 training does not use them (it calls torch._scaled_mm). torch's pytree logs a deprecation
+# warning about how torchao 0.18 registers an enum: torchao's to fix, nothing a user can act on.
+_IMPORT_NOISE_LOGGERS = ("torchao", "torch.utils._pytree")
 
 
 def convert_to_float8(layers: Iterable[nn.Module], recipe: str, device_type: str) -> int:
@@ -68,9 +69,9 @@ def _count_linears(module: nn.Module) -> int:
 
 def _torchao_float8(quiet: bool) -> Any:
     """The `torchao.float8` module; `quiet`: without torchao's import-time warnings about its CUDA kernels."""
-    log = logging.getLogger(_TORCHAO_IMPORT_LOGGER)
-    level = log.level
-    if quiet:
+    loggers = [logging.getLogger(name) for name in _IMPORT_NOISE_LOGGERS[0 if quiet else 1:]]
+    levels = [log.level for log in loggers]
+    for log in loggers:
         log.setLevel(logging.ERROR)
     try:
         import torchao.float8
@@ -78,5 +79,6 @@ def _torchao_float8(quiet: bool) -> Any:
         raise ImportError("precision.fp8 needs torchao (pip install 'torchao>=0.18'), or set precision.fp8=off") \
             from err
     finally:
-        log.setLevel(level)
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
     return torchao.float8

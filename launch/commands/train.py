@@ -146,6 +146,9 @@ def _memory_lines(cfg: Any, derived: Any, memory: Any) -> list[str]:
         f"             lm_head + loss on the last stage: {loss_gib:.2f} GiB of the activations "
         f"(parallel.lm_loss={cfg.parallel.lm_loss}; with {other}: {other_gib:.2f} GiB)",
     ]
+    if cfg.precision.fp8 != "off":
+        lines.append(f"             precision.fp8={cfg.precision.fp8}: counted as {cfg.precision.dtype} (torchao keeps "
+                     f"each FP8 linear's {cfg.precision.dtype} input for backward; its FP8 copies are transient)")
     if memory.cpu_offload_bytes:
         lines.append(f"             offloaded to host memory: {memory.cpu_offload_bytes / gib:.1f} GiB per GPU")
     return lines

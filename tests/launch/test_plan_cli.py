@@ -144,3 +144,16 @@ def test_gemm_efficiency_curve_from_a_file(tmp_path: Path) -> None:
     curve.write_text(json.dumps({"width": {"512": -1}}))
     bad = pretrain(*args, "--gemm-efficiency", str(curve))
     assert bad.returncode == 2 and f"--gemm-efficiency {curve}: width: '512': -1" in bad.stderr
+
+
+def test_fp8_plans_tp1_layouts_priced_as_bf16() -> None:
+    """precision.fp8 runs without TP (config validation refuses the rest) and has no GPU speed to calibrate on: the
+    plan says it prices the FP8 linears at the bf16 rate, and offers only tp 1."""
+    out = pretrain("plan", "--config", "configs/1b.yaml", "--nodes", "1", "--gpus-per-node", "8", "--json",
+                   "--top", "50", "precision.fp8=tensorwise")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["candidates"] and all(c["layout"]["tp"] == 1 for c in doc["candidates"])
+    table = pretrain("plan", "--config", "configs/1b.yaml", "--nodes", "1", "--gpus-per-node", "8",
+                     "precision.fp8=tensorwise")
+    assert "bf16 + fp8 tensorwise, priced as bf16: FP8 speed unmeasured" in table.stdout

@@ -79,6 +79,15 @@ def test_the_loss_working_set_is_shown_for_both_losses() -> None:
     assert activations[0] - activations[1] == pytest.approx(2.20 - 0.80, abs=0.06)
 
 
+def test_fp8_is_named_in_the_memory_lines_and_refused_with_tp() -> None:
+    out = pretrain("--config", "configs/1b.yaml", "--dry-run", "precision.fp8=rowwise")
+    assert out.returncode == 0, out.stderr
+    assert "precision.fp8=rowwise: counted as bf16" in out.stdout
+    refused = pretrain("--config", "configs/7b.yaml", "--dry-run", "precision.fp8=rowwise")  # 7b.yaml: tp 2
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "precision.fp8=rowwise needs parallel.tp=1" in refused.stderr
+
+
 def test_uneven_pipeline_stages_from_the_command_line() -> None:
     """The list override reaches the dry run (shell-safe, no spaces); a pp that does not divide the layers is refused
     with a split to paste."""
