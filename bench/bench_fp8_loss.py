@@ -9,6 +9,9 @@ the same initial weights); only precision.fp8 differs. On CPU torch._scaled_mm e
 same casts and scales as an H100's FP8 tensor cores, so the loss difference measured here is FP8's; the speed is
 not (emulation is slower than bf16: GPU speed comes from bench/bench_gpu.py).
 
+The first row is the yardstick: bf16 again, with only the rounding changed (the fused lm_head + loss, the same
+function computed in another order). FP8 differences of that size are rounding drift, not FP8's cost.
+
 Data: --data (a prepared dataset directory), or else the quickstart's corpus (this Python's standard library) is
 tokenized and prepared once under the output directory. Prints, per recipe against the bf16 run: the mean of
 loss(fp8) - loss(bf16) over the last quarter of the steps (the same batches, so batch noise cancels), the largest
@@ -30,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 SMOOTH_STEPS = 20
+NOISE_OVERRIDE = "parallel.lm_loss=fused_linear"
 
 
 def prepare_corpus(out_dir: Path, config: Path, corpus_mb: float) -> Path:
@@ -51,24 +55,28 @@ def prepare_corpus(out_dir: Path, config: Path, corpus_mb: float) -> Path:
     return data_dir
 
 
-def run(fp8: str, args: argparse.Namespace, data_dir: Path) -> dict:
-    run_dir = args.out / f"fp8-{fp8}"
+def run(fp8: str, args: argparse.Namespace, data_dir: Path, label: str | None = None,
+        extra: tuple[str, ...] = ()) -> dict:
+    label = label or fp8
+    run_dir = args.out / f"fp8-{label}"
     overrides = [f"precision.fp8={fp8}", f"precision.dtype={args.dtype}", f"launch.device={args.device}",
-                 f"train.max_steps={args.steps}", "train.log_interval_steps=1", f"train.eval_interval_steps={args.steps}",
+                 f"train.max_steps={args.steps}", "train.log_interval_steps=1",
+                 f"train.eval_interval_steps={args.steps}",
                  f"data.datasets=[{{path: '{data_dir}'}}]", f"logging.run_dir={run_dir}", "logging.tensorboard=false",
                  "checkpoint.save_interval_steps=0", "checkpoint.save_at_end=false", "checkpoint.resume=none",
-                 *args.overrides]
+                 *args.overrides, *extra]
     started_s = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "launch", "train", "--config", str(args.config), *overrides],
                           cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
-        raise SystemExit(f"fp8={fp8} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{label} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = {r["step"]: r for r in records if r["kind"] == "train"}
     val = [r["val_loss"] for r in records if r["kind"] == "eval"]
     steps = sorted(train)
-    return {"fp8": fp8, "loss": [train[s]["loss"] for s in steps], "val_loss": val[-1] if val else None,
-            "tokens_per_s": sum(train[s]["tokens_per_s"] for s in steps[len(steps) // 2:]) / (len(steps) - len(steps) // 2),
+    second_half = steps[len(steps) // 2:]  # past compile and allocator warm-up
+    return {"fp8": label, "loss": [train[s]["loss"] for s in steps], "val_loss": val[-1] if val else None,
+            "tokens_per_s": sum(train[s]["tokens_per_s"] for s in second_half) / len(second_half),
             "wall_s": round(time.perf_counter() - started_s, 1)}
 
 
@@ -100,6 +108,8 @@ def main() -> int:
     parser.add_argument("--data", type=Path, help="a prepared dataset directory (default: the quickstart corpus)")
     parser.add_argument("--corpus-mb", type=float, default=8.0, help="size of the default corpus")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "fp8_loss")
+    parser.add_argument("--no-noise", dest="noise", action="store_false",
+                        help=f"skip the bf16-rounding row (bf16 with {NOISE_OVERRIDE}: the rounding-only yardstick)")
     parser.add_argument("overrides", nargs="*", help="more dotted config overrides for every run")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -108,9 +118,12 @@ def main() -> int:
     base = run("off", args, data_dir)
     print(f"bf16 (fp8=off): final val loss {base['val_loss']:.4f}, {base['tokens_per_s']:,.0f} tokens/s, "
           f"{base['wall_s']:.0f} s")
-    rows = [compare(base, run(recipe, args, data_dir)) for recipe in args.recipes]
+    # The yardstick: a bf16 run that differs from the base only by rounding (the same loss computed chunk by chunk
+    # with lm_head fused in): how far two trajectories drift apart when nothing but rounding differs.
+    rows = [compare(base, run("off", args, data_dir, "bf16-rounding", (NOISE_OVERRIDE,)))] if args.noise else []
+    rows += [compare(base, run(recipe, args, data_dir)) for recipe in args.recipes]
     print(f"\n{args.steps} steps, {args.config.name}, {args.dtype} on {args.device}; loss(fp8) - loss(bf16):")
-    print(f"{'fp8':<20}{'mean, last 1/4':>16}{'relative':>10}{'max |smoothed|':>16}{'val loss':>10}{'Δ val':>9}"
+    print(f"{'run':<20}{'mean, last 1/4':>16}{'relative':>10}{'max |smoothed|':>16}{'val loss':>10}{'Δ val':>9}"
           f"{'tokens/s':>10}")
     for r in rows:
         val = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-"

@@ -8,6 +8,7 @@ DP2, PP2, selective activation checkpointing, compile) trains the same losses as
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,8 @@ def test_fp8_matmuls_round_like_fp8(recipe: str) -> None:
 # selective AC and compile: 0); the same runs without FP8 are 0.18-0.23 away.
 
 BASE = ["train.max_steps=1", "optim.warmup_steps=0", "optim.eps=1.0", "train.log_interval_steps=1",
-        "train.eval_interval_steps=0", "logging.tensorboard=false", "checkpoint.save_interval_steps=1000", "checkpoint.save_at_end=true"]
+        "train.eval_interval_steps=0", "logging.tensorboard=false", "checkpoint.save_interval_steps=1000",
+        "checkpoint.save_at_end=true"]
 WEIGHT_REL_TOL = 1e-3
 
 
@@ -197,3 +199,17 @@ def test_fp8_steps_the_same_in_every_layout(one_process: dict[str, Any], tmp_pat
     gap = _worst_step_gap(_weights(tmp_path), want, start)
     print(f"{layout}: {gap:.2e} (one process without fp8: {_worst_step_gap(one_process['off'], want, start):.2e})")
     assert gap <= WEIGHT_REL_TOL, gap
+
+
+@pytest.mark.slow
+def test_a_bf16_checkpoint_resumes_with_fp8_on(tmp_path: Path) -> None:
+    """Same Parameter names with FP8 on or off: a run can switch across a resume, and the log says it did."""
+    args = ["optim.warmup_steps=1", "train.log_interval_steps=1", "train.eval_interval_steps=0",
+            "logging.tensorboard=false", f"logging.run_dir={tmp_path}"]
+    run_distributed(_train, 1, [*args, "train.max_steps=2"], timeout_s=300)
+    run_distributed(_train, 1, [*args, "train.max_steps=4", "precision.fp8=tensorwise"], timeout_s=300)
+    log = (tmp_path / "logs" / "rank0.log").read_text()
+    assert "resumed from" in log and "precision.fp8: 'off' -> 'tensorwise'" in log
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == [1, 2, 3, 4]
