@@ -161,7 +161,7 @@ class Layout:
     zero_stage: int
     micro_batch_size_per_gpu: int
     activation_checkpointing: str
-    # Decoder layers per pipeline stage when pp does not divide num_layers (config.balanced_stage_layers); None: even.
+    # Decoder layers per pipeline stage (plan.stage_splits); None: even.
     stage_layers: tuple[int, ...] | None = None
 
     def overrides(self) -> list[str]:
@@ -267,19 +267,41 @@ def enumerate_layouts(cfg: Config, world_size: int) -> Iterator[Layout]:
 
     Only cheap arithmetic prunes here (tp·pp must divide the world, pp <= num_layers, micro-batches are powers of two
     dividing the per-DP-rank batch); everything the trainer refuses is refused by its own validation in
-    `apply_layout`. A pp that does not divide num_layers gets the balanced uneven split (fewer layers on the end
-    stages: trainer.config.balanced_stage_layers); one that divides it, the even split.
+    `apply_layout`. Each pp gets the splits of `stage_splits`: the balanced one and two with a lighter first stage.
     """
     heads, num_layers = math.gcd(cfg.model.num_heads, cfg.model.num_kv_heads), cfg.model.num_layers
     for tp, pp in itertools.product(_divisors(heads), _divisors(world_size)):
         if world_size % (tp * pp) or pp > num_layers:
             continue
         dp = world_size // (tp * pp)
-        stages = None if num_layers % pp == 0 else tuple(balanced_stage_layers(num_layers, pp))
-        for sp, stage, micro, ac in itertools.product(
-            (False, True) if tp > 1 else (False,), range(4), _micro_batches(cfg.train.global_batch_size, dp), AC_MODES
+        for stages, sp, stage, micro, ac in itertools.product(
+            stage_splits(num_layers, pp), (False, True) if tp > 1 else (False,), range(4),
+            _micro_batches(cfg.train.global_batch_size, dp), AC_MODES
         ):
             yield Layout(tp, pp, dp, sp, stage, micro, ac, stages)
+
+
+def stage_splits(num_layers: int, pp: int) -> list[tuple[int, ...] | None]:
+    """The stage splits worth pricing for `pp` (None: the even split).
+
+    First the balanced split (even when pp divides num_layers, else trainer.config.balanced_stage_layers). Then, for
+    pp > 1, the same with 1 and 2 layers taken off the first stage: under 1F1B stage s holds pp - s micro-batches'
+    activations, so the first stage is the memory peak, and a layout that misses the memory budget by a little fits
+    with a lighter first stage, at the price of a busier stage elsewhere (step time follows the busiest stage; the
+    plan weighs both). The layers go one each to the stages with the fewest, the last stages first (they hold the
+    fewest micro-batches). Megatron-LM's --decoder-first-pipeline-num-layers does this by hand.
+    """
+    balanced = None if num_layers % pp == 0 else tuple(balanced_stage_layers(num_layers, pp))
+    splits: list[tuple[int, ...] | None] = [balanced]
+    layers = list(balanced or [num_layers // pp] * pp)
+    for _ in range(2 if pp > 1 else 0):
+        if layers[0] <= 1:
+            break
+        layers[0] -= 1
+        lightest = min(range(pp - 1, 0, -1), key=lambda s: layers[s])  # ties: the later stage
+        layers[lightest] += 1
+        splits.append(tuple(layers))
+    return splits
 
 
 def _micro_batches(global_batch_size: int, dp: int) -> list[int]:

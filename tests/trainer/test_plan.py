@@ -53,10 +53,18 @@ def test_enumeration_covers_every_axis_and_only_world_divisors() -> None:
     layouts = list(enumerate_layouts(config("70b"), 256))
     assert {lay.tp for lay in layouts} == {1, 2, 4, 8}  # divisors of gcd(64 heads, 8 kv heads)
     assert {lay.pp for lay in layouts} == {1, 2, 4, 8, 16, 32, 64}  # divisors of 256 / tp up to 80 layers
-    # pp 32 and 64 do not divide 80 layers: the balanced uneven split; the others the even one.
-    splits = {lay.pp: lay.stage_layers for lay in layouts}
-    assert splits[32] == (2,) * 8 + (3,) * 16 + (2,) * 8 and splits[64] == (1,) * 24 + (2,) * 16 + (1,) * 24
-    assert {splits[pp] for pp in (1, 2, 4, 8, 16)} == {None}
+    # pp 32 and 64 do not divide 80 layers: the balanced uneven split first; the others the even one; for pp > 1
+    # also up to two layers off the first stage (stage_splits), while it has a layer to spare.
+    splits: dict[int, list] = {}
+    for lay in layouts:
+        splits.setdefault(lay.pp, [])
+        if lay.stage_layers not in splits[lay.pp]:
+            splits[lay.pp].append(lay.stage_layers)
+    assert splits[32][0] == (2,) * 8 + (3,) * 16 + (2,) * 8 and splits[64] == [(1,) * 24 + (2,) * 16 + (1,) * 24]
+    # pp 32: one layer off the first stage goes to the last (the lightest, latest); then the first has none to spare.
+    assert splits[32][1:] == [(1,) + (2,) * 7 + (3,) * 16 + (2,) * 7 + (3,)]
+    assert splits[1] == [None] and all(splits[pp][0] is None for pp in (2, 4, 8, 16))
+    assert splits[4] == [None, (19, 20, 20, 21), (18, 20, 21, 21)]
     assert {lay.zero_stage for lay in layouts} == {0, 1, 2, 3}
     assert {lay.activation_checkpointing for lay in layouts} == {"none", "selective", "core_attention", "full"}
     assert {lay.sequence_parallel for lay in layouts if lay.tp == 1} == {False}
@@ -235,7 +243,7 @@ def test_plan_offers_uneven_stages_and_places_a_hand_written_split() -> None:
     assert result.given.layout.stage_layers == (7,) + (8,) * 14 + (7,)
     assert result.given.layout.short().startswith("tp8+sp pp16[7,8x14,7] dp64")
     assert result.candidates[result.given_rank() - 1].layout == result.given.layout  # the enumeration made it
-    hand = with_batch(config("70b", *shape, "parallel.pipeline_stage_layers=[6,8,8,8,8,8,8,8,8,8,8,8,8,8,8,8]"),
+    hand = with_batch(config("70b", *shape, "parallel.pipeline_stage_layers=[7,7,8,8,8,8,8,8,8,8,8,8,8,8,8,8]"),
                       8192, 2**24)
     placed = plan(hand, Cluster(1024, 8, H100))
     rank = placed.given_rank()
@@ -349,3 +357,23 @@ def test_curve_file_json_and_yaml(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{width: [")
     with pytest.raises(ConfigError, match=r"^--gemm-efficiency .*bad.json: cannot read it"):
         load_gemm_efficiency(tmp_path / "bad.json")
+
+
+def test_a_lighter_first_stage_fits_where_the_balanced_split_does_not() -> None:
+    """70B, tp 8 + SP, pp 4, micro 1, no AC: under 1F1B the first stage holds 4 micro-batches' activations, so it is the
+    memory peak (29.7 GiB even; 26.8 GiB as [18, 20, 21, 21]) and the busiest stage sets the step time (21 layers:
+    +4.8 %). With 28 GiB usable only the lighter first stage fits; with 80 GiB both do and the even split ranks ahead."""
+    lay = layout(tp=8, pp=4, dp=8, sequence_parallel=True)
+    same = {dataclasses.replace(lay, stage_layers=split) for split in (None, (19, 20, 20, 21), (18, 20, 21, 21))}
+
+    def offered(memory_gib: float) -> dict:
+        gpu = dataclasses.replace(H100, memory_gib=memory_gib)
+        result = plan(config("70b"), Cluster(32, 8, gpu))
+        return {c.layout.stage_layers: c for c in result.candidates if c.layout in same}
+
+    tight = offered(28.0 / 0.85)  # 15 % headroom
+    assert sorted(tight, key=str) == [(18, 20, 21, 21)]
+    roomy = offered(80.0)
+    assert set(roomy) == {None, (19, 20, 20, 21), (18, 20, 21, 21)}
+    assert roomy[None].time.total_s < roomy[(18, 20, 21, 21)].time.total_s
+    assert roomy[None].memory.total_bytes > roomy[(18, 20, 21, 21)].memory.total_bytes
