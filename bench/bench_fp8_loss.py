@@ -9,8 +9,9 @@ the same initial weights); only precision.fp8 differs. On CPU torch._scaled_mm e
 same casts and scales as an H100's FP8 tensor cores, so the loss difference measured here is FP8's; the speed is
 not (emulation is slower than bf16: GPU speed comes from bench/bench_gpu.py).
 
-The first row is the yardstick: bf16 again, with only the rounding changed (the fused lm_head + loss, the same
-function computed in another order). FP8 differences of that size are rounding drift, not FP8's cost.
+The first row is the yardstick: bf16 again, with the learning rate × (1 + 1e-6), a rounding-sized nudge to every
+update. Training amplifies any such difference (the trajectories drift apart like two seeds); FP8 differences of
+that size are drift, not FP8's cost.
 
 Data: --data (a prepared dataset directory), or else the quickstart's corpus (this Python's standard library) is
 tokenized and prepared once under the output directory. Prints, per recipe against the bf16 run: the mean of
@@ -30,10 +31,12 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from trainer.config import load_config  # noqa: E402  (light: no torch)
+
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 SMOOTH_STEPS = 20
-NOISE_OVERRIDE = "parallel.lm_loss=fused_linear"
+LR_NUDGE = 1e-6
 
 
 def prepare_corpus(out_dir: Path, config: Path, corpus_mb: float) -> Path:
@@ -41,7 +44,6 @@ def prepare_corpus(out_dir: Path, config: Path, corpus_mb: float) -> Path:
     from data_pipeline.prepare import PrepareConfig, prepare
     from data_pipeline.tokenizer import TokenizerTrainConfig, train_tokenizer
     from launch.quickstart import stdlib_corpus
-    from trainer.config import load_config
 
     data_dir = out_dir / "data"
     if (data_dir / "manifest.json").exists():
@@ -61,7 +63,7 @@ def run(fp8: str, args: argparse.Namespace, data_dir: Path, label: str | None = 
     run_dir = args.out / f"fp8-{label}"
     overrides = [f"precision.fp8={fp8}", f"precision.dtype={args.dtype}", f"launch.device={args.device}",
                  f"train.max_steps={args.steps}", "train.log_interval_steps=1",
-                 f"train.eval_interval_steps={args.steps}",
+                 f"train.eval_interval_steps={args.steps}", f"train.eval_steps={args.eval_steps}",
                  f"data.datasets=[{{path: '{data_dir}'}}]", f"logging.run_dir={run_dir}", "logging.tensorboard=false",
                  "checkpoint.save_interval_steps=0", "checkpoint.save_at_end=false", "checkpoint.resume=none",
                  *args.overrides, *extra]
@@ -105,11 +107,12 @@ def main() -> int:
                         choices=["tensorwise", "rowwise", "rowwise_with_gw_hp"])
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="the run's dtype, FP8 or not")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--eval-steps", type=int, default=16, help="validation batches at the end")
     parser.add_argument("--data", type=Path, help="a prepared dataset directory (default: the quickstart corpus)")
     parser.add_argument("--corpus-mb", type=float, default=8.0, help="size of the default corpus")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "fp8_loss")
     parser.add_argument("--no-noise", dest="noise", action="store_false",
-                        help=f"skip the bf16-rounding row (bf16 with {NOISE_OVERRIDE}: the rounding-only yardstick)")
+                        help="skip the yardstick row (bf16 with the learning rate × (1 + 1e-6))")
     parser.add_argument("overrides", nargs="*", help="more dotted config overrides for every run")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -118,9 +121,11 @@ def main() -> int:
     base = run("off", args, data_dir)
     print(f"bf16 (fp8=off): final val loss {base['val_loss']:.4f}, {base['tokens_per_s']:,.0f} tokens/s, "
           f"{base['wall_s']:.0f} s")
-    # The yardstick: a bf16 run that differs from the base only by rounding (the same loss computed chunk by chunk
-    # with lm_head fused in): how far two trajectories drift apart when nothing but rounding differs.
-    rows = [compare(base, run("off", args, data_dir, "bf16-rounding", (NOISE_OVERRIDE,)))] if args.noise else []
+    # The yardstick: a bf16 run whose every update differs from the base's by a rounding-sized 1e-6 (the learning rate
+    # × (1 + 1e-6)): how far two trajectories drift apart when nothing but rounding differs.
+    lr = load_config(args.config).optim.lr
+    nudge = f"optim.lr={lr * (1 + LR_NUDGE):.10e}"
+    rows = [compare(base, run("off", args, data_dir, "bf16-lr×(1+1e-6)", (nudge,)))] if args.noise else []
     rows += [compare(base, run(recipe, args, data_dir)) for recipe in args.recipes]
     print(f"\n{args.steps} steps, {args.config.name}, {args.dtype} on {args.device}; loss(fp8) - loss(bf16):")
     print(f"{'run':<20}{'mean, last 1/4':>16}{'relative':>10}{'max |smoothed|':>16}{'val loss':>10}{'Δ val':>9}"

@@ -156,7 +156,8 @@ def trainer_loop(args: argparse.Namespace, label: str, overrides: list[str], ctx
         result.update(kind="trainer", label=label, overrides=overrides, steps=steps_per_call,
                       compile_backend=run.model.compile_backend,
                       activation_checkpointing=cfg.parallel.activation_checkpointing, zero_stage=cfg.zero.stage,
-                      precision=cfg.precision.dtype, engine=type(run.engine).__name__,
+                      precision=cfg.precision.dtype, fp8=cfg.precision.fp8, fp8_linears=run.model.fp8_linears,
+                      engine=type(run.engine).__name__,
                       optimizer=type(run.engine.optimizer).__name__,
                       compile_summary=None if warmup_hook is None else warmup_hook.summary,
                       # The dry-run's memory estimate and `pretrain plan`'s step time of this very config (issue 16).

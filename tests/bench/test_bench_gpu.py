@@ -46,3 +46,21 @@ def test_bench_gpu_runs_every_loop_on_cpu_and_writes_json(tmp_path: Path) -> Non
     assert rows["hf_compile"]["compile_backend"] == "aot_eager"
     assert report["tokens_per_step"] == 8 * 64 and report["peak_tflops"] is None  # no MFU on CPU
     assert "hf_eager" in done.stdout and "wrote" in done.stdout
+
+
+@pytest.mark.slow
+def test_bench_gpu_fp8_stage_runs_on_cpu(tmp_path: Path) -> None:
+    """The loops of `gpu_session.sh fp8` (trainer only, bf16 vs FP8), on the tiny shape: FP8 really is on in its loop."""
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    done = subprocess.run([sys.executable, "bench/bench_gpu.py", "--device", "cpu", "--tiny", "--steps", "1",
+                           "--warmup-steps", "1", "--skip", "hf_eager", "hf_compile", "--out", str(out),
+                           "--variant", "no_ac=parallel.activation_checkpointing=none",
+                           "--variant", "fp8=parallel.activation_checkpointing=none,precision.fp8=tensorwise"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = {row["label"]: row for row in json.loads(out.read_text())["rows"] if "skipped" not in row}
+    assert list(rows)[:2] == ["trainer[no_ac]", "trainer[fp8]"]
+    assert (rows["trainer[no_ac]"]["fp8"], rows["trainer[no_ac]"]["fp8_linears"]) == ("off", 0)
+    assert (rows["trainer[fp8]"]["fp8"], rows["trainer[fp8]"]["fp8_linears"]) == ("tensorwise", 14)
+    assert rows["trainer[fp8]"]["tokens_per_s"] > 0 and rows["trainer[fp8]"]["model_freed_after_loop"]

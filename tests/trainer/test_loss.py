@@ -34,7 +34,8 @@ def _loss_and_grad(loss_fn, logits_tbv: torch.Tensor, labels: torch.Tensor,  # n
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("chunk_tokens", [1, 5, 21, 1000])  # one row per chunk .. everything in one chunk
+# One row per chunk .. all rows in one chunk (21) .. a chunk twice the rows: the unchunked fast path (1000).
+@pytest.mark.parametrize("chunk_tokens", [1, 5, 21, 1000])
 def test_chunked_loss_equals_the_unchunked_loss_in_value_and_gradient(dtype: torch.dtype, chunk_tokens: int) -> None:
     logits_tbv, labels = _logits_tbv_and_labels(dtype)
     want_loss, want_grad = _loss_and_grad(lambda x, y: lm_loss(x, y, VOCAB), logits_tbv, labels, grad_scale=0.25)
