@@ -450,7 +450,9 @@ def _ops(*names: str) -> frozenset[Any]:
 # SiLU·mul, residual adds), whose saved inputs cost as much memory as the matmul outputs but little compute.
 _ATTENTION_CORE_OPS = _ops("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
                            "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
-# _scaled_mm: the FP8 matmul (precision.fp8), a matmul like the others.
+# FP8 linears (precision.fp8): in eager mode this policy sees aten.mm on torchao's float8 tensors (a dispatch mode runs
+# before the tensor subclass), so they are kept like other matmuls (tests/trainer/test_float8.py counts them);
+# _scaled_mm is the op under it, listed for traces that show it directly.
 _SAVE_OPS = _ops("mm", "addmm", "bmm", "_scaled_mm") | _ATTENTION_CORE_OPS
 
 

@@ -88,6 +88,34 @@ def test_fp8_matmuls_round_like_fp8(recipe: str) -> None:
     assert 1e-4 < grad_err < 0.1, grad_err
 
 
+def test_selective_checkpointing_keeps_the_fp8_matmuls() -> None:
+    """Selective AC recomputes the elementwise work, not the matmuls, FP8 ones included: a backward runs as many
+    matmuls as without checkpointing (14 more under full AC: each layer's 7 forward projections again)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from trainer.parallelize import _apply_activation_checkpointing
+
+    class CountMatmuls(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            self.count += func.overloadpacket.__name__ in ("mm", "_scaled_mm")
+            return func(*args, **(kwargs or {}))
+
+    ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(1))
+    counts = {}
+    for mode in ("none", "selective", "full"):
+        model = _tiny_llama()
+        convert_to_float8(model.layers, "tensorwise", "cpu")
+        _apply_activation_checkpointing(list(model.layers), mode)
+        with CountMatmuls() as matmuls:
+            model(ids).float().sum().backward()
+        counts[mode] = matmuls.count
+    assert counts["selective"] == counts["none"] and counts["full"] == counts["none"] + 7 * len(model.layers)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Training: HF + torchao reference, and every layout
 #
