@@ -39,22 +39,12 @@ SMOOTH_STEPS = 20
 LR_NUDGE = 1e-6
 
 
-def prepare_corpus(out_dir: Path, config: Path, corpus_mb: float) -> Path:
-    """The quickstart's default corpus as tokenizer + shards in out_dir/data (kept for the next run)."""
-    from data_pipeline.prepare import PrepareConfig, prepare
-    from data_pipeline.tokenizer import TokenizerTrainConfig, train_tokenizer
-    from launch.quickstart import stdlib_corpus
+def quickstart_data(out_dir: Path, config: Path, corpus_mb: float) -> Path:
+    """The quickstart's default corpus as tokenizer + shards in out_dir (kept for the next run)."""
+    from launch.quickstart import DEFAULT_PROMPT, QuickstartPlan, prepare_corpus
 
-    data_dir = out_dir / "data"
-    if (data_dir / "manifest.json").exists():
-        return data_dir
-    cfg = load_config(config)
-    inputs = tuple(stdlib_corpus(int(corpus_mb * 1e6)))
-    train_tokenizer(TokenizerTrainConfig(inputs=inputs, output_dir=str(out_dir / "tokenizer"),
-                                         vocab_size=cfg.model.vocab_size, input_sentence_size=300_000, overwrite=True))
-    prepare(PrepareConfig(inputs=inputs, tokenizer=str(out_dir / "tokenizer"), output_dir=str(data_dir),
-                          seq_len=cfg.train.seq_len, samples_per_shard=1000, val_fraction=0.05, overwrite=True))
-    return data_dir
+    return prepare_corpus(QuickstartPlan(run_dir=out_dir, inputs=(), include_globs=("*.py",), corpus_mb=corpus_mb,
+                                         config_path=config, overrides=(), prompt=DEFAULT_PROMPT))
 
 
 def run(fp8: str, args: argparse.Namespace, data_dir: Path, label: str | None = None,
@@ -116,7 +106,7 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="more dotted config overrides for every run")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    data_dir = args.data or prepare_corpus(args.out, args.config, args.corpus_mb)
+    data_dir = args.data or quickstart_data(args.out, args.config, args.corpus_mb)
 
     base = run("off", args, data_dir)
     print(f"bf16 (fp8=off): final val loss {base['val_loss']:.4f}, {base['tokens_per_s']:,.0f} tokens/s, "

@@ -95,6 +95,16 @@ def run_quickstart(plan: QuickstartPlan) -> int:
     return 0
 
 
+def prepare_corpus(plan: QuickstartPlan) -> Path:
+    """Stages 1-2 alone, quietly kept from a previous call: the tokenizer and shards in plan.run_dir, for tools that
+    train on the quickstart's data (bench/bench_fp8_loss.py). Returns the prepared dataset directory."""
+    if not (plan.data_dir / "manifest.json").exists():
+        inputs = _resolve_inputs(plan)
+        _train_tokenizer(plan, inputs)
+        _prepare(plan, inputs)
+    return plan.data_dir
+
+
 def _claim_run_dir(plan: QuickstartPlan, inputs: list[str]) -> bool:
     """True when the run directory already holds this very input's finished tokenizer and shards."""
     cfg = _config(plan)
