@@ -20,7 +20,10 @@ ratios. MFU divides by the dense bf16 peak of the GPU (hooks.GPU_PEAK_BF16_TFLOP
 max_memory_allocated per loop; on CPU the process' peak RSS so far (monotonic, so only the first loop's is its own).
 
 A wall-clock budget (`--budget-s`, default 330 s) skips loops that would start after it, so one GPU check fits its
-6-minute slot; skipped loops are listed as such. Prints a table and writes JSON to bench/out/bench_gpu_<device>.json.
+6-minute slot; skipped loops are listed as such. A loop that fails (OOM, compile or kernel error) is reported with its
+traceback and as an error row, and the next loop runs; the exit status is then 1. After every loop its numbers are
+printed and the JSON so far is written to bench/out/bench_gpu_<device>.json (`"complete": false` until the end), so a
+run cut off by a time limit keeps what it measured; at the end, the whole table.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import resource
 import sys
 import tempfile
 import time
+import traceback
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -144,31 +148,39 @@ def trainer_loop(args: argparse.Namespace, label: str, overrides: list[str], ctx
     with tempfile.TemporaryDirectory() as run_dir:
         cfg, derived = load(args, overrides, run_dir)
         run = build_run(cfg, derived, ctx, Path(run_dir))
-        hooks = default_hooks(run)
-        warmup_hook = next((h for h in hooks if isinstance(h, CompileWarmupHook)), None)
-
-        def run_steps(_: int) -> None:  # each fit() call runs train.max_steps steps from a fresh TrainState
-            fit(run, HookList(hooks))
-
-        result = timed(run_steps, 1, 1, ctx.device)  # one call of warm-up, one timed
-        steps_per_call = cfg.train.max_steps
-        result["s_per_step"] /= steps_per_call
-        result.update(kind="trainer", label=label, overrides=overrides, steps=steps_per_call,
-                      compile_backend=run.model.compile_backend,
-                      activation_checkpointing=cfg.parallel.activation_checkpointing, zero_stage=cfg.zero.stage,
-                      precision=cfg.precision.dtype, fp8=cfg.precision.fp8, fp8_linears=run.model.fp8_linears,
-                      engine=type(run.engine).__name__,
-                      optimizer=type(run.engine.optimizer).__name__,
-                      compile_summary=None if warmup_hook is None else warmup_hook.summary,
-                      # The dry-run's memory estimate and `pretrain plan`'s step time of this very config (issue 16).
-                      estimate_gib=estimate_memory(cfg, derived).total_bytes / 2**30,
-                      plan_s_per_step=planned_step_s(cfg, derived, args.plan_gpu))
         module = weakref.ref(run.model.module)
-        release_run(run)  # as train() does: ZeRO-1/2 would otherwise keep model and optimizer state on the GPU
-        del run, hooks, warmup_hook
+        try:
+            result = _time_trainer(run, cfg, derived, args, label, overrides, ctx.device)
+        finally:  # also when the loop fails: the next loops need the memory (and run_loops goes on to them)
+            release_run(run)  # as train() does: ZeRO-1/2 would otherwise keep model and optimizer state on the GPU
+            del run
     free_compiled_state()
     # A loop that is not freed would count against the next loop's memory (and could OOM it on a GPU).
     result["model_freed_after_loop"] = module() is None
+    return result
+
+
+def _time_trainer(run: Any, cfg: Config, derived: Derived, args: argparse.Namespace, label: str,
+                  overrides: list[str], device: torch.device) -> dict[str, Any]:
+    hooks = default_hooks(run)
+    warmup_hook = next((h for h in hooks if isinstance(h, CompileWarmupHook)), None)
+
+    def run_steps(_: int) -> None:  # each fit() call runs train.max_steps steps from a fresh TrainState
+        fit(run, HookList(hooks))
+
+    result = timed(run_steps, 1, 1, device)  # one call of warm-up, one timed
+    steps_per_call = cfg.train.max_steps
+    result["s_per_step"] /= steps_per_call
+    result.update(kind="trainer", label=label, overrides=overrides, steps=steps_per_call,
+                  compile_backend=run.model.compile_backend,
+                  activation_checkpointing=cfg.parallel.activation_checkpointing, zero_stage=cfg.zero.stage,
+                  precision=cfg.precision.dtype, fp8=cfg.precision.fp8, fp8_linears=run.model.fp8_linears,
+                  engine=type(run.engine).__name__,
+                  optimizer=type(run.engine.optimizer).__name__,
+                  compile_summary=None if warmup_hook is None else warmup_hook.summary,
+                  # The dry-run's memory estimate and `pretrain plan`'s step time of this very config (issue 16).
+                  estimate_gib=estimate_memory(cfg, derived).total_bytes / 2**30,
+                  plan_s_per_step=planned_step_s(cfg, derived, args.plan_gpu))
     return result
 
 
@@ -238,13 +250,17 @@ def add_rates(row: dict[str, Any], tokens_per_step: int, flops_per_tok: int, pea
     row["mfu"] = None if peak_tflops is None else row["tflops_per_gpu"] / peak_tflops
 
 
-def print_table(rows: list[dict[str, Any]], header: str) -> None:
-    print(f"\n{header}")
+def print_table(rows: list[dict[str, Any]], header: str | None) -> None:
+    """The rows under the column names, and above them `header` if given (the lines printed after each loop have
+    none)."""
+    if header is not None:
+        print(f"\n{header}")
     print(f"{'loop':<26}{'s/step':>9}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}{'est GiB':>9}"
           f"{'est/peak':>9}{'plan s':>8}{'plan/meas':>10}{'warm-up s':>11}")
     for row in rows:
-        if row.get("skipped"):
-            print(f"{row['label']:<26}  skipped: {row['skipped']}")
+        if row.get("skipped") or row.get("error"):
+            print(f"{row['label']:<26}  {'skipped' if row.get('skipped') else 'FAILED'}: "
+                  f"{row.get('skipped') or row['error']}")
             continue
         mfu = "-" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
         estimate = row.get("estimate_gib")
@@ -279,7 +295,10 @@ def plan_loops(args: argparse.Namespace, ctx: Any, cfg: Config, derived: Derived
     return loops
 
 
-def run_loops(loops: list[tuple[str, Callable]], device: torch.device, budget_s: float) -> list[dict[str, Any]]:
+def run_loops(loops: list[tuple[str, Callable]], device: torch.device, budget_s: float,
+              measured: Callable[[list[dict[str, Any]]], None]) -> list[dict[str, Any]]:
+    """Each loop in turn; a loop that fails (an OOM, a kernel or compile error) becomes an error row and the next loop
+    still runs: one device call has to bring back every number it can. `measured` sees the rows after every loop."""
     start_s, rows = time.perf_counter(), []
     for label, loop in loops:
         elapsed_s = time.perf_counter() - start_s
@@ -289,10 +308,17 @@ def run_loops(loops: list[tuple[str, Callable]], device: torch.device, budget_s:
         reset_peak(device)
         in_use_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
         print(f"[{elapsed_s:6.1f} s] {label} ... ({in_use_gib:.2f} GiB still allocated from before)", flush=True)
-        row = loop()
+        try:
+            row = loop()
+        except Exception as exc:  # noqa: BLE001 - reported in the row, the log and the exit status
+            traceback.print_exc()
+            row = {"label": label, "error": " ".join(f"{type(exc).__name__}: {exc}".split())[:800]}
+        if "error" in row:  # the failed loop's frames are gone with the exception: give its memory back
+            free_compiled_state()
         row["allocated_before_loop_gib"] = in_use_gib
         row["peak_memory_gib"] = peak_memory_gib(device)
         rows.append(row)
+        measured(rows)
     reset_peak(device)
     return rows
 
@@ -310,33 +336,49 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as run_dir:
         cfg, derived = load(args, [], run_dir)
     ctx = init_parallel(1, 1, backend="nccl" if args.device == "cuda" else "gloo")
-    try:
-        rows = run_loops(plan_loops(args, ctx, cfg, derived), ctx.device, args.budget_s)
-    finally:
-        destroy_parallel()
     tokens_per_step = derived.global_batch_size_tokens
     flops = flops_per_token(cfg.model, derived.padded_vocab_size, cfg.train.seq_len).total
     peak = peak_tflops_per_gpu(cfg, ctx.device)
-    for row in rows:
-        if not row.get("skipped"):
-            add_rates(row, tokens_per_step, flops, peak)
-    if importlib.util.find_spec("torchtitan") is None:
-        rows.append({"label": "torchtitan", "skipped": "not installed (and no package index on the GPU host)"})
     device_name = torch.cuda.get_device_name() if ctx.device.type == "cuda" else platform.processor() or "cpu"
-    header = (f"{cfg.name}: {device_name}, {cfg.precision.dtype}, micro {derived.micro_batch_size_per_gpu} x "
-              f"grad_accum {derived.grad_accum_steps} x seq {cfg.train.seq_len} = {tokens_per_step:,} tokens/step, "
-              f"{flops / 1e9:.3g} GFLOP/token, peak {peak} TFLOP/s")
-    print_table(rows, header)
     report = {"config": args.config or (TINY_PRESET if args.tiny else GPU_PRESET)[0], "overrides": args.overrides,
               "device": ctx.device.type, "device_name": device_name, "tokens_per_step": tokens_per_step,
-              "flops_per_token": flops, "peak_tflops": peak, "rows": rows, "torch": torch.__version__,
-              "python": platform.python_version(), "measured_at_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                    time.gmtime())}
+              "flops_per_token": flops, "peak_tflops": peak, "rows": [], "complete": False,
+              "torch": torch.__version__, "python": platform.python_version(),
+              "measured_at_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     out = Path(args.out) if args.out else REPO / "bench" / "out" / f"bench_gpu_{ctx.device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+    def measured(rows: list[dict[str, Any]]) -> None:
+        """Rates, one line and the JSON so far after every loop: a device call cut off by its time limit still
+        brings back each loop that finished."""
+        row = rows[-1]
+        if "s_per_step" in row:
+            add_rates(row, tokens_per_step, flops, peak)
+        print_table([row], header=None)
+        write_report(out, {**report, "rows": rows})
+
+    try:
+        rows = run_loops(plan_loops(args, ctx, cfg, derived), ctx.device, args.budget_s, measured)
+    finally:
+        destroy_parallel()
+    if importlib.util.find_spec("torchtitan") is None:
+        rows.append({"label": "torchtitan", "skipped": "not installed (and no package index on the GPU host)"})
+    print_table(rows, f"{cfg.name}: {device_name}, {cfg.precision.dtype}, micro {derived.micro_batch_size_per_gpu} x "
+                      f"grad_accum {derived.grad_accum_steps} x seq {cfg.train.seq_len} = {tokens_per_step:,} "
+                      f"tokens/step, {flops / 1e9:.3g} GFLOP/token, peak {peak} TFLOP/s")
+    write_report(out, {**report, "rows": rows, "complete": True})
     print(f"wrote {out}")
-    return 0
+    failed = [row["label"] for row in rows if "error" in row]
+    if failed:
+        print(f"bench_gpu: {len(failed)} loop(s) failed: {', '.join(failed)} (traceback above, 'error' in the JSON); "
+              "the other loops' numbers stand", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    tmp.replace(out)
 
 
 if __name__ == "__main__":

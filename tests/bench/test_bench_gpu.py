@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,22 +46,33 @@ def test_bench_gpu_runs_every_loop_on_cpu_and_writes_json(tmp_path: Path) -> Non
     assert 0 < planned["trainer[no_ac]"] < planned["trainer[zero1_core]"] and "plan/meas" in done.stdout
     assert rows["hf_compile"]["compile_backend"] == "aot_eager"
     assert report["tokens_per_step"] == 8 * 64 and report["peak_tflops"] is None  # no MFU on CPU
-    assert "hf_eager" in done.stdout and "wrote" in done.stdout
+    assert "hf_eager" in done.stdout and "wrote" in done.stdout and report["complete"] is True
+    # Each loop's numbers are printed as soon as it ends (a run cut off by a time limit keeps them): 5 loops, the
+    # final table, each under the column names.
+    assert done.stdout.count("plan/meas") == 6
 
 
 @pytest.mark.slow
-def test_bench_gpu_fp8_stage_runs_on_cpu(tmp_path: Path) -> None:
-    """The loops of `gpu_session.sh fp8` (trainer only, bf16 vs FP8), on the tiny shape: FP8 really is on in its loop."""
+def test_bench_gpu_fp8_stage_runs_on_cpu_and_a_failing_loop_costs_only_itself(tmp_path: Path) -> None:
+    """The loops of `gpu_session.sh fp8` (trainer only, bf16 vs FP8), on the tiny shape: FP8 really is on in its loop.
+    A loop that fails in between (here a layout one process cannot run) becomes an error row, the loops after it still
+    run, the JSON is complete and the exit status says so: one device call must bring back every number it can."""
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     done = subprocess.run([sys.executable, "bench/bench_gpu.py", "--device", "cpu", "--tiny", "--steps", "1",
                            "--warmup-steps", "1", "--skip", "hf_eager", "hf_compile", "--out", str(out),
                            "--variant", "no_ac=parallel.activation_checkpointing=none",
+                           "--variant", "broken=parallel.tp=2",
                            "--variant", "fp8=parallel.activation_checkpointing=none,precision.fp8=tensorwise"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    rows = {row["label"]: row for row in json.loads(out.read_text())["rows"] if "skipped" not in row}
-    assert list(rows)[:2] == ["trainer[no_ac]", "trainer[fp8]"]
+    assert done.returncode == 1, done.stderr[-4000:]
+    assert "1 loop(s) failed: trainer[broken]" in done.stderr and "Traceback" in done.stderr
+    report = json.loads(out.read_text())
+    assert report["complete"] is True
+    rows = {row["label"]: row for row in report["rows"] if "skipped" not in row}
+    assert list(rows)[:3] == ["trainer[no_ac]", "trainer[broken]", "trainer[fp8]"]
+    assert "tp" in rows["trainer[broken]"]["error"] and "tokens_per_s" not in rows["trainer[broken]"]
+    assert re.search(r"trainer\[broken\] +FAILED: ConfigError: config does not fit world size 1", done.stdout)
     assert (rows["trainer[no_ac]"]["fp8"], rows["trainer[no_ac]"]["fp8_linears"]) == ("off", 0)
     assert (rows["trainer[fp8]"]["fp8"], rows["trainer[fp8]"]["fp8_linears"]) == ("tensorwise", 14)
     assert rows["trainer[fp8]"]["tokens_per_s"] > 0 and rows["trainer[fp8]"]["model_freed_after_loop"]
