@@ -34,6 +34,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import resource
 import sys
 import tempfile
@@ -56,6 +57,7 @@ from trainer.data import SyntheticTokens  # noqa: E402
 from trainer.estimate import estimate_memory, flops_per_token  # noqa: E402
 from trainer.fit import fit  # noqa: E402
 from trainer.hooks import CompileWarmupHook, HookList, default_hooks, peak_tflops_per_gpu  # noqa: E402
+from trainer.profiling import ProfilerHook, ProfileSummary, StepProfiler  # noqa: E402
 from trainer.train import build_run, release_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,6 +83,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--hf-compile-backend", default="inductor", help="torch.compile backend of hf_compile")
     parser.add_argument("--skip", nargs="*", default=[], help="loops to leave out: trainer hf_eager hf_compile")
     parser.add_argument("--budget-s", type=float, default=330.0, help="start no loop after this many seconds")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile each loop (trainer: the last 2 warm-up steps through profiling.*; HF: one "
+                             "extra step): device time by category and GPU busy fraction in the JSON, traces beside it")
     parser.add_argument("--plan-gpu", default="h200", help="GPU kind whose `pretrain plan` step time is printed next to "
                         "each trainer loop's (trainer.gpu_specs; on CPU the column is that GPU's prediction, not this "
                         "machine's)")
@@ -146,7 +151,7 @@ def timed(run_steps: Callable[[int], None], warmup_steps: int, steps: int, devic
 def trainer_loop(args: argparse.Namespace, label: str, overrides: list[str], ctx: Any) -> dict[str, Any]:
     """Our trainer exactly as `pretrain train` builds it; fit() runs train.max_steps steps per call."""
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg, derived = load(args, overrides, run_dir)
+        cfg, derived = load(args, [*overrides, *profile_overrides(args, label)], run_dir)
         run = build_run(cfg, derived, ctx, Path(run_dir))
         module = weakref.ref(run.model.module)
         try:
@@ -164,6 +169,7 @@ def _time_trainer(run: Any, cfg: Config, derived: Derived, args: argparse.Namesp
                   overrides: list[str], device: torch.device) -> dict[str, Any]:
     hooks = default_hooks(run)
     warmup_hook = next((h for h in hooks if isinstance(h, CompileWarmupHook)), None)
+    profiler_hook = next((h for h in hooks if isinstance(h, ProfilerHook)), None)  # fires in the warm-up call only
 
     def run_steps(_: int) -> None:  # each fit() call runs train.max_steps steps from a fresh TrainState
         fit(run, HookList(hooks))
@@ -180,8 +186,25 @@ def _time_trainer(run: Any, cfg: Config, derived: Derived, args: argparse.Namesp
                   compile_summary=None if warmup_hook is None else warmup_hook.summary,
                   # The dry-run's memory estimate and `pretrain plan`'s step time of this very config (issue 16).
                   estimate_gib=estimate_memory(cfg, derived).total_bytes / 2**30,
-                  plan_s_per_step=planned_step_s(cfg, derived, args.plan_gpu))
+                  plan_s_per_step=planned_step_s(cfg, derived, args.plan_gpu),
+                  profile=None if profiler_hook is None or profiler_hook.summary is None
+                  else profiler_hook.summary.as_dict())
     return result
+
+
+def trace_dir(args: argparse.Namespace, label: str) -> Path:
+    out = Path(args.out) if args.out else REPO / "bench" / "out" / "bench_gpu.json"
+    return out.parent / f"{out.stem}_traces" / re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")
+
+
+def profile_overrides(args: argparse.Namespace, label: str) -> list[str]:
+    """The trainer's own profiler (profiling.*) over the warm-up call's last 2 steps: compiled by then, and the
+    timed call that follows is not profiled (the hook fires once)."""
+    if not args.profile:
+        return []
+    last_step = max(args.steps, args.warmup_steps)
+    return [f"profiling.start_step={max(1, last_step - 1)}", f"profiling.num_steps={min(2, last_step)}",
+            f"profiling.dir={trace_dir(args, label)}"]
 
 
 def planned_step_s(cfg: Config, derived: Derived, gpu: str) -> float:
@@ -229,8 +252,14 @@ def hf_loop(args: argparse.Namespace, cfg: Config, derived: Derived, device: tor
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
+    label = "hf_compile" if compile_backend else "hf_eager"
     result = timed(run_steps, args.warmup_steps, args.steps, device)
-    result.update(kind="hf", label="hf_compile" if compile_backend else "hf_eager", compile_backend=compile_backend,
+    if args.profile:  # one more step, after the timed ones
+        profiler = StepProfiler(device)
+        profiler.start()
+        run_steps(1)
+        result["profile"] = profiler.stop(1, 1, 0, trace_dir(args, label) / "rank0_trace.json.gz").as_dict()
+    result.update(kind="hf", label=label, compile_backend=compile_backend,
                   steps=args.steps, precision=f"fp32 weights + autocast {cfg.precision.dtype}"
                   if cfg.precision.dtype == "bf16" else cfg.precision.dtype)
     module = weakref.ref(model)
@@ -355,6 +384,8 @@ def main() -> int:
         if "s_per_step" in row:
             add_rates(row, tokens_per_step, flops, peak)
         print_table([row], header=None)
+        if row.get("profile"):
+            print(f"  {ProfileSummary(**row['profile']).line()}")
         write_report(out, {**report, "rows": rows})
 
     try:

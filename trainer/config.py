@@ -232,6 +232,27 @@ class LoggingConfig(_Section):
     gpu_peak_tflops: PositiveFloat | None = None  # dense bf16 peak for MFU; None: looked up from the device name
 
 
+class ProfilingConfig(_Section):
+    """torch.profiler over a window of optimizer steps (trainer/profiling.py): a Chrome/Perfetto trace per profiled
+    rank and one log line saying where the device time went (GEMMs, attention, fused kernels, optimizer, ...)."""
+
+    # First profiled optimizer step, 1-based as in the logs; 0: off. Start after the compile warm-up (steps 1-2).
+    start_step: NonNegativeInt = 0
+    num_steps: PositiveInt = 2
+    ranks: list[NonNegativeInt] = Field(default_factory=lambda: [0])  # global ranks that profile
+    record_shapes: bool = False  # input shapes per op: a larger trace
+    with_stack: bool = False  # Python stack per op: a much larger trace and a slower window
+    dir: str | None = None  # None: <run_dir>/profile
+
+    @property
+    def enabled(self) -> bool:
+        return self.start_step > 0
+
+    @property
+    def last_step(self) -> int:
+        return self.start_step + self.num_steps - 1
+
+
 # Slurm --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S
 _SLURM_TIME = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d{1,2}(:\d{1,2}){0,2})$")
 
@@ -280,6 +301,7 @@ class Config(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    profiling: ProfilingConfig = Field(default_factory=ProfilingConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
     @model_validator(mode="after")
@@ -387,6 +409,7 @@ def _static_problems(cfg: Config) -> list[str]:
         + _data_problems(cfg.data)
         + _zero_precision_problems(cfg)
         + _fp8_problems(cfg)
+        + _profiling_problems(cfg)
         + _launch_problems(cfg.launch)
     )
 
@@ -422,6 +445,21 @@ def _schedule_problems(cfg: Config) -> list[str]:
             f"optim.warmup_steps ({cfg.optim.warmup_steps}) must not exceed train.max_steps ({cfg.train.max_steps}): "
             f"lower warmup_steps or raise max_steps"
         )
+    return problems
+
+
+def _profiling_problems(cfg: Config) -> list[str]:
+    prof, problems = cfg.profiling, []
+    if not prof.enabled:
+        return []
+    if prof.last_step > cfg.train.max_steps:
+        problems.append(
+            f"profiling steps {prof.start_step}-{prof.last_step} end after train.max_steps ({cfg.train.max_steps}): "
+            f"lower profiling.start_step or profiling.num_steps (a window inside the run; after the compile warm-up "
+            f"of steps 1-2 for steady state)"
+        )
+    if not prof.ranks:
+        problems.append("profiling.ranks is empty while profiling.start_step is set: name the ranks, e.g. [0]")
     return problems
 
 
@@ -510,6 +548,10 @@ def _world_problems(cfg: Config, world_size: int, device: str) -> list[str]:
     if world_size < 1:
         return [f"world size ({world_size}) must be >= 1: pass --world-size or set launch.nodes and gpus_per_node"]
     problems = _model_split_problems(cfg) + _pipeline_problems(cfg, device)
+    absent = [r for r in cfg.profiling.ranks if r >= world_size] if cfg.profiling.enabled else []
+    if absent:
+        problems.append(f"profiling.ranks {absent} are not in a world of {world_size}: choose ranks in "
+                        f"0..{world_size - 1}")
     dp, dp_problem = _data_parallel_size(cfg.parallel, world_size)
     if dp_problem:
         problems.append(dp_problem)

@@ -394,6 +394,12 @@ def default_hooks(run: RunContext) -> list[Hook]:
     hooks: list[Hook] = [MetricsHook(sinks if run.ctx.is_logging_rank else [])]
     if run.model.compile_backend is not None:
         hooks.append(CompileWarmupHook(run.model.layers_compiled, run.model.compile_backend))
+    prof = run.cfg.profiling
+    if prof.enabled and run.ctx.rank in prof.ranks:
+        from trainer.profiling import ProfilerHook  # it builds on this module's Hook
+
+        # Last: its window holds every other hook's share of the step (the metrics' grad-norm reduction included).
+        hooks.append(ProfilerHook(prof, run.ctx.rank, run.ctx.device, Path(prof.dir or run.run_dir / "profile")))
     return hooks
 
 

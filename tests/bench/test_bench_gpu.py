@@ -22,7 +22,7 @@ def test_bench_gpu_runs_every_loop_on_cpu_and_writes_json(tmp_path: Path) -> Non
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     # aot_eager for the compiled HF loop: the graph capture runs, inductor's C++ build (~1 min here) does not.
     done = subprocess.run([sys.executable, "bench/bench_gpu.py", "--device", "cpu", "--tiny", "--steps", "1",
-                           "--warmup-steps", "1", "--hf-compile-backend", "aot_eager", "--out", str(out),
+                           "--warmup-steps", "1", "--hf-compile-backend", "aot_eager", "--out", str(out), "--profile",
                            "--then-variant", "zero1_core=zero.stage=1,parallel.activation_checkpointing=core_attention"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -46,6 +46,12 @@ def test_bench_gpu_runs_every_loop_on_cpu_and_writes_json(tmp_path: Path) -> Non
     assert 0 < planned["trainer[no_ac]"] < planned["trainer[zero1_core]"] and "plan/meas" in done.stdout
     assert rows["hf_compile"]["compile_backend"] == "aot_eager"
     assert report["tokens_per_step"] == 8 * 64 and report["peak_tflops"] is None  # no MFU on CPU
+    # --profile: every loop says where its time went (the trainer through its own profiling.* hook, in the warm-up call)
+    for label, trace in (("trainer[no_ac]", "trainer_no_ac/steps_1-1/rank0_trace.json.gz"),
+                         ("hf_compile", "hf_compile/rank0_trace.json.gz")):
+        assert rows[label]["profile"]["category_s"]["gemm"] > 0, label
+        assert (out.parent / "bench_traces" / trace).is_file(), label
+    assert done.stdout.count("  profile step") == 5
     assert "hf_eager" in done.stdout and "wrote" in done.stdout and report["complete"] is True
     # Each loop's numbers are printed as soon as it ends (a run cut off by a time limit keeps them): 5 loops, the
     # final table, each under the column names.

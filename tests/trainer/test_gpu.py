@@ -46,11 +46,13 @@ def train_records(run_dir: Path) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def bf16_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Tiny model, bf16 on one GPU, 20 steps, a checkpoint every 5 steps (async)."""
+    """Tiny model, bf16 on one GPU, 20 steps, a checkpoint every 5 steps (async), steps 6-7 profiled (the runs
+    compared with it are not: the profiler must change no loss)."""
     run_dir = tmp_path_factory.mktemp("gpu") / "bf16"
     out = pretrain("train", "--config", str(TINY), *CUDA, "precision.dtype=bf16", "train.max_steps=20",
                    "logging.gpu_peak_tflops=989", "optim.warmup_steps=2", "train.log_interval_steps=5", "train.eval_interval_steps=10",
-                   "checkpoint.save_interval_steps=5", "checkpoint.async_save=true", f"logging.run_dir={run_dir}")
+                   "checkpoint.save_interval_steps=5", "checkpoint.async_save=true", "profiling.start_step=6",
+                   f"logging.run_dir={run_dir}")
     return {"run_dir": run_dir, "stderr": out.stderr}
 
 
@@ -70,6 +72,15 @@ def test_no_barrier_device_warning_at_saves(bf16_run: dict[str, Any]) -> None:
     """The NCCL group is created with its device (device_id), so a barrier never has to guess it."""
     log = (bf16_run["run_dir"] / "logs" / "rank0.log").read_text()
     assert BARRIER_WARNING not in bf16_run["stderr"] and BARRIER_WARNING not in log
+
+
+def test_profiled_steps_name_gpu_kernels_and_how_busy_the_gpu_was(bf16_run: dict[str, Any]) -> None:
+    """The CUDA half of profiling.* (test_profiling.py has the CPU half): the summary is over GPU kernels, with the
+    busy fraction of the window, and the kernel names fall in the categories (cuBLAS GEMMs, flash attention)."""
+    summary = json.loads((bf16_run["run_dir"] / "profile" / "steps_6-7" / "rank0_summary.json").read_text())
+    assert summary["device"] == "cuda" and 0 < summary["busy_fraction"] <= 1, summary
+    assert summary["category_s"]["gemm"] > 0 and summary["category_s"]["attention"] > 0, summary
+    assert "profile steps 6-7 rank 0: " in (bf16_run["run_dir"] / "logs" / "rank0.log").read_text()
 
 
 def test_fp16_loss_scale_falls_on_overflow_and_skipped_steps_are_counted(tmp_path: Path) -> None:
