@@ -6,6 +6,9 @@
 #                                     #   loss if the budget allows; issue 16 memory estimate vs
 #                                     #   max_memory_allocated in 3 settings, plan's step time vs measured)
 #                                     #                                                                 timeout_s 450
+#   bash bench/gpu_session.sh profile # ~4.5 min: where the step time goes (issue 13's next lever): trainer without AC,
+#                                     #   with the config's AC, HF compiled, each profiled over 2 steps (--profile:
+#                                     #   device time by category, GPU busy %, Perfetto traces in $OUT) timeout_s 330
 #   bash bench/gpu_session.sh tier    # <= 4 min: python -m pytest -m gpu (issue 12 item 4)           timeout_s 330
 #   bash bench/gpu_session.sh suite   # python -m pytest, the README's test command, GPU visible (issue 12 item 3)
 #   bash bench/gpu_session.sh small   # bench on configs/125m.yaml (issue 13: the small shape)         timeout_s 240
@@ -16,7 +19,8 @@
 # JSON land in $OUT (or bench/out/): <stage>.log, bench_gpu_*.json, junit XML for the test stages.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?"usage: bash bench/gpu_session.sh bench|tier|suite|small|fp8"}
+stages="bench|profile|tier|suite|small|fp8"
+stage=${1:?"usage: bash bench/gpu_session.sh $stages"}
 out_dir=${OUT:-bench/out}
 mkdir -p "$out_dir"
 
@@ -45,12 +49,16 @@ case $stage in
     DS_ACCELERATOR=cuda run_timed bench 420 python3 bench/bench_gpu.py --out "$out_dir/bench_gpu_1b.json" \
       --then-variant "zero1_core_attn=zero.stage=1,parallel.activation_checkpointing=core_attention" \
       --then-variant "fused_loss=parallel.activation_checkpointing=none,parallel.lm_loss=fused_linear" ;;
-  small)
+  profile)  # steps 3-4 of the warm-up call are profiled (past the compile of steps 1-2); the timed numbers cross-check bench
+    DS_ACCELERATOR=cuda run_timed profile 310 python3 bench/bench_gpu.py --profile --skip hf_eager \
+      --steps 4 --warmup-steps 4 --budget-s 230 --out "$out_dir/bench_gpu_1b_profile.json" ;;
+  small)    # small models are where launch overhead shows: --profile's GPU busy % says how much
     DS_ACCELERATOR=cuda run_timed small 220 python3 bench/bench_gpu.py --config configs/125m.yaml --budget-s 150 \
+      --profile \
       --then-variant "fused_loss=parallel.activation_checkpointing=none,parallel.lm_loss=fused_linear" \
       --out "$out_dir/bench_gpu_125m.json" ;;
   fp8)    # the trainer alone (compiled, as on CUDA by default): FP8's matmuls against bf16's on the same shape
-    DS_ACCELERATOR=cuda run_timed fp8 310 python3 bench/bench_gpu.py --skip hf_eager hf_compile --budget-s 240 \
+    DS_ACCELERATOR=cuda run_timed fp8 310 python3 bench/bench_gpu.py --skip hf_eager hf_compile --budget-s 240 --profile \
       --variant "no_ac=parallel.activation_checkpointing=none" \
       --variant "fp8_tensorwise=parallel.activation_checkpointing=none,precision.fp8=tensorwise" \
       --variant "fp8_rowwise=parallel.activation_checkpointing=none,precision.fp8=rowwise" \
@@ -59,5 +67,5 @@ case $stage in
     run_timed tier 310 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=0 --junitxml="$out_dir/tier.xml" ;;
   suite)
     run_timed suite 580 python3 -m pytest -q -p no:cacheprovider --durations=20 --junitxml="$out_dir/suite.xml" ;;
-  *) echo "unknown stage $stage: bench|tier|suite|small|fp8" >&2; exit 2 ;;
+  *) echo "unknown stage $stage: $stages" >&2; exit 2 ;;
 esac

@@ -27,6 +27,8 @@ from trainer.hooks import Hook, RunContext, StepOutput, TrainState
 
 log = logging.getLogger(__name__)
 
+STEP_RANGE = r"^train_step_\d+$"  # the record_function range around each profiled step
+
 # Kernel / op name → category, the first pattern that matches (lower case). Attention before GEMM: cutlass' fused
 # attention kernels say "cutlass" too; inductor's matmul templates (triton_tem_*) before its fused pointwise kernels.
 CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple((name, re.compile(pattern)) for name, pattern in (
@@ -37,6 +39,7 @@ CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple((name, re.compile(pa
     ("loss", r"cross_entropy|softmax|nll_loss"),
     ("fused (inductor)", r"^triton_"),
     ("copies", r"^memcpy|^memset|aten::(copy_|_to_copy|fill_|zero_|clone|cat)$"),
+    ("host (outside ops)", STEP_RANGE),  # CPU only: Python, hooks, DeepSpeed bookkeeping between the ops of a step
 ))
 OTHER = "other"
 TOP_KERNELS = 12
@@ -112,6 +115,20 @@ def busy_s(ops: list[TimedOp]) -> float:
     return covered_us / 1e6
 
 
+def timed_ops(events: Any, on_gpu: bool) -> list[TimedOp]:
+    """torch.profiler's events → what the summary counts. GPU: kernels, copies and memsets as the GPU ran them, but not
+    the GPU mirrors of record_function ranges (`gpu_user_annotation`: a step-long range would count the whole step as
+    busy; torch's own key_averages table leaves them out too). CPU: each op's own time; a step range's own time is the
+    host work between ops."""
+    from torch.autograd import DeviceType
+
+    if on_gpu:
+        return [TimedOp(e.name, e.time_range.start, e.time_range.elapsed_us()) for e in events
+                if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+    return [TimedOp(e.name, e.time_range.start, e.self_cpu_time_total) for e in events
+            if e.device_type == DeviceType.CPU and e.self_cpu_time_total > 0]
+
+
 class StepProfiler:
     """torch.profiler around some steps: start(), the steps, stop() → summary (and the trace written)."""
 
@@ -142,14 +159,7 @@ class StepProfiler:
         return summary
 
     def _timed_ops(self) -> list[TimedOp]:
-        from torch.autograd import DeviceType
-
-        events = self._profile.events()
-        if self.device.type == "cuda":  # kernels, copies and memsets, as the GPU ran them
-            return [TimedOp(e.name, e.time_range.start, e.time_range.elapsed_us()) for e in events
-                    if e.device_type == DeviceType.CUDA]
-        return [TimedOp(e.name, e.time_range.start, e.self_cpu_time_total) for e in events
-                if e.device_type == DeviceType.CPU and e.self_cpu_time_total > 0]
+        return timed_ops(self._profile.events(), self.device.type == "cuda")
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -78,7 +78,10 @@ def test_profiled_steps_name_gpu_kernels_and_how_busy_the_gpu_was(bf16_run: dict
     """The CUDA half of profiling.* (test_profiling.py has the CPU half): the summary is over GPU kernels, with the
     busy fraction of the window, and the kernel names fall in the categories (cuBLAS GEMMs, flash attention)."""
     summary = json.loads((bf16_run["run_dir"] / "profile" / "steps_6-7" / "rank0_summary.json").read_text())
-    assert summary["device"] == "cuda" and 0 < summary["busy_fraction"] <= 1, summary
+    # A tiny model leaves the GPU idle between launches; 1.0 would mean the step range itself was counted as a kernel.
+    assert summary["device"] == "cuda" and 0 < summary["busy_fraction"] < 0.99, summary
+    assert sum(summary["category_s"].values()) <= 1.05 * summary["wall_s"], summary  # one stream: no more than wall
+    assert not any(t["name"].startswith("train_step_") for t in summary["top"]), summary
     assert summary["category_s"]["gemm"] > 0 and summary["category_s"]["attention"] > 0, summary
     assert "profile steps 6-7 rank 0: " in (bf16_run["run_dir"] / "logs" / "rank0.log").read_text()
 

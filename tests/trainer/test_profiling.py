@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from trainer.config import ConfigError, load_config
-from trainer.profiling import TimedOp, busy_s, category, summarize
+from trainer.profiling import TimedOp, busy_s, category, summarize, timed_ops
 from trainer.testing import run_distributed
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,6 +52,7 @@ NAMES = {
     "aten::copy_": "copies",
     "gloo:all_reduce": "communication",
     "aten::mul": "other",
+    "train_step_12": "host (outside ops)",
 }
 
 
@@ -64,6 +65,32 @@ def test_busy_time_counts_overlapping_kernels_once() -> None:
     ops = [TimedOp("a", 0, 10), TimedOp("b", 5, 10), TimedOp("c", 6, 2), TimedOp("d", 20, 5), TimedOp("e", 30, 0)]
     assert busy_s(ops) == pytest.approx(20e-6)  # [0, 15) and [20, 25)
     assert busy_s([]) == 0.0
+
+
+def test_gpu_summary_counts_kernels_not_the_gpu_mirror_of_a_step_range() -> None:
+    """On a GPU, kineto mirrors each record_function range that launched kernels as a `gpu_user_annotation` event on
+    the device: counted, a step-long range would make every window 100 % busy. Real profiler events, built directly
+    (no GPU here); the CUDA run in the gpu tier checks the same on real kernels."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    def event(name: str, start_us: int, end_us: int, device: DeviceType, **kwargs: Any) -> FunctionEvent:
+        return FunctionEvent(id=start_us, name=name, thread=0, start_us=start_us, end_us=end_us, device_type=device,
+                             **kwargs)
+
+    events = [event("train_step_3", 0, 1000, DeviceType.CPU, is_user_annotation=True),
+              event("aten::mm", 10, 60, DeviceType.CPU),
+              event("train_step_3", 40, 900, DeviceType.CUDA, is_user_annotation=True),
+              event("nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_NTN", 40, 340, DeviceType.CUDA),
+              event("Memcpy DtoD (Device -> Device)", 400, 500, DeviceType.CUDA)]
+    events[0].append_cpu_child(events[1])  # the profiler builds this tree from the ranges' nesting
+    gpu_ops = timed_ops(events, on_gpu=True)
+    assert [op.name for op in gpu_ops] == [events[3].name, events[4].name]
+    gpu = summarize(gpu_ops, wall_s=1e-3, on_gpu=True, first_step=3, last_step=3, rank=0)
+    assert gpu.busy_fraction == pytest.approx(0.4) and gpu.category_s == pytest.approx({"gemm": 3e-4, "copies": 1e-4})
+    # CPU: each op's own time; the step range's own time (950 of its 1000 µs are outside aten::mm) is host work.
+    cpu = summarize(timed_ops(events, on_gpu=False), wall_s=1e-3, on_gpu=False, first_step=3, last_step=3, rank=0)
+    assert cpu.category_s == pytest.approx({"host (outside ops)": 9.5e-4, "gemm": 5e-5})
 
 
 def test_summary_splits_device_time_by_category_and_names_the_largest_kernels() -> None:
