@@ -57,7 +57,7 @@ from trainer.data import SyntheticTokens  # noqa: E402
 from trainer.estimate import estimate_memory, flops_per_token  # noqa: E402
 from trainer.fit import fit  # noqa: E402
 from trainer.hooks import CompileWarmupHook, HookList, default_hooks, peak_tflops_per_gpu  # noqa: E402
-from trainer.profiling import ProfilerHook, ProfileSummary, StepProfiler  # noqa: E402
+from trainer.profiling import ProfilerHook, ProfileSummary, StepProfiler, comparison_table  # noqa: E402
 from trainer.train import build_run, release_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -257,7 +257,8 @@ def hf_loop(args: argparse.Namespace, cfg: Config, derived: Derived, device: tor
     if args.profile:  # one more step, after the timed ones
         profiler = StepProfiler(device)
         profiler.start()
-        run_steps(1)
+        with torch.profiler.record_function("train_step_1"):  # as the trainer's profiled steps are named
+            run_steps(1)
         result["profile"] = profiler.stop(1, 1, 0, trace_dir(args, label) / "rank0_trace.json.gz").as_dict()
     result.update(kind="hf", label=label, compile_backend=compile_backend,
                   steps=args.steps, precision=f"fp32 weights + autocast {cfg.precision.dtype}"
@@ -397,6 +398,10 @@ def main() -> int:
     print_table(rows, f"{cfg.name}: {device_name}, {cfg.precision.dtype}, micro {derived.micro_batch_size_per_gpu} x "
                       f"grad_accum {derived.grad_accum_steps} x seq {cfg.train.seq_len} = {tokens_per_step:,} "
                       f"tokens/step, {flops / 1e9:.3g} GFLOP/token, peak {peak} TFLOP/s")
+    profiled = {row["label"]: ProfileSummary(**row["profile"]) for row in rows if row.get("profile")}
+    if profiled:
+        print(f"\nwhere the time goes ({'kernel' if ctx.device.type == 'cuda' else 'CPU op'} time by category):")
+        print(comparison_table(profiled))
     write_report(out, {**report, "rows": rows, "complete": True})
     print(f"wrote {out}")
     failed = [row["label"] for row in rows if "error" in row]

@@ -85,6 +85,29 @@ class ProfileSummary:
         return asdict(self)
 
 
+def comparison_table(summaries: dict[str, ProfileSummary]) -> str:
+    """Several loops' (or runs') profiles side by side, per optimizer step: wall time, GPU busy share and milliseconds
+    per category, so a gap between two loops reads off as the categories it sits in."""
+    labels = list(summaries)
+    steps = {label: s.last_step - s.first_step + 1 for label, s in summaries.items()}
+    categories = sorted({c for s in summaries.values() for c in s.category_s},
+                        key=lambda c: (-max(s.category_s.get(c, 0.0) / steps[label] for label, s in summaries.items()),
+                                       c))
+    width = max([24, *(len(label) + 2 for label in labels)])
+    lines = ["ms per step".ljust(24) + "".join(label.rjust(width) for label in labels)]
+
+    def row(name: str, values: list[str]) -> None:
+        lines.append(name.ljust(24) + "".join(value.rjust(width) for value in values))
+
+    row("wall", [f"{1e3 * s.wall_s / steps[label]:.1f}" for label, s in summaries.items()])
+    if any(s.busy_fraction is not None for s in summaries.values()):
+        row("GPU busy %", ["-" if s.busy_fraction is None else f"{100 * s.busy_fraction:.1f}"
+                           for s in summaries.values()])
+    for name in categories:
+        row(name, [f"{1e3 * s.category_s.get(name, 0.0) / steps[label]:.1f}" for label, s in summaries.items()])
+    return "\n".join(lines)
+
+
 def summarize(ops: list[TimedOp], wall_s: float, on_gpu: bool, first_step: int, last_step: int,
               rank: int) -> ProfileSummary:
     """The window's time by category and its largest kernels; on a GPU also how much of the window it was busy."""
@@ -116,7 +139,7 @@ def busy_s(ops: list[TimedOp]) -> float:
 
 
 def timed_ops(events: Any, on_gpu: bool) -> list[TimedOp]:
-    """torch.profiler's events → what the summary counts. GPU: kernels, copies and memsets as the GPU ran them, but not
+    """torch.profiler's events → what the summary counts. GPU: kernels, copies and memsets as the GPU ran them, not
     the GPU mirrors of record_function ranges (`gpu_user_annotation`: a step-long range would count the whole step as
     busy; torch's own key_averages table leaves them out too). CPU: each op's own time; a step range's own time is the
     host work between ops."""

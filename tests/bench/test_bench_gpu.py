@@ -52,6 +52,13 @@ def test_bench_gpu_runs_every_loop_on_cpu_and_writes_json(tmp_path: Path) -> Non
         assert rows[label]["profile"]["category_s"]["gemm"] > 0, label
         assert (out.parent / "bench_traces" / trace).is_file(), label
     assert done.stdout.count("  profile step") == 5
+    # ... and at the end the loops side by side, per step and category (HF's step range counts as host time too).
+    table = done.stdout.split("where the time goes (CPU op time by category):\n")[1].splitlines()
+    assert table[0].split()[3:] == ["trainer[no_ac]", "trainer[config_ac]", "hf_eager", "hf_compile",
+                                    "trainer[zero1_core]"]
+    assert any(line.startswith("gemm ") for line in table)
+    assert any(line.startswith("host (outside ops)") for line in table)
+    assert rows["hf_eager"]["profile"]["category_s"]["host (outside ops)"] > 0
     assert "hf_eager" in done.stdout and "wrote" in done.stdout and report["complete"] is True
     # Each loop's numbers are printed as soon as it ends (a run cut off by a time limit keeps them): 5 loops, the
     # final table, each under the column names.

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from trainer.config import ConfigError, load_config
-from trainer.profiling import TimedOp, busy_s, category, summarize, timed_ops
+from trainer.profiling import TimedOp, busy_s, category, comparison_table, summarize, timed_ops
 from trainer.testing import run_distributed
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,6 +65,19 @@ def test_busy_time_counts_overlapping_kernels_once() -> None:
     ops = [TimedOp("a", 0, 10), TimedOp("b", 5, 10), TimedOp("c", 6, 2), TimedOp("d", 20, 5), TimedOp("e", 30, 0)]
     assert busy_s(ops) == pytest.approx(20e-6)  # [0, 15) and [20, 25)
     assert busy_s([]) == 0.0
+
+
+def test_comparison_puts_loops_side_by_side_per_step() -> None:
+    """Two profiles over different window lengths compare per step; a category one loop lacks reads 0."""
+    ours = summarize([TimedOp("aten::mm", 0, 600), TimedOp("aten::mm", 1000, 600), TimedOp("aten::add_", 1600, 400)],
+                     wall_s=2e-3, on_gpu=True, first_step=3, last_step=4, rank=0)
+    theirs = summarize([TimedOp("triton_tem_fused_mm_0", 0, 500), TimedOp("triton_poi_fused_add_0", 500, 100)],
+                       wall_s=8e-4, on_gpu=True, first_step=1, last_step=1, rank=0)
+    lines = comparison_table({"trainer[no_ac]": ours, "hf_compile": theirs}).splitlines()
+    assert lines[0].split() == ["ms", "per", "step", "trainer[no_ac]", "hf_compile"]
+    assert lines[1].split() == ["wall", "1.0", "0.8"] and lines[2].split() == ["GPU", "busy", "%", "80.0", "75.0"]
+    assert [line.split() for line in lines[3:]] == [["gemm", "0.6", "0.5"], ["other", "0.2", "0.0"],
+                                                    ["fused", "(inductor)", "0.0", "0.1"]]
 
 
 def test_gpu_summary_counts_kernels_not_the_gpu_mirror_of_a_step_range() -> None:
