@@ -319,6 +319,10 @@ class Config(_Section):
     def checkpoint_dir(self) -> str:
         return self.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
 
+    @property
+    def profile_dir(self) -> str:
+        return self.profiling.dir or os.path.join(self.run_dir, "profile")
+
     def validate_for_world(self, world_size: int, device: str | None = None) -> Derived:
         """Check that this run plan fits `world_size` processes on `device` (default: launch.device).
 

@@ -399,7 +399,7 @@ def default_hooks(run: RunContext) -> list[Hook]:
         from trainer.profiling import ProfilerHook  # it builds on this module's Hook
 
         # Last: its window holds every other hook's share of the step (the metrics' grad-norm reduction included).
-        hooks.append(ProfilerHook(prof, run.ctx.rank, run.ctx.device, Path(prof.dir or run.run_dir / "profile")))
+        hooks.append(ProfilerHook(prof, run.ctx.rank, run.ctx.device, Path(run.cfg.profile_dir)))
     return hooks
 
 

@@ -2,7 +2,8 @@
 
 1. the run directory's owner lock (trainer.run_lock): a second job refuses before it writes anything there;
 2. a run already at train.max_steps has nothing to do: say so, and how to train longer, and exit 0;
-3. the datasets are there and every shard has its manifest size (trainer.data_check).
+3. the datasets are there and every shard has its manifest size (trainer.data_check);
+4. the profiler's directory can be written, when profiling.* is on (else the run would fail after its window).
 
 Rank 0 decides and broadcasts the verdict (one small collective), so every rank stops with the same message and
 the same exit code instead of some ranks waiting for a peer that already left.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -93,7 +95,7 @@ def check_before_build(cfg: Config, ctx: Any) -> int | None:
         step = _verified_finished_step(cfg, ctx)
     if step is not None:
         return step  # the data is not checked: a finished run may have moved it
-    verdict = broadcast_json(_data_verdict(cfg) if ctx.rank == 0 else {}, ctx)
+    verdict = broadcast_json(_data_verdict(cfg) or _profile_dir_verdict(cfg) if ctx.rank == 0 else {}, ctx)
     if verdict:
         raise PreflightError(verdict["error"], int(verdict["exit_code"]))
     return None
@@ -113,6 +115,23 @@ def _data_verdict(cfg: Config) -> dict[str, Any]:
         return {"error": check.message(), "exit_code": exit_codes.CONFIG_ERROR}
     if check.bad_shards:
         return {"error": check.message(), "exit_code": exit_codes.DATA_CORRUPT}
+    return {}
+
+
+def _profile_dir_verdict(cfg: Config) -> dict[str, Any]:
+    """Rank 0 creates the directory the profiled ranks write into (one filesystem every rank sees, like the run
+    directory)."""
+    if not cfg.profiling.enabled:
+        return {}
+    where = Path(cfg.profile_dir)
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as err:
+        return {"error": f"profiling directory {where} cannot be written ({type(err).__name__}: {err.strerror}): set "
+                         f"profiling.dir to a writable directory every profiled rank sees, or leave it unset for "
+                         f"<run_dir>/profile", "exit_code": exit_codes.CONFIG_ERROR}
     return {}
 
 

@@ -180,6 +180,17 @@ def test_a_missing_dataset_is_a_config_error_before_the_build_and_dry_run_warns(
     assert "warning: data.datasets names data that is not there" in dry.stderr
 
 
+def test_an_unwritable_profiling_dir_is_a_config_error_before_the_build(tmp_path: Path) -> None:
+    """Else the run would train up to its profiling window and die there, with nothing saved since the last
+    checkpoint. A file where a directory must be: unwritable for root too."""
+    (tmp_path / "a_file").write_text("")
+    out = pretrain("train", "--config", str(TINY), *BASE, f"logging.run_dir={tmp_path / 'run'}", "train.max_steps=4",
+                   "profiling.start_step=2", f"profiling.dir={tmp_path / 'a_file' / 'profile'}")
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert f"profiling directory {tmp_path / 'a_file' / 'profile'} cannot be written (NotADirectoryError" in out.stderr
+    assert "set profiling.dir to a writable directory" in out.stderr and BUILT not in out.stderr
+
+
 def test_a_checksum_failure_while_training_exits_74_and_is_in_the_rank_log(tmp_path: Path) -> None:
     data = _dataset(tmp_path / "data")
     shard = sorted(data.rglob("*.tar"))[1]
