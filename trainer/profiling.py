@@ -174,11 +174,16 @@ class StepProfiler:
         wall_s = time.perf_counter() - self._start_s
         summary = summarize(self._timed_ops(), wall_s, self.device.type == "cuda", first_step, last_step, rank)
         if trace is not None:
-            trace.parent.mkdir(parents=True, exist_ok=True)
-            self._profile.export_chrome_trace(str(trace))  # .gz: torch writes it compressed
-            summary.trace = str(trace)
-            trace.with_name(trace.name.replace("_trace.json.gz", "_summary.json")).write_text(
-                json.dumps(summary.as_dict(), indent=2) + "\n")
+            try:
+                trace.parent.mkdir(parents=True, exist_ok=True)
+                self._profile.export_chrome_trace(str(trace))  # .gz: torch writes it compressed
+                summary.trace = str(trace)
+                trace.with_name(trace.name.replace("_trace.json.gz", "_summary.json")).write_text(
+                    json.dumps(summary.as_dict(), indent=2) + "\n")
+            except OSError as err:  # a full disk must not end a training run over an observation
+                log.error("profile trace not written to %s (%s: %s): the run goes on; the summary line follows",
+                          trace.parent, type(err).__name__, err.strerror or err)
+                summary.trace = None
         return summary
 
     def _timed_ops(self) -> list[TimedOp]:

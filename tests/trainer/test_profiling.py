@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from trainer.config import ConfigError, load_config
-from trainer.profiling import TimedOp, busy_s, category, comparison_table, summarize, timed_ops
+from trainer.profiling import StepProfiler, TimedOp, busy_s, category, comparison_table, summarize, timed_ops
 from trainer.testing import run_distributed
 
 REPO = Path(__file__).resolve().parents[2]
@@ -118,6 +118,20 @@ def test_summary_splits_device_time_by_category_and_names_the_largest_kernels() 
                           "fused (inductor) 6.7 %")
     cpu = summarize(ops, wall_s=2e-3, on_gpu=False, first_step=5, last_step=5, rank=0)
     assert cpu.busy_fraction is None and cpu.line().startswith("profile step 5 rank 0: 0.002 s, CPU op time | ")
+
+
+def test_a_trace_that_cannot_be_written_is_logged_and_the_summary_still_returned(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The directory is checked before the build (preflight); a disk that fills up later must not end the run."""
+    import torch
+
+    (tmp_path / "a_file").write_text("")
+    profiler = StepProfiler(torch.device("cpu"))
+    profiler.start()
+    torch.randn(64, 64) @ torch.randn(64, 64)
+    summary = profiler.stop(1, 1, 0, tmp_path / "a_file" / "steps_1-1" / "rank0_trace.json.gz")
+    assert summary.trace is None and summary.category_s["gemm"] > 0
+    assert "profile trace not written to" in caplog.text and "the run goes on" in caplog.text
 
 
 def test_a_window_outside_the_run_or_the_world_is_refused_with_the_fix() -> None:
