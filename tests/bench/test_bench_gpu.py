@@ -41,6 +41,9 @@ def test_bench_gpu_runs_every_loop_on_cpu_and_writes_json(tmp_path: Path) -> Non
     estimates = [rows[label]["estimate_gib"] for label in ("trainer[no_ac]", "trainer[config_ac]", "trainer[zero1_core]")]
     assert all(e > 0 for e in estimates) and estimates[0] != estimates[2]  # tiny.yaml: no AC, ZeRO-0 (= no_ac)
     assert "estimate_gib" not in rows["hf_eager"] and "est/peak" in done.stdout
+    for label in ("trainer[no_ac]", "trainer[zero1_core]"):  # the split the GPU run measures against (CPU: no split)
+        assert sum(rows[label]["estimate_parts_gib"].values()) == pytest.approx(rows[label]["estimate_gib"])
+        assert rows[label]["after_step_gib"] is None and "  memory: after a step" not in done.stdout
     # ... and `pretrain plan`'s step time for it on an H200 (the default --plan-gpu): recompute costs time there.
     planned = {label: rows[label]["plan_s_per_step"] for label in ("trainer[no_ac]", "trainer[zero1_core]")}
     assert 0 < planned["trainer[no_ac]"] < planned["trainer[zero1_core]"] and "plan/meas" in done.stdout
@@ -89,3 +92,20 @@ def test_bench_gpu_fp8_stage_runs_on_cpu_and_a_failing_loop_costs_only_itself(tm
     assert (rows["trainer[no_ac]"]["fp8"], rows["trainer[no_ac]"]["fp8_linears"]) == ("off", 0)
     assert (rows["trainer[fp8]"]["fp8"], rows["trainer[fp8]"]["fp8_linears"]) == ("tensorwise", 14)
     assert rows["trainer[fp8]"]["tokens_per_s"] > 0 and rows["trainer[fp8]"]["model_freed_after_loop"]
+
+
+def test_memory_split_line_reads_a_gpu_row() -> None:
+    """The line a CUDA row gets (after_step_gib is measured only there); printed between loops, outside the guard that
+    turns a loop's exception into an error row, so it must not fail on the GPU."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "bench" / "bench_gpu.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    row = {"peak_memory_gib": 36.0, "after_step_gib": 16.5,
+           "estimate_parts_gib": {"weights": 2.5, "grads": 2.5, "optimizer": 15.0, "activations": 14.0, "buffers": 1.0}}
+    assert bench.memory_split_line(row) == ("  memory: after a step 16.50 GiB (estimate: weights + optimizer 17.50); "
+                                            "peak - that 19.50 GiB (estimate: grads + activations + buffers 17.50)")
+    assert bench.memory_split_line({**row, "after_step_gib": None}) is None  # CPU rows
+    assert bench.memory_split_line({"label": "hf_eager", "peak_memory_gib": 3.0}) is None
