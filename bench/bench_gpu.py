@@ -57,7 +57,8 @@ from trainer.data import SyntheticTokens  # noqa: E402
 from trainer.estimate import estimate_memory, flops_per_token  # noqa: E402
 from trainer.fit import fit  # noqa: E402
 from trainer.hooks import CompileWarmupHook, HookList, default_hooks, peak_tflops_per_gpu  # noqa: E402
-from trainer.profiling import ProfilerHook, ProfileSummary, StepProfiler, comparison_table  # noqa: E402
+from trainer.profile_summary import ProfileSummary, comparison_table  # noqa: E402
+from trainer.profiling import ProfilerHook, StepProfiler  # noqa: E402
 from trainer.train import build_run, release_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -60,6 +60,7 @@ class RunMetrics:
     resumes: list[Resume] = field(default_factory=list)  # one per restart, in order
     description: str = ""  # model, batch, lr from config.yaml: the legend says what the run was, not only its name
     label: str = ""  # legend / table name, unique among the runs of one report (set by load_runs)
+    profile_dir: Path | None = None  # where profiling.* writes its windows (trainer/profiling.py)
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,16 @@ def load_run(path: str | Path, warn: TextIO | None = None) -> RunMetrics:
         tokens_per_step=_tokens_per_step(train, config),
         resumes=resumes,
         description=_describe(config, train, len(resumes)),
+        profile_dir=_profile_dir(config, run_dir),
     )
+
+
+def _profile_dir(config: dict[str, Any], run_dir: Path) -> Path:
+    """profiling.dir of the run's config when set and still there, else <run_dir>/profile (the default, and where a
+    copied run directory keeps it)."""
+    profiling = config.get("profiling")
+    configured = profiling.get("dir") if isinstance(profiling, dict) else None
+    return Path(configured) if isinstance(configured, str) and Path(configured).is_dir() else run_dir / "profile"
 
 
 def resolve_run_dir(path: Path) -> Path:
@@ -701,10 +711,38 @@ def write_report(run_dirs: list[str | Path], output: str | Path | None = None, *
         raise ReportError(f"--x must be one of {', '.join(X_AXES)}, got {x_axis!r}")
     runs = load_runs(run_dirs, warn)
     print(format_summary_table([summarize(run) for run in runs]), file=out)
+    profiles = format_profile_table(runs, warn)
+    if profiles:
+        print(f"\n{profiles}", file=out)
     png = _output_path(output, runs[0].run_dir)
     plot_runs(runs, png, smooth_points=smooth_points, x_axis=x_axis)
     print(f"\nwrote {png}", file=out)
     return png
+
+
+def format_profile_table(runs: list[RunMetrics], warn: TextIO) -> str | None:
+    """The runs' newest profiled windows side by side, milliseconds per step by category (the table bench_gpu
+    --profile prints), or None when no run was profiled."""
+    from trainer.profile_summary import comparison_table, newest_summary
+
+    found = {}
+    for run in runs:
+        try:
+            summary = newest_summary(run.profile_dir) if run.profile_dir is not None else None
+        except (OSError, ValueError, TypeError) as err:  # a cut or hand-edited summary JSON: say so, report the rest
+            print(f"warning: {run.profile_dir}: profile summary unreadable ({err}); left out", file=warn)
+            continue
+        if summary is not None:
+            found[run.label] = summary
+    if not found:
+        return None
+    windows = "; ".join(f"{label}: steps {s.first_step}-{s.last_step}, rank {s.rank}, "
+                        f"{'kernel time' if s.device == 'cuda' else 'CPU op time'}" for label, s in found.items())
+    lines = [f"where the step time goes (profiling.*; {windows})", comparison_table(found)]
+    missing = [run.label for run in runs if run.label not in found]
+    if missing:
+        lines.append(f"not profiled: {', '.join(missing)} (profiling.start_step=N profiles steps N and N+1)")
+    return "\n".join(lines)
 
 
 def _output_path(output: str | Path | None, first_run_dir: Path) -> Path:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,8 @@ from typing import Any
 import pytest
 
 from trainer.config import ConfigError, load_config
-from trainer.profiling import StepProfiler, TimedOp, busy_s, category, comparison_table, summarize, timed_ops
+from trainer.profile_summary import TimedOp, busy_s, category, comparison_table, summarize
+from trainer.profiling import StepProfiler, timed_ops
 from trainer.testing import run_distributed
 
 REPO = Path(__file__).resolve().parents[2]
@@ -181,6 +183,14 @@ def test_profiled_window_traces_only_its_steps_on_its_ranks_and_changes_no_loss(
     line = "profile steps 2-3 rank 1: "
     assert line in (profiled / "logs" / "rank1.log").read_text()
     assert "trainer.profiling" not in (profiled / "logs" / "rank0.log").read_text()
+
+    # `pretrain report` puts the profiled window beside the run that has none.
+    from trainer.report import write_report
+
+    report = io.StringIO()
+    write_report([profiled, plain], tmp_path / "report.png", out=report, warn=io.StringIO())
+    assert "where the step time goes (profiling.*; tiny (profiled): steps 2-3, rank 1, CPU op time)" in report.getvalue()
+    assert "not profiled: tiny (plain)" in report.getvalue()
 
     # Resumed at step 4 with the same window: it already passed, and the run says so instead of skipping silently.
     run_distributed(_train, 1, [f"logging.run_dir={profiled}", "profiling.start_step=2", "train.max_steps=5"],

@@ -223,8 +223,51 @@ def test_metrics_file_path_is_accepted(tmp_path: Path) -> None:
     assert run.run_dir == run_dir and run.label == "r" and run.tokens_per_step == 1024
 
 
+def write_profile(run_dir: Path, window: str, rank: int, gemm_us: float, step_us: float) -> None:
+    """A summary JSON as trainer/profiling.py writes it (ProfileSummary.as_dict) for a window of two GPU steps."""
+    from trainer.profile_summary import TimedOp, summarize
+
+    first, last = (int(step) for step in window.split("-"))
+    ops = [TimedOp("nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_NTN", 0, gemm_us), TimedOp("triton_poi_fused_mul_0",
+                                                                                       gemm_us, 100)]
+    summary = summarize(ops, wall_s=2 * step_us / 1e6, on_gpu=True, first_step=first, last_step=last, rank=rank)
+    path = run_dir / "profile" / f"steps_{window}" / f"rank{rank}_summary.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary.as_dict()))
+
+
+def test_profiled_runs_are_compared_per_step_and_the_others_named(tmp_path: Path) -> None:
+    """The newest window of each run, its lowest rank; a run without profile says how to get one; an unreadable
+    summary is a warning, not a failed report."""
+    import os
+    import time
+
+    lines = [train_line(10, 1.0, 3.0, 1000.0, 0.1), train_line(20, 2.0, 2.5, 1000.0, 0.1)]
+    fast, slow, plain, broken = (write_run(tmp_path / name, lines, name) for name in ("fast", "slow", "plain", "broken"))
+    write_profile(fast, "3-4", 0, gemm_us=1000, step_us=5000)  # older window: not the one shown
+    os.utime(fast / "profile" / "steps_3-4" / "rank0_summary.json", (time.time() - 60, time.time() - 60))
+    write_profile(fast, "10-11", 1, gemm_us=1200, step_us=1000)
+    write_profile(fast, "10-11", 0, gemm_us=1600, step_us=1000)
+    write_profile(slow, "10-11", 0, gemm_us=1800, step_us=1500)
+    (broken / "profile" / "steps_2-3").mkdir(parents=True)
+    (broken / "profile" / "steps_2-3" / "rank0_summary.json").write_text('{"first_step": 2, "las')
+    out, warn = io.StringIO(), io.StringIO()
+    write_report([fast, slow, plain, broken], tmp_path / "r.png", out=out, warn=warn)
+    text = out.getvalue()
+    assert ("where the step time goes (profiling.*; fast: steps 10-11, rank 0, kernel time; "
+            "slow: steps 10-11, rank 0, kernel time)") in text
+    table = text.split("kernel time)\n")[1].splitlines()
+    assert table[1].split() == ["wall", "1.0", "1.5"] and table[3].split() == ["gemm", "0.8", "0.9"]
+    assert "not profiled: plain, broken (profiling.start_step=N profiles steps N and N+1)" in text
+    assert f"warning: {broken / 'profile'}: profile summary unreadable" in warn.getvalue()
+    plain_out = io.StringIO()
+    write_report([plain], tmp_path / "p.png", out=plain_out, warn=io.StringIO())
+    assert "where the step time goes" not in plain_out.getvalue()  # nothing profiled: no table at all
+
+
 def test_help_and_import_stay_light() -> None:
-    """Registering the command and importing trainer.report import neither matplotlib nor torch."""
+    """Registering the command and importing trainer.report (and the profile summaries it reads) import neither
+    matplotlib nor torch."""
     code = (
         "import sys\n"
         "from launch.cli import build_parser\n"
@@ -233,7 +276,7 @@ def test_help_and_import_stay_light() -> None:
         "    parser.parse_args(['report', '--help'])\n"
         "except SystemExit:\n"
         "    pass\n"
-        "import trainer.report\n"
+        "import trainer.report, trainer.profile_summary\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'matplotlib', 'torch'}))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT)
