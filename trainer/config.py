@@ -54,16 +54,18 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     vocab_size: PositiveInt  # the tokenizer's vocabulary; the embedding is padded beyond it (Derived.padded_vocab_size)
-    hidden_size: PositiveInt
+    hidden_size: PositiveInt  # model width (HF hidden_size)
     intermediate_size: PositiveInt  # SwiGLU inner width
-    num_layers: PositiveInt
-    num_heads: PositiveInt
+    num_layers: PositiveInt  # decoder layers
+    num_heads: PositiveInt  # query heads
     num_kv_heads: PositiveInt  # = num_heads for multi-head attention; fewer for grouped-query attention
     head_dim: PositiveInt | None = None  # None: hidden_size // num_heads
-    rope_theta: PositiveFloat = 10000.0
-    rms_norm_eps: PositiveFloat = 1e-5
-    tie_embeddings: bool = False
+    rope_theta: PositiveFloat = 10000.0  # RoPE base (Llama 2: 10000; Llama 3: 500000)
+    rms_norm_eps: PositiveFloat = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = False  # lm_head shares the input embedding's weight
     max_seq_len: PositiveInt = 2048  # context length recorded for export (HF max_position_embeddings)
+    # Normal(0, init_std) for every weight; o_proj and down_proj use init_std / sqrt(2 * num_layers) (GPT-2,
+    # Megatron); norms start at 1.
     init_std: PositiveFloat = 0.02
 
     def resolved_head_dim(self) -> int:
@@ -75,13 +77,15 @@ def _on_off_as_text(value: Any) -> Any:
 
 
 class ParallelConfig(_Section):
-    tp: PositiveInt = 1
-    pp: PositiveInt = 1
+    tp: PositiveInt = 1  # tensor-parallel ranks (megatron-core layers); divides the heads and intermediate_size
+    pp: PositiveInt = 1  # pipeline stages (DeepSpeed 1F1B); needs ZeRO 0 or 1
     # Decoder layers on each pipeline stage, first to last; None: model.num_layers / pp on every stage. For a pp that
     # does not divide num_layers: the first and last stages take fewer, as they also run the embedding and lm_head
     # (Llama 3 405B: 126 layers on 16 stages as [7, 8 × 14, 7]); `balanced_stage_layers` gives that split.
     pipeline_stage_layers: list[int] | None = None
     dp: PositiveInt | Literal["auto"] = "auto"  # auto: world_size // (tp * pp)
+    # With tp > 1: the activations outside the TP matmuls (norms, residual) split along the sequence over the TP
+    # ranks (Megatron's sequence parallelism: less activation memory, all-gather + reduce-scatter per block).
     sequence_parallel: bool = False
     # selective: recompute cheap elementwise ops (norms, rotary, SiLU*mul), keep matmul and attention outputs.
     # core_attention: Megatron's "selective": recompute only the attention core, keep everything else.
@@ -101,27 +105,29 @@ OffloadDevice = Literal["none", "cpu", "nvme"]
 
 
 class ZeroConfig(_Section):
-    stage: Annotated[int, Field(ge=0, le=3)] = 0
-    offload_optimizer: OffloadDevice = "none"
+    stage: Annotated[int, Field(ge=0, le=3)] = 0  # ZeRO: 1 shards optimizer state, 2 also gradients, 3 also weights
+    offload_optimizer: OffloadDevice = "none"  # optimizer state and its step on the host or on NVMe; ZeRO >= 1
     offload_param: OffloadDevice = "none"  # ZeRO-3 only
-    nvme_path: str | None = None
-    overlap_comm: bool = True
-    reduce_bucket_size_elements: PositiveInt = 500_000_000
-    allgather_bucket_size_elements: PositiveInt = 500_000_000
-    stage3_prefetch_bucket_size_elements: PositiveInt = 50_000_000
-    stage3_param_persistence_threshold_elements: NonNegativeInt = 100_000
+    nvme_path: str | None = None  # a node-local directory, for offload to nvme
+    overlap_comm: bool = True  # overlap gradient reduction with the backward pass (DeepSpeed overlap_comm)
+    # DeepSpeed's buckets, in elements: larger buckets mean fewer, larger collectives and more memory
+    # (the estimate counts them).
+    reduce_bucket_size_elements: PositiveInt = 500_000_000  # gradients per reduce(-scatter)
+    allgather_bucket_size_elements: PositiveInt = 500_000_000  # ZeRO 1-2: updated weights per all-gather
+    stage3_prefetch_bucket_size_elements: PositiveInt = 50_000_000  # ZeRO-3: weights gathered ahead of use
+    stage3_param_persistence_threshold_elements: NonNegativeInt = 100_000  # ZeRO-3: smaller tensors stay whole
 
 
 class PrecisionConfig(_Section):
-    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"  # compute dtype; master weights and optimizer state stay fp32
     # Accumulate gradients across micro-steps in fp32 (DeepSpeed data_types.grad_accum_dtype); needs ZeRO >= 1.
     fp32_grad_accumulation: bool = False
     # fp16 only. "dynamic" = DeepSpeed dynamic loss scaling; a number = static scale.
     loss_scale: PositiveFloat | Literal["dynamic"] = "dynamic"
-    initial_loss_scale_power: Annotated[int, Field(ge=0, le=40)] = 16
-    loss_scale_window_steps: PositiveInt = 1000
-    loss_scale_hysteresis: PositiveInt = 2
-    min_loss_scale: PositiveInt = 1
+    initial_loss_scale_power: Annotated[int, Field(ge=0, le=40)] = 16  # fp16 dynamic scaling starts at 2^this
+    loss_scale_window_steps: PositiveInt = 1000  # steps without overflow before the scale doubles
+    loss_scale_hysteresis: PositiveInt = 2  # overflows tolerated before the scale halves
+    min_loss_scale: PositiveInt = 1  # fp16: the dynamic scale stops halving here
     # FP8 matmuls in the decoder layers' linears (trainer/float8.py, torchao float8 training); everything else stays
     # in `dtype`. tensorwise: one dynamic scale per tensor (fastest); rowwise: one per row (closer to bf16);
     # rowwise_with_gw_hp: rowwise, with the weight gradient's matmul in high precision. Needs tp=1 and every linear
@@ -133,30 +139,31 @@ class PrecisionConfig(_Section):
 class NoDecayConfig(_Section):
     """Which parameter kinds are excluded from weight decay."""
 
-    norms: bool = True
-    biases: bool = True
-    embeddings: bool = False
+    norms: bool = True  # RMSNorm weights
+    biases: bool = True  # `*.bias` (the Llama layers have none)
+    embeddings: bool = False  # embed_tokens (with tie_embeddings also lm_head, the same tensor)
 
 
 class OptimConfig(_Section):
     lr: PositiveFloat = 3e-4  # peak learning rate, reached at the end of warmup
     min_lr_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1  # floor = lr * min_lr_ratio, reached at max_steps
-    warmup_steps: NonNegativeInt = 0
-    decay: Literal["cosine", "linear", "constant"] = "cosine"
-    weight_decay: Annotated[float, Field(ge=0.0)] = 0.1
+    warmup_steps: NonNegativeInt = 0  # linear warmup from 0 to lr
+    decay: Literal["cosine", "linear", "constant"] = "cosine"  # after warmup, lr → lr * min_lr_ratio at max_steps
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.1  # AdamW's decoupled decay, off for what no_decay_on names
+    # Adam's beta1, beta2
     betas: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(default=[0.9, 0.95], min_length=2, max_length=2)
-    eps: PositiveFloat = 1e-8
+    eps: PositiveFloat = 1e-8  # Adam's epsilon
     grad_clip: Annotated[float, Field(ge=0.0)] = 1.0  # max global grad norm; 0 turns clipping off
     no_decay_on: NoDecayConfig = Field(default_factory=NoDecayConfig)
 
 
 class TrainConfig(_Section):
-    seq_len: PositiveInt
+    seq_len: PositiveInt  # tokens per sample; a prepared dataset must have been prepared with this --seq-len
     micro_batch_size_per_gpu: PositiveInt  # samples per micro-step per DP rank
     global_batch_size: PositiveInt  # samples per optimizer step, over all DP ranks and micro-steps
     max_steps: PositiveInt  # optimizer steps
-    seed: NonNegativeInt = 1234
-    log_interval_steps: PositiveInt = 10
+    seed: NonNegativeInt = 1234  # weights' init and the data order (with the data's fingerprint)
+    log_interval_steps: PositiveInt = 10  # one console line and one metrics.jsonl record every this many steps
     eval_interval_steps: NonNegativeInt = 1000  # 0: no periodic eval
     # Global batches per eval: eval_steps × global_batch_size validation samples, the same set for any tp/pp/dp.
     eval_steps: NonNegativeInt = 20
@@ -174,10 +181,11 @@ class DatasetEntry(_Section):
 
 class DataConfig(_Section):
     synthetic: bool = False  # random tokens, no files: for debugging and benchmarks
-    datasets: list[DatasetEntry] = Field(default_factory=list)
-    train_split: str = "train"
-    eval_split: str = "val"
-    num_workers: NonNegativeInt = 2
+    datasets: list[DatasetEntry] = Field(default_factory=list)  # prepared datasets, mixed by weight
+    train_split: str = "train"  # the manifest split trained on
+    eval_split: str = "val"  # the manifest split validated on
+    num_workers: NonNegativeInt = 2  # loader processes per rank (decode and batch shards); 0: in the rank's process
+    # Remote shards' local cache; None: $PRETRAIN_CACHE_DIR/shards, else ~/.cache/pretrain/shards.
     cache_dir: str | None = None
 
 
@@ -193,7 +201,8 @@ class CheckpointConfig(_Section):
     resume: Annotated[str, Field(min_length=1)] = "auto"
     # Weights only, for a fresh run (no checkpoint to resume from; resume always wins): a *.safetensors full state
     # dict (`pretrain convert from-hf` output, save_full_state_dict), one of our checkpoint dirs (or a directory of
-    # them: its newest intact one), or an HF Llama directory. Any tp/pp/dp/zero layout (trainer/checkpoint/init_from.py).
+    # them: its newest intact one), or an HF Llama directory. Any tp/pp/dp/zero layout
+    # (trainer/checkpoint/init_from.py).
     init_from: str | None = None
     async_save: bool = False  # copy the state to CPU memory, write it in a background thread
     save_at_end: bool = True  # also save after the last step (unless that step was just saved)
@@ -217,7 +226,7 @@ class FaultsConfig(_Section):
     # Loss-spike skip: a step whose loss is more than this many standard deviations above the mean of the last
     # `loss_spike_window_steps` applied steps is skipped like a NaN step (0: off).
     loss_spike_zscore: Annotated[float, Field(ge=0.0)] = 0.0
-    loss_spike_window_steps: Annotated[int, Field(ge=2)] = 100
+    loss_spike_window_steps: Annotated[int, Field(ge=2)] = 100  # applied steps the spike's mean and deviation cover
     # Watchdog: no finished step (or checkpoint progress) for this long → every rank dumps its Python stacks to its
     # log and exits with the `hang` exit code (0: off). Keep it above the slowest step + save.
     hang_timeout_s: Annotated[float, Field(ge=0.0)] = 1800.0
@@ -227,8 +236,8 @@ class FaultsConfig(_Section):
 
 class LoggingConfig(_Section):
     run_dir: str | None = None  # None: runs/<name>
-    tensorboard: bool = True
-    jsonl: bool = True
+    tensorboard: bool = True  # <run_dir>/tb/
+    jsonl: bool = True  # <run_dir>/metrics.jsonl (what `pretrain report` reads)
     gpu_peak_tflops: PositiveFloat | None = None  # dense bf16 peak for MFU; None: looked up from the device name
 
 
@@ -238,7 +247,7 @@ class ProfilingConfig(_Section):
 
     # First profiled optimizer step, 1-based as in the logs; 0: off. Start after the compile warm-up (steps 1-2).
     start_step: NonNegativeInt = 0
-    num_steps: PositiveInt = 2
+    num_steps: PositiveInt = 2  # consecutive optimizer steps in the window
     ranks: list[NonNegativeInt] = Field(default_factory=lambda: [0])  # global ranks that profile
     record_shapes: bool = False  # input shapes per op: a larger trace
     with_stack: bool = False  # Python stack per op: a much larger trace and a slower window
@@ -262,16 +271,16 @@ def _minutes_as_text(value: Any) -> Any:
 
 
 class LaunchConfig(_Section):
-    nodes: PositiveInt = 1
+    nodes: PositiveInt = 1  # Slurm nodes (sbatch --nodes)
     gpus_per_node: PositiveInt = 8  # on CPU: processes per node
-    device: Literal["cuda", "cpu"] = "cuda"
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
+    device: Literal["cuda", "cpu"] = "cuda"  # cuda: NCCL, one GPU per rank; cpu: gloo (debugging, tests)
+    partition: str | None = None  # sbatch --partition
+    account: str | None = None  # sbatch --account
+    qos: str | None = None  # sbatch --qos
     # Slurm --time, e.g. "2-00:00:00"; a bare number is minutes (YAML reads `30` as an int: it is kept as "30").
     time_limit: Annotated[str | None, BeforeValidator(_minutes_as_text)] = None
-    constraint: str | None = None
-    exclusive: bool = True
+    constraint: str | None = None  # sbatch --constraint (node features)
+    exclusive: bool = True  # sbatch --exclusive: whole nodes
     extra_sbatch: list[str] = Field(default_factory=list)  # whole lines: "#SBATCH --mail-type=END"
     env_setup: list[str] = Field(default_factory=list)  # shell lines run before the launcher (module load, source venv)
     container: str | None = None  # container image for srun --container-image (pyxis/enroot)
@@ -282,7 +291,7 @@ class LaunchConfig(_Section):
     # Preemption / time limit: Slurm sends SIGUSR1 this many seconds before the limit; the trainer checkpoints and
     # exits with the requeue exit code, and the batch script requeues the job (resume: auto picks up the checkpoint).
     signal_lead_s: PositiveInt = 180
-    requeue: bool = True
+    requeue: bool = True  # requeue after a checkpoint on signal (exit 75) and after a hang, up to max_hang_requeues
     chain_jobs: NonNegativeInt = 0  # follow-up jobs submitted with --dependency=afterany on the previous one
     # A hung rank (exit 76) ends the whole job step; the batch script then requeues the job at most this many times
     # (per job id), then leaves it failed for a person (docs/operations.md).
@@ -290,6 +299,7 @@ class LaunchConfig(_Section):
 
 
 class Config(_Section):
+    # The run's name: logging.run_dir defaults to runs/<name>.
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "run"
     model: ModelConfig
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)

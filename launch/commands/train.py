@@ -28,6 +28,7 @@ use by another job); 74 a data shard missing, truncated or corrupt; 75 stopped o
 (requeue); 76 hang (watchdog); 77 diverged (NaN/inf after rollbacks). See docs/operations.md.
 World size for --dry-run: --world-size, else $WORLD_SIZE, else launch.nodes × launch.gpus_per_node.
 Overrides are dotted keys with YAML values (optim.betas=[0.9,0.95], data.datasets.0.weight=2); put them together.
+Every key with its type, default and meaning: docs/config.md.
 """
 
 
