@@ -129,7 +129,8 @@ def stdlib_documents() -> list[str]:
 
 def write_corpus(path: Path, docs: list[str], target_bytes: int, files: int = 4, input_format: str = "jsonl") -> int:
     """Cycle through `docs` into `files` JSON Lines files until `target_bytes` of text; returns the text bytes.
-    `input_format` jsonl.zst / parquet converts each file afterwards (parquet: row groups of 1000 documents)."""
+    `input_format` jsonl.zst / parquet / arrow converts each file afterwards (row groups or batches of 1000
+    documents)."""
     path.mkdir(parents=True, exist_ok=True)
     total_bytes, index = 0, 0
     with contextlib.ExitStack() as stack:
@@ -156,7 +157,12 @@ def _convert(part: Path, input_format: str) -> None:
         import pyarrow.parquet as pq
 
         texts = [json.loads(line)["text"] for line in part.read_text(encoding="utf-8").splitlines()]
-        pq.write_table(pa.table({"text": texts}), part.with_suffix(".parquet"), row_group_size=1000)
+        table = pa.table({"text": texts})
+        if input_format == "parquet":
+            pq.write_table(table, part.with_suffix(".parquet"), row_group_size=1000)
+        else:  # arrow: the IPC stream format in 1000-row batches, as HF datasets' save_to_disk writes it
+            with pa.ipc.new_stream(str(part.with_suffix(".arrow")), table.schema) as writer:
+                writer.write_table(table, max_chunksize=1000)
     part.unlink()
 
 
@@ -373,7 +379,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus-mb", type=float, default=40, help="text for the throughput runs (MB)")
     parser.add_argument("--model-types", nargs="+", default=["bpe", "unigram"], choices=["bpe", "unigram"])
-    parser.add_argument("--input-format", default="jsonl", choices=["jsonl", "jsonl.zst", "parquet"],
+    parser.add_argument("--input-format", default="jsonl", choices=["jsonl", "jsonl.zst", "parquet", "arrow"],
                         help="corpus files: jsonl (workers read byte ranges), jsonl.zst (the main process "
                              "decompresses), parquet (workers read row groups)")
     parser.add_argument("--vocab-size", type=int, default=8000)

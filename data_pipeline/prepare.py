@@ -72,8 +72,10 @@ from data_pipeline.sources import (
     LineNumberer,
     RecordBlock,
     SourceFile,
+    arrow_batches,
     expand_inputs,
     file_format,
+    open_arrow,
     parse_block,
     read_blocks,
 )
@@ -253,26 +255,21 @@ def _input_files(config: PrepareConfig) -> tuple[list[SourceFile], list[SourceFi
 
 def _files_with_text_column(files: list[SourceFile], config: PrepareConfig,
                             report: BadInputReport) -> list[SourceFile]:
-    """`files` without the parquet files that lack the text_key column (reads each footer only). Such a file stops
-    prepare with its name, its columns and the --text-key fix, unless skip_files_without_text_key: then it is
-    reported as one missing_text_column entry that names its row count."""
-    import pyarrow.parquet as pq
-
+    """`files` without the parquet and arrow files that lack the text_key column (reads each footer or schema only).
+    Such a file stops prepare with its name, its columns and the --text-key fix, unless
+    skip_files_without_text_key: then it is reported as one missing_text_column entry that names its row count."""
     lacking: list[tuple[SourceFile, list[str], int]] = []
     for src in files:
-        if file_format(src.path)[0] != "parquet":
-            continue
         try:
-            metadata = pq.read_metadata(src.path)
-        except Exception:  # noqa: BLE001 - a corrupt file is reported (corrupt_parquet) when it is read
+            names_and_rows = _columns_and_rows(src)
+        except Exception:  # noqa: BLE001 - a corrupt file is reported (corrupt_parquet/arrow) when it is read
             continue
-        names = metadata.schema.to_arrow_schema().names
-        if config.text_key not in names:
-            lacking.append((src, names, metadata.num_rows))
+        if names_and_rows is not None and config.text_key not in names_and_rows[0]:
+            lacking.append((src, *names_and_rows))
     if lacking and not config.skip_files_without_text_key:
         listed = "\n".join(f"  - {src.name}: columns {', '.join(names[:12]) or '(none)'}" for src, names, _ in lacking)
         raise DataPipelineError(
-            f"{len(lacking)} parquet file(s) have no column {config.text_key!r} (--text-key):\n{listed}\n"
+            f"{len(lacking)} parquet/arrow file(s) have no column {config.text_key!r} (--text-key):\n{listed}\n"
             f"pass --text-key <column> naming the column that holds the text, remove these files from --input, or "
             f"pass --skip-files-without-text-key to skip them (they are then counted in {REPORT_FILENAME})")
     for src, names, rows in lacking:
@@ -280,6 +277,24 @@ def _files_with_text_column(files: list[SourceFile], config: PrepareConfig,
                                                        f"(columns: {', '.join(names[:8])})")
     skipped = {id(src) for src, _, _ in lacking}
     return [src for src in files if id(src) not in skipped]
+
+
+def _columns_and_rows(src: SourceFile) -> tuple[list[str], int] | None:
+    """A columnar file's column names and row count (parquet: its footer; arrow: its schema and batches); None for
+    the other formats."""
+    kind = file_format(src.path)[0]
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        metadata = pq.read_metadata(src.path)
+        return metadata.schema.to_arrow_schema().names, metadata.num_rows
+    if kind == "arrow":
+        import pyarrow as pa
+
+        with pa.OSFile(str(src.path)) as source:
+            reader = open_arrow(source)
+            return reader.schema.names, sum(batch.num_rows for batch in arrow_batches(reader))
+    return None
 
 
 def _prepare_output_dir(out_dir: Path, overwrite: bool) -> None:

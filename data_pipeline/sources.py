@@ -3,11 +3,14 @@
 Formats (chosen by file suffix):
   .jsonl / .json / .ndjson (optionally .gz / .zst / .zstd)  one JSON object per line, text under `text_key`
   .parquet                                                   one document per row of the `text_key` column
+  .arrow / .feather                                          the same, from Arrow IPC files or streams (what HF
+                                                             `datasets` writes with `save_to_disk`)
   anything else (.txt, and whatever `--include` matches)     one document per file (optionally .gz / .zst)
 
 Bad input never crashes a run and is never dropped silently: each problem becomes one row
 (file, line, reason, detail) in the report, counted by reason; `strict=True` raises `BadInputError` on the
-first one instead. Line numbers are 1-based; line 0 means "the whole file". For parquet, "line" is the row.
+first one instead. Line numbers are 1-based; line 0 means "the whole file". For parquet and arrow, "line" is the
+row.
 
 Reading happens in two steps, so that one process can cut the work for many that parse: `read_blocks` does the
 file-level checks and yields `RecordBlock`s of raw records (no per-record work), and `parse_block` parses and
@@ -42,6 +45,7 @@ from data_pipeline.errors import BadInputError, DataPipelineError
 
 DEFAULT_INCLUDE_GLOBS: tuple[str, ...] = ("*.txt",)
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+ARROW_SUFFIXES = (".arrow", ".feather")
 COMPRESSION_SUFFIXES = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 PARQUET_BATCH_ROWS = 256
 # Largest row group (uncompressed, all columns) a prepare worker reads whole; see _row_groups_fit_a_worker.
@@ -63,17 +67,18 @@ REASON_HINTS: dict[str, str] = {
     "malformed_json": "each line of a JSON Lines file must be one complete JSON object; fix or delete the line",
     "not_an_object": "each line must be a JSON object like {\"text\": \"...\"}, not an array, string or number",
     "missing_text_key": "add the text field to the record, or pass --text-key with the name your data uses",
-    "text_not_string": "the text field must be a JSON string (or a parquet string column without nulls)",
+    "text_not_string": "the text field must be a JSON string (or a parquet/arrow string column without nulls)",
     "invalid_utf8": "re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)",
     "lone_surrogate": "the JSON has an unpaired \\ud800-\\udfff escape; fix the producer to emit valid UTF-16 pairs",
     "empty_document": "the text is empty or whitespace only; drop such records upstream to silence this",
     "empty_file": "the file has no records; remove it from the inputs",
-    "missing_text_column": "pass --text-key with the name of the parquet column that holds the text",
+    "missing_text_column": "pass --text-key with the name of the parquet/arrow column that holds the text",
     "truncated_gzip": "the .gz ends early (interrupted copy?); the lines before the cut were kept; re-create it",
     "corrupt_gzip": "the .gz failed its integrity check; its lines read so far may be garbled: re-create the file",
     "truncated_zstd": "the .zst ends inside a frame (interrupted copy?); lines before the cut were kept; re-create it",
     "corrupt_zstd": "the .zst cannot be decompressed; re-create the file",
     "corrupt_parquet": "the parquet file cannot be read; re-create it (the rows that could be read were kept)",
+    "corrupt_arrow": "the arrow file cannot be read; re-create it (the rows that could be read were kept)",
     "unreadable_file": "check that the file exists and that you have permission to read it",
 }
 
@@ -273,7 +278,7 @@ def _as_source_files(
 
 
 def file_format(path: Path) -> tuple[str, str | None]:
-    """("jsonl" | "parquet" | "text", compression or None), from the suffixes."""
+    """("jsonl" | "parquet" | "arrow" | "text", compression or None), from the suffixes."""
     suffixes = [s.lower() for s in path.suffixes]
     compression = COMPRESSION_SUFFIXES.get(suffixes[-1]) if suffixes else None
     inner = suffixes[:-1] if compression else suffixes
@@ -281,6 +286,8 @@ def file_format(path: Path) -> tuple[str, str | None]:
         return "jsonl", compression
     if not compression and inner and inner[-1] == ".parquet":
         return "parquet", None
+    if not compression and inner and inner[-1] in ARROW_SUFFIXES:
+        return "arrow", None
     return "text", compression
 
 
@@ -296,10 +303,10 @@ class RecordBlock:
 
     source: str  # SourceFile.name
     kind: str  # "jsonl": whole lines, each with its b"\n" (the file's last may lack it); "text": one whole file;
-    #            "parquet": rows of the text column
+    #            "parquet" / "arrow": rows of the text column
     first_line: int  # line (row) number of the block's first record; 0 for a "jsonl" FileRange (not counted)
     num_records: int  # lines (blank ones included) / 1 / rows; 0 for a "jsonl" FileRange (not counted)
-    data: Any  # bytes for "jsonl" and "text"; a pyarrow LargeBinaryArray for "parquet"; or, still to be read by
+    data: Any  # bytes for "jsonl" and "text"; a pyarrow LargeBinaryArray for "parquet"/"arrow"; or, to be read by
     #            parse_block: a FileRange, ParquetRowGroup or CompressedFile (read_blocks with byte_ranges)
 
     @property
@@ -353,7 +360,8 @@ def read_blocks(
     uncompressed JSON Lines and text files as `FileRange`s of about `max_bytes` (text: the whole file; bad records
     in JSON Lines ranges carry byte offsets for a `LineNumberer` instead of line numbers), parquet files as
     `ParquetRowGroup`s while no group exceeds PARQUET_WORKER_MAX_GROUP_BYTES, .gz/.zst files up to
-    WORKER_MAX_COMPRESSED_BYTES whole (`CompressedFile`). Only the rest is read here."""
+    WORKER_MAX_COMPRESSED_BYTES whole (`CompressedFile`). Only the rest is read here, arrow files too (batch by
+    batch: docs/data_pipeline.md has what that costs)."""
     for src in files:
         yield from _file_blocks(src, text_key, max_records, max_bytes, byte_ranges)
 
@@ -369,12 +377,14 @@ def _file_blocks(src: SourceFile, text_key: str, max_records: int, max_bytes: in
         yield BadRecord(src.name, 0, "empty_file", "file is 0 bytes")
         return
     kind, compression = file_format(src.path)
-    if byte_ranges and compression is None and kind != "parquet":
+    if byte_ranges and compression is None and kind not in ("parquet", "arrow"):
         yield from _range_blocks(src, kind, size_bytes, max_bytes)
     elif byte_ranges and compression is not None and size_bytes <= WORKER_MAX_COMPRESSED_BYTES:
         yield RecordBlock(src.name, kind, 1, 0, CompressedFile(str(src.path), size_bytes))
     elif kind == "parquet":
         yield from _parquet_blocks(src, text_key, max_records, byte_ranges)
+    elif kind == "arrow":
+        yield from _arrow_blocks(src, text_key, max_records, max_bytes)
     elif kind == "jsonl":
         yield from _jsonl_blocks(src, compression, max_records, max_bytes)
     else:
@@ -573,7 +583,7 @@ def _parquet_blocks(src: SourceFile, text_key: str, max_records: int,
     try:
         # Memory follows row-group size and read-ahead, not batch size: no pre-buffering, no threads.
         with pq.ParquetFile(src.path, pre_buffer=False, buffer_size=READ_CHUNK_BYTES) as pfile:
-            problem = _parquet_column_problem(src, pfile.schema_arrow, text_key)
+            problem = _text_column_problem(src, pfile.schema_arrow, text_key)
             if problem is not None:
                 yield problem
                 return
@@ -622,7 +632,7 @@ def _row_group_blocks(src: SourceFile, metadata: Any) -> Iterator[RecordBlock]:
         row += group.num_rows
 
 
-def _parquet_column_problem(src: SourceFile, schema: object, text_key: str) -> BadRecord | None:
+def _text_column_problem(src: SourceFile, schema: object, text_key: str) -> BadRecord | None:
     import pyarrow as pa
 
     names = schema.names  # type: ignore[attr-defined]
@@ -633,6 +643,72 @@ def _parquet_column_problem(src: SourceFile, schema: object, text_key: str) -> B
     if not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type) or _is_string_view(col_type)):
         return BadRecord(src.name, 0, "text_not_string", f"column {text_key!r} has type {col_type}, not string")
     return None
+
+
+def _arrow_blocks(src: SourceFile, text_key: str, max_records: int,
+                  max_bytes: int) -> Iterator[RecordBlock | BadRecord]:
+    """An Arrow IPC file or stream, its record batches cut into blocks of at most `max_records` rows and about
+    `max_bytes` bytes of text. Read batch by batch, not memory-mapped: a mapping's pages would count in this
+    process' RSS, growing with the file. A stream cut short keeps the batches before the cut."""
+    import pyarrow as pa
+
+    row = 0
+    try:
+        with pa.OSFile(str(src.path)) as source:
+            reader = open_arrow(source)
+            problem = _text_column_problem(src, reader.schema, text_key)
+            if problem is not None:
+                yield problem
+                return
+            column = reader.schema.get_field_index(text_key)
+            for batch in arrow_batches(reader):
+                values = batch.column(column).cast(pa.large_binary())
+                for block in _row_slices(src, values, row, max_records, max_bytes):
+                    yield block
+                    row += block.num_records
+    except (pa.ArrowException, OSError) as err:
+        yield BadRecord(src.name, row + 1 if row else 0, "corrupt_arrow", f"{type(err).__name__}: {err}")
+        return
+    if row == 0:
+        yield BadRecord(src.name, 0, "empty_file", "arrow file has no rows")
+
+
+def open_arrow(source: Any) -> Any:
+    """A reader of either Arrow IPC format: the file format (random access, `ARROW1` magic) or the stream format
+    (HF `datasets`' .arrow files)."""
+    import pyarrow as pa
+
+    try:
+        return pa.ipc.open_file(source)
+    except pa.ArrowInvalid:
+        source.seek(0)
+        return pa.ipc.open_stream(source)
+
+
+def arrow_batches(reader: Any) -> Iterator[Any]:
+    if hasattr(reader, "get_batch"):  # file format
+        return (reader.get_batch(i) for i in range(reader.num_record_batches))
+    return iter(reader)
+
+
+def _row_slices(src: SourceFile, values: Any, first_row: int, max_records: int,
+                max_bytes: int) -> Iterator[RecordBlock]:
+    """Blocks of consecutive rows, each copied into its own buffers: a slice pickles (to the process that parses it)
+    with the whole batch's buffers behind it (pyarrow 26: 10 rows of a 10 MB batch pickle to 10 MB)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    lengths = pc.fill_null(pc.binary_length(values), 0).to_numpy()
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    start = 0
+    while start < len(values):
+        end = min(len(values), start + max_records)
+        while end - start > 1 and offsets[end] - offsets[start] > max_bytes:  # one large record stays a block
+            end = start + max(1, (end - start) // 2)
+        chunk = pa.concat_arrays([values.slice(start, end - start)])
+        yield RecordBlock(src.name, "arrow", first_row + start + 1, end - start, chunk)
+        start = end
 
 
 def _is_string_view(col_type: object) -> bool:
@@ -654,7 +730,7 @@ def parse_block(block: RecordBlock, text_key: str) -> Iterator[Document | BadRec
         return _parse_compressed_file(block, block.data, text_key)
     if block.kind == "jsonl":
         return _parse_jsonl(block, text_key)
-    if block.kind == "parquet":
+    if block.kind in ("parquet", "arrow"):
         return _parse_parquet(block, text_key)
     return _parse_text(block)
 

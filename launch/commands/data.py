@@ -137,8 +137,8 @@ def _register_prepare(subparsers: Any) -> None:
                              "time, removed at the end (default: $TMPDIR or /tmp; use node-local disk on clusters)")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the validation hash (default: %(default)s)")
     parser.add_argument("--skip-files-without-text-key", action="store_true",
-                        help="skip parquet files that have no --text-key column (counted in the report with their "
-                             "rows) instead of stopping before any work")
+                        help="skip parquet/arrow files that have no --text-key column (counted in the report with "
+                             "their rows) instead of stopping before any work")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (it only shows on a terminal)")
     parser.set_defaults(func=_run_prepare)
@@ -170,12 +170,13 @@ def _raise_system_exit(signum: int, frame: object) -> None:
 
 def _add_input_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", action="extend", nargs="+", required=True, metavar="PATH",
-                        help="files or directories (several after one flag, or the flag repeated): .jsonl/.json[.gz|.zst], .parquet, or text files "
-                             "(one document per file); directories are searched recursively for --include")
+                        help="files or directories (several after one flag, or the flag repeated): .jsonl/.json[.gz|.zst], "
+                             ".parquet, .arrow/.feather (HF datasets' save_to_disk files: --include '*.arrow'), or "
+                             "text files (one document per file); directories are searched recursively for --include")
     parser.add_argument("--include", action="extend", nargs="+", default=None, metavar="GLOB",
                         help="file-name patterns for directories (several, or repeated; default: '*.txt'), e.g. "
                              "--include '*.jsonl.zst' --include '*.py'")
     parser.add_argument("--text-key", default="text",
-                        help="JSON key / parquet column holding the text (default: %(default)s)")
+                        help="JSON key / parquet or arrow column holding the text (default: %(default)s)")
     parser.add_argument("--strict", action="store_true",
                         help="stop at the first bad record instead of skipping and counting it")

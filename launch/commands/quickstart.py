@@ -16,7 +16,7 @@ examples:
       runs/quickstart/hf, samples from it through transformers, draws report.png. Time: ~1.5 min on 2 idle cores,
       nearly all of it the 300 training steps, so it grows with whatever else keeps the cores busy
   pretrain quickstart --input my_corpus.jsonl
-      the same on your own text (.jsonl[.gz|.zst] with a "text" field, .parquet, or a folder of .txt files), in
+      the same on your own text (.jsonl[.gz|.zst] with a "text" field, .parquet, .arrow, or a folder of .txt files), in
       runs/quickstart-my_corpus; any input with one training batch of samples (16 x 129 tokens) trains
   pretrain quickstart train.max_steps=60 --corpus-mb 2
       a shorter smoke run; any dotted override of configs/quickstart.yaml applies

@@ -163,6 +163,39 @@ def test_counts_stream_eos_and_webdataset_readback(corpus: Corpus, tokenizer_dir
     assert str(tmp_path) not in (tmp_path / "out/manifest.json").read_text()  # no host paths
 
 
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_arrow_files_as_hf_datasets_writes_them_prepare_like_the_same_jsonl(tokenizer_dir: Path, tokenizer: Tokenizer,
+                                                                           tmp_path: Path, num_proc: int) -> None:
+    """A `datasets.save_to_disk` directory holds .arrow files in the IPC stream format (1000-row batches, the text
+    beside other columns): prepared with --include '*.arrow', the token stream is that of the same documents as
+    JSON Lines, and the rows are the report's lines."""
+    docs = _documents(60, seed=7)
+    hf_dir = tmp_path / "hf_dataset"
+    hf_dir.mkdir()
+    (hf_dir / "state.json").write_text("{}")  # what else save_to_disk writes: not an input
+    for index, part in enumerate((docs[:35], [*docs[35:], None])):
+        table = pa.table({"id": list(range(len(part))), "text": pa.array(part, type=pa.string())})
+        with pa.ipc.new_stream(str(hf_dir / f"data-{index:05d}-of-00002.arrow"), table.schema) as writer:
+            for batch in table.to_batches(max_chunksize=8):
+                writer.write_batch(batch)
+    (tmp_path / "same.jsonl").write_bytes(_jsonl(docs))
+    settings = {"seq_len": SEQ_LEN, "samples_per_shard": SAMPLES_PER_SHARD, "num_proc": num_proc, "progress": False}
+    result = prepare(PrepareConfig(inputs=(str(hf_dir),), include_globs=("*.arrow",), tokenizer=str(tokenizer_dir),
+                                   output_dir=str(tmp_path / "from_arrow"), **settings))  # type: ignore[arg-type]
+    prepare(PrepareConfig(inputs=(str(tmp_path / "same.jsonl"),), tokenizer=str(tokenizer_dir),
+                          output_dir=str(tmp_path / "from_jsonl"), **settings))  # type: ignore[arg-type]
+    arrow, jsonl = (Manifest.load(tmp_path / name) for name in ("from_arrow", "from_jsonl"))
+    _, arrow_samples = _read_webdataset(tmp_path / "from_arrow", "train", arrow)
+    _, jsonl_samples = _read_webdataset(tmp_path / "from_jsonl", "train", jsonl)
+    stream = _stream(tokenizer, docs)
+    assert len(arrow_samples) == len(stream) // (SEQ_LEN + 1) > 0
+    assert np.array_equal(arrow_samples, jsonl_samples)
+    assert [(s["path"], s["num_documents"], s["num_skipped"]) for s in arrow.sources] == [
+        ("hf_dataset/data-00000-of-00002.arrow", 35, 0), ("hf_dataset/data-00001-of-00002.arrow", 25, 1)]
+    rows = [tuple(line.split("\t")[:3]) for line in result.report_path.read_text().splitlines()[1:]]
+    assert rows == [("hf_dataset/data-00001-of-00002.arrow", "26", "text_not_string")]
+
+
 def test_reruns_and_num_proc_give_byte_identical_files(corpus: Corpus, tokenizer_dir: Path, tmp_path: Path) -> None:
     _run(corpus, tokenizer_dir, tmp_path / "one")
     first = _tree_bytes(tmp_path / "one")

@@ -1,5 +1,5 @@
-"""A parquet file without the --text-key column stops `prepare` before any work (issue 14.5): the message names the
-file, the columns it has and the fix; --skip-files-without-text-key skips it and counts it with its rows."""
+"""A parquet or arrow file without the --text-key column stops `prepare` before any work (issue 14.5): the message
+names the file, the columns it has and the fix; --skip-files-without-text-key skips it and counts it with its rows."""
 
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                          vocab_size=300, input_sentence_size=0, num_threads=1))
     pq.write_table(pa.table({"text": _docs(300, 2)}), root / "good.parquet")
     pq.write_table(pa.table({"body": _docs(7, 3), "url": ["u"] * 7}), root / "body.parquet")
+    body = pa.table({"body": _docs(5, 4), "url": ["u"] * 5})
+    with pa.ipc.new_stream(str(root / "body.arrow"), body.schema) as writer:  # as HF datasets writes .arrow
+        writer.write_table(body, max_chunksize=2)
     return root
 
 
@@ -38,14 +41,15 @@ def _prepare(root: Path, out: str, *files: str, extra: tuple[str, ...] = ()) -> 
     return subprocess.run([sys.executable, "-m", "launch", *args], capture_output=True, text=True, cwd=REPO)
 
 
-@pytest.mark.parametrize("files", [("body.parquet",), ("good.parquet", "body.parquet")], ids=["alone", "with-good"])
-def test_a_parquet_file_without_the_text_column_stops_prepare_before_any_work(inputs: Path, files: tuple) -> None:
-    out = _prepare(inputs, f"out-{len(files)}", *files)
+@pytest.mark.parametrize("files", [("body.parquet",), ("good.parquet", "body.parquet"), ("good.parquet", "body.arrow")],
+                         ids=["alone", "with-good", "arrow"])
+def test_a_file_without_the_text_column_stops_prepare_before_any_work(inputs: Path, files: tuple) -> None:
+    out = _prepare(inputs, f"out-{'-'.join(files)}", *files)
     assert out.returncode == 2, out.stderr
-    assert "1 parquet file(s) have no column 'text' (--text-key)" in out.stderr
-    assert "body.parquet: columns body, url" in out.stderr and "pass --text-key <column>" in out.stderr
+    assert "1 parquet/arrow file(s) have no column 'text' (--text-key)" in out.stderr
+    assert f"{files[-1]}: columns body, url" in out.stderr and "pass --text-key <column>" in out.stderr
     assert "--skip-files-without-text-key" in out.stderr and "Traceback" not in out.stderr
-    assert not (inputs / f"out-{len(files)}").exists()  # stopped before the output directory was made
+    assert not (inputs / f"out-{'-'.join(files)}").exists()  # stopped before the output directory was made
 
 
 def test_skip_files_without_text_key_counts_the_file_with_its_rows(inputs: Path) -> None:
@@ -53,3 +57,7 @@ def test_skip_files_without_text_key_counts_the_file_with_its_rows(inputs: Path)
     assert out.returncode == 0, out.stderr
     report = (inputs / "skipped" / "bad_input_report.tsv").read_text()
     assert "body.parquet\t0\tmissing_text_column\tfile skipped: 7 rows, no column 'text' (columns: body, url)" in report
+    out = _prepare(inputs, "skipped-arrow", "good.parquet", "body.arrow", extra=("--skip-files-without-text-key",))
+    assert out.returncode == 0, out.stderr
+    report = (inputs / "skipped-arrow" / "bad_input_report.tsv").read_text()
+    assert "body.arrow\t0\tmissing_text_column\tfile skipped: 5 rows, no column 'text' (columns: body, url)" in report

@@ -182,6 +182,56 @@ def test_parquet_whole_file_problems(tmp_path: Path) -> None:
     assert [d.text for d in docs] == ["a", "b"] and report.total == 0
 
 
+def _write_arrow(path: Path, values: list[bytes | None], name: str = "text", batch_rows: int = 128,
+                 file_format: bool = False) -> None:
+    """Arrow IPC: the stream format by default, as HF `datasets` writes its .arrow files (`save_to_disk`: a
+    RecordBatchStreamWriter, 1000-row batches, other columns beside the text); `file_format`: Feather v2."""
+    column = pa.array(values, type=pa.binary()).view(pa.string())
+    table = pa.table({"id": list(range(len(values))), name: column})
+    opener = pa.ipc.new_file if file_format else pa.ipc.new_stream
+    with opener(str(path), table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=batch_rows):
+            writer.write_batch(batch)
+
+
+@pytest.mark.parametrize("file_format", [False, True], ids=["stream", "file"])
+def test_arrow_rows_across_batches(tmp_path: Path, file_format: bool) -> None:
+    values: list[bytes | None] = [f"row {i}".encode() for i in range(300)]
+    values[1] = None  # row 2
+    values[2] = b"   "  # row 3
+    values[289] = b"bad \xff byte"  # row 290, in the third 128-row batch
+    name = "t.feather" if file_format else "t.arrow"
+    _write_arrow(tmp_path / name, values, file_format=file_format)
+    docs, report = _read([tmp_path / name])
+    assert len(docs) == 297
+    assert docs[0] == Document("row 0", name, 1) and docs[-1] == Document("row 299", name, 300)
+    assert _rows(report) == [(name, 2, "text_not_string"), (name, 3, "empty_document"), (name, 290, "invalid_utf8")]
+
+
+def test_arrow_whole_file_problems(tmp_path: Path) -> None:
+    _write_arrow(tmp_path / "other.arrow", [b"a", b"b"], name="body")
+    with pa.ipc.new_stream(str(tmp_path / "ints.arrow"), pa.schema([("text", pa.int64())])) as writer:
+        writer.write_table(pa.table({"text": [1, 2, 3]}))
+    (tmp_path / "junk.arrow").write_bytes(b"ARROW1 definitely not arrow")
+    _write_arrow(tmp_path / "empty.arrow", [])
+    docs, report = _read([tmp_path / n for n in ("other.arrow", "ints.arrow", "junk.arrow", "empty.arrow")])
+    assert docs == []
+    assert _rows(report) == [("other.arrow", 0, "missing_text_column"), ("ints.arrow", 0, "text_not_string"),
+                             ("junk.arrow", 0, "corrupt_arrow"), ("empty.arrow", 0, "empty_file")]
+    docs, report = _read([tmp_path / "other.arrow"], text_key="body")
+    assert [d.text for d in docs] == ["a", "b"] and report.total == 0
+
+
+def test_a_cut_arrow_stream_keeps_the_batches_before_the_cut(tmp_path: Path) -> None:
+    _write_arrow(tmp_path / "whole.arrow", [f"row {i}".encode() for i in range(100)], batch_rows=10)
+    data = (tmp_path / "whole.arrow").read_bytes()
+    (tmp_path / "cut.arrow").write_bytes(data[: len(data) * 2 // 3])
+    docs, report = _read([tmp_path / "cut.arrow"])
+    kept = len(docs)
+    assert 0 < kept < 100 and kept % 10 == 0 and docs[-1].text == f"row {kept - 1}"
+    assert _rows(report) == [("cut.arrow", kept + 1, "corrupt_arrow")]
+
+
 def _make_text_tree(root: Path) -> None:
     (root / "sub").mkdir(parents=True)
     (root / ".git").mkdir()
@@ -296,7 +346,9 @@ def _mixed_inputs(root: Path) -> list[Path]:
     values: list[bytes | None] = [f"row {i}".encode() for i in range(300)]
     values[5], values[270] = None, b"bad \xff byte"
     _write_parquet(root / "t.parquet", values)
-    names = ("mixed.jsonl", "cut.jsonl.gz", "two.jsonl.zst", "blank.jsonl", "doc.txt", "cut.txt.gz", "t.parquet")
+    _write_arrow(root / "s.arrow", values[:50], batch_rows=16)
+    names = ("mixed.jsonl", "cut.jsonl.gz", "two.jsonl.zst", "blank.jsonl", "doc.txt", "cut.txt.gz", "t.parquet",
+             "s.arrow")
     return [root / name for name in names]
 
 
@@ -341,7 +393,7 @@ def test_byte_ranges_parse_to_exactly_what_iter_documents_gives(tmp_path: Path, 
     parsed exactly once (ranges as small as one byte, lines longer than a range, CRLF, BOM, no final newline, a
     blank file over many ranges), and bad records, numbered afterwards by LineNumberer, must equal the
     sequential reader's rows, in order. Compressed files go whole to the worker up to a size, else through the
-    cutter; parquet by row group."""
+    cutter; parquet by row group; arrow by the cutter, in blocks."""
     import pickle
 
     from data_pipeline import sources
@@ -371,7 +423,7 @@ def test_byte_ranges_parse_to_exactly_what_iter_documents_gives(tmp_path: Path, 
         if isinstance(item, BadRecord):
             rows.append(item)
             continue
-        kinds[type(item.data).__name__] += 1
+        kinds["arrow" if item.kind == "arrow" else type(item.data).__name__] += 1
         for entry in parse_block(pickle.loads(pickle.dumps(item)), "text"):  # as a worker receives it
             if isinstance(entry, Document):
                 docs.append((entry.text, entry.source))
@@ -382,6 +434,7 @@ def test_byte_ranges_parse_to_exactly_what_iter_documents_gives(tmp_path: Path, 
     assert kinds[FileRange.__name__]  # the worker-side readers really ran
     assert bool(kinds[ParquetRowGroup.__name__]) == bool(worker_max_compressed_bytes)
     assert bool(kinds["LargeBinaryArray"]) == (not worker_max_compressed_bytes)  # parquet batches read by the cutter
+    assert kinds["arrow"] >= 4  # arrow: read by the cutter, 50 rows in 16-row batches
     compressed = [f for f in files if f.path.suffix in (".gz", ".zst")]
     num_whole = sum(f.path.stat().st_size <= worker_max_compressed_bytes for f in compressed)
     assert kinds[CompressedFile.__name__] == num_whole
