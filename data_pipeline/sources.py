@@ -576,30 +576,40 @@ def _text_blocks(src: SourceFile, compression: str | None) -> Iterator[RecordBlo
 
 def _parquet_blocks(src: SourceFile, text_key: str, max_records: int,
                     byte_ranges: bool = False) -> Iterator[RecordBlock | BadRecord]:
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    row = 0
-    try:
+    def blocks() -> Iterator[RecordBlock | BadRecord]:
         # Memory follows row-group size and read-ahead, not batch size: no pre-buffering, no threads.
         with pq.ParquetFile(src.path, pre_buffer=False, buffer_size=READ_CHUNK_BYTES) as pfile:
             problem = _text_column_problem(src, pfile.schema_arrow, text_key)
             if problem is not None:
                 yield problem
-                return
-            if byte_ranges and _row_groups_fit_a_worker(pfile.metadata):
-                for block in _row_group_blocks(src, pfile.metadata):
-                    yield block
-                    row += block.num_records
+            elif byte_ranges and _row_groups_fit_a_worker(pfile.metadata):
+                yield from _row_group_blocks(src, pfile.metadata)
             else:
-                for block in _parquet_batches(src, pfile, text_key, max_records):
-                    yield block
-                    row += block.num_records
+                yield from _parquet_batches(src, pfile, text_key, max_records)
+
+    return _columnar_blocks(src, "parquet", blocks())
+
+
+def _columnar_blocks(src: SourceFile, kind: str,
+                     blocks: Iterator[RecordBlock | BadRecord]) -> Iterator[RecordBlock | BadRecord]:
+    """A parquet or arrow file's blocks, or its column problem (then nothing else), with what stops the reading
+    (`corrupt_<kind>` at the row it stopped at; the rows before it were yielded) and a file without rows reported."""
+    import pyarrow as pa
+
+    row = 0
+    try:
+        for item in blocks:
+            yield item
+            if isinstance(item, BadRecord):
+                return
+            row += item.num_records
     except (pa.ArrowException, OSError) as err:
-        yield BadRecord(src.name, row + 1 if row else 0, "corrupt_parquet", f"{type(err).__name__}: {err}")
+        yield BadRecord(src.name, row + 1 if row else 0, f"corrupt_{kind}", f"{type(err).__name__}: {err}")
         return
     if row == 0:
-        yield BadRecord(src.name, 0, "empty_file", "parquet file has no rows")
+        yield BadRecord(src.name, 0, "empty_file", f"{kind} file has no rows")
 
 
 def _parquet_batches(src: SourceFile, pfile: Any, text_key: str, max_records: int) -> Iterator[RecordBlock]:
@@ -652,25 +662,21 @@ def _arrow_blocks(src: SourceFile, text_key: str, max_records: int,
     process' RSS, growing with the file. A stream cut short keeps the batches before the cut."""
     import pyarrow as pa
 
-    row = 0
-    try:
+    def blocks() -> Iterator[RecordBlock | BadRecord]:
         with pa.OSFile(str(src.path)) as source:
             reader = open_arrow(source)
             problem = _text_column_problem(src, reader.schema, text_key)
             if problem is not None:
                 yield problem
                 return
-            column = reader.schema.get_field_index(text_key)
+            column, row = reader.schema.get_field_index(text_key), 0
             for batch in arrow_batches(reader):
                 values = batch.column(column).cast(pa.large_binary())
                 for block in _row_slices(src, values, row, max_records, max_bytes):
                     yield block
                     row += block.num_records
-    except (pa.ArrowException, OSError) as err:
-        yield BadRecord(src.name, row + 1 if row else 0, "corrupt_arrow", f"{type(err).__name__}: {err}")
-        return
-    if row == 0:
-        yield BadRecord(src.name, 0, "empty_file", "arrow file has no rows")
+
+    return _columnar_blocks(src, "arrow", blocks())
 
 
 def open_arrow(source: Any) -> Any:

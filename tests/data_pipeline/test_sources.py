@@ -150,80 +150,57 @@ def test_zstd_multi_frame_truncated_and_corrupt(tmp_path: Path) -> None:
     assert _rows(report) == [("cut.jsonl.zst", kept_lines + 1, "truncated_zstd"), ("junk.jsonl.zst", 1, "corrupt_zstd")]
 
 
-def _write_parquet(path: Path, values: list[bytes | None], name: str = "text", row_group_size: int = 128) -> None:
-    # Build as binary, then view as string: pyarrow would refuse invalid UTF-8 in a string array.
-    column = pa.array(values, type=pa.binary()).view(pa.string())
-    pq.write_table(pa.table({name: column, "id": list(range(len(values)))}), path, row_group_size=row_group_size)
-
-
-def test_parquet_rows_across_batches(tmp_path: Path) -> None:
-    values: list[bytes | None] = [f"row {i}".encode() for i in range(300)]
-    values[1] = None  # row 2
-    values[2] = b"   "  # row 3
-    values[289] = b"bad \xff byte"  # row 290, in the second 256-row batch
-    _write_parquet(tmp_path / "t.parquet", values)
-    docs, report = _read([tmp_path / "t.parquet"])
-    assert len(docs) == 297
-    assert docs[0] == Document("row 0", "t.parquet", 1) and docs[-1] == Document("row 299", "t.parquet", 300)
-    assert _rows(report) == [("t.parquet", 2, "text_not_string"), ("t.parquet", 3, "empty_document"),
-                             ("t.parquet", 290, "invalid_utf8")]
-
-
-def test_parquet_whole_file_problems(tmp_path: Path) -> None:
-    _write_parquet(tmp_path / "other.parquet", [b"a", b"b"], name="body")
-    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "ints.parquet")
-    (tmp_path / "junk.parquet").write_bytes(b"PAR1 definitely not parquet")
-    _write_parquet(tmp_path / "empty.parquet", [])
-    docs, report = _read([tmp_path / n for n in ("other.parquet", "ints.parquet", "junk.parquet", "empty.parquet")])
-    assert docs == []
-    assert _rows(report) == [("other.parquet", 0, "missing_text_column"), ("ints.parquet", 0, "text_not_string"),
-                             ("junk.parquet", 0, "corrupt_parquet"), ("empty.parquet", 0, "empty_file")]
-    docs, report = _read([tmp_path / "other.parquet"], text_key="body")
-    assert [d.text for d in docs] == ["a", "b"] and report.total == 0
-
-
-def _write_arrow(path: Path, values: list[bytes | None], name: str = "text", batch_rows: int = 128,
-                 file_format: bool = False) -> None:
-    """Arrow IPC: the stream format by default, as HF `datasets` writes its .arrow files (`save_to_disk`: a
-    RecordBatchStreamWriter, 1000-row batches, other columns beside the text); `file_format`: Feather v2."""
-    column = pa.array(values, type=pa.binary()).view(pa.string())
-    table = pa.table({"id": list(range(len(values))), name: column})
-    opener = pa.ipc.new_file if file_format else pa.ipc.new_stream
+def _write_table(path: Path, table: pa.Table, batch_rows: int = 128) -> None:
+    """By suffix: .parquet (row groups of `batch_rows`); .arrow an Arrow IPC stream, as HF `datasets` writes its
+    .arrow files (`save_to_disk`: a RecordBatchStreamWriter, other columns beside the text); .feather the IPC file
+    format (Feather v2)."""
+    if path.suffix == ".parquet":
+        pq.write_table(table, path, row_group_size=batch_rows)
+        return
+    opener = pa.ipc.new_file if path.suffix == ".feather" else pa.ipc.new_stream
     with opener(str(path), table.schema) as writer:
         for batch in table.to_batches(max_chunksize=batch_rows):
             writer.write_batch(batch)
 
 
-@pytest.mark.parametrize("file_format", [False, True], ids=["stream", "file"])
-def test_arrow_rows_across_batches(tmp_path: Path, file_format: bool) -> None:
+def _write_texts(path: Path, values: list[bytes | None], name: str = "text", batch_rows: int = 128) -> None:
+    # Build as binary, then view as string: pyarrow would refuse invalid UTF-8 in a string array.
+    column = pa.array(values, type=pa.binary()).view(pa.string())
+    _write_table(path, pa.table({name: column, "id": list(range(len(values)))}), batch_rows)
+
+
+@pytest.mark.parametrize("name", ["t.parquet", "t.arrow", "t.feather"])
+def test_columnar_rows_across_batches(tmp_path: Path, name: str) -> None:
     values: list[bytes | None] = [f"row {i}".encode() for i in range(300)]
     values[1] = None  # row 2
     values[2] = b"   "  # row 3
-    values[289] = b"bad \xff byte"  # row 290, in the third 128-row batch
-    name = "t.feather" if file_format else "t.arrow"
-    _write_arrow(tmp_path / name, values, file_format=file_format)
+    values[289] = b"bad \xff byte"  # row 290: parquet's second 256-row read batch, arrow's third 128-row batch
+    _write_texts(tmp_path / name, values)
     docs, report = _read([tmp_path / name])
     assert len(docs) == 297
     assert docs[0] == Document("row 0", name, 1) and docs[-1] == Document("row 299", name, 300)
     assert _rows(report) == [(name, 2, "text_not_string"), (name, 3, "empty_document"), (name, 290, "invalid_utf8")]
 
 
-def test_arrow_whole_file_problems(tmp_path: Path) -> None:
-    _write_arrow(tmp_path / "other.arrow", [b"a", b"b"], name="body")
-    with pa.ipc.new_stream(str(tmp_path / "ints.arrow"), pa.schema([("text", pa.int64())])) as writer:
-        writer.write_table(pa.table({"text": [1, 2, 3]}))
-    (tmp_path / "junk.arrow").write_bytes(b"ARROW1 definitely not arrow")
-    _write_arrow(tmp_path / "empty.arrow", [])
-    docs, report = _read([tmp_path / n for n in ("other.arrow", "ints.arrow", "junk.arrow", "empty.arrow")])
+@pytest.mark.parametrize(("suffix", "junk"), [(".parquet", b"PAR1 definitely not parquet"),
+                                              (".arrow", b"ARROW1 definitely not arrow")])
+def test_columnar_whole_file_problems(tmp_path: Path, suffix: str, junk: bytes) -> None:
+    kind = suffix[1:]
+    names = [f"{stem}{suffix}" for stem in ("other", "ints", "junk", "empty")]
+    _write_texts(tmp_path / names[0], [b"a", b"b"], name="body")
+    _write_table(tmp_path / names[1], pa.table({"text": [1, 2, 3]}))
+    (tmp_path / names[2]).write_bytes(junk)
+    _write_texts(tmp_path / names[3], [])
+    docs, report = _read([tmp_path / n for n in names])
     assert docs == []
-    assert _rows(report) == [("other.arrow", 0, "missing_text_column"), ("ints.arrow", 0, "text_not_string"),
-                             ("junk.arrow", 0, "corrupt_arrow"), ("empty.arrow", 0, "empty_file")]
-    docs, report = _read([tmp_path / "other.arrow"], text_key="body")
+    assert _rows(report) == [(names[0], 0, "missing_text_column"), (names[1], 0, "text_not_string"),
+                             (names[2], 0, f"corrupt_{kind}"), (names[3], 0, "empty_file")]
+    docs, report = _read([tmp_path / names[0]], text_key="body")
     assert [d.text for d in docs] == ["a", "b"] and report.total == 0
 
 
 def test_a_cut_arrow_stream_keeps_the_batches_before_the_cut(tmp_path: Path) -> None:
-    _write_arrow(tmp_path / "whole.arrow", [f"row {i}".encode() for i in range(100)], batch_rows=10)
+    _write_texts(tmp_path / "whole.arrow", [f"row {i}".encode() for i in range(100)], batch_rows=10)
     data = (tmp_path / "whole.arrow").read_bytes()
     (tmp_path / "cut.arrow").write_bytes(data[: len(data) * 2 // 3])
     docs, report = _read([tmp_path / "cut.arrow"])
@@ -345,8 +322,8 @@ def _mixed_inputs(root: Path) -> list[Path]:
     (root / "cut.txt.gz").write_bytes(gzip.compress(_numbered_lines(100), mtime=0)[:-12])
     values: list[bytes | None] = [f"row {i}".encode() for i in range(300)]
     values[5], values[270] = None, b"bad \xff byte"
-    _write_parquet(root / "t.parquet", values)
-    _write_arrow(root / "s.arrow", values[:50], batch_rows=16)
+    _write_texts(root / "t.parquet", values)
+    _write_texts(root / "s.arrow", values[:50], batch_rows=16)
     names = ("mixed.jsonl", "cut.jsonl.gz", "two.jsonl.zst", "blank.jsonl", "doc.txt", "cut.txt.gz", "t.parquet",
              "s.arrow")
     return [root / name for name in names]
@@ -462,7 +439,7 @@ def test_a_corrupt_parquet_row_group_loses_only_its_rows(tmp_path: Path) -> None
     from data_pipeline.sources import BadRecord, LineNumberer, parse_block, read_blocks
 
     path = tmp_path / "t.parquet"
-    _write_parquet(path, [f"row {i} ".encode() * 20 for i in range(300)], row_group_size=100)
+    _write_texts(path, [f"row {i} ".encode() * 20 for i in range(300)], batch_rows=100)
     meta = pq.ParquetFile(path).metadata
     column = meta.row_group(1).column(0)
     start = column.data_page_offset
