@@ -87,6 +87,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="also profile each loop (trainer: the last 2 warm-up steps through profiling.*; HF: one "
                              "extra step): device time by category and GPU busy fraction in the JSON, traces beside it")
+    parser.add_argument("--memory-snapshot", action="store_true",
+                        help="with --profile on CUDA: each trainer loop also saves its allocation history from step 1 "
+                             "to the profiled window's end (profiling.memory_snapshot; pytorch.org/memory_viz)")
     parser.add_argument("--plan-gpu", default="h200", help="GPU kind whose `pretrain plan` step time is printed next to "
                         "each trainer loop's (trainer.gpu_specs; on CPU the column is that GPU's prediction, not this "
                         "machine's)")
@@ -227,7 +230,7 @@ def profile_overrides(args: argparse.Namespace, label: str) -> list[str]:
         return []
     last_step = max(args.steps, args.warmup_steps)
     return [f"profiling.start_step={max(1, last_step - 1)}", f"profiling.num_steps={min(2, last_step)}",
-            f"profiling.dir={trace_dir(args, label)}"]
+            f"profiling.dir={trace_dir(args, label)}", f"profiling.memory_snapshot={str(args.memory_snapshot).lower()}"]
 
 
 def planned_step_s(cfg: Config, derived: Derived, gpu: str) -> float:
@@ -380,6 +383,9 @@ def main() -> int:
     args = parse_args()
     if args.tiny and args.device == "cuda" and not torch.cuda.is_available():
         args.device = "cpu"
+    if args.memory_snapshot and (args.device != "cuda" or not args.profile):
+        raise SystemExit("bench_gpu: --memory-snapshot records CUDA allocations inside the profiled window: use it "
+                         "with --profile on --device cuda")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_gpu: no CUDA device visible: run on a GPU host, or pass --device cpu --tiny for the "
                          "CPU smoke run")

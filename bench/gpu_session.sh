@@ -8,7 +8,8 @@
 #                                     #                                                                 timeout_s 450
 #   bash bench/gpu_session.sh profile # ~4.5 min: where the step time goes (issue 13's next lever): trainer without AC,
 #                                     #   with the config's AC, HF compiled, each profiled over 2 steps (--profile:
-#                                     #   device time by category, GPU busy %, Perfetto traces in $OUT) timeout_s 330
+#                                     #   device time by category, GPU busy %, Perfetto traces and memory
+#                                     #   snapshots in $OUT)                                              timeout_s 330
 #   bash bench/gpu_session.sh tier    # <= 4 min: python -m pytest -m gpu (issue 12 item 4)           timeout_s 330
 #   bash bench/gpu_session.sh suite   # python -m pytest, the README's test command, GPU visible (issue 12 item 3)
 #   bash bench/gpu_session.sh small   # bench on configs/125m.yaml (issue 13: the small shape)         timeout_s 240
@@ -50,8 +51,8 @@ case $stage in
       --then-variant "zero1_core_attn=zero.stage=1,parallel.activation_checkpointing=core_attention" \
       --then-variant "fused_loss=parallel.activation_checkpointing=none,parallel.lm_loss=fused_linear" ;;
   profile)  # steps 3-4 of the warm-up call are profiled (past the compile of steps 1-2); the timed numbers cross-check bench
-    DS_ACCELERATOR=cuda run_timed profile 310 python3 bench/bench_gpu.py --profile --skip hf_eager \
-      --steps 4 --warmup-steps 4 --budget-s 230 --out "$out_dir/bench_gpu_1b_profile.json" ;;
+    DS_ACCELERATOR=cuda run_timed profile 310 python3 bench/bench_gpu.py --profile --memory-snapshot \
+      --skip hf_eager --steps 4 --warmup-steps 4 --budget-s 230 --out "$out_dir/bench_gpu_1b_profile.json" ;;
   small)    # small models are where launch overhead shows: --profile's GPU busy % says how much
     DS_ACCELERATOR=cuda run_timed small 220 python3 bench/bench_gpu.py --config configs/125m.yaml --budget-s 150 \
       --profile \

@@ -251,6 +251,10 @@ class ProfilingConfig(_Section):
     ranks: list[NonNegativeInt] = Field(default_factory=lambda: [0])  # global ranks that profile
     record_shapes: bool = False  # input shapes per op: a larger trace
     with_stack: bool = False  # Python stack per op: a much larger trace and a slower window
+    # CUDA allocation history from the first step to the window's end, saved next to the trace as
+    # rank<r>_memory_snapshot.pickle (open it in https://pytorch.org/memory_viz): which tensors make the peak. An
+    # out-of-memory error on a profiled rank saves rank<r>_memory_snapshot_oom.pickle first. Costs step time.
+    memory_snapshot: bool = False
     dir: str | None = None  # None: <run_dir>/profile
 
     @property
@@ -465,7 +469,8 @@ def _schedule_problems(cfg: Config) -> list[str]:
 def _profiling_problems(cfg: Config) -> list[str]:
     prof, problems = cfg.profiling, []
     if not prof.enabled:
-        return []
+        return ["profiling.memory_snapshot is on but profiling.start_step is 0: set profiling.start_step (the "
+                "snapshot is saved at the end of that window)"] if prof.memory_snapshot else []
     if prof.last_step > cfg.train.max_steps:
         problems.append(
             f"profiling steps {prof.start_step}-{prof.last_step} end after train.max_steps ({cfg.train.max_steps}): "
@@ -566,6 +571,9 @@ def _world_problems(cfg: Config, world_size: int, device: str) -> list[str]:
     if absent:
         problems.append(f"profiling.ranks {absent} are not in a world of {world_size}: choose ranks in "
                         f"0..{world_size - 1}")
+    if cfg.profiling.memory_snapshot and device != "cuda":
+        problems.append(f"profiling.memory_snapshot records CUDA allocations, and this run is on {device}: set "
+                        f"profiling.memory_snapshot=false (on CPU, max_rss_gib in metrics.jsonl is the peak)")
     dp, dp_problem = _data_parallel_size(cfg.parallel, world_size)
     if dp_problem:
         problems.append(dp_problem)

@@ -83,6 +83,46 @@ class StepProfiler:
             torch.cuda.synchronize(self.device)
 
 
+MEMORY_HISTORY_MAX_ENTRIES = 100_000  # allocation events kept (a ring buffer): tens of steps of a 1B model
+
+
+class MemorySnapshot:
+    """torch.cuda's allocation history (what torch.cuda.memory._dump_snapshot writes, for pytorch.org/memory_viz),
+    recorded from start() to save(); an out-of-memory error in between writes `oom_path` before it propagates."""
+
+    def __init__(self, oom_path: Path) -> None:
+        self.oom_path = oom_path
+        self.recording = False
+
+    def start(self) -> None:
+        # Python stacks only: C++ frames make the dump symbolize for minutes.
+        torch.cuda.memory._record_memory_history(stacks="python", max_entries=MEMORY_HISTORY_MAX_ENTRIES)
+        attach = getattr(torch._C, "_cuda_attach_out_of_memory_observer", None)  # private, CUDA builds only
+        if attach is not None:
+            attach(self._on_out_of_memory)
+        self.recording = True
+
+    def save(self, path: Path) -> None:
+        """Write the snapshot and stop recording (a failed write is logged: the run goes on)."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.cuda.memory._dump_snapshot(str(path))
+            log.info("memory snapshot %s (open it in https://pytorch.org/memory_viz)", path)
+        except OSError as err:
+            log.error("memory snapshot not written to %s (%s: %s): the run goes on", path, type(err).__name__,
+                      err.strerror or err)
+        finally:
+            torch.cuda.memory._record_memory_history(enabled=None)
+            self.recording = False
+
+    def _on_out_of_memory(self, device: int, alloc_bytes: int, device_alloc_bytes: int, device_free_bytes: int) -> None:
+        if self.recording:
+            log.error("out of memory on cuda:%d asking for %.2f GiB (%.2f GiB allocated, %.2f GiB free): saving the "
+                      "allocation history", device, alloc_bytes / 2**30, device_alloc_bytes / 2**30,
+                      device_free_bytes / 2**30)
+            self.save(self.oom_path)
+
+
 class ProfilerHook(Hook):
     """Profiles optimizer steps profiling.start_step .. start_step + num_steps - 1 once, on this rank; each step is a
     named range (`train_step_<n>`) in the trace. A run that resumes past the window says so and profiles nothing."""
@@ -90,6 +130,8 @@ class ProfilerHook(Hook):
     def __init__(self, cfg: ProfilingConfig, rank: int, device: torch.device, out_dir: Path) -> None:
         self.cfg, self.rank, self.device = cfg, rank, device
         self.trace = out_dir / f"steps_{cfg.start_step}-{cfg.last_step}" / f"rank{rank}_trace.json.gz"
+        self.memory = (MemorySnapshot(self.trace.with_name(f"rank{rank}_memory_snapshot_oom.pickle"))
+                       if cfg.memory_snapshot and device.type == "cuda" else None)
         self.summary: ProfileSummary | None = None
         self._profiler: StepProfiler | None = None
         self._step_range: Any = None
@@ -100,6 +142,8 @@ class ProfilerHook(Hook):
             log.warning("profiling.start_step %d is not after the resumed step %d: nothing is profiled in this run "
                         "(set profiling.start_step > %d)", self.cfg.start_step, state.step, state.step)
             self._done = True
+        if not self._done and self.memory is not None:
+            self.memory.start()  # from the first step: it allocates the optimizer state, often the peak
 
     def on_step_start(self, run: RunContext, state: TrainState) -> None:
         step = state.step + 1
@@ -121,9 +165,13 @@ class ProfilerHook(Hook):
     def on_train_end(self, run: RunContext, state: TrainState) -> None:
         if self._profiler is not None:  # the run stopped inside the window (preemption, a stop signal)
             self._finish(state.step)
+        elif self.memory is not None and self.memory.recording:  # it stopped before the window: what it recorded
+            self.memory.save(self.trace.with_name(f"rank{self.rank}_memory_snapshot.pickle"))
 
     def _finish(self, last_step: int) -> None:
         assert self._profiler is not None
         self.summary = self._profiler.stop(self.cfg.start_step, last_step, self.rank, self.trace)
         self._profiler, self._done = None, True
         log.info(self.summary.line())
+        if self.memory is not None and self.memory.recording:
+            self.memory.save(self.trace.with_name(f"rank{self.rank}_memory_snapshot.pickle"))

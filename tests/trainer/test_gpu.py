@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -46,12 +47,13 @@ def train_records(run_dir: Path) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def bf16_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Tiny model, bf16 on one GPU, 20 steps, a checkpoint every 5 steps (async), steps 6-7 profiled (the runs
-    compared with it are not: the profiler must change no loss)."""
+    """Tiny model, bf16 on one GPU, 20 steps, a checkpoint every 5 steps (async), steps 6-7 profiled with a memory
+    snapshot (the runs compared with it are not: the profiler must change no loss)."""
     run_dir = tmp_path_factory.mktemp("gpu") / "bf16"
     out = pretrain("train", "--config", str(TINY), *CUDA, "precision.dtype=bf16", "train.max_steps=20",
                    "logging.gpu_peak_tflops=989", "optim.warmup_steps=2", "train.log_interval_steps=5", "train.eval_interval_steps=10",
                    "checkpoint.save_interval_steps=5", "checkpoint.async_save=true", "profiling.start_step=6",
+                   "profiling.memory_snapshot=true",
                    f"logging.run_dir={run_dir}")
     return {"run_dir": run_dir, "stderr": out.stderr}
 
@@ -82,6 +84,10 @@ def test_profiled_steps_name_gpu_kernels_and_how_busy_the_gpu_was(bf16_run: dict
     assert summary["device"] == "cuda" and 0 < summary["busy_fraction"] < 0.99, summary
     assert sum(summary["category_s"].values()) <= 1.05 * summary["wall_s"], summary  # one stream: no more than wall
     assert not any(t["name"].startswith("train_step_") for t in summary["top"]), summary
+    # profiling.memory_snapshot: the allocation history from step 1, as pytorch.org/memory_viz reads it.
+    with open(bf16_run["run_dir"] / "profile" / "steps_6-7" / "rank0_memory_snapshot.pickle", "rb") as f:
+        snapshot = pickle.load(f)
+    assert snapshot["segments"] and any(trace for trace in snapshot["device_traces"]), list(snapshot)
     assert summary["category_s"]["gemm"] > 0 and summary["category_s"]["attention"] > 0, summary
     assert "profile steps 6-7 rank 0: " in (bf16_run["run_dir"] / "logs" / "rank0.log").read_text()
 

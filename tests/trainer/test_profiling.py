@@ -145,6 +145,12 @@ def test_a_window_outside_the_run_or_the_world_is_refused_with_the_fix() -> None
     with pytest.raises(ConfigError, match=r"profiling.ranks \[3\] are not in a world of 2: choose ranks in 0..1"):
         cfg.validate_for_world(2)
     assert load_config(TINY, ["profiling.ranks=[]"]).profiling.enabled is False  # off: nothing to check
+    with pytest.raises(ValueError, match=r"profiling.memory_snapshot is on but profiling.start_step is 0: set"):
+        load_config(TINY, ["profiling.memory_snapshot=true"])
+    on_cpu = load_config(TINY, ["profiling.start_step=2", "profiling.memory_snapshot=true"])  # tiny.yaml: cpu
+    with pytest.raises(ConfigError, match=r"memory_snapshot records CUDA allocations, and this run is on cpu"):
+        on_cpu.validate_for_world(1)
+    on_cpu.validate_for_world(1, "cuda")  # the same config on a GPU node is fine
 
 
 def _train(rank: int, world_size: int, overrides: list[str]) -> None:
@@ -189,7 +195,8 @@ def test_profiled_window_traces_only_its_steps_on_its_ranks_and_changes_no_loss(
 
     report = io.StringIO()
     write_report([profiled, plain], tmp_path / "report.png", out=report, warn=io.StringIO())
-    assert "where the step time goes (profiling.*; tiny (profiled): steps 2-3, rank 1, CPU op time)" in report.getvalue()
+    windows = "where the step time goes (profiling.*; tiny (profiled): steps 2-3, rank 1, CPU op time)"
+    assert windows in report.getvalue()
     assert "not profiled: tiny (plain)" in report.getvalue()
 
     # Resumed at step 4 with the same window: it already passed, and the run says so instead of skipping silently.
