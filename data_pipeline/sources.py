@@ -225,9 +225,26 @@ def _expand_one(arg: Path, globs: tuple[str, ...]) -> list[SourceFile]:
     if not rel_paths:
         raise DataPipelineError(
             f"no files matching {', '.join(globs)} under {arg}; pass --include with the right pattern "
-            "(e.g. --include '*.jsonl' --include '*.parquet')"
+            f"({_include_suggestion(arg)})"
         )
     return [SourceFile(arg / rel, f"{base_name}/{rel}") for rel in rel_paths]
+
+
+def _include_suggestion(root: Path) -> str:
+    """What the directory holds, by readable format: `it holds 3 .arrow files: --include '*.arrow'`."""
+    counts: Counter[str] = Counter()
+    for rel in _walk_matching(root, ("*",)):
+        kind, compression = file_format(Path(rel))
+        if kind != "text" or compression:
+            suffixes = "".join(Path(rel).suffixes[-2 if compression and kind == "jsonl" else -1:])
+            counts[suffixes.lower()] += 1
+    if len(counts) > 1:  # .json beside data files is metadata (HF's state.json, dataset_info.json), not text
+        counts.pop(".json", None)
+    if not counts:
+        return "e.g. --include '*.jsonl' --include '*.parquet'"
+    found = ", ".join(f"{n} {suffix}" for suffix, n in counts.most_common(4))
+    flags = " ".join(f"--include '*{suffix}'" for suffix, _ in counts.most_common(4))
+    return f"it holds {found} files: {flags}"
 
 
 def _walk_matching(root: Path, globs: tuple[str, ...]) -> Iterator[str]:

@@ -265,6 +265,13 @@ def test_expand_inputs_names_order_and_errors(tmp_path: Path, monkeypatch: pytes
         expand_inputs(["missing.jsonl"])
     with pytest.raises(DataPipelineError, match="no files matching \\*.parquet under d; pass --include"):
         expand_inputs(["d"], ["*.parquet"])
+    # What the directory does hold is named, with the flag: an HF save_to_disk directory, say.
+    (tmp_path / "hf").mkdir()
+    for name in ("data-00000-of-00002.arrow", "data-00001-of-00002.arrow", "state.json", "dataset_info.json"):
+        (tmp_path / "hf" / name).write_text("")
+    with pytest.raises(DataPipelineError, match=r"under hf; pass --include with the right pattern \(it holds 2 \.arrow "
+                                                r"files: --include '\*\.arrow'\)"):
+        expand_inputs(["hf"], ["*.txt"])
     with pytest.raises(DataPipelineError, match="no input files"):
         expand_inputs([])
 
