@@ -185,7 +185,12 @@ def render() -> str:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\\\\|", "\\|")
+    """Markdown table cell: `|` escaped everywhere; outside `code` spans also `<` (GitHub would take `<r>` for a tag)
+    and `*` (a pair would italicise)."""
+    parts = text.split("`")
+    for i in range(0, len(parts), 2):  # even parts are outside code spans
+        parts[i] = parts[i].replace("<", "&lt;").replace("*", "\\*")
+    return "`".join(parts).replace("|", "\\|").replace("\\\\|", "\\|")
 
 
 def main(argv: list[str] | None = None) -> int:
