@@ -130,8 +130,9 @@ class PrecisionConfig(_Section):
     min_loss_scale: PositiveInt = 1  # fp16: the dynamic scale stops halving here
     # FP8 matmuls in the decoder layers' linears (trainer/float8.py, torchao float8 training); everything else stays
     # in `dtype`. tensorwise: one dynamic scale per tensor (fastest); rowwise: one per row (closer to bf16);
-    # rowwise_with_gw_hp: rowwise, with the weight gradient's matmul in high precision. Needs tp=1 and every linear
-    # dimension a multiple of 16 (FP8 tensor cores); pays on H100/H200-class GPUs, emulated (slow) on CPU.
+    # rowwise_with_gw_hp: rowwise, with the weight gradient's matmul in high precision. Under tp > 1 tensorwise only
+    # (each rank scales its shard); every linear dimension per rank a multiple of 16 (FP8 tensor cores); pays on
+    # H100/H200-class GPUs, emulated (slow) on CPU.
     fp8: Annotated[Literal["off", "tensorwise", "rowwise", "rowwise_with_gw_hp"],
                    BeforeValidator(_on_off_as_text)] = "off"
 
@@ -530,21 +531,27 @@ def _fp8_problems(cfg: Config) -> list[str]:
     if cfg.precision.dtype == "fp16":
         problems.append(f"precision.fp8={recipe} runs with precision.dtype=bf16 (or fp32 to debug), not fp16: fp16's "
                         f"loss scale and FP8's dynamic scales are not tested together: set precision.dtype=bf16")
-    if cfg.parallel.tp > 1:
-        # torchao's Float8Linear replaces nn.Linear; our TP layers are megatron-core's, whose matmuls it cannot reach.
-        problems.append(f"precision.fp8={recipe} needs parallel.tp=1 (FP8 replaces plain linears; the tensor-parallel "
-                        f"ones are megatron-core's): set parallel.tp=1 (use pp, dp and ZeRO to scale) or "
-                        f"precision.fp8=off")
-    head_dim = m.resolved_head_dim()
-    dims = {"model.hidden_size": m.hidden_size, "model.intermediate_size": m.intermediate_size,
-            "model.num_heads × head_dim": m.num_heads * head_dim,
-            "model.num_kv_heads × head_dim": m.num_kv_heads * head_dim,
-            "train.micro_batch_size_per_gpu × train.seq_len": cfg.train.micro_batch_size_per_gpu * cfg.train.seq_len}
-    odd = [f"{name} ({value})" for name, value in dims.items() if value % 16]
+    head_dim, tp = m.resolved_head_dim(), cfg.parallel.tp
+    if tp > 1 and recipe != "tensorwise":
+        # Rowwise scales run along the contraction dimension, which a row-parallel layer splits over the TP ranks:
+        # each would scale its part of a row, another quantization than one GPU's (measured: 5.7e-2 of a step apart
+        # at tp 2, tests/trainer/test_float8.py; tensorwise: 5e-6).
+        problems.append(f"precision.fp8={recipe} with parallel.tp={tp}: a rowwise scale spans a matmul's whole "
+                        f"contraction dimension, which tensor parallelism splits over the ranks: use "
+                        f"precision.fp8=tensorwise under TP, or parallel.tp=1")
+    per_rank = "" if tp == 1 else f" / tp {tp}"  # under TP each rank multiplies its shard
+    dims = {"model.hidden_size": (m.hidden_size, 1), f"model.intermediate_size{per_rank}": (m.intermediate_size, tp),
+            f"model.num_heads × head_dim{per_rank}": (m.num_heads * head_dim, tp),
+            f"model.num_kv_heads × head_dim{per_rank}": (m.num_kv_heads * head_dim, tp),
+            "train.micro_batch_size_per_gpu × train.seq_len": (cfg.train.micro_batch_size_per_gpu * cfg.train.seq_len,
+                                                                1)}
+    odd = [f"{name} ({value // parts if value % parts == 0 else f'{value}/{parts}'})"
+           for name, (value, parts) in dims.items() if value % parts or (value // parts) % 16]
     if odd:
         problems.append(f"precision.fp8={recipe} needs every matmul dimension to be a multiple of 16 (FP8 tensor "
                         f"cores; the tokens of a micro-batch are the weight gradient's inner dimension), but "
-                        f"{', '.join(odd)} is not: change it, or set precision.fp8=off")
+                        f"{', '.join(odd)} is not: change it{' or parallel.tp' if tp > 1 else ''}, or set "
+                        f"precision.fp8=off")
     return problems
 
 

@@ -20,10 +20,13 @@ activation checkpointing and torch.compile, which then wrap and trace the FP8 la
 
 from __future__ import annotations
 
+import functools
 import logging
+import sys
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 # torchao's CUDA kernels (mxfp8, cutlass) fail to load without a GPU driver and torchao logs each failure as a
@@ -37,14 +40,64 @@ def convert_to_float8(layers: Iterable[nn.Module], recipe: str, device_type: str
     rowwise, rowwise_with_gw_hp) in place; "off" leaves them. Returns the number of linears converted."""
     if recipe == "off":
         return 0
-    convert = _torchao_float8(quiet=device_type != "cuda").convert_to_float8_training
+    float8 = _torchao_float8(quiet=device_type != "cuda")
     config = float8_config(recipe)
     converted = 0
     for layer in layers:
-        before = _count_linears(layer)
-        convert(layer, config=config)
-        converted += before
+        converted += _count_linears(layer) + _convert_tensor_parallel(layer, config)
+        float8.convert_to_float8_training(layer, config=config)
     return converted
+
+
+def _convert_tensor_parallel(layer: nn.Module, config: Any) -> int:
+    """Under TP the projections are megatron-core's Column/RowParallelLinear, which torchao's swap does not reach:
+    their local matmul (`_forward_impl`) becomes torchao's float8 matmul, with the TP communication megatron's own
+    implementation does around it. Each rank scales its own shard (tensorwise: the shard's amax; rowwise: the rows
+    of its shard), as Transformer Engine does for TP weights; with power-of-two scales a shard's scale equals the
+    whole tensor's unless the shard's amax falls a binade lower. Returns the number of layers converted."""
+    if "megatron.core.tensor_parallel" not in sys.modules:  # tp 1: no megatron layers (and no slow import)
+        return 0
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    converted = 0
+    for module in layer.modules():
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+            # An instance attribute, not a bound method: megatron calls self._forward_impl(input=..., weight=...).
+            module._forward_impl = functools.partial(_float8_parallel_matmul, _mm_config(module, config), config)
+            converted += 1
+    return converted
+
+
+def _mm_config(module: nn.Module, config: Any) -> Any:
+    """torchao's LinearMMConfig for `config` (the _scaled_mm settings of the three matmuls), as its Float8Linear
+    builds it for a linear of this shape (on the meta device: no memory)."""
+    _torchao_float8(quiet=True)
+    from torchao.float8.float8_linear import Float8Linear as float8_linear
+
+    with torch.device("meta"):
+        shape_only = nn.Linear(module.weight.shape[1], module.weight.shape[0], bias=False)
+    return float8_linear.from_float(shape_only, config=config).linear_mm_config
+
+
+def _float8_parallel_matmul(mm_config: Any, config: Any, *, input: torch.Tensor, weight: torch.Tensor,
+                            bias: torch.Tensor | None = None, allreduce_dgrad: bool = False,
+                            sequence_parallel: bool = False, tp_group: Any = None, **_unused: Any) -> torch.Tensor:
+    """megatron's linear_with_grad_accumulation_and_async_allreduce with an FP8 matmul: sequence parallel gathers
+    the input over the sequence (its gradient reduce-scattered back), otherwise the input gradient is all-reduced
+    over TP when `allreduce_dgrad` (a column-parallel layer without SP); a row-parallel layer's caller reduces its
+    output. Without gradient accumulation fusion (trainer.parallelize leaves it off)."""
+    from megatron.core.tensor_parallel.mappings import (
+        copy_to_tensor_model_parallel_region,
+        gather_from_sequence_parallel_region,
+    )
+    from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
+
+    if sequence_parallel:
+        input = gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True, group=tp_group)
+    elif allreduce_dgrad:
+        input = copy_to_tensor_model_parallel_region(input, group=tp_group)
+    output = matmul_with_hp_or_float8_args.apply(input, weight.t(), mm_config, config)
+    return output if bias is None else output + bias
 
 
 def float8_config(recipe: str) -> Any:

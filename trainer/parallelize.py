@@ -8,7 +8,8 @@ The steps run in one fixed order (each constraint is commented where it is appli
   2. tensor-parallel swap                  q/k/v/gate/up → ColumnParallelLinear, o/down → RowParallelLinear,
                                            embed_tokens → VocabParallelEmbedding, lm_head → ColumnParallelLinear
   3. materialise + deterministic init      full weights drawn per parameter, this rank's slice copied in
-  3b. FP8 linears                          precision.fp8: decoder-layer nn.Linear → torchao Float8Linear (tp 1)
+  3b. FP8 linears                          precision.fp8: decoder-layer nn.Linear → torchao Float8Linear;
+                                           under TP the megatron layers' local matmul → torchao's FP8 one
   4. sequence-parallel gradient hooks
   5. activation checkpointing              none | selective | core_attention | full, per decoder layer
   6. torch.compile of each decoder layer   parallel.compile (trainer/compile.py), in place: names unchanged

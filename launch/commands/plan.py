@@ -235,8 +235,8 @@ def _report(result: Any, cluster: Any, calib: Any, args: argparse.Namespace) -> 
 def _precision(cfg: Any) -> str:
     if cfg.precision.fp8 == "off":
         return cfg.precision.dtype
-    # FP8 runs tp=1 only (config validation refuses the rest); its matmul speed-up has no GPU measurement to
-    # calibrate on, so the step time counts the FP8 linears at the bf16 rate: an upper bound.
+    # FP8's matmul speed-up has no GPU measurement to calibrate on, so the step time counts the FP8 linears at the
+    # bf16 rate: an upper bound. (Which layouts FP8 runs in is config validation's: rowwise at tp 1 only.)
     return f"{cfg.precision.dtype} + fp8 {cfg.precision.fp8}, priced as {cfg.precision.dtype}: FP8 speed unmeasured"
 
 

@@ -146,13 +146,18 @@ def test_gemm_efficiency_curve_from_a_file(tmp_path: Path) -> None:
     assert bad.returncode == 2 and f"--gemm-efficiency {curve}: width: '512': -1" in bad.stderr
 
 
-def test_fp8_plans_tp1_layouts_priced_as_bf16() -> None:
-    """precision.fp8 runs without TP (config validation refuses the rest) and has no GPU speed to calibrate on: the
-    plan says it prices the FP8 linears at the bf16 rate, and offers only tp 1."""
+def test_fp8_plans_are_priced_as_bf16_and_rowwise_keeps_tp1() -> None:
+    """precision.fp8 has no GPU speed to calibrate on: the plan says it prices the FP8 linears at the bf16 rate.
+    Tensorwise runs under TP where each rank's shards are multiples of 16; rowwise only without TP (config
+    validation refuses the rest, and the plan offers what validation accepts)."""
     out = pretrain("plan", "--config", "configs/1b.yaml", "--nodes", "1", "--gpus-per-node", "8", "--json",
-                   "--top", "50", "precision.fp8=tensorwise")
+                   "--top", "200", "precision.fp8=tensorwise")
     assert out.returncode == 0, out.stderr
-    doc = json.loads(out.stdout)
+    assert {c["layout"]["tp"] for c in json.loads(out.stdout)["candidates"]} > {1}
+    rowwise = pretrain("plan", "--config", "configs/1b.yaml", "--nodes", "1", "--gpus-per-node", "8", "--json",
+                       "--top", "200", "precision.fp8=rowwise")
+    assert rowwise.returncode == 0, rowwise.stderr
+    doc = json.loads(rowwise.stdout)
     assert doc["candidates"] and all(c["layout"]["tp"] == 1 for c in doc["candidates"])
     table = pretrain("plan", "--config", "configs/1b.yaml", "--nodes", "1", "--gpus-per-node", "8",
                      "precision.fp8=tensorwise")

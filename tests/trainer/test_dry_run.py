@@ -79,13 +79,16 @@ def test_the_loss_working_set_is_shown_for_both_losses() -> None:
     assert activations[0] - activations[1] == pytest.approx(2.20 - 0.80, abs=0.06)
 
 
-def test_fp8_is_named_in_the_memory_lines_and_refused_with_tp() -> None:
+def test_fp8_is_named_in_the_memory_lines_and_rowwise_refused_with_tp() -> None:
     out = pretrain("--config", "configs/1b.yaml", "--dry-run", "precision.fp8=rowwise")
     assert out.returncode == 0, out.stderr
     assert "precision.fp8=rowwise: counted as bf16" in out.stdout
     refused = pretrain("--config", "configs/7b.yaml", "--dry-run", "precision.fp8=rowwise")  # 7b.yaml: tp 2
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
-    assert "precision.fp8=rowwise needs parallel.tp=1" in refused.stderr
+    assert "precision.fp8=rowwise with parallel.tp=2" in refused.stderr
+    assert "use precision.fp8=tensorwise" in refused.stderr
+    tensorwise = pretrain("--config", "configs/7b.yaml", "--dry-run", "precision.fp8=tensorwise")
+    assert tensorwise.returncode == 0, tensorwise.stderr
 
 
 def test_uneven_pipeline_stages_from_the_command_line() -> None:

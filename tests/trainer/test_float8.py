@@ -30,7 +30,9 @@ from trainer.testing import run_distributed
 
 @pytest.mark.parametrize(("overrides", "fix"), [
     (["precision.dtype=fp16"], "set precision.dtype=bf16"),
-    (["parallel.tp=2"], "set parallel.tp=1"),
+    (["parallel.tp=2"], "model.intermediate_size / tp 2 (88) is not: change it or parallel.tp"),
+    (["parallel.tp=2", "model.intermediate_size=192", "precision.fp8=rowwise"],
+     "use precision.fp8=tensorwise under TP, or parallel.tp=1"),
     (["model.intermediate_size=184"], "model.intermediate_size (184)"),
     (["train.seq_len=62"], "train.micro_batch_size_per_gpu × train.seq_len (248)"),
 ])
@@ -226,6 +228,51 @@ def test_fp8_steps_the_same_in_every_layout(one_process: dict[str, Any], tmp_pat
     start, want = one_process["start"], one_process["tensorwise"]
     gap = _worst_step_gap(_weights(tmp_path), want, start)
     print(f"{layout}: {gap:.2e} (one process without fp8: {_worst_step_gap(one_process['off'], want, start):.2e})")
+    assert gap <= WEIGHT_REL_TOL, gap
+
+
+def _initial_weights(*overrides: str) -> dict[str, torch.Tensor]:
+    """The deterministic init every layout starts from (drawn in full per name, then sliced: TP-invariant)."""
+    from test_parallelize import build
+
+    pmodel, _ = build(*overrides)
+    return {name: tensor.detach().clone() for name, tensor in pmodel.module.state_dict().items()}
+
+
+# Per-rank shards a multiple of 16 at tp 2: intermediate 192 / 2 = 96 (tiny.yaml's 176 would leave 88).
+FP8_TP_ARGS = [*BASE, "model.intermediate_size=192"]
+
+
+@pytest.fixture(scope="module")
+def one_process_192(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("fp8_tp")
+    out: dict[str, Any] = {"start": _initial_weights("model.intermediate_size=192")}
+    for fp8 in ("tensorwise", "off"):
+        run_distributed(_train, 1, [*FP8_TP_ARGS, f"precision.fp8={fp8}", f"logging.run_dir={root / fp8}"],
+                        timeout_s=300)
+        out[fp8] = _weights(root / fp8)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    ["parallel.tp=2"],
+    ["parallel.tp=2", "parallel.sequence_parallel=true"],
+    ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.activation_checkpointing=selective",
+     "parallel.compile=aot_eager"],
+], ids=["tp2", "tp2-sp", "tp2-sp-selective-compile"])
+def test_fp8_under_tensor_parallelism_steps_like_one_process(one_process_192: dict[str, Any], tmp_path: Path,
+                                                            overrides: list[str]) -> None:
+    """megatron's Column/RowParallelLinear get torchao's FP8 matmul (trainer/float8.py): one step at tp 2 moves the
+    weights as one process does. Each rank scales its own shard; with power-of-two scales that is the whole
+    tensor's scale unless a shard's amax falls a binade lower."""
+    run_distributed(_train, 2, [*FP8_TP_ARGS, "precision.fp8=tensorwise", f"logging.run_dir={tmp_path}", *overrides],
+                    timeout_s=300)
+    start, want = one_process_192["start"], one_process_192["tensorwise"]
+    gap = _worst_step_gap(_weights(tmp_path), want, start)
+    without_fp8 = _worst_step_gap(one_process_192["off"], want, start)
+    print(f"{overrides}: {gap:.2e} (one process without fp8: {without_fp8:.2e})")
+    assert without_fp8 > 10 * WEIGHT_REL_TOL  # FP8 is on in the reference: the same step without it is far off
     assert gap <= WEIGHT_REL_TOL, gap
 
 
