@@ -81,7 +81,8 @@ def _mm_config(module: nn.Module, config: Any) -> Any:
 
 def _float8_parallel_matmul(mm_config: Any, config: Any, *, input: torch.Tensor, weight: torch.Tensor,
                             bias: torch.Tensor | None = None, allreduce_dgrad: bool = False,
-                            sequence_parallel: bool = False, tp_group: Any = None, **_unused: Any) -> torch.Tensor:
+                            sequence_parallel: bool = False, tp_group: Any = None,
+                            gradient_accumulation_fusion: bool = False, **_unused: Any) -> torch.Tensor:
     """megatron's linear_with_grad_accumulation_and_async_allreduce with an FP8 matmul: sequence parallel gathers
     the input over the sequence (its gradient reduce-scattered back), otherwise the input gradient is all-reduced
     over TP when `allreduce_dgrad` (a column-parallel layer without SP); a row-parallel layer's caller reduces its
@@ -92,6 +93,9 @@ def _float8_parallel_matmul(mm_config: Any, config: Any, *, input: torch.Tensor,
     )
     from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
 
+    if gradient_accumulation_fusion:  # megatron would accumulate into weight.main_grad, which autograd here cannot
+        raise NotImplementedError("precision.fp8 under TP runs without megatron's gradient_accumulation_fusion (the "
+                                  "trainer leaves it off): turn it off, or set precision.fp8=off")
     if sequence_parallel:
         input = gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True, group=tp_group)
     elif allreduce_dgrad:
