@@ -56,6 +56,8 @@ class ProfileSummary:
     category_s: dict[str, float]  # device time per category (CPU: ops' own CPU time), largest first
     top: list[dict[str, Any]] = field(default_factory=list)  # the largest kernels: name, calls, time_s
     trace: str | None = None
+    # Kernels (CPU: ops) in the window: per step, with the busy fraction, how much launching there is to hide.
+    num_ops: int = 0
 
     def line(self) -> str:
         total_s = sum(self.category_s.values()) or 1.0
@@ -89,6 +91,7 @@ def comparison_table(summaries: dict[str, ProfileSummary]) -> str:
     if any(s.busy_fraction is not None for s in summaries.values()):
         row("GPU busy %", ["-" if s.busy_fraction is None else f"{100 * s.busy_fraction:.1f}"
                            for s in summaries.values()])
+    row("kernels / ops (count)", [f"{s.num_ops / steps[label]:.0f}" for label, s in summaries.items()])
     for name in categories:
         row(name, [f"{1e3 * s.category_s.get(name, 0.0) / steps[label]:.1f}" for label, s in summaries.items()])
     return "\n".join(lines)
@@ -110,7 +113,7 @@ def summarize(ops: list[TimedOp], wall_s: float, on_gpu: bool, first_step: int, 
                           None if busy is None else min(busy, 1.0),
                           dict(sorted(by_category.items(), key=lambda item: -item[1])),
                           [{"name": name[:160], "category": category(name), "calls": int(calls), "time_s": time_s}
-                           for name, (calls, time_s) in top])
+                           for name, (calls, time_s) in top], num_ops=len(ops))
 
 
 def busy_s(ops: list[TimedOp]) -> float:

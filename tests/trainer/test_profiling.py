@@ -78,7 +78,8 @@ def test_comparison_puts_loops_side_by_side_per_step() -> None:
     lines = comparison_table({"trainer[no_ac]": ours, "hf_compile": theirs}).splitlines()
     assert lines[0].split() == ["ms", "per", "step", "trainer[no_ac]", "hf_compile"]
     assert lines[1].split() == ["wall", "1.0", "0.8"] and lines[2].split() == ["GPU", "busy", "%", "80.0", "75.0"]
-    assert [line.split() for line in lines[3:]] == [["gemm", "0.6", "0.5"], ["other", "0.2", "0.0"],
+    assert lines[3].split() == ["kernels", "/", "ops", "(count)", "2", "2"]  # 3 in 2 steps (rounded), 2 in 1
+    assert [line.split() for line in lines[4:]] == [["gemm", "0.6", "0.5"], ["other", "0.2", "0.0"],
                                                     ["fused", "(inductor)", "0.0", "0.1"]]
 
 

@@ -257,7 +257,7 @@ def test_profiled_runs_are_compared_per_step_and_the_others_named(tmp_path: Path
     assert ("where the step time goes (profiling.*; fast: steps 10-11, rank 0, kernel time; "
             "slow: steps 10-11, rank 0, kernel time)") in text
     table = text.split("kernel time)\n")[1].splitlines()
-    assert table[1].split() == ["wall", "1.0", "1.5"] and table[3].split() == ["gemm", "0.8", "0.9"]
+    assert table[1].split() == ["wall", "1.0", "1.5"] and table[4].split() == ["gemm", "0.8", "0.9"]
     assert "not profiled: plain, broken (profiling.start_step=N profiles steps N and N+1)" in text
     assert f"warning: {broken / 'profile'}: profile summary unreadable" in warn.getvalue()
     plain_out = io.StringIO()
