@@ -14,6 +14,9 @@ What stays in high precision, and why (torchtitan and torchao's own recipes do t
 `Float8Linear.from_float` keeps the `nn.Linear`'s Parameter objects and names, so checkpoints, `init_from`, the HF
 export and resharding see the same state as a bf16 run: a run can switch FP8 on or off across a resume.
 
+Under tensor parallelism the projections are megatron-core's Column/RowParallelLinear instead; their local matmul
+becomes torchao's float8 matmul, with megatron's communication around it (`_convert_tensor_parallel`).
+
 Order in `parallelize`: after the weights are materialised and initialised (the swap keeps them) and before
 activation checkpointing and torch.compile, which then wrap and trace the FP8 layers.
 """
@@ -52,9 +55,10 @@ def convert_to_float8(layers: Iterable[nn.Module], recipe: str, device_type: str
 def _convert_tensor_parallel(layer: nn.Module, config: Any) -> int:
     """Under TP the projections are megatron-core's Column/RowParallelLinear, which torchao's swap does not reach:
     their local matmul (`_forward_impl`) becomes torchao's float8 matmul, with the TP communication megatron's own
-    implementation does around it. Each rank scales its own shard (tensorwise: the shard's amax; rowwise: the rows
-    of its shard), as Transformer Engine does for TP weights; with power-of-two scales a shard's scale equals the
-    whole tensor's unless the shard's amax falls a binade lower. Returns the number of layers converted."""
+    implementation does around it. Each rank scales its own shard by the shard's amax, as Transformer Engine does
+    for TP weights; with power-of-two scales that equals the whole tensor's scale unless the shard's amax falls a
+    binade lower. (Rowwise recipes are refused under TP by config validation: a row-parallel layer splits the rows
+    the scales run along.) Returns the number of layers converted."""
     if "megatron.core.tensor_parallel" not in sys.modules:  # tp 1: no megatron layers (and no slow import)
         return 0
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
