@@ -95,8 +95,14 @@ class MemorySnapshot:
         self.recording = False
 
     def start(self) -> None:
-        # Python stacks only: C++ frames make the dump symbolize for minutes.
-        torch.cuda.memory._record_memory_history(stacks="python", max_entries=MEMORY_HISTORY_MAX_ENTRIES)
+        """Start recording; if this torch cannot (the API is private), say so and let the run go on without it."""
+        try:
+            # Python stacks only: C++ frames make the dump symbolize for minutes.
+            torch.cuda.memory._record_memory_history(stacks="python", max_entries=MEMORY_HISTORY_MAX_ENTRIES)
+        except (RuntimeError, TypeError, AttributeError) as err:
+            log.error("profiling.memory_snapshot: this torch (%s) cannot record CUDA allocations (%s: %s); the run "
+                      "goes on without a snapshot", torch.__version__, type(err).__name__, err)
+            return
         attach = getattr(torch._C, "_cuda_attach_out_of_memory_observer", None)  # private, CUDA builds only
         if attach is not None:
             attach(self._on_out_of_memory)
@@ -108,9 +114,9 @@ class MemorySnapshot:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.cuda.memory._dump_snapshot(str(path))
             log.info("memory snapshot %s (open it in https://pytorch.org/memory_viz)", path)
-        except OSError as err:
+        except (OSError, RuntimeError) as err:
             log.error("memory snapshot not written to %s (%s: %s): the run goes on", path, type(err).__name__,
-                      err.strerror or err)
+                      getattr(err, "strerror", None) or err)
         finally:
             torch.cuda.memory._record_memory_history(enabled=None)
             self.recording = False
