@@ -260,14 +260,16 @@ def one_process_192(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     ["parallel.tp=2", "parallel.sequence_parallel=true"],
     ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.activation_checkpointing=selective",
      "parallel.compile=aot_eager"],
-], ids=["tp2", "tp2-sp", "tp2-sp-selective-compile"])
+    ["parallel.tp=2", "parallel.pp=2"],
+], ids=["tp2", "tp2-sp", "tp2-sp-selective-compile", "tp2-pp2"])
 def test_fp8_under_tensor_parallelism_steps_like_one_process(one_process_192: dict[str, Any], tmp_path: Path,
                                                             overrides: list[str]) -> None:
     """megatron's Column/RowParallelLinear get torchao's FP8 matmul (trainer/float8.py): one step at tp 2 moves the
     weights as one process does. Each rank scales its own shard; with power-of-two scales that is the whole
     tensor's scale unless a shard's amax falls a binade lower."""
-    run_distributed(_train, 2, [*FP8_TP_ARGS, "precision.fp8=tensorwise", f"logging.run_dir={tmp_path}", *overrides],
-                    timeout_s=300)
+    world_size = 4 if "parallel.pp=2" in overrides else 2
+    run_distributed(_train, world_size, [*FP8_TP_ARGS, "precision.fp8=tensorwise", f"logging.run_dir={tmp_path}",
+                                         *overrides], timeout_s=300)
     start, want = one_process_192["start"], one_process_192["tensorwise"]
     gap = _worst_step_gap(_weights(tmp_path), want, start)
     without_fp8 = _worst_step_gap(one_process_192["off"], want, start)
