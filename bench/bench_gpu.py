@@ -192,18 +192,19 @@ def _time_trainer(run: Any, cfg: Config, derived: Derived, args: argparse.Namesp
                   optimizer=type(run.engine.optimizer).__name__,
                   compile_summary=None if warmup_hook is None else warmup_hook.summary,
                   # The dry-run's memory estimate and `pretrain plan`'s step time of this very config (issue 16).
-                  estimate_gib=estimate_memory(cfg, derived).total_bytes / 2**30,
-                  estimate_parts_gib=estimate_parts_gib(cfg, derived),
+                  **estimate_gib(cfg, derived),
                   plan_s_per_step=planned_step_s(cfg, derived, args.plan_gpu),
                   profile=None if profiler_hook is None or profiler_hook.summary is None
                   else profiler_hook.summary.as_dict())
     return result
 
 
-def estimate_parts_gib(cfg: Config, derived: Derived) -> dict[str, float]:
+def estimate_gib(cfg: Config, derived: Derived) -> dict[str, Any]:
+    """The dry-run's memory estimate of this config, in total and by part."""
     memory = estimate_memory(cfg, derived)
-    return {part: getattr(memory, f"{part}_bytes") / 2**30
-            for part in ("weights", "grads", "optimizer", "activations", "buffers")}
+    return {"estimate_gib": memory.total_bytes / 2**30,
+            "estimate_parts_gib": {part: getattr(memory, f"{part}_bytes") / 2**30
+                                   for part in ("weights", "grads", "optimizer", "activations", "buffers")}}
 
 
 def memory_split_line(row: dict[str, Any]) -> str | None:
@@ -218,8 +219,12 @@ def memory_split_line(row: dict[str, Any]) -> str | None:
             f"{row['peak_memory_gib'] - after_gib:.2f} GiB (estimate: grads + activations + buffers {step_gib:.2f})")
 
 
+def out_path(args: argparse.Namespace) -> Path:
+    return Path(args.out) if args.out else REPO / "bench" / "out" / f"bench_gpu_{args.device}.json"
+
+
 def trace_dir(args: argparse.Namespace, label: str) -> Path:
-    out = Path(args.out) if args.out else REPO / "bench" / "out" / "bench_gpu.json"
+    out = out_path(args)
     return out.parent / f"{out.stem}_traces" / re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")
 
 
@@ -404,7 +409,7 @@ def main() -> int:
               "flops_per_token": flops, "peak_tflops": peak, "rows": [], "complete": False,
               "torch": torch.__version__, "python": platform.python_version(),
               "measured_at_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    out = Path(args.out) if args.out else REPO / "bench" / "out" / f"bench_gpu_{ctx.device.type}.json"
+    out = out_path(args)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def measured(rows: list[dict[str, Any]]) -> None:
@@ -416,8 +421,8 @@ def main() -> int:
         print_table([row], header=None)
         if row.get("profile"):
             print(f"  {ProfileSummary(**row['profile']).line()}")
-        if memory_split_line(row):
-            print(memory_split_line(row))
+        if memory_line := memory_split_line(row):
+            print(memory_line)
         write_report(out, {**report, "rows": rows})
 
     try:

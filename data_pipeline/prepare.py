@@ -261,11 +261,11 @@ def _files_with_text_column(files: list[SourceFile], config: PrepareConfig,
     lacking: list[tuple[SourceFile, list[str], int]] = []
     for src in files:
         try:
-            names_and_rows = _columns_and_rows(src)
+            names = _column_names(src)
+            if names is not None and config.text_key not in names:
+                lacking.append((src, names, _row_count(src)))
         except Exception:  # noqa: BLE001 - a corrupt file is reported (corrupt_parquet/arrow) when it is read
             continue
-        if names_and_rows is not None and config.text_key not in names_and_rows[0]:
-            lacking.append((src, *names_and_rows))
     if lacking and not config.skip_files_without_text_key:
         listed = "\n".join(f"  - {src.name}: columns {', '.join(names[:12]) or '(none)'}" for src, names, _ in lacking)
         raise DataPipelineError(
@@ -279,22 +279,31 @@ def _files_with_text_column(files: list[SourceFile], config: PrepareConfig,
     return [src for src in files if id(src) not in skipped]
 
 
-def _columns_and_rows(src: SourceFile) -> tuple[list[str], int] | None:
-    """A columnar file's column names and row count (parquet: its footer; arrow: its schema and batches); None for
-    the other formats."""
+def _column_names(src: SourceFile) -> list[str] | None:
+    """A parquet or arrow file's column names (its footer / its schema message only); None for other formats."""
     kind = file_format(src.path)[0]
     if kind == "parquet":
         import pyarrow.parquet as pq
 
-        metadata = pq.read_metadata(src.path)
-        return metadata.schema.to_arrow_schema().names, metadata.num_rows
+        return pq.read_schema(src.path).names
     if kind == "arrow":
         import pyarrow as pa
 
         with pa.OSFile(str(src.path)) as source:
-            reader = open_arrow(source)
-            return reader.schema.names, sum(batch.num_rows for batch in arrow_batches(reader))
+            return open_arrow(source).schema.names
     return None
+
+
+def _row_count(src: SourceFile) -> int:
+    """Rows of a parquet (its footer) or arrow file (every batch: read only for a file that is skipped)."""
+    if file_format(src.path)[0] == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_metadata(src.path).num_rows
+    import pyarrow as pa
+
+    with pa.OSFile(str(src.path)) as source:
+        return sum(batch.num_rows for batch in arrow_batches(open_arrow(source)))
 
 
 def _prepare_output_dir(out_dir: Path, overwrite: bool) -> None:

@@ -51,13 +51,12 @@ def field_comments(cls: type) -> dict[str, str]:
     """Each field's comment in the class body: the comment lines right above it plus the one at the end of its line."""
     source = textwrap.dedent(inspect.getsource(cls))
     comments: dict[int, str] = {}
-    firsts: dict[int, tuple[str, int]] = {}  # line → (first token, its column)
+    code_lines: set[int] = set()  # lines with a token other than a comment: a comment there trails code
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
-        line = token.start[0]
         if token.type == tokenize.COMMENT:
-            comments[line] = token.string.lstrip("#").strip()
-        elif token.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT) and line not in firsts:
-            firsts[line] = (token.string, token.start[1])
+            comments[token.start[0]] = token.string.lstrip("#").strip()
+        elif token.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
+            code_lines.add(token.start[0])
     lines = source.splitlines()
     found: dict[str, str] = {}
     for number, text in enumerate(lines, start=1):
@@ -66,10 +65,10 @@ def field_comments(cls: type) -> dict[str, str]:
                 and name in getattr(cls, "model_fields", {})):
             continue
         above, previous = [], number - 1
-        while previous in comments and firsts.get(previous, ("#", 0))[0].startswith("#"):
+        while previous in comments and previous not in code_lines:
             above.insert(0, comments[previous])
             previous -= 1
-        trailing = comments.get(number) if not firsts.get(number, ("", 0))[0].startswith("#") else None
+        trailing = comments.get(number)
         found[name] = " ".join([*above, *([trailing] if trailing else [])])
     return found
 
@@ -111,7 +110,7 @@ def type_text(annotation: Any, metadata: list[Any] | tuple[Any, ...] = ()) -> st
         return type_text(args[0], [*args[1:], *metadata])
     bounds = _bounds_text(metadata)
     if origin is typing.Literal:
-        return " \\| ".join(str(arg) for arg in args)
+        return " | ".join(str(arg) for arg in args)
     if origin in (typing.Union, types.UnionType):
         parts = [type_text(arg) for arg in args if arg is not type(None)]
         return " or ".join(parts) + (" or null" if type(None) in args else "")
@@ -190,7 +189,7 @@ def _cell(text: str) -> str:
     parts = text.split("`")
     for i in range(0, len(parts), 2):  # even parts are outside code spans
         parts[i] = parts[i].replace("<", "&lt;").replace("*", "\\*")
-    return "`".join(parts).replace("|", "\\|").replace("\\\\|", "\\|")
+    return "`".join(parts).replace("|", "\\|")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,23 +63,23 @@ def _convert_tensor_parallel(layer: nn.Module, config: Any) -> int:
         return 0
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-    converted = 0
-    for module in layer.modules():
-        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+    parallel = [m for m in layer.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+    if parallel:
+        matmul = functools.partial(_float8_parallel_matmul, _mm_config(config), config)
+        for module in parallel:
             # An instance attribute, not a bound method: megatron calls self._forward_impl(input=..., weight=...).
-            module._forward_impl = functools.partial(_float8_parallel_matmul, _mm_config(module, config), config)
-            converted += 1
-    return converted
+            module._forward_impl = matmul
+    return len(parallel)
 
 
-def _mm_config(module: nn.Module, config: Any) -> Any:
-    """torchao's LinearMMConfig for `config` (the _scaled_mm settings of the three matmuls), as its Float8Linear
-    builds it for a linear of this shape (on the meta device: no memory)."""
+def _mm_config(config: Any) -> Any:
+    """torchao's LinearMMConfig for `config` (the _scaled_mm settings of the three matmuls, not shape-dependent), as
+    its Float8Linear builds it (for a linear on the meta device: no memory)."""
     _torchao_float8(quiet=True)
     from torchao.float8.float8_linear import Float8Linear as float8_linear
 
     with torch.device("meta"):
-        shape_only = nn.Linear(module.weight.shape[1], module.weight.shape[0], bias=False)
+        shape_only = nn.Linear(16, 16, bias=False)
     return float8_linear.from_float(shape_only, config=config).linear_mm_config
 
 

@@ -133,9 +133,9 @@ def read_summary(path: Path) -> ProfileSummary:
 
 def newest_summary(profile_dir: Path) -> ProfileSummary | None:
     """The run's last profiled window (newest file), lowest profiled rank in it; None when nothing was profiled."""
-    windows = [p for p in profile_dir.glob("steps_*") if any(p.glob("rank*_summary.json"))]
-    if not windows:
+    files = list(profile_dir.glob("steps_*/rank*_summary.json"))
+    if not files:
         return None
-    newest = max(windows, key=lambda p: max(f.stat().st_mtime for f in p.glob("rank*_summary.json")))
-    rank_files = sorted(newest.glob("rank*_summary.json"), key=lambda f: int(re.sub(r"\D", "", f.name) or 0))
-    return read_summary(rank_files[0])
+    newest = max(files, key=lambda f: f.stat().st_mtime).parent
+    in_newest = [f for f in files if f.parent == newest]
+    return read_summary(min(in_newest, key=lambda f: int(re.sub(r"\D", "", f.name) or 0)))

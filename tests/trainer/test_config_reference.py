@@ -49,7 +49,7 @@ def test_comments_above_and_beside_a_field_are_both_its_meaning() -> None:
 
 def test_types_read_as_a_user_writes_them() -> None:
     by_path = {key.path: key for key in keys()}
-    assert by_path["parallel.activation_checkpointing"].type == "none \\| selective \\| core_attention \\| full"
+    assert by_path["parallel.activation_checkpointing"].type == "none | selective | core_attention | full"
     assert by_path["optim.betas"].type == "list of (float ≥ 0.0, < 1.0), length 2"
     assert by_path["launch.cpus_per_task"].type == "int ≥ 1 or null"
     assert by_path["data.datasets"].type == "list of {path, weight}"
