@@ -149,7 +149,13 @@ class OptimConfig(_Section):
     lr: PositiveFloat = 3e-4  # peak learning rate, reached at the end of warmup
     min_lr_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1  # floor = lr * min_lr_ratio, reached at max_steps
     warmup_steps: NonNegativeInt = 0  # linear warmup from 0 to lr
-    decay: Literal["cosine", "linear", "constant"] = "cosine"  # after warmup, lr → lr * min_lr_ratio at max_steps
+    # The decay's shape, lr → lr * min_lr_ratio at max_steps. 1-sqrt: 1 - sqrt(progress), the cooldown of
+    # warmup-stable-decay runs (Hägele et al. 2024); constant: lr stays at its peak after warmup.
+    decay: Literal["cosine", "linear", "1-sqrt", "constant"] = "cosine"
+    # None: the decay spans every step after warmup. N: lr holds at its peak until step max_steps - N, then decays over
+    # the last N steps (warmup-stable-decay, WSD): the run can be extended, or a cooldown branched from any
+    # stable-phase checkpoint by resuming with a new max_steps, and the LR curve stays the one planned.
+    decay_steps: PositiveInt | None = None
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.1  # AdamW's decoupled decay, off for what no_decay_on names
     # Adam's beta1, beta2
     betas: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(default=[0.9, 0.95], min_length=2, max_length=2)
@@ -464,7 +470,21 @@ def _schedule_problems(cfg: Config) -> list[str]:
             f"optim.warmup_steps ({cfg.optim.warmup_steps}) must not exceed train.max_steps ({cfg.train.max_steps}): "
             f"lower warmup_steps or raise max_steps"
         )
-    return problems
+    return problems + _decay_steps_problems(cfg.optim, cfg.train.max_steps)
+
+
+def _decay_steps_problems(optim: OptimConfig, max_steps: int) -> list[str]:
+    if optim.decay_steps is None:
+        return []
+    if optim.decay == "constant":
+        return [f"optim.decay_steps ({optim.decay_steps}) needs a decay shape, and optim.decay is constant: set "
+                f"optim.decay to 1-sqrt, linear or cosine, or remove decay_steps"]
+    after_warmup = max_steps - optim.warmup_steps
+    if optim.decay_steps > after_warmup:
+        return [f"optim.decay_steps ({optim.decay_steps}) is longer than the steps after warmup (train.max_steps - "
+                f"optim.warmup_steps = {after_warmup}): lower decay_steps, raise max_steps, or leave decay_steps "
+                f"unset to decay over every step after warmup"]
+    return []
 
 
 def _profiling_problems(cfg: Config) -> list[str]:

@@ -5,9 +5,9 @@
 The optimizer (AdamW, torch implementation) and precision (fp32 / bf16 / fp16 with dynamic loss scaling) come from
 the generated DeepSpeed config (trainer.deepspeed_config); this module adds what that JSON cannot say:
 - parameter groups: weight decay off for norms / biases / embeddings as `optim.no_decay_on` says;
-- the LR schedule: linear warmup, then cosine or linear decay to `lr * min_lr_ratio` at `train.max_steps` (a
-  LambdaLR that DeepSpeed steps after every applied optimizer step; fp16 overflow steps are skipped and do not
-  advance it);
+- the LR schedule: linear warmup, then cosine, linear or 1-sqrt decay to `lr * min_lr_ratio` at `train.max_steps`,
+  over every step after warmup or, with `optim.decay_steps`, the last ones only (warmup-stable-decay); a LambdaLR
+  that DeepSpeed steps after every applied optimizer step (fp16 overflow steps are skipped and do not advance it);
 - the process groups: `DeepSpeedMPU(ctx)` (pp == 1) or the PipelineModule's own grid (pp > 1).
 """
 
@@ -36,16 +36,27 @@ log = logging.getLogger(__name__)
 def lr_multiplier(step: int, optim: OptimConfig, max_steps: int) -> float:
     """Factor on `optim.lr` for optimizer step `step` (0-based: the number of steps already taken).
 
-    Warmup reaches the peak at its last step ((step + 1) / warmup, so step 0 already learns); the decay then runs
-    from the peak at step `warmup_steps` towards `min_lr_ratio` at step `max_steps` (the step after the last).
+    Warmup reaches the peak at its last step ((step + 1) / warmup, so step 0 already learns); the LR then holds at
+    the peak until the decay starts (at `warmup_steps`, or `max_steps - decay_steps` for warmup-stable-decay) and
+    decays towards `min_lr_ratio` at step `max_steps` (the step after the last).
     """
     if step < optim.warmup_steps:
         return (step + 1) / optim.warmup_steps
     if optim.decay == "constant":
         return 1.0
-    progress = min(1.0, (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps))
-    shape = 1.0 - progress if optim.decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-    return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * shape
+    decay_start = optim.warmup_steps if optim.decay_steps is None else max_steps - optim.decay_steps
+    if step < decay_start:
+        return 1.0
+    progress = min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
+    return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * _DECAY_SHAPES[optim.decay](progress)
+
+
+# Each decay's share of the way from the peak (1 at progress 0) to the floor (0 at progress 1).
+_DECAY_SHAPES = {
+    "linear": lambda progress: 1.0 - progress,
+    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
+    "1-sqrt": lambda progress: 1.0 - math.sqrt(progress),
+}
 
 
 def exempt_from_weight_decay(name: str, rules: NoDecayConfig) -> bool:

@@ -82,7 +82,14 @@ def nothing_to_do_message(cfg: Config, step: int) -> str:
     more = max(2 * cfg.train.max_steps, step + 1)
     return (f"already at train.max_steps={cfg.train.max_steps} (checkpoint step_{step} in {cfg.checkpoint_dir}): "
             f"nothing to do. To train longer, run the same command with train.max_steps={more} (it resumes from "
-            f"step_{step}); to start over, use another logging.run_dir or checkpoint.resume=none")
+            f"step_{step}{_schedule_hint(cfg)}); to start over, use another logging.run_dir or "
+            f"checkpoint.resume=none")
+
+
+def _schedule_hint(cfg: Config) -> str:
+    if cfg.optim.decay == "constant":
+        return ""
+    return "; the LR schedule is recomputed for the new length, so a decayed LR rises again: docs/training.md"
 
 
 def check_before_build(cfg: Config, ctx: Any) -> int | None:

@@ -59,6 +59,7 @@ def run(world_size: int, overrides: list[str], run_dir: Path, forbid_pickle: boo
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     final = run_dir / "checkpoints" / "step_6"
     return {"losses": {r["step"]: r["loss"] for r in records if r["kind"] == "train"},
+            "lrs": {r["step"]: r["lr"] for r in records if r["kind"] == "train"},
             "checkpoints": run_dir / "checkpoints", "final": final, "meta": read_metadata(final),
             "tensors": {kind: dict(iter_full_tensors(final, kind)) for kind in ("param", "exp_avg", "exp_avg_sq")}}
 
@@ -130,3 +131,23 @@ def test_resume_in_another_layout_continues_the_same_losses(layout: str, world_s
             torch.testing.assert_close(resumed["tensors"][kind][name], tensor, rtol=1e-4, atol=1e-5)
     assert resumed["meta"]["topology"]["world_size"] == world_size
     assert resumed["meta"]["consumed_samples"] == source["meta"]["consumed_samples"]
+
+
+def test_a_cooldown_branched_from_a_stable_checkpoint_is_the_planned_wsd_run(tmp_path: Path) -> None:
+    """Warmup-stable-decay as it is used: train at the peak LR with no end in mind, then branch a cooldown from a
+    stable-phase checkpoint by resuming with a decay. That must be the run that planned the decay from the start."""
+    wsd = ["optim.decay=1-sqrt", "optim.decay_steps=3"]  # warmup: steps 1-2; peak: 3-4 (the decay's first); decay: 5-6
+    planned = run(1, wsd, tmp_path / "planned")
+    stable = run(1, ["optim.decay=constant"], tmp_path / "stable")
+    cooldown = run(1, [*wsd, f"checkpoint.resume={stable['checkpoints'] / 'step_4'}"], tmp_path / "cooldown")
+    peak_lr = load_config(TINY).optim.lr
+    assert [planned["lrs"][s] for s in (3, 4)] == [peak_lr] * 2
+    assert planned["lrs"][5] == pytest.approx(peak_lr * (0.1 + 0.9 * (1 - (1 / 3) ** 0.5)), rel=1e-12)
+    assert [stable["lrs"][s] for s in (1, 2, 3, 4)] == [planned["lrs"][s] for s in (1, 2, 3, 4)]
+    assert stable["lrs"][5] == peak_lr  # what the branch changes
+    assert list(cooldown["losses"]) == [5, 6]
+    assert [cooldown["lrs"][s] for s in (5, 6)] == [planned["lrs"][s] for s in (5, 6)]
+    assert [cooldown["losses"][s] for s in (5, 6)] == [planned["losses"][s] for s in (5, 6)]
+    for kind, tensors in planned["tensors"].items():
+        for name, tensor in tensors.items():
+            assert torch.equal(cooldown["tensors"][kind][name], tensor), (kind, name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -40,6 +41,47 @@ def test_decay_goes_from_peak_to_floor_at_max_steps(decay: str) -> None:
         assert lr_multiplier(6, o, max_steps=20) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 2 / 16)))
     else:
         assert lr_multiplier(6, o, max_steps=20) == pytest.approx(0.1 + 0.9 * (1 - 2 / 16))
+
+
+def test_one_minus_sqrt_decay() -> None:
+    o = optim(decay="1-sqrt")
+    assert lr_multiplier(4, o, max_steps=20) == 1.0
+    assert lr_multiplier(8, o, max_steps=20) == pytest.approx(0.1 + 0.9 * (1 - math.sqrt(4 / 16)))  # 0.55
+    assert lr_multiplier(20, o, max_steps=20) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear", "1-sqrt"])
+def test_warmup_stable_decay_holds_the_peak_until_the_last_decay_steps(decay: str) -> None:
+    wsd = optim(decay=decay, decay_steps=6)
+    factors = [lr_multiplier(step, wsd, max_steps=20) for step in range(21)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4:15] == [1.0] * 11  # stable until step max_steps - decay_steps = 14
+    assert 0.1 < factors[16] < factors[15] < 1.0
+    assert factors[20] == pytest.approx(0.1)
+    # The decay over the last 6 steps is the whole-run decay of a run whose warmup ends where it starts.
+    spanning = optim(decay=decay, warmup_steps=14)
+    assert factors[14:] == pytest.approx([lr_multiplier(step, spanning, max_steps=20) for step in range(14, 21)])
+    # decay_steps = every step after warmup is the default schedule
+    assert [lr_multiplier(s, optim(decay=decay, decay_steps=16), 20) for s in range(21)] == pytest.approx(
+        [lr_multiplier(s, optim(decay=decay), 20) for s in range(21)])
+
+
+def test_a_wsd_run_extended_before_its_decay_keeps_its_lr_curve() -> None:
+    wsd = optim(decay="1-sqrt", decay_steps=5)
+    short = [lr_multiplier(step, wsd, max_steps=20) for step in range(15)]
+    assert short == [lr_multiplier(step, wsd, max_steps=40) for step in range(15)]
+    cosine = optim(decay="cosine")  # what decays over the whole run changes under an extended max_steps
+    assert [lr_multiplier(s, cosine, 20) for s in range(15)] != [lr_multiplier(s, cosine, 40) for s in range(15)]
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["optim.decay=constant", "optim.decay_steps=4"], "needs a decay shape, and optim.decay is constant"),
+    (["optim.warmup_steps=3", "optim.decay_steps=8", "train.max_steps=10"],
+     "longer than the steps after warmup (train.max_steps - optim.warmup_steps = 7)"),
+])
+def test_decay_steps_that_cannot_run_are_refused(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(TINY, overrides)
 
 
 def test_constant_and_no_warmup() -> None:
