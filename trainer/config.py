@@ -174,6 +174,10 @@ class TrainConfig(_Section):
     eval_interval_steps: NonNegativeInt = 1000  # 0: no periodic eval
     # Global batches per eval: eval_steps × global_batch_size validation samples, the same set for any tp/pp/dp.
     eval_steps: NonNegativeInt = 20
+    # PaLM's auxiliary z-loss: the objective becomes cross entropy + this × mean over tokens of (log Z)², Z the
+    # softmax normaliser, which keeps the output logits from drifting (PaLM, OLMo 2: 1e-4; 0: off). The logged `loss`
+    # and val_loss stay the cross entropy; the weighted term is logged as `z_loss`.
+    z_loss_weight: Annotated[float, Field(ge=0.0)] = 0.0
 
     @property
     def eval_enabled(self) -> bool:

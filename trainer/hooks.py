@@ -164,6 +164,22 @@ def data_mixture_metrics(loader: Any) -> dict[str, Any]:
     epochs = {f"epochs/{name}": value for name, value in loader.epochs_per_source().items()}
     return {**tokens, **epochs}
 
+def z_loss_metrics(run: RunContext) -> dict[str, float]:
+    """`z_loss`: the weighted z term per micro-batch, averaged like `loss` (train.z_loss_weight > 0). Collective:
+    every rank sums what its loss recorded (only the pipeline stage with the head records; TP ranks record the same
+    value, and only DP and PP are summed over) since the last log step."""
+    if run.model.z_loss is None:
+        return {}
+    total, micro_batches = run.model.z_loss.take()
+    sums = torch.stack([torch.zeros((), device=run.ctx.device) if total is None else total.detach().float(),
+                        torch.tensor(float(micro_batches), device=run.ctx.device)])
+    dist.all_reduce(sums, group=run.ctx.dp_group)
+    if run.ctx.pp > 1:
+        dist.all_reduce(sums, group=run.ctx.pp_group)
+    z_sum, count = sums.tolist()
+    return {"z_loss": z_sum / count if count else math.nan}
+
+
 class MetricsHook(Hook):
     """Loss, LR, grad norm, loss scale, throughput, TFLOP/s, MFU, memory and data wait every
     train.log_interval_steps (and at the last step); validation loss and perplexity after each eval. The loss is
@@ -234,6 +250,7 @@ class MetricsHook(Hook):
             "mfu": None if self._peak_tflops is None else tflops_per_gpu / self._peak_tflops,
             "step_time_s": interval_s / self._steps,
             "data_wait_s": self._data_wait_s / self._steps,  # per step, on the logging rank
+            **z_loss_metrics(run),
             **memory_metrics(ctx.device),
             **data_mixture_metrics(run.train_loader),
         }
@@ -329,6 +346,8 @@ def format_metrics(step: int, max_steps: int, m: dict[str, Any]) -> str:
     if m["kind"] == "eval":
         return f"step {step}/{max_steps} | val_loss {m['val_loss']:.4f} | val_ppl {m['val_ppl']:.2f}"
     parts = [f"step {step}/{max_steps}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}"]
+    if "z_loss" in m:
+        parts.insert(2, f"z_loss {m['z_loss']:.3g}")
     if m["grad_norm"] is not None:
         parts.append(f"grad_norm {m['grad_norm']:.3f}")
     if m["loss_scale"] is not None:

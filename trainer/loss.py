@@ -17,12 +17,19 @@ Under tensor parallelism each rank holds V/tp columns; the row max, Σ exp and t
 TP group (two all-reduces per chunk, as megatron's vocab_parallel_cross_entropy does for the whole batch), so every
 TP rank returns the same loss and its own shard's gradient.
 
+With a `ZLoss` (train.z_loss_weight > 0) the gradient is that of cross entropy + weight · mean (log Z)², PaLM's
+auxiliary z-loss (Z: the softmax normaliser, so log Z is the log-sum-exp each chunk computes anyway): its gradient
+2 · weight · log Z · softmax joins the cross entropy's in the same per-chunk pass, nothing else is computed. The
+returned loss stays the cross entropy (what HF's models report, what val_loss measures); the weighted z term of
+each training micro-batch is summed into the `ZLoss` for the logs.
+
 Plain torch: runs on CPU and GPU alike; the model stays eager here (the decoder layers are what trainer.compile
 compiles).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,40 +41,63 @@ import torch.nn.functional as F
 DEFAULT_CHUNK_BYTES = 128 * 2**20
 
 
+@dataclass
+class ZLoss:
+    """PaLM's auxiliary z-loss: `weight` · (log Z)² per token, averaged like the cross entropy (PaLM and OLMo 2 use
+    weight 1e-4): it keeps log Z near 0, so the output logits cannot drift (bf16 loses their precision as they
+    grow). The loss functions put its gradient into backward and, for training calls, add the weighted term of the
+    micro-batch to `total` (a device tensor: no host sync); `take` hands the sum to the logs and starts anew."""
+
+    weight: float
+    total: torch.Tensor | None = None
+    micro_batches: int = 0
+
+    def record(self, lse: torch.Tensor, keep: torch.Tensor, count: torch.Tensor) -> None:
+        term = self.weight * (lse.square() * keep).sum() / count.clamp(min=1)
+        self.total = term if self.total is None else self.total + term
+        self.micro_batches += 1
+
+    def take(self) -> tuple[torch.Tensor | None, int]:
+        taken = self.total, self.micro_batches
+        self.total, self.micro_batches = None, 0
+        return taken
+
+
 def chunked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int | None = None,
-                    ignore_index: int = -100, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
+                    ignore_index: int = -100, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                    z_loss: ZLoss | None = None) -> torch.Tensor:
     """`trainer.model.lm_loss` without fp32 logits for the whole micro-batch. logits: (B, T, V_padded), any float
     dtype; labels: (B, T). Only the first `vocab_size` columns (None: all) enter the softmax."""
     real_columns = logits.shape[-1] if vocab_size is None else min(vocab_size, logits.shape[-1])
-    return _chunked(logits, labels, real_columns, 0, None, ignore_index, chunk_bytes)
+    return _chunked(logits, labels, real_columns, 0, None, ignore_index, chunk_bytes, z_loss)
 
 
 def chunked_vocab_parallel_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, tp_rank: int,
                                    tp_group: Any, ignore_index: int = -100,
-                                   chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
+                                   chunk_bytes: int = DEFAULT_CHUNK_BYTES, z_loss: ZLoss | None = None) -> torch.Tensor:
     """The same loss for vocab-parallel logits: (B, T, V_padded/tp) on each TP rank, labels (B, T) global ids.
     Every rank of `tp_group` must call it with its own shard; each returns the same loss."""
     shard_columns = logits.shape[-1]
     vocab_start = tp_rank * shard_columns
     real_columns = min(max(vocab_size - vocab_start, 0), shard_columns)  # the last ranks may hold only padding
-    return _chunked(logits, labels, real_columns, vocab_start, tp_group, ignore_index, chunk_bytes)
+    return _chunked(logits, labels, real_columns, vocab_start, tp_group, ignore_index, chunk_bytes, z_loss)
 
 
 def _chunked(logits: torch.Tensor, labels: torch.Tensor, real_columns: int, vocab_start: int, group: Any,
-             ignore_index: int, chunk_bytes: int) -> torch.Tensor:
+             ignore_index: int, chunk_bytes: int, z_loss: ZLoss | None) -> torch.Tensor:
     # (T*B, V) in Llama's native (T, B) order: logits are a (B, T) view of a (T, B, V) tensor, so this is free.
     flat_logits = logits.transpose(0, 1).reshape(-1, logits.shape[-1])
     flat_labels = labels.transpose(0, 1).reshape(-1)
     # From the shard width, not the real columns: every TP rank must run the same number of chunks (collectives).
     rows_per_chunk = max(1, chunk_bytes // (4 * flat_logits.shape[-1]))
-    if group is None and 2 * flat_logits.shape[0] <= rows_per_chunk:
+    if group is None and z_loss is None and 2 * flat_logits.shape[0] <= rows_per_chunk:
         # Half a chunk holds the whole micro-batch: torch's own cross entropy on an fp32 copy (its saved log-softmax
         # and fp32 gradient included: 3 such copies <= the 2 chunks the memory estimate counts) skips this module's
         # Python loop, 0.3 ms of each micro-batch on the tiny CPU model. Same value (1e-6) and gradient semantics:
         # autograd scales the fp32 gradient by the incoming one before rounding it to the logits' dtype.
         return F.cross_entropy(flat_logits[:, :real_columns].float(), flat_labels, ignore_index=ignore_index)
     return _ChunkedCrossEntropy.apply(flat_logits, flat_labels, real_columns, vocab_start, group, ignore_index,
-                                      rows_per_chunk)
+                                      rows_per_chunk, z_loss)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -79,7 +109,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, labels: torch.Tensor, real_columns: int, vocab_start: int,
-                group: Any, ignore_index: int, rows_per_chunk: int) -> torch.Tensor:
+                group: Any, ignore_index: int, rows_per_chunk: int, z_loss: ZLoss | None) -> torch.Tensor:
         keep = labels != ignore_index  # (N,); the same on every TP rank
         lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)  # (N,)
         loss_sum = torch.zeros((), dtype=torch.float32, device=logits.device)
@@ -90,8 +120,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             lse[rows] = chunk_lse
             loss_sum += ((chunk_lse - label_logit) * keep[rows]).sum()
         count = keep.sum()
+        if z_loss is not None and ctx.needs_input_grad[0]:  # training, not evaluation
+            z_loss.record(lse, keep, count)
         ctx.save_for_backward(logits, labels, keep, lse, count)
         ctx.chunking = (real_columns, vocab_start, rows_per_chunk)
+        ctx.z_loss_weight = 0.0 if z_loss is None else z_loss.weight
         return loss_sum / count  # all labels ignored: 0/0 = NaN, like torch's cross_entropy
 
     @staticmethod
@@ -103,8 +136,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         for start in range(0, logits.shape[0], rows_per_chunk):
             rows = slice(start, start + rows_per_chunk)
             grad[rows, :real_columns] = _softmax_minus_one_hot(logits[rows, :real_columns], lse[rows], labels[rows],
-                                                               keep[rows], real_columns, vocab_start, scale)
-        return grad, None, None, None, None, None, None
+                                                               keep[rows], real_columns, vocab_start, scale,
+                                                               ctx.z_loss_weight)
+        return grad, None, None, None, None, None, None, None
 
 
 def _local_labels(labels: torch.Tensor, keep: torch.Tensor, real_columns: int,
@@ -144,7 +178,7 @@ def _lse_and_label_logit(logits: torch.Tensor, labels: torch.Tensor, keep: torch
 
 def fused_linear_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int,
                          tp_rank: int = 0, tp_group: Any = None, ignore_index: int = -100,
-                         chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
+                         chunk_bytes: int = DEFAULT_CHUNK_BYTES, z_loss: ZLoss | None = None) -> torch.Tensor:
     """lm_head and the loss in one: hidden (B, T, H) after the final norm, weight (V_padded/tp, H) = this rank's
     lm_head.weight, labels (B, T) → the same mean loss as the chunked loss over `hidden @ weight.T`, but no logits
     exist beyond one chunk of tokens: neither the (B, T, V) logits nor their gradient (2 × 1 GB in bf16 at the 1B
@@ -167,13 +201,14 @@ def fused_linear_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     # From the shard width, not the real columns: every TP rank must run the same number of chunks (collectives).
     rows_per_chunk = max(1, chunk_bytes // (4 * shard_rows))
     return _FusedLinearCrossEntropy.apply(flat_hidden, weight, flat_labels, real_columns, vocab_start, tp_group,
-                                          ignore_index, rows_per_chunk)
+                                          ignore_index, rows_per_chunk, z_loss)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, real_columns: int,
-                vocab_start: int, group: Any, ignore_index: int, rows_per_chunk: int) -> torch.Tensor:
+                vocab_start: int, group: Any, ignore_index: int, rows_per_chunk: int,
+                z_loss: ZLoss | None) -> torch.Tensor:
         keep = labels != ignore_index
         real_weight = weight[:real_columns]  # (V_real, H) view: padding rows never enter the softmax
         # needs_input_grad is False for both under torch.no_grad() (evaluation): then only the loss is computed.
@@ -181,18 +216,24 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if want_grad else None
         grad_weight = torch.zeros(real_weight.shape, dtype=torch.float32, device=weight.device) if want_grad else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        z_weight = 0.0 if z_loss is None else z_loss.weight
+        all_lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device) if z_weight else None
         for start in range(0, hidden.shape[0], rows_per_chunk):
             rows = slice(start, start + rows_per_chunk)
             logits = hidden[rows] @ real_weight.t()  # (n, V_real): the only logits that exist
             lse, label_logit = _lse_and_label_logit(logits, labels[rows], keep[rows], real_columns, vocab_start,
                                                     group)
             loss_sum += ((lse - label_logit) * keep[rows]).sum()
+            if all_lse is not None:
+                all_lse[rows] = lse
             if want_grad:
                 grad_logits = _softmax_minus_one_hot(logits, lse, labels[rows], keep[rows], real_columns,
-                                                     vocab_start).to(hidden.dtype)
+                                                     vocab_start, z_loss_weight=z_weight).to(hidden.dtype)
                 grad_hidden[rows] = grad_logits @ real_weight  # in the model dtype, as lm_head's backward would
                 grad_weight += grad_logits.t() @ hidden[rows]  # (V, H) in the model dtype, summed in fp32
         count = keep.sum()
+        if z_loss is not None and want_grad:
+            z_loss.record(all_lse, keep, count)
         ctx.save_for_backward(grad_hidden, grad_weight, count)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         ctx.padded_rows = weight.shape[0]
@@ -208,14 +249,18 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         torch.mul(grad_weight, scale, out=grad_w[: grad_weight.shape[0]])  # padding rows stay exactly zero
         grad_h = torch.mul(grad_hidden, scale, out=torch.empty(grad_hidden.shape, dtype=hidden_dtype,
                                                                device=grad_hidden.device))
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 def _softmax_minus_one_hot(logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor,
-                           real_columns: int, vocab_start: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+                           real_columns: int, vocab_start: int, scale: torch.Tensor | None = None,
+                           z_loss_weight: float = 0.0) -> torch.Tensor:
     """d(Σ loss)/d logits for one chunk of this shard's real columns, fp32: softmax − one-hot (the one where this
-    shard holds the label), times `scale` if given, zero on ignored rows. lse: the log Σ exp over every shard."""
+    shard holds the label), times `scale` if given, zero on ignored rows. lse: the log Σ exp over every shard.
+    With a z-loss, + z_loss_weight · d(lse²)/d logits = 2 · z_loss_weight · lse · softmax."""
     probs = logits.to(torch.float32, copy=True).sub_(lse[:, None]).exp_()
+    if z_loss_weight:
+        probs.mul_((1.0 + 2.0 * z_loss_weight * lse)[:, None])
     local, in_shard = _local_labels(labels, keep, real_columns, vocab_start)
     hit = in_shard.nonzero().squeeze(1)
     probs[hit, local[hit]] -= 1.0

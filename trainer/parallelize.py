@@ -56,7 +56,7 @@ from torch.utils.checkpoint import (
 
 from trainer.bootstrap import ParallelContext, deepspeed_topology
 from trainer.compile import compile_backend, compile_layers
-from trainer.loss import chunked_lm_loss, chunked_vocab_parallel_lm_loss, fused_linear_lm_loss
+from trainer.loss import ZLoss, chunked_lm_loss, chunked_vocab_parallel_lm_loss, fused_linear_lm_loss
 from trainer.config import Config, Derived, ModelConfig
 from trainer.float8 import convert_to_float8
 from trainer.model import VOCAB_PARAM_NAMES, Llama, init_std_for
@@ -79,6 +79,7 @@ class ParallelModel:
     compile_backend: str | None = None  # the torch.compile backend of this rank's decoder layers; None: eager
     layers_compiled: int = 0
     fp8_linears: int = 0  # this rank's linears with FP8 matmuls (precision.fp8)
+    z_loss: ZLoss | None = None  # train.z_loss_weight > 0: what loss_fn recorded of it (on the stage with the head)
 
     def canonical_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(name in the unsharded, unpipelined model, this rank's parameter (a TP shard where `tp_partition_dim`))."""
@@ -141,12 +142,13 @@ def parallelize(model: Llama, cfg: Config, derived: Derived, ctx: ParallelContex
     #    (torchtitan's order); before the pipeline and deepspeed.initialize, which then call the compiled layers.
     backend = compile_backend(cfg.parallel.compile, ctx.device.type)
     compiled = compile_layers([model.layers[i] for i in parts.layers], backend)
-    loss_fn = _loss_fn(cfg, ctx, model.lm_head if parts.head else None)
+    z_loss = ZLoss(cfg.train.z_loss_weight) if cfg.train.z_loss_weight else None
+    loss_fn = _loss_fn(cfg, ctx, model.lm_head if parts.head else None, z_loss)
     if ctx.pp == 1:
-        return ParallelModel(model, loss_fn, cfg.model.num_layers, False, backend, compiled, fp8_linears)
+        return ParallelModel(model, loss_fn, cfg.model.num_layers, False, backend, compiled, fp8_linears, z_loss)
     # 7. Last: PipelineModule registers the finished parts as opaque callables in a flat list.
     return ParallelModel(_pipeline(model, parts, derived.stage_layers, loss_fn, ctx), loss_fn, cfg.model.num_layers,
-                         True, backend, compiled, fp8_linears)
+                         True, backend, compiled, fp8_linears, z_loss)
 
 
 @dataclass(frozen=True)
@@ -268,22 +270,23 @@ def _mark_tp(module: nn.Module, dim: int) -> nn.Module:
     return module
 
 
-def _loss_fn(cfg: Config, ctx: ParallelContext, lm_head: nn.Module | None) -> LossFn:
+def _loss_fn(cfg: Config, ctx: ParallelContext, lm_head: nn.Module | None, z_loss: ZLoss | None) -> LossFn:
     """The loss over the tokenizer's `vocab_size` columns only: padded columns never enter the softmax. Chunked over
     tokens (trainer.loss), so no fp32 copy of a whole micro-batch's logits exists; the same numbers as `lm_loss` /
     `vocab_parallel_lm_loss`, which stay as the unchunked references (tests/trainer/test_loss.py). With
-    parallel.lm_loss=fused_linear the loss also applies lm_head (this stage's, None where there is none)."""
+    parallel.lm_loss=fused_linear the loss also applies lm_head (this stage's, None where there is none). A z-loss
+    adds its gradient (trainer.loss.ZLoss)."""
     vocab_size = cfg.model.vocab_size
     if cfg.parallel.lm_loss == "fused_linear":
-        return _fused_linear_loss_fn(lm_head, vocab_size, ctx, cfg.parallel.sequence_parallel)
+        return _fused_linear_loss_fn(lm_head, vocab_size, ctx, cfg.parallel.sequence_parallel, z_loss)
     if ctx.tp == 1:
-        return functools.partial(chunked_lm_loss, vocab_size=vocab_size)
+        return functools.partial(chunked_lm_loss, vocab_size=vocab_size, z_loss=z_loss)
     return functools.partial(chunked_vocab_parallel_lm_loss, vocab_size=vocab_size, tp_rank=ctx.tp_rank,
-                             tp_group=ctx.tp_group)
+                             tp_group=ctx.tp_group, z_loss=z_loss)
 
 
 def _fused_linear_loss_fn(lm_head: nn.Module | None, vocab_size: int, ctx: ParallelContext,
-                          sequence_parallel: bool) -> LossFn:
+                          sequence_parallel: bool, z_loss: ZLoss | None) -> LossFn:
     """lm_head stays in the module tree (DeepSpeed optimises its weight, checkpoints save it under its name, tied
     embeddings share it) but passes the normed hidden states through: the model then returns (B, T, H) where it
     returned logits, and the loss applies lm_head's weight chunk by chunk (trainer.loss.fused_linear_lm_loss).
@@ -298,7 +301,7 @@ def _fused_linear_loss_fn(lm_head: nn.Module | None, vocab_size: int, ctx: Paral
             hidden = _into_column_parallel(hidden, ctx.tp_group, sequence_parallel)
         # The weight is read at each call: DeepSpeed casts (bf16/fp16) and may replace it after this is built.
         return fused_linear_lm_loss(hidden, lm_head.weight, labels, vocab_size, ctx.tp_rank,
-                                    ctx.tp_group if ctx.tp > 1 else None)
+                                    ctx.tp_group if ctx.tp > 1 else None, z_loss=z_loss)
 
     return loss
 

@@ -7,7 +7,7 @@ its Agg canvas directly (no pyplot, so no global backend state and no display ne
 What trainer.hooks.MetricsHook writes (one JSON object per line, through JsonlSink):
   every train.log_interval_steps and at the last step:
     {"step", "time_s", "kind": "train", "loss", "lr", "grad_norm", "loss_scale", "tokens_per_s", "tflops_per_gpu",
-     "mfu", "step_time_s", "data_wait_s", "max_rss_gib" | "max_memory_allocated_gib"}
+     "mfu", "step_time_s", "data_wait_s", "max_rss_gib" | "max_memory_allocated_gib", "z_loss" (with a z-loss)}
   after each evaluation:
     {"step", "time_s", "kind": "eval", "val_loss", "val_ppl"}
 `loss` is the mean over the steps since the previous log line; `tokens_per_s`, `step_time_s` and `data_wait_s` cover
@@ -33,7 +33,7 @@ Record = dict[str, Any]  # one parsed metrics line, plus "segment" and "elapsed_
 # Keys whose value, when present, must be a number or null; anything else means the line is corrupt.
 NUMERIC_KEYS: tuple[str, ...] = (
     "time_s", "loss", "lr", "grad_norm", "loss_scale", "tokens_per_s", "tflops_per_gpu", "mfu", "step_time_s",
-    "data_wait_s", "val_loss", "val_ppl",
+    "data_wait_s", "val_loss", "val_ppl", "z_loss",
 )
 REQUIRED_KEY = {"train": "loss", "eval": "val_loss"}
 MAX_WARNINGS_PER_FILE = 5  # a file cut by a full disk can have thousands of bad lines: name a few, count the rest
@@ -491,6 +491,7 @@ PANELS: tuple[Panel, ...] = (
     Panel("loss_scale", "fp16 loss scale (drop = skipped step)", "loss scale (log₂ scale)", log_y=True,
           log_base=2),
     Panel("data_wait_s", "Data loader wait", "wait (ms per step)", scale=1000.0),
+    Panel("z_loss", "z-loss (weighted, not in loss)", "weight × mean (log Z)²", log_y=True),
 )
 PANEL_COLUMNS = 3
 

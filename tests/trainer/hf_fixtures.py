@@ -112,9 +112,11 @@ def lr_factor(step: int, cfg: Config) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train_hf_reference(model: Any, cfg: Config) -> list[float]:
+def train_hf_reference(model: Any, cfg: Config, z_losses: list[float] | None = None) -> list[float]:
     """The textbook loop on HF's model: one forward over each whole global batch (the mean over the batch does not
-    depend on how our run splits it over DP ranks and micro-steps)."""
+    depend on how our run splits it over DP ranks and micro-steps). With train.z_loss_weight, PaLM's z-loss is added
+    to the objective as its paper writes it (weight · log²Z per token, averaged); the returned losses stay the cross
+    entropy, and each step's weighted z term goes to `z_losses`."""
     no_decay = [p for name, p in model.named_parameters() if name.endswith("norm.weight")]
     decay = [p for name, p in model.named_parameters() if not name.endswith("norm.weight")]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
@@ -129,7 +131,10 @@ def train_hf_reference(model: Any, cfg: Config) -> list[float]:
         tokens, labels = stream.microbatch(step * batch)
         logits = model(tokens).logits  # (B, T, vocab_size): HF's model has no padding columns
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-        loss.backward()
+        z_loss = cfg.train.z_loss_weight * logits.logsumexp(dim=-1).square().mean()
+        (loss + z_loss).backward()
+        if z_losses is not None:
+            z_losses.append(z_loss.item())
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         schedule.step()

@@ -137,6 +137,11 @@ def test_fp16_config_path() -> None:
                                   "tokens_per_s": 1e5, "tflops_per_gpu": 300.0, "mfu": 0.3, "step_time_s": 1.0,
                                   "data_wait_s": 0.001, "max_memory_allocated_gib": 40.0})
     assert "loss_scale 65536" in line and "MFU 30.0%" in line and "ETA 0:00:07" in line
+    assert "z_loss" not in line
+    with_z = format_metrics(3, 10, {"kind": "train", "loss": 5.0, "z_loss": 0.0123, "lr": 1e-3, "grad_norm": None,
+                                    "loss_scale": None, "tokens_per_s": 1e5, "tflops_per_gpu": 3.0, "mfu": None,
+                                    "step_time_s": 1.0, "data_wait_s": 0.0, "max_rss_gib": 1.0})
+    assert with_z.startswith("step 3/10 | loss 5.0000 | z_loss 0.0123 | lr")
 
 
 def test_peak_table_prefers_specific_names() -> None:

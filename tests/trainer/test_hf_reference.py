@@ -6,6 +6,10 @@ formula, `clip_grad_norm_`) on the same global batches. Our side starts from tha
 (`import_hf_to_dir`) and `checkpoint.init_from`, trains STEPS steps with `train()`, and is exported again with
 `convert to-hf`. Compared: the loss of every step (REL_TOL) and, at the end, every exported weight (WEIGHT_ATOL).
 
+With `train.z_loss_weight` the objective is cross entropy + PaLM's z-loss, added to the reference's loss as the
+formula says (hf_fixtures.train_hf_reference); the logged loss stays the cross entropy, the logged `z_loss` equals the
+reference's weighted term.
+
 The vocabularies are chosen so that the embedding and lm_head carry padding rows that HF's model does not have:
 500 (padded to 512 at tp 1 and 2), 384 (512 at tp 2, none at tp 1: before the fix tp 1 and tp 2 trained different
 models) and 389 (odd, like GPT-2's 50257; tied embeddings). A padding column in the softmax moves the first loss by
@@ -53,63 +57,79 @@ def _train(rank: int, world_size: int, overrides: list[str]) -> None:
     train(load_config(TINY, overrides))
 
 
-# vocab_size, tied embeddings → the layouts trained on it (world size, overrides).
-CASES: dict[tuple[int, bool], dict[str, tuple[int, list[str]]]] = {
-    (500, False): {"tp1": (1, []),
-                   "zero3-dp2": (2, ["zero.stage=3"]),
-                   "tp2-pp2": (4, ["parallel.tp=2", "parallel.pp=2"])},
-    (384, False): {"tp1": (1, []),
-                   "tp2": (2, ["parallel.tp=2"]),
-                   "pp2": (2, ["parallel.pp=2"])},
-    (389, True): {"tp2-sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
-                  "zero1-dp2": (2, ["zero.stage=1"])},
+# Large enough that leaving the z-loss out moves the losses far beyond REL_TOL (checked in the test); PaLM uses 1e-4.
+Z_LOSS_WEIGHT = 0.01
+# vocab_size, tied embeddings, z-loss weight → the layouts trained on it (world size, overrides).
+CASES: dict[tuple[int, bool, float], dict[str, tuple[int, list[str]]]] = {
+    (500, False, 0.0): {"tp1": (1, []),
+                        "zero3-dp2": (2, ["zero.stage=3"]),
+                        "tp2-pp2": (4, ["parallel.tp=2", "parallel.pp=2"])},
+    (384, False, 0.0): {"tp1": (1, []),
+                        "tp2": (2, ["parallel.tp=2"]),
+                        "pp2": (2, ["parallel.pp=2"])},
+    (389, True, 0.0): {"tp2-sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+                       "zero1-dp2": (2, ["zero.stage=1"])},
+    (500, False, Z_LOSS_WEIGHT): {"tp1": (1, []),
+                                  "tp2-fused": (2, ["parallel.tp=2", "parallel.lm_loss=fused_linear"]),
+                                  "pp2-dp2": (4, ["parallel.pp=2", "zero.stage=1"])},
 }
-PARAMS = [(vocab, tie, layout) for (vocab, tie), layouts in CASES.items() for layout in layouts]
+PARAMS = [(*case, layout) for case, layouts in CASES.items() for layout in layouts]
+
+
+def _overrides(vocab: int, tie: bool, z_loss_weight: float) -> list[str]:
+    return [*BASE, f"model.vocab_size={vocab}", f"model.tie_embeddings={str(tie).lower()}",
+            f"train.z_loss_weight={z_loss_weight}"]
 
 
 @pytest.fixture(scope="module")
-def references(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, bool], dict[str, Any]]:
-    """Per vocabulary: the HF directory our runs start from, and the reference's per-step losses and final weights."""
+def references(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, bool, float], dict[str, Any]]:
+    """Per case: the HF directory our runs start from, and the reference's per-step losses (and z terms) and final
+    weights."""
     from trainer.hf import import_hf_to_dir
 
     out = {}
-    for vocab, tie in CASES:
+    for vocab, tie, z_loss_weight in CASES:
         root = tmp_path_factory.mktemp(f"vocab{vocab}")
         model = hf_llama(vocab, tie, seed=vocab)
         initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
         model.save_pretrained(root / "hf")
         imported = import_hf_to_dir(root / "hf", root / "imported", tp=1)
-        cfg = load_config(TINY, [*BASE, f"model.vocab_size={vocab}", f"model.tie_embeddings={str(tie).lower()}"])
-        losses = train_hf_reference(model, cfg)
-        out[vocab, tie] = {"root": root, "init_from": imported.out_dir / "model.safetensors", "losses": losses,
-                           "initial": initial, "weights": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+        z_losses: list[float] = []
+        losses = train_hf_reference(model, load_config(TINY, _overrides(vocab, tie, z_loss_weight)), z_losses)
+        out[vocab, tie, z_loss_weight] = {
+            "root": root, "init_from": imported.out_dir / "model.safetensors", "losses": losses, "z_losses": z_losses,
+            "initial": initial, "weights": {k: v.detach().clone() for k, v in model.state_dict().items()}}
     return out
 
 
 @pytest.fixture(scope="module")
 def trained(references: dict) -> Any:
-    """(vocab, tie, layout) → the run directory of our training in that layout; each layout trains once."""
-    runs: dict[tuple[int, bool, str], Path] = {}
+    """(vocab, tie, z-loss weight, layout) → the run directory of our training in that layout; each trains once."""
+    runs: dict[tuple[int, bool, float, str], Path] = {}
 
-    def get(vocab: int, tie: bool, layout: str) -> Path:
-        if (vocab, tie, layout) not in runs:
-            reference, (world_size, overrides) = references[vocab, tie], CASES[vocab, tie][layout]
+    def get(vocab: int, tie: bool, z_loss_weight: float, layout: str) -> Path:
+        case = (vocab, tie, z_loss_weight)
+        if (*case, layout) not in runs:
+            reference, (world_size, overrides) = references[case], CASES[case][layout]
             run_dir = reference["root"] / layout
             run_distributed(_train, world_size,
-                            [*BASE, f"model.vocab_size={vocab}", f"model.tie_embeddings={str(tie).lower()}",
-                             f"checkpoint.init_from={reference['init_from']}", f"logging.run_dir={run_dir}",
-                             *overrides], timeout_s=300)
-            runs[vocab, tie, layout] = run_dir
-        return runs[vocab, tie, layout]
+                            [*_overrides(*case), f"checkpoint.init_from={reference['init_from']}",
+                             f"logging.run_dir={run_dir}", *overrides], timeout_s=300)
+            runs[*case, layout] = run_dir
+        return runs[*case, layout]
 
     return get
 
 
-def _losses(run_dir: Path) -> list[float]:
+def _losses(run_dir: Path, key: str = "loss") -> list[float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    by_step = {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+    by_step = {r["step"]: r[key] for r in records if r["kind"] == "train"}
     assert sorted(by_step) == list(range(1, STEPS + 1))
     return [by_step[step] for step in range(1, STEPS + 1)]
+
+
+def _worst_rel(ours: list[float], want: list[float]) -> float:
+    return max(abs(a - b) / abs(b) for a, b in zip(ours, want, strict=True))
 
 
 def _export(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -121,15 +141,22 @@ def _export(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "model.safetensors")
 
 
-@pytest.mark.parametrize(("vocab", "tie", "layout"), PARAMS, ids=[f"vocab{v}-{layout}" for v, _, layout in PARAMS])
-def test_training_equals_hf_and_adamw(references: dict, trained: Any, vocab: int, tie: bool, layout: str) -> None:
+@pytest.mark.parametrize(("vocab", "tie", "z_loss_weight", "layout"), PARAMS,
+                         ids=[f"vocab{v}{'-zloss' if z else ''}-{layout}" for v, _, z, layout in PARAMS])
+def test_training_equals_hf_and_adamw(references: dict, trained: Any, vocab: int, tie: bool, z_loss_weight: float,
+                                      layout: str) -> None:
     from trainer.hf.full_state import load_full_state_dict
 
-    reference = references[vocab, tie]
-    run_dir = trained(vocab, tie, layout)
+    reference = references[vocab, tie, z_loss_weight]
+    run_dir = trained(vocab, tie, z_loss_weight, layout)
     ours, want = _losses(run_dir), reference["losses"]
-    worst = max(abs(a - b) / abs(b) for a, b in zip(ours, want))
+    worst = _worst_rel(ours, want)
     assert worst <= REL_TOL, f"per-step losses differ from the HF reference by {worst:.2e} relative:\n{ours}\n{want}"
+    if z_loss_weight:
+        assert _worst_rel(_losses(run_dir, "z_loss"), reference["z_losses"]) <= REL_TOL
+        # The z-loss changes the training: the same model trained without it is far outside the tolerance.
+        without = references[vocab, tie, 0.0]["losses"]
+        assert _worst_rel(without, want) > 100 * REL_TOL, _worst_rel(without, want)
 
     exported = _export(run_dir)
     assert sorted(exported) == sorted(k for k in reference["weights"] if not (tie and k == "lm_head.weight"))
@@ -148,6 +175,6 @@ def test_training_equals_hf_and_adamw(references: dict, trained: Any, vocab: int
 
 def test_tp1_and_tp2_train_the_same_model_when_only_tp2_pads(trained: Any) -> None:
     """vocab 384: a multiple of 128 (no padding at tp 1) but not of 256 (padded to 512 at tp 2)."""
-    tp1, tp2 = _losses(trained(384, False, "tp1")), _losses(trained(384, False, "tp2"))
+    tp1, tp2 = _losses(trained(384, False, 0.0, "tp1")), _losses(trained(384, False, 0.0, "tp2"))
     worst = max(abs(a - b) / abs(b) for a, b in zip(tp1, tp2))
     assert worst <= REL_TOL, (tp1, tp2)
