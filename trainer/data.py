@@ -111,16 +111,17 @@ class SyntheticEval:
 
 
 class ConcatEval:
-    """Several validation passes (one per dataset) run back to back; the eval loss is the mean over all of them."""
+    """Several validation passes, one per dataset (`passes`: its name → its loader), run back to back; the eval
+    loss is the mean over all their micro-batches, and each dataset's own mean is logged as well."""
 
-    def __init__(self, loaders: list[Any]) -> None:
-        self.loaders = loaders
+    def __init__(self, passes: dict[str, Any]) -> None:
+        self.passes = passes
 
     def __len__(self) -> int:
-        return sum(len(loader) for loader in self.loaders)
+        return sum(len(loader) for loader in self.passes.values())
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        for loader in self.loaders:
+        for loader in self.passes.values():
             yield from loader
 
 
@@ -161,18 +162,19 @@ def build_eval_loader(cfg: Config, derived: Derived, ctx: ParallelContext) -> An
     from data_pipeline.loader import EvalLoader
     from data_pipeline.manifest import Manifest
 
-    loaders = []
+    passes = {}
     for entry in cfg.data.datasets:
         manifest = Manifest.load(entry.path)
         if cfg.data.eval_split not in manifest.splits:
             continue  # a dataset prepared without a validation split is trained on, not evaluated
         _check_eval_split_fits(cfg, ctx, entry.path, manifest.splits[cfg.data.eval_split].num_samples)
-        loaders.append(EvalLoader(entry.path, micro_batch_size=train.micro_batch_size_per_gpu, dp_rank=ctx.dp_rank,
-                                  dp_size=ctx.dp, split=cfg.data.eval_split, max_microbatches=microbatches,
-                                  cache_dir=cfg.data.cache_dir))
+        loader = EvalLoader(entry.path, micro_batch_size=train.micro_batch_size_per_gpu, dp_rank=ctx.dp_rank,
+                            dp_size=ctx.dp, split=cfg.data.eval_split, max_microbatches=microbatches,
+                            cache_dir=cfg.data.cache_dir)
+        passes[loader.sources[0].name] = loader  # the name the train loader's tokens/<name> metrics use
     # Every DP rank runs the same number of eval micro-batches (the loss is averaged over DP): EvalLoader drops the
     # tail that would not fill all ranks, so the lengths agree.
-    return ConcatEval(loaders) if loaders else None
+    return ConcatEval(passes) if passes else None
 
 
 def _check_eval_split_fits(cfg: Config, ctx: ParallelContext, path: str, num_samples: int) -> None:

@@ -35,6 +35,15 @@ class TimedBatches:
         wait_s, self._wait_s = self._wait_s, 0.0
         return wait_s
 
+    def close(self) -> None:
+        """Stop the loader's worker processes now (the data pipeline's iterator shuts them down when closed). Left
+        to interpreter exit, multiprocessing would SIGTERM them and join: a worker forked after the stop-signal hook
+        installed its handler only sets a flag, and the rank hangs in that join (seen under PP, where DeepSpeed's
+        engine keeps the iterator alive past `fit`)."""
+        close = getattr(self._batches, "close", None)
+        if close is not None:
+            close()
+
 
 def fit(run: RunContext, hooks: Hook) -> TrainState:
     """Train until train.max_steps (or until a hook sets state.stop_reason); return the final state."""
@@ -43,17 +52,20 @@ def fit(run: RunContext, hooks: Hook) -> TrainState:
     # After on_train_start: the iterator starts where the (possibly just restored) loader state says.
     batches = TimedBatches(iter(run.train_loader))
     max_steps, eval_interval = run.cfg.train.max_steps, run.cfg.train.eval_interval_steps
-    while state.step < max_steps and state.stop_reason is None:
-        hooks.on_step_start(run, state)
-        lr = run.engine.get_lr()[0]  # read before the step: the engine advances the schedule inside it
-        start_s = time.perf_counter()
-        loss = train_step(run, batches)
-        state.step += 1
-        hooks.on_step_end(run, state, StepOutput(state.step, loss, lr, time.perf_counter() - start_s,
-                                                 batches.take_wait_s()))
-        if run.eval_loader is not None and eval_interval and (
-                state.step % eval_interval == 0 or state.step == max_steps):
-            hooks.on_eval(run, state, evaluate(run, state.step))
+    try:
+        while state.step < max_steps and state.stop_reason is None:
+            hooks.on_step_start(run, state)
+            lr = run.engine.get_lr()[0]  # read before the step: the engine advances the schedule inside it
+            start_s = time.perf_counter()
+            loss = train_step(run, batches)
+            state.step += 1
+            hooks.on_step_end(run, state, StepOutput(state.step, loss, lr, time.perf_counter() - start_s,
+                                                     batches.take_wait_s()))
+            if run.eval_loader is not None and eval_interval and (
+                    state.step % eval_interval == 0 or state.step == max_steps):
+                hooks.on_eval(run, state, evaluate(run, state.step))
+    finally:
+        batches.close()
     hooks.on_train_end(run, state)
     return state
 
@@ -79,18 +91,27 @@ def train_step(run: RunContext, batches: Iterator[Any]) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(run: RunContext, step: int) -> EvalOutput:
-    """Mean loss over the validation pass of every DP rank (every rank gets the same value)."""
+    """Mean loss over the validation pass of every DP rank (every rank gets the same value): over every micro-batch
+    of every validation dataset, and, with several datasets, each one's own."""
     assert run.eval_loader is not None
-    num_microbatches = len(run.eval_loader)
+    passes = getattr(run.eval_loader, "passes", {"": run.eval_loader})  # name -> loader
+    means = {name: _eval_pass(run, loader) for name, loader in passes.items()}
+    sizes = {name: len(loader) for name, loader in passes.items()}
+    num_microbatches = sum(sizes.values())
+    loss = sum(means[name] * sizes[name] for name in passes) / num_microbatches
+    return EvalOutput(step, loss, num_microbatches, means if len(passes) > 1 else {})
+
+
+def _eval_pass(run: RunContext, loader: Any) -> float:
+    """Mean loss over one validation dataset's micro-batches on every DP rank."""
     if run.model.is_pipeline:
         # Runs the forward schedule over the stages, averages over micro-batches and DP, broadcasts to every stage.
-        loss = run.engine.eval_batch(iter(run.eval_loader), num_micro_batches=num_microbatches)
-        return EvalOutput(step, float(loss), num_microbatches)
+        return float(run.engine.eval_batch(iter(loader), num_micro_batches=len(loader)))
     run.engine.eval()
     total = torch.zeros((), device=run.ctx.device)
-    for tokens, labels in run.eval_loader:
+    for tokens, labels in loader:
         outputs = run.engine(tokens.to(run.ctx.device, non_blocking=True))
         total += run.model.loss_fn(outputs, labels.to(run.ctx.device, non_blocking=True)).float()
     run.engine.train()
     dist.all_reduce(total, group=run.ctx.dp_group)
-    return EvalOutput(step, total.item() / (num_microbatches * run.ctx.dp), num_microbatches)
+    return total.item() / (len(loader) * run.ctx.dp)

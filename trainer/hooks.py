@@ -25,7 +25,7 @@ import math
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,8 @@ class EvalOutput:
     step: int
     loss: float  # mean over the validation micro-batches of every DP rank
     num_microbatches: int  # per DP rank
+    # With several validation datasets: each one's mean loss, by the name `tokens/<name>` uses; else empty.
+    per_dataset: dict[str, float] = field(default_factory=dict)
 
 
 class Hook:
@@ -223,8 +225,9 @@ class MetricsHook(Hook):
         return step % run.cfg.train.log_interval_steps == 0 or step == run.cfg.train.max_steps
 
     def on_eval(self, run: RunContext, state: TrainState, result: EvalOutput) -> None:
-        ppl = math.exp(result.loss) if result.loss < 700 else math.inf  # exp overflows a float past ~709
-        self._emit(run, result.step, {"kind": "eval", "val_loss": result.loss, "val_ppl": ppl})
+        per_dataset = {f"val_loss/{name}": loss for name, loss in result.per_dataset.items()}
+        self._emit(run, result.step, {"kind": "eval", "val_loss": result.loss, "val_ppl": _perplexity(result.loss),
+                                      **per_dataset})
 
     def on_train_end(self, run: RunContext, state: TrainState) -> None:
         for sink in self.sinks:
@@ -342,9 +345,14 @@ class ConsoleSink:
             self._bar.close()
 
 
+def _perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past ~709
+
+
 def format_metrics(step: int, max_steps: int, m: dict[str, Any]) -> str:
     if m["kind"] == "eval":
-        return f"step {step}/{max_steps} | val_loss {m['val_loss']:.4f} | val_ppl {m['val_ppl']:.2f}"
+        per_dataset = "".join(f" | {key} {value:.4f}" for key, value in m.items() if key.startswith("val_loss/"))
+        return f"step {step}/{max_steps} | val_loss {m['val_loss']:.4f} | val_ppl {m['val_ppl']:.2f}{per_dataset}"
     parts = [f"step {step}/{max_steps}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}"]
     if "z_loss" in m:
         parts.insert(2, f"z_loss {m['z_loss']:.3g}")

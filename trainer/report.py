@@ -9,7 +9,7 @@ What trainer.hooks.MetricsHook writes (one JSON object per line, through JsonlSi
     {"step", "time_s", "kind": "train", "loss", "lr", "grad_norm", "loss_scale", "tokens_per_s", "tflops_per_gpu",
      "mfu", "step_time_s", "data_wait_s", "max_rss_gib" | "max_memory_allocated_gib", "z_loss" (with a z-loss)}
   after each evaluation:
-    {"step", "time_s", "kind": "eval", "val_loss", "val_ppl"}
+    {"step", "time_s", "kind": "eval", "val_loss", "val_ppl", "val_loss/<dataset>" (several validation datasets)}
 `loss` is the mean over the steps since the previous log line; `tokens_per_s`, `step_time_s` and `data_wait_s` cover
 the same interval. grad_norm, loss_scale and mfu may be null (no norm computed / no fp16 / CPU or unknown GPU).
 The file is appended to, so a resumed run logs the steps after its checkpoint again: the later lines win.

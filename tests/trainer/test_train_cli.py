@@ -52,7 +52,7 @@ def test_pretrain_train_single_process_writes_the_run_directory(tmp_path: Path) 
     assert "step 4/4 | loss" in out.stderr  # the logging rank prints the same lines
 
 
-def test_launch_local_two_processes_on_a_prepared_dataset(tmp_path: Path) -> None:
+def test_launch_local_two_processes_on_two_prepared_datasets(tmp_path: Path) -> None:
     import numpy as np
 
     from data_pipeline.manifest import write_dataset_from_arrays
@@ -60,7 +60,10 @@ def test_launch_local_two_processes_on_a_prepared_dataset(tmp_path: Path) -> Non
     rng = np.random.default_rng(0)
     write_dataset_from_arrays(tmp_path / "data", {"train": rng.integers(0, 256, (128, 65)),
                                                   "val": rng.integers(0, 256, (32, 65))}, samples_per_shard=32)
-    write_dataset_from_arrays(tmp_path / "more", {"train": rng.integers(0, 256, (64, 65))}, samples_per_shard=32)
+    # One token repeated: learnt from the first steps, so its validation loss is well below the random data's (3.45 vs
+    # 5.59 after 3 steps, measured).
+    write_dataset_from_arrays(tmp_path / "more", {"train": np.full((64, 65), 255), "val": np.full((16, 65), 255)},
+                              samples_per_shard=32)
     run_dir = tmp_path / "run"
     mixture = f"data.datasets=[{{path: {tmp_path / 'data'}, weight: 3}}, {{path: {tmp_path / 'more'}, weight: 1}}]"
     out = pretrain("launch", "local", "--nproc", "2", "--config", "configs/tiny.yaml", "train.max_steps=3",
@@ -70,13 +73,30 @@ def test_launch_local_two_processes_on_a_prepared_dataset(tmp_path: Path) -> Non
     assert "launch.torchrun_agent --standalone --nproc_per_node=2 -m launch train" in out.stderr
     records = metrics(run_dir)
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
-    assert [r["kind"] for r in records][-1] == "eval"  # the final validation pass (only "data" has a val split)
+    assert [r["kind"] for r in records][-1] == "eval"  # the final validation pass
+    # Each dataset's own validation loss, named as tokens/<name>; val_loss is the mean over all micro-batches: 4 per
+    # rank of "data" (32 samples / (micro 4 x dp 2)), 2 of "more" (16 samples).
+    val = records[-1]
+    data_loss, more_loss = val[f"val_loss/{tmp_path / 'data'}"], val[f"val_loss/{tmp_path / 'more'}"]
+    assert more_loss < data_loss - 1.0, (more_loss, data_loss)
+    assert val["val_loss"] == pytest.approx((4 * data_loss + 2 * more_loss) / 6, rel=1e-6)
+    assert f"val_loss/{tmp_path / 'more'} {more_loss:.4f}" in out.stderr
     last = [r for r in records if r["kind"] == "train"][-1]
     per_source = {key: value for key, value in last.items() if key.startswith("tokens/")}
     assert len(per_source) == 2 and sum(per_source.values()) == 3 * 16 * 64  # steps × global batch × seq_len
     assert len([key for key in last if key.startswith("epochs/")]) == 2
     for rank in (0, 1):
         assert "rank %d/2: tp 0/1 pp 0/1 dp %d/2" % (rank, rank) in (run_dir / "logs" / f"rank{rank}.log").read_text()
+
+    # Under pipeline parallelism each dataset's pass is its own DeepSpeed eval_batch: the same samples, the same losses.
+    pp_dir = tmp_path / "pp"
+    out = pretrain("launch", "local", "--nproc", "2", "--config", "configs/tiny.yaml", "train.max_steps=3",
+                   "optim.warmup_steps=1", "train.log_interval_steps=1", f"logging.run_dir={pp_dir}",
+                   "data.synthetic=false", mixture, "data.num_workers=1", "parallel.pp=2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    pp_val = metrics(pp_dir)[-1]
+    for key in ("val_loss", f"val_loss/{tmp_path / 'data'}", f"val_loss/{tmp_path / 'more'}"):
+        assert pp_val[key] == pytest.approx(val[key], rel=1e-5), key
 
 
 def test_launch_local_refuses_gpus_it_does_not_have() -> None:
