@@ -82,7 +82,7 @@ def run_forwarding_stop_signals(command: list[str], env: dict[str, str]) -> int:
     handler (it would die and orphan them) and answers TERM by killing its workers after a grace period. Each
     training process then finishes its step, the run checkpoints and exits with the requeue code (75), which
     launch.torchrun_agent passes through (as it does 74, 76, 77 and 2)."""
-    proc = subprocess.Popen(command, env=env)
+    proc = subprocess.Popen(command, env=env, preexec_fn=_terminate_with_parent)
 
     def forward(signum: int, frame: Any) -> None:
         for child in _children(proc.pid):
@@ -95,6 +95,18 @@ def run_forwarding_stop_signals(command: list[str], env: dict[str, str]) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _terminate_with_parent() -> None:
+    """In the torchrun child, before exec: SIGTERM it when this process dies, however it dies. Killed with SIGKILL
+    (a test's timeout, `kill -9`), this process cannot forward anything, and torchrun with its training processes
+    would run on as orphans; SIGTERM makes torchrun stop them (each checkpoints first, as on any SIGTERM)."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _children(pid: int) -> list[int]:

@@ -61,6 +61,30 @@ def test_sigterm_exits_75_after_a_checkpoint_without_a_traceback(tmp_path: Path)
 
 
 @pytest.mark.slow
+def test_killing_launch_local_with_sigkill_stops_torchrun_and_the_ranks(tmp_path: Path) -> None:
+    """No orphans: a SIGKILLed launcher cannot forward a signal, so torchrun gets SIGTERM from the kernel instead
+    (PR_SET_PDEATHSIG) and stops its ranks, which checkpoint on the way out."""
+    import psutil
+
+    run_dir = tmp_path / "run"
+    proc = _launch(run_dir, "train.max_steps=100000")
+    deadline_s = time.monotonic() + 240
+    while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text().count("\n") >= 3):
+        assert time.monotonic() < deadline_s and proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    family = psutil.Process(proc.pid).children(recursive=True)  # torchrun's agent and the two ranks
+    assert len(family) >= 3, family
+    proc.kill()
+    proc.wait(timeout=30)
+    _, alive = psutil.wait_procs(family, timeout=120)
+    for orphan in alive:  # clean up before failing: orphans would slow every later test
+        orphan.kill()
+    assert not alive, "still running after the launcher was killed: " + ", ".join(map(str, alive))
+    proc.communicate(timeout=30)
+    assert (run_dir / "checkpoints" / "latest").exists()  # the ranks stopped as on any SIGTERM: with a checkpoint
+
+
+@pytest.mark.slow
 def test_a_diverged_run_exits_77_without_a_traceback(tmp_path: Path) -> None:
     proc = _launch(tmp_path / "run", "train.max_steps=20", "optim.lr=1e12", "optim.grad_clip=0",
                    "faults.rollback_after_bad_steps=2", "faults.max_rollbacks=0")
