@@ -82,6 +82,7 @@ class RunSummary:
     min_loss: tuple[int, float] | None  # over finite losses
     last_val_loss: tuple[int, float] | None
     last_val_ppl: float | None
+    last_val_loss_per_dataset: dict[str, float]  # several validation datasets: each one's, from the last eval line
     mean_tokens_per_s: float | None  # first log line after each (re)start left out: it includes warm-up
     mean_tflops_per_gpu: float | None  # same lines
     mean_mfu: float | None  # fraction of peak, same lines; None when the run recorded no MFU
@@ -345,6 +346,9 @@ def summarize(run: RunMetrics) -> RunSummary:
         min_loss=min(finite_losses, key=lambda point: point[1]) if finite_losses else None,
         last_val_loss=None if last_eval is None else (last_eval["step"], float(last_eval["val_loss"])),
         last_val_ppl=None if last_eval is None else _perplexity(last_eval),
+        last_val_loss_per_dataset={} if last_eval is None else {
+            key.removeprefix("val_loss/"): float(value) for key, value in last_eval.items()
+            if key.startswith("val_loss/") and isinstance(value, (int, float))},
         mean_tokens_per_s=_mean(steady, "tokens_per_s"),
         mean_tflops_per_gpu=_mean(steady, "tflops_per_gpu"),
         mean_mfu=_mean(steady, "mfu"),
@@ -397,6 +401,7 @@ def format_summary_table(summaries: list[RunSummary]) -> str:
         ("min loss", [_fmt_at_step(s.min_loss) for s in summaries]),
         ("last val loss", [_fmt_at_step(s.last_val_loss) for s in summaries]),
         ("last val perplexity", [_fmt(s.last_val_ppl, "{:.2f}") for s in summaries]),
+        *_per_dataset_val_rows(summaries),
         ("mean tokens/s", [_fmt(s.mean_tokens_per_s, "{:,.0f}") for s in summaries]),
         ("mean TFLOP/s per GPU", [_fmt_3_digits(s.mean_tflops_per_gpu) for s in summaries]),
     ]
@@ -412,6 +417,16 @@ def format_summary_table(summaries: list[RunSummary]) -> str:
     if any(s.malformed_lines for s in summaries):
         rows.append(("malformed lines skipped", [str(s.malformed_lines) for s in summaries]))
     return _render_table(rows)
+
+
+def _per_dataset_val_rows(summaries: list[RunSummary]) -> list[tuple[str, list[str]]]:
+    """One row per validation dataset any run logged, named by the dataset directory's last part when those are
+    unique (the logged names are the configured paths)."""
+    names = sorted({name for s in summaries for name in s.last_val_loss_per_dataset})
+    short = [Path(name).name or name for name in names]
+    labels = short if len(set(short)) == len(short) else names
+    return [(f"  val loss: {label}", [_fmt(s.last_val_loss_per_dataset.get(name), "{:.4f}") for s in summaries])
+            for name, label in zip(names, labels, strict=True)]
 
 
 def _render_table(rows: list[tuple[str, list[str]]]) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from launch.cli import main
-from trainer.report import ReportError, load_run, load_runs, summarize, write_report
+from trainer.report import ReportError, format_summary_table, load_run, load_runs, summarize, write_report
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -85,6 +85,19 @@ def test_summary_numbers_exact(tmp_path: Path) -> None:
     assert summary.nonfinite_loss_steps == (30,)
     assert summary.loss_scale_drops == 2
     assert (summary.restarts, summary.malformed_lines) == (0, 0)
+    assert summary.last_val_loss_per_dataset == {}
+    assert "val loss:" not in format_summary_table([summary])
+
+
+def test_summary_has_each_validation_dataset(tmp_path: Path) -> None:
+    lines = [train_line(10, 1010.0, 5.0, 1000.0, 1.0),
+             {**eval_line(10, 1011.0, 4.0), "val_loss//data/web": 4.5, "val_loss//data/code": 3.0}]
+    summaries = [summarize(run) for run in load_runs([write_run(tmp_path / "a", lines),
+                                                      write_run(tmp_path / "b", gpu_fp16_lines())])]
+    assert summaries[0].last_val_loss_per_dataset == {"/data/web": 4.5, "/data/code": 3.0}
+    table = format_summary_table(summaries).splitlines()
+    assert [line.split()[:4] for line in table if "val loss:" in line] == [
+        ["val", "loss:", "code", "3.0000"], ["val", "loss:", "web", "4.5000"]]
 
 
 def test_cli_prints_table_and_writes_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
