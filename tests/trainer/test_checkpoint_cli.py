@@ -100,6 +100,35 @@ def test_launch_local_forwards_sigterm_to_the_ranks_and_exits_75(tmp_path: Path)
         assert "stop signal received" in (run_dir / "logs" / f"rank{rank}.log").read_text()
 
 
+def test_pipeline_on_prepared_data_with_loader_workers_stops_on_sigusr1_and_resumes_bit_exact(tmp_path: Path) -> None:
+    """The path a user runs (prepared data, the default loader workers), not the synthetic stream of the other tests:
+    under PP it once hung at exit, in the join of loader workers that DeepSpeed's engine kept alive."""
+    import numpy as np
+
+    from data_pipeline.manifest import write_dataset_from_arrays
+
+    rng = np.random.default_rng(0)
+    write_dataset_from_arrays(tmp_path / "data", {"train": rng.integers(0, 256, (512, 65)),
+                                                  "val": rng.integers(0, 256, (32, 65))}, samples_per_shard=32)
+    args = ["launch", "local", "--nproc", "2", "--config", str(TINY), *BASE, "parallel.pp=2", "data.synthetic=false",
+            f"data.datasets=[{{path: {tmp_path / 'data'}}}]", "data.num_workers=2", "checkpoint.save_interval_steps=0",
+            "train.max_steps=8", "train.eval_interval_steps=4"]
+    reference_dir, run_dir = tmp_path / "reference", tmp_path / "run"
+    whole = start([*args, f"logging.run_dir={reference_dir}"], tmp_path / "whole.log")
+    assert whole.wait(timeout=120) == 0, (tmp_path / "whole.log").read_text()[-3000:]
+    first = start([*args, f"logging.run_dir={run_dir}"], tmp_path / "first.log")
+    wait_until(lambda: len(train_losses(run_dir)) >= 2, 120, "two logged steps")
+    first.send_signal(signal.SIGUSR1)
+    assert first.wait(timeout=60) == exit_codes.REQUEUE, (tmp_path / "first.log").read_text()[-3000:]
+    stopped = max(train_losses(run_dir))
+    assert stopped < 8, "the signal came too late to test a resume"
+    second = start([*args, f"logging.run_dir={run_dir}"], tmp_path / "second.log")
+    assert second.wait(timeout=120) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    assert train_losses(run_dir) == train_losses(reference_dir)  # bit-exact: the same samples in the same order
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "eval"][-1] == 8
+
+
 def test_sigkill_of_one_rank_ends_the_job_without_a_hang_and_a_restart_resumes(tmp_path: Path) -> None:
     """Two ranks started the way `srun` starts them (one `pretrain train` per rank, env from the scheduler)."""
     run_dir = tmp_path / "run"
