@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "launch.commands.launch_local",
     "launch.commands.submit",
     "launch.commands.convert",
+    "launch.commands.eval",
     "launch.commands.generate",
     "launch.commands.report",
     "launch.commands.quickstart",

@@ -151,9 +151,13 @@ def build_eval_loader(cfg: Config, derived: Derived, ctx: ParallelContext) -> An
     """This DP rank's validation pass, or None when there is none. A pass is `train.eval_steps` global batches
     (eval_steps × grad_accum micro-batches per DP rank), so every layout evaluates the same samples: the first
     eval_steps × global_batch_size of the split (of each dataset; fewer if the split is smaller)."""
+    return validation_passes(cfg, derived, ctx) if cfg.train.eval_enabled else None
+
+
+def validation_passes(cfg: Config, derived: Derived, ctx: ParallelContext) -> Any | None:
+    """The validation pass of `build_eval_loader` whatever train.eval_interval_steps says (`pretrain eval`); None
+    when no dataset has the eval split."""
     train = cfg.train
-    if not train.eval_enabled:
-        return None
     microbatches = train.eval_steps * derived.grad_accum_steps
     if cfg.data.synthetic:
         return SyntheticEval(num_microbatches=microbatches, vocab_size=cfg.model.vocab_size, seq_len=train.seq_len,

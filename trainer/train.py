@@ -150,7 +150,7 @@ def build_run(cfg: Config, derived: Derived, ctx: ParallelContext, run_dir: Path
     """Everything `fit` needs, built in the fixed order (also used by bench/bench_trainer_overhead.py)."""
     # Before the model: weights and synthetic data use their own seeded generators, but anything else random
     # (library code, future dropout) must not depend on what ran before.
-    _seed_everything(cfg.train.seed)
+    seed_everything(cfg.train.seed)
     model = build_model_on_meta(cfg.model, derived.padded_vocab_size)  # shapes only
     pmodel = parallelize(model, cfg, derived, ctx)  # after the groups: shards depend on tp/pp rank
     log.info("rank %d/%d: tp %d/%d pp %d/%d dp %d/%d, %d parameters here", ctx.rank, ctx.world_size,
@@ -170,7 +170,7 @@ def build_run(cfg: Config, derived: Derived, ctx: ParallelContext, run_dir: Path
     return RunContext(cfg, derived, ctx, pmodel, engine, train_loader, eval_loader, run_dir, flops, resume_choice)
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # seeds every device's default generator

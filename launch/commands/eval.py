@@ -1,0 +1,83 @@
+"""`pretrain eval`: the validation loss of a training checkpoint, without training: on its own run's validation data
+or on other data, with more batches, in any layout. The same evaluation as the eval lines a run logs (per dataset too)
+and the same checkpoint loader as a resume (any TP/PP/DP/ZeRO layout reads any other's checkpoint). Writes nothing
+into the run directory: a live run's checkpoints can be evaluated while it trains."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+EXAMPLES = """\
+examples:
+  pretrain eval --checkpoint runs/tiny/checkpoints                      # newest intact checkpoint, its run's config
+  pretrain eval --checkpoint runs/tiny/checkpoints/step_40 train.eval_steps=50
+  pretrain eval --checkpoint runs/tiny/checkpoints "data.datasets=[{path: data/held-out}]" data.eval_split=test
+  pretrain eval --checkpoint runs/wsd/cooldown-a/checkpoints --json a.json   # compare the cooldowns of a WSD run
+  torchrun --nproc_per_node 8 -m launch eval --checkpoint runs/7b/checkpoints parallel.tp=2   # any layout
+
+The config is the checkpoint's own (config.yaml, saved with it) unless --config is given; dotted overrides apply on
+top. It evaluates train.eval_steps global batches of the data.eval_split split of every data.datasets entry that has
+it (of the synthetic stream for a synthetic run). Prints the loss, perplexity and, with several datasets, each one's
+loss; --json writes the same. Exit codes: 0; 2 a config or checkpoint problem; 74 a data shard missing or corrupt.
+"""
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="validation loss of a checkpoint, without training (any data, any layout)",
+        description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="a checkpoint (step_N) or a directory of them (the newest intact one)")
+    parser.add_argument("--config", metavar="YAML", help="run config (default: the checkpoint's config.yaml)")
+    parser.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, e.g. train.eval_steps=50 data.eval_split=test")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from trainer.config import load_config
+
+    cfg = load_config(args.config or _checkpoint_config(Path(args.checkpoint)), args.overrides)
+    from trainer.eval_checkpoint import evaluate_checkpoint  # heavy (torch, deepspeed, megatron)
+
+    evaluated = evaluate_checkpoint(cfg, Path(args.checkpoint))
+    if int(os.environ.get("RANK", "0")) == 0:
+        summary = _summary(evaluated)
+        print(_format(summary))
+        if args.json:
+            Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+def _checkpoint_config(path: Path) -> Path:
+    """The config saved with the newest checkpoint under `path` (every checkpoint of a run holds one)."""
+    from trainer.checkpoint.layout import CheckpointError
+    from trainer.checkpoint.load import candidates
+
+    for ckpt in candidates(path):
+        if (ckpt / "config.yaml").is_file():
+            return ckpt / "config.yaml"
+    raise CheckpointError(f"no checkpoint with a config.yaml at {path}: pass a step_N directory or a directory of "
+                          f"them (e.g. runs/<name>/checkpoints), or the run's config with --config")
+
+
+def _summary(evaluated: Any) -> dict[str, Any]:
+    result = evaluated.result
+    return {"checkpoint": str(evaluated.checkpoint), "step": evaluated.step, "val_loss": result.loss,
+            "val_ppl": math.exp(result.loss) if result.loss < 700 else math.inf,
+            "num_microbatches_per_rank": result.num_microbatches, "per_dataset": result.per_dataset}
+
+
+def _format(summary: dict[str, Any]) -> str:
+    lines = [f"checkpoint  {summary['checkpoint']} (step {summary['step']})",
+             f"val_loss    {summary['val_loss']:.4f} (perplexity {summary['val_ppl']:.2f}; "
+             f"{summary['num_microbatches_per_rank']} micro-batches per DP rank)"]
+    lines += [f"  {name}  {loss:.4f}" for name, loss in summary["per_dataset"].items()]
+    return "\n".join(lines)

@@ -1,0 +1,87 @@
+"""`pretrain eval`: a checkpoint's validation loss, without training, in whatever layout this launch has.
+
+    result = evaluate_checkpoint(cfg, Path("runs/x/checkpoints"))   # collective under a launcher; one process without
+
+The same pieces as training (trainer.train.build_run's order: model, parallelize, DeepSpeed engine, then the
+validation loader), the same checkpoint loader (any TP/PP/DP/ZeRO layout reads any other's checkpoint), and the same
+`evaluate` as the training loop's eval lines: a checkpoint evaluated here gives the number its run logged at that step
+when the data and `train.eval_steps` are the same. Nothing is written into a run directory (no lock is taken: a live
+run's checkpoints can be evaluated while it trains); the caller prints or saves the result.
+
+Used for what the training loop cannot do: evaluating on other data (`data.datasets`, `data.eval_split`), on more
+batches (`train.eval_steps`), or comparing checkpoints, e.g. the cooldowns branched from one warmup-stable-decay run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from trainer.bootstrap import ParallelContext, destroy_parallel, init_parallel, single_process_defaults
+from trainer.checkpoint.layout import CheckpointError
+from trainer.checkpoint.load import choose_valid, load_checkpoint, shared_candidates
+from trainer.config import Config, ConfigError, Derived
+from trainer.data import validation_passes
+from trainer.engine import build_engine
+from trainer.estimate import flops_per_token
+from trainer.fit import evaluate
+from trainer.hooks import EvalOutput, RunContext
+from trainer.parallelize import build_model_on_meta, parallelize
+from trainer.train import release_run, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CheckpointEval:
+    checkpoint: Path  # the checkpoint evaluated (the newest intact one when a directory of them was given)
+    step: int
+    result: EvalOutput
+
+
+def evaluate_checkpoint(cfg: Config, checkpoint: Path) -> CheckpointEval:
+    """Collective under a launcher (every rank calls it); a world of one without."""
+    if cfg.train.eval_steps == 0:
+        raise ConfigError("train.eval_steps is 0, so there is nothing to evaluate: set train.eval_steps=N (global "
+                          "batches of each validation dataset)")
+    single_process_defaults()
+    derived = cfg.validate_for_world(int(os.environ["WORLD_SIZE"]))
+    if derived.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("launch.device is cuda but this process sees no CUDA device: run on a GPU node or set "
+                          "launch.device=cpu (gloo)")
+    owns_group = not dist.is_initialized()
+    ctx = init_parallel(cfg.parallel.tp, cfg.parallel.pp, backend="gloo" if derived.device == "cpu" else "nccl",
+                        timeout_s=cfg.faults.collective_timeout_s)
+    try:
+        # All ranks together: each hashes its share of the files, and all pick the same checkpoint.
+        ckpt = choose_valid(shared_candidates(checkpoint, ctx), ctx, cfg.checkpoint.verify_on_load)
+        if ckpt is None:
+            raise CheckpointError(f"no complete, intact checkpoint at {checkpoint}: pass a step_N directory or a "
+                                  f"directory of them (e.g. runs/<name>/checkpoints)")
+        run = _build(cfg, derived, ctx)
+        try:
+            step = load_checkpoint(run, ckpt, restore_data=False).step
+            return CheckpointEval(ckpt, step, evaluate(run, step))
+        finally:
+            release_run(run)
+    finally:
+        if owns_group:
+            destroy_parallel()
+
+
+def _build(cfg: Config, derived: Derived, ctx: ParallelContext) -> RunContext:
+    """build_run without the training loader (the data evaluated on may have no training split)."""
+    seed_everything(cfg.train.seed)
+    pmodel = parallelize(build_model_on_meta(cfg.model, derived.padded_vocab_size), cfg, derived, ctx)
+    engine = build_engine(pmodel, cfg, derived, ctx)
+    passes = validation_passes(cfg, derived, ctx)
+    if passes is None:
+        raise ConfigError(f"no dataset of data.datasets has a {cfg.data.eval_split!r} split: name the split to "
+                          f"evaluate with data.eval_split, or datasets that have it with data.datasets")
+    flops = flops_per_token(cfg.model, derived.padded_vocab_size, cfg.train.seq_len).total
+    return RunContext(cfg, derived, ctx, pmodel, engine, None, passes, Path(derived.run_dir), flops)
