@@ -137,6 +137,23 @@ def test_fp8_trains_like_bf16_on_a_gpu_with_fp8_tensor_cores(bf16_run: dict[str,
     assert "fp8 (tensorwise): 14 decoder-layer linears" in (tmp_path / "fp8" / "logs" / "rank0.log").read_text()
 
 
+def test_z_loss_trains_like_bf16_on_cuda(bf16_run: dict[str, Any], tmp_path: Path) -> None:
+    """train.z_loss_weight at PaLM's 1e-4 (the CPU tests prove the objective against HF in fp32): the cross entropy
+    within bf16 noise of bf16_run's, and z_loss logged."""
+    assert_trains_like_bf16_run(bf16_run, tmp_path / "z", 0.02, "train.z_loss_weight=1e-4")
+    assert all(r["z_loss"] > 0 for r in train_records(tmp_path / "z"))
+
+
+def test_eval_of_a_cuda_checkpoint_gives_the_logged_val_loss(bf16_run: dict[str, Any], tmp_path: Path) -> None:
+    """`pretrain eval` on the GPU, with the run's own config: the val_loss the run logged at step 20."""
+    out = pretrain("eval", "--checkpoint", str(bf16_run["run_dir"] / "checkpoints" / "step_20"), "--json",
+                   str(tmp_path / "eval.json"))
+    records = [json.loads(line) for line in (bf16_run["run_dir"] / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["val_loss"] for r in records if r["kind"] == "eval" and r["step"] == 20][-1]
+    got = json.loads((tmp_path / "eval.json").read_text())["val_loss"]
+    assert abs(got - logged) <= 1e-5 * logged, (got, logged, out.stdout)
+
+
 def test_resume_on_cuda_is_bit_exact(bf16_run: dict[str, Any], tmp_path: Path) -> None:
     """From the async checkpoint at step 15 to step 20 again: the same losses, to the bit. (The tiny shapes keep
     every attention backward in one key block, so the kernels themselves are deterministic.)"""
