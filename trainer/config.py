@@ -250,6 +250,15 @@ class LoggingConfig(_Section):
     tensorboard: bool = True  # <run_dir>/tb/
     jsonl: bool = True  # <run_dir>/metrics.jsonl (what `pretrain report` reads)
     gpu_peak_tflops: PositiveFloat | None = None  # dense bf16 peak for MFU; None: looked up from the device name
+    # Weights & Biases: the metrics TensorBoard gets, against trainer/step, and the resolved config; one W&B run per
+    # run directory (its id in <run_dir>/wandb_run_id: a resumed or requeued job continues it). Needs the wandb
+    # package (pip install wandb).
+    wandb: bool = False
+    wandb_project: str = "pretrain"  # the W&B project the run goes to
+    wandb_entity: str | None = None  # W&B team or user; None: the logged-in account's default
+    # online: needs `wandb login` (or WANDB_API_KEY) on the logging rank's node; offline: nothing leaves the node
+    # (compute nodes without internet), `wandb sync <run_dir>/wandb/offline-run-*` uploads it later.
+    wandb_mode: Literal["online", "offline"] = "online"
 
 
 class ProfilingConfig(_Section):

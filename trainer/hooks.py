@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import resource
+import secrets
 import sys
 import time
 from dataclasses import dataclass, field
@@ -199,8 +200,13 @@ class MetricsHook(Hook):
 
     def on_train_start(self, run: RunContext, state: TrainState) -> None:
         self._peak_tflops = peak_tflops_per_gpu(run.cfg, run.ctx.device)
-        for sink in self.sinks:
-            sink.open(run, state)
+        failed: Exception | None = None
+        try:
+            for sink in self.sinks:
+                sink.open(run, state)
+        except Exception as err:  # re-raised below, once every rank knows
+            failed = err
+        _agree_sinks_opened(run.ctx, failed)
 
     def on_step_start(self, run: RunContext, state: TrainState) -> None:
         self._step_start_s = time.perf_counter()
@@ -318,6 +324,65 @@ class TensorBoardSink:
             self._writer.close()
 
 
+class MetricsSinkError(RuntimeError):
+    user_error = True  # launch/cli.py prints the message, which says what to do, without a traceback
+
+
+def _agree_sinks_opened(ctx: Any, failed: Exception | None) -> None:
+    """One all-reduce at the start: a sink the logging rank cannot open (W&B without a login, ...) stops every rank
+    now, instead of leaving the others in their first collective for faults.collective_timeout_s."""
+    flag = torch.tensor([0.0 if failed is None else 1.0], device=ctx.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if failed is not None:
+        raise failed
+    if flag.item():
+        raise MetricsSinkError("the logging rank could not open a metrics sink (logging.*): its log, "
+                               "logs/rank<N>.log of the last pipeline stage's first rank, says why")
+
+
+class WandbSink:
+    """Weights & Biases (logging.wandb): what TensorBoardSink writes, as train/<name> and eval/<name>, against
+    `trainer/step` (the optimizer step), and the resolved config. The run id is kept in <run_dir>/wandb_run_id, so a
+    resumed or requeued job continues the same W&B run. W&B's own step only increases (with `step=` it drops what
+    is logged at an earlier one), so steps logged again after a resume from an earlier checkpoint are kept: they
+    appear twice on the trainer/step axis, as they do in metrics.jsonl."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self._run: Any = None
+
+    def open(self, run: RunContext, state: TrainState) -> None:
+        import wandb
+
+        logging_cfg = run.cfg.logging
+        id_file = self.run_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(8)  # W&B ids: [a-z0-9]
+        try:
+            self._run = wandb.init(project=logging_cfg.wandb_project, entity=logging_cfg.wandb_entity,
+                                   name=run.cfg.name, id=run_id, resume="allow", dir=str(self.run_dir),
+                                   mode=logging_cfg.wandb_mode, config=run.cfg.model_dump(mode="json"))
+        except Exception as err:
+            raise MetricsSinkError(
+                f"logging.wandb: W&B did not start ({type(err).__name__}: {err}). Log in where the logging rank runs "
+                f"(`wandb login`, or WANDB_API_KEY), or use logging.wandb_mode=offline and `wandb sync` the run "
+                f"later, or set logging.wandb=false") from err
+        id_file.write_text(run_id + "\n")
+        self._run.define_metric("trainer/step")
+        self._run.define_metric("*", step_metric="trainer/step")
+
+    def step(self, step: int) -> None: ...
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        values = {f"{metrics['kind']}/{name}": value for name, value in metrics.items()
+                  if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)}
+        self._run.log({"trainer/step": step, **values})
+
+    def close(self) -> None:
+        if self._run is not None:
+            self._run.finish()
+            self._run = None
+
+
 class ConsoleSink:
     """One log line per log step (to rank{N}.log and, on the logging rank, the console) and a tqdm progress bar with
     ETA when the console is a terminal (a batch job's log gets the lines only; they carry the ETA too)."""
@@ -417,6 +482,8 @@ def default_hooks(run: RunContext) -> list[Hook]:
         sinks.append(JsonlSink(run.run_dir / "metrics.jsonl"))
     if run.cfg.logging.tensorboard:
         sinks.append(TensorBoardSink(run.run_dir / "tb"))
+    if run.cfg.logging.wandb:
+        sinks.append(WandbSink(run.run_dir))
     # Sinks touch files only on the logging rank: elsewhere they are never opened.
     hooks: list[Hook] = [MetricsHook(sinks if run.ctx.is_logging_rank else [])]
     if run.model.compile_backend is not None:

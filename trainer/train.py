@@ -10,6 +10,7 @@ without them it runs as one process (world size 1). Exit codes: trainer/exit_cod
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import random
@@ -44,6 +45,9 @@ def train(cfg: Config, extra_hooks: Sequence[Hook] = ()) -> TrainState:
     if derived.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("launch.device is cuda but this process sees no CUDA device: run on a GPU node or set "
                           "launch.device=cpu (gloo)")
+    if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("logging.wandb is true but the wandb package is not installed here: pip install wandb "
+                          "(or pip install -e '.[wandb]'), or set logging.wandb=false")
     # Before anything slow: a SIGUSR1/SIGTERM during start-up is kept and honoured after the first step, instead of
     # killing the process (Python's default for SIGUSR1) with no checkpoint and no requeue code.
     signals = StopSignals.install()
