@@ -167,6 +167,7 @@ def data_mixture_metrics(loader: Any) -> dict[str, Any]:
     epochs = {f"epochs/{name}": value for name, value in loader.epochs_per_source().items()}
     return {**tokens, **epochs}
 
+
 def z_loss_metrics(run: RunContext) -> dict[str, float]:
     """`z_loss`: the weighted z term per micro-batch, averaged like `loss` (train.z_loss_weight > 0). Collective:
     every rank sums what its loss recorded (only the pipeline stage with the head records; TP ranks record the same
@@ -314,14 +315,20 @@ class TensorBoardSink:
     def step(self, step: int) -> None: ...
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
-        for name, value in metrics.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                self._writer.add_scalar(f"{metrics['kind']}/{name}", value, step)
+        for name, value in _scalars(metrics).items():
+            self._writer.add_scalar(name, value, step)
         self._writer.flush()
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of one metrics line as `<kind>/<name>` (train/loss, eval/val_loss): what plotting sinks
+    take (null MFU on CPU, a NaN loss: left out)."""
+    return {f"{metrics['kind']}/{name}": value for name, value in metrics.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)}
 
 
 class MetricsSinkError(RuntimeError):
@@ -373,9 +380,7 @@ class WandbSink:
     def step(self, step: int) -> None: ...
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
-        values = {f"{metrics['kind']}/{name}": value for name, value in metrics.items()
-                  if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)}
-        self._run.log({"trainer/step": step, **values})
+        self._run.log({"trainer/step": step, **_scalars(metrics)})
 
     def close(self) -> None:
         if self._run is not None:

@@ -38,6 +38,15 @@ def _launch(run_dir: Path, *overrides: str) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+def _launch_until_three_logged_steps(run_dir: Path) -> subprocess.Popen[str]:
+    proc = _launch(run_dir, "train.max_steps=100000")
+    deadline_s = time.monotonic() + 240
+    while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text().count("\n") >= 3):
+        assert time.monotonic() < deadline_s and proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    return proc
+
+
 def _assert_quiet(stderr: str) -> None:
     assert "Traceback" not in stderr and "ChildFailedError" not in stderr and "FAILED" not in stderr, stderr[-3000:]
 
@@ -45,11 +54,7 @@ def _assert_quiet(stderr: str) -> None:
 @pytest.mark.slow
 def test_sigterm_exits_75_after_a_checkpoint_without_a_traceback(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = _launch(run_dir, "train.max_steps=100000")
-    deadline_s = time.monotonic() + 240
-    while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text().count("\n") >= 3):
-        assert time.monotonic() < deadline_s and proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.2)
+    proc = _launch_until_three_logged_steps(run_dir)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 75, stderr[-3000:]
@@ -67,11 +72,7 @@ def test_killing_launch_local_with_sigkill_stops_torchrun_and_the_ranks(tmp_path
     import psutil
 
     run_dir = tmp_path / "run"
-    proc = _launch(run_dir, "train.max_steps=100000")
-    deadline_s = time.monotonic() + 240
-    while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text().count("\n") >= 3):
-        assert time.monotonic() < deadline_s and proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.2)
+    proc = _launch_until_three_logged_steps(run_dir)
     family = psutil.Process(proc.pid).children(recursive=True)  # torchrun's agent and the two ranks
     assert len(family) >= 3, family
     proc.kill()
