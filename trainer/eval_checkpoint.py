@@ -1,6 +1,6 @@
 """`pretrain eval`: a checkpoint's validation loss, without training, in whatever layout this launch has.
 
-    result = evaluate_checkpoint(cfg, Path("runs/x/checkpoints"))   # collective under a launcher; one process without
+    results = evaluate_checkpoints(cfg, [Path("runs/x/checkpoints")])   # collective under a launcher; else one process
 
 The same pieces as training (trainer.train.build_run's order: model, parallelize, DeepSpeed engine, then the
 validation loader), the same checkpoint loader (any TP/PP/DP/ZeRO layout reads any other's checkpoint), and the same
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,13 +40,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CheckpointEval:
-    checkpoint: Path  # the checkpoint evaluated (the newest intact one when a directory of them was given)
+    checkpoint: Path  # the checkpoint evaluated
     step: int
     result: EvalOutput
 
 
-def evaluate_checkpoint(cfg: Config, checkpoint: Path) -> CheckpointEval:
-    """Collective under a launcher (every rank calls it); a world of one without."""
+def evaluate_checkpoints(cfg: Config, paths: Sequence[Path], every: bool = False) -> list[CheckpointEval]:
+    """Each of `paths` (a checkpoint, or the newest intact one of a directory of them; with `every`, each intact one
+    of it, oldest first), evaluated in turn by one model and engine built once. Collective under a launcher (every
+    rank calls it); a world of one without."""
     if cfg.train.eval_steps == 0:
         raise ConfigError("train.eval_steps is 0, so there is nothing to evaluate: set train.eval_steps=N (global "
                           "batches of each validation dataset)")
@@ -58,20 +61,36 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Path) -> CheckpointEval:
     ctx = init_parallel(cfg.parallel.tp, cfg.parallel.pp, backend="gloo" if derived.device == "cpu" else "nccl",
                         timeout_s=cfg.faults.collective_timeout_s)
     try:
-        # All ranks together: each hashes its share of the files, and all pick the same checkpoint.
-        ckpt = choose_valid(shared_candidates(checkpoint, ctx), ctx, cfg.checkpoint.verify_on_load)
-        if ckpt is None:
-            raise CheckpointError(f"no complete, intact checkpoint at {checkpoint}: pass a step_N directory or a "
-                                  f"directory of them (e.g. runs/<name>/checkpoints)")
+        checkpoints = _choose(paths, every, ctx, cfg.checkpoint.verify_on_load)
         run = _build(cfg, derived, ctx)
         try:
-            step = load_checkpoint(run, ckpt, restore_data=False).step
-            return CheckpointEval(ckpt, step, evaluate(run, step))
+            evaluations = []
+            for ckpt in checkpoints:
+                step = load_checkpoint(run, ckpt, restore_data=False).step
+                evaluations.append(CheckpointEval(ckpt, step, evaluate(run, step)))
+            return evaluations
         finally:
             release_run(run)
     finally:
         if owns_group:
             destroy_parallel()
+
+
+def _choose(paths: Sequence[Path], every: bool, ctx: ParallelContext, verify: bool) -> list[Path]:
+    """The checkpoints to evaluate, the same on every rank: each rank hashes its share of the files (collective)."""
+    chosen: list[Path] = []
+    for path in paths:
+        found = shared_candidates(path, ctx)  # newest first
+        if every:
+            picks = [c for c in reversed(found) if choose_valid([c], ctx, verify) is not None]
+        else:
+            newest = choose_valid(found, ctx, verify)
+            picks = [] if newest is None else [newest]
+        if not picks:
+            raise CheckpointError(f"no complete, intact checkpoint at {path}: pass a step_N directory or a "
+                                  f"directory of them (e.g. runs/<name>/checkpoints)")
+        chosen += [c for c in picks if c not in chosen]
+    return chosen
 
 
 def _build(cfg: Config, derived: Derived, ctx: ParallelContext) -> RunContext:

@@ -375,7 +375,8 @@ class WandbSink:
                 f"later, or set logging.wandb=false") from err
         id_file.write_text(run_id + "\n")
         self._run.define_metric("trainer/step")
-        self._run.define_metric("*", step_metric="trainer/step")
+        for kind in ("train", "eval"):
+            self._run.define_metric(f"{kind}/*", step_metric="trainer/step")
 
     def step(self, step: int) -> None: ...
 

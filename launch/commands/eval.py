@@ -17,13 +17,16 @@ examples:
   pretrain eval --checkpoint runs/tiny/checkpoints                      # newest intact checkpoint, its run's config
   pretrain eval --checkpoint runs/tiny/checkpoints/step_40 train.eval_steps=50
   pretrain eval --checkpoint runs/tiny/checkpoints "data.datasets=[{path: data/held-out}]" data.eval_split=test
-  pretrain eval --checkpoint runs/wsd/cooldown-a/checkpoints --json a.json   # compare the cooldowns of a WSD run
+  pretrain eval --checkpoint runs/wsd-a/checkpoints --checkpoint runs/wsd-b/checkpoints   # two WSD cooldowns
+  pretrain eval --checkpoint runs/tiny/checkpoints --every --json curve.json  # every checkpoint, oldest first
   torchrun --nproc_per_node 8 -m launch eval --checkpoint runs/7b/checkpoints parallel.tp=2   # any layout
 
-The config is the checkpoint's own (config.yaml, saved with it) unless --config is given; dotted overrides apply on
-top. It evaluates train.eval_steps global batches of the data.eval_split split of every data.datasets entry that has
-it (of the synthetic stream for a synthetic run). Prints the loss, perplexity and, with several datasets, each one's
-loss; --json writes the same. Exit codes: 0; 2 a config or checkpoint problem; 74 a data shard missing or corrupt.
+The config is the first checkpoint's own (config.yaml, saved with it) unless --config is given; dotted overrides
+apply on top. The model is built once and each checkpoint loaded into it in turn (they must share the model's
+shape). It evaluates train.eval_steps global batches of the data.eval_split split of every data.datasets entry that
+has it (of the synthetic stream for a synthetic run). Prints a row per checkpoint: step, loss, perplexity and, with
+several datasets, each one's loss; --json writes a list of the same. Exit codes: 0; 2 a config or checkpoint problem;
+74 a data shard missing or corrupt.
 """
 
 
@@ -32,8 +35,11 @@ def register(subparsers: Any) -> None:
         "eval", help="validation loss of a checkpoint, without training (any data, any layout)",
         description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--checkpoint", required=True, metavar="DIR",
-                        help="a checkpoint (step_N) or a directory of them (the newest intact one)")
+    parser.add_argument("--checkpoint", required=True, action="append", metavar="DIR",
+                        help="a checkpoint (step_N) or a directory of them (the newest intact one); repeat it to "
+                             "evaluate several")
+    parser.add_argument("--every", action="store_true",
+                        help="every intact checkpoint of each directory, oldest first, not only the newest")
     parser.add_argument("--config", metavar="YAML", help="run config (default: the checkpoint's config.yaml)")
     parser.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
@@ -44,15 +50,16 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from trainer.config import load_config
 
-    cfg = load_config(args.config or _checkpoint_config(Path(args.checkpoint)), args.overrides)
-    from trainer.eval_checkpoint import evaluate_checkpoint  # heavy (torch, deepspeed, megatron)
+    paths = [Path(path) for path in args.checkpoint]
+    cfg = load_config(args.config or _checkpoint_config(paths[0]), args.overrides)
+    from trainer.eval_checkpoint import evaluate_checkpoints  # heavy (torch, deepspeed, megatron)
 
-    evaluated = evaluate_checkpoint(cfg, Path(args.checkpoint))
+    evaluations = evaluate_checkpoints(cfg, paths, every=args.every)
     if int(os.environ.get("RANK", "0")) == 0:
-        summary = _summary(evaluated)
-        print(_format(summary))
+        summaries = [_summary(evaluated) for evaluated in evaluations]
+        print(_format(summaries))
         if args.json:
-            Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+            Path(args.json).write_text(json.dumps(summaries, indent=2) + "\n")
     return 0
 
 
@@ -75,9 +82,17 @@ def _summary(evaluated: Any) -> dict[str, Any]:
             "num_microbatches_per_rank": result.num_microbatches, "per_dataset": result.per_dataset}
 
 
-def _format(summary: dict[str, Any]) -> str:
-    lines = [f"checkpoint  {summary['checkpoint']} (step {summary['step']})",
-             f"val_loss    {summary['val_loss']:.4f} (perplexity {summary['val_ppl']:.2f}; "
-             f"{summary['num_microbatches_per_rank']} micro-batches per DP rank)"]
-    lines += [f"  {name}  {loss:.4f}" for name, loss in summary["per_dataset"].items()]
-    return "\n".join(lines)
+def _format(summaries: list[dict[str, Any]]) -> str:
+    """A row per checkpoint; a column per validation dataset when there are several (named by their last path part
+    when those are unique)."""
+    names = list(summaries[0]["per_dataset"])
+    short = [Path(name).name or name for name in names]
+    labels = short if len(set(short)) == len(short) else names
+    header = ["step", "val_loss", "perplexity", *labels, "checkpoint"]
+    rows = [[str(s["step"]), f"{s['val_loss']:.4f}", f"{s['val_ppl']:.2f}",
+             *(f"{s['per_dataset'][name]:.4f}" for name in names), s["checkpoint"]] for s in summaries]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+             for row in [header, *rows]]
+    micro = summaries[0]["num_microbatches_per_rank"]
+    return "\n".join([*lines, f"({micro} validation micro-batches per DP rank per checkpoint)"])

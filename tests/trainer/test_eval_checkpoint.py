@@ -48,18 +48,23 @@ def test_eval_gives_the_loss_the_run_logged_at_that_step(trained: dict, tmp_path
     ckpts = trained["dir"] / "checkpoints"
     newest = pretrain("eval", "--checkpoint", str(ckpts), "--json", str(tmp_path / "e.json"))
     assert newest.returncode == 0, newest.stderr[-3000:]
-    summary = json.loads((tmp_path / "e.json").read_text())
+    (summary,) = json.loads((tmp_path / "e.json").read_text())
     assert (summary["step"], summary["checkpoint"]) == (6, str(ckpts / "step_6"))
     assert summary["val_loss"] == trained["val"][6]  # same layout, same samples: the same number
-    assert f"val_loss    {trained['val'][6]:.4f}" in newest.stdout
-    earlier = pretrain("eval", "--checkpoint", str(ckpts / "step_3"))
-    assert "(step 3)" in earlier.stdout and f"val_loss    {trained['val'][3]:.4f}" in earlier.stdout
+    assert f"6     {trained['val'][6]:.4f}" in newest.stdout
+    # Every checkpoint, oldest first, each loaded in turn into the one engine: each gives its own logged number.
+    every = pretrain("eval", "--checkpoint", str(ckpts), "--every", "--json", str(tmp_path / "every.json"))
+    assert every.returncode == 0, every.stderr[-3000:]
+    assert [(s["step"], s["val_loss"]) for s in json.loads((tmp_path / "every.json").read_text())] == \
+        [(3, trained["val"][3]), (6, trained["val"][6])]
 
 
 def _evaluate(rank: int, world_size: int, checkpoint: str, overrides: list[str]) -> float:
-    from trainer.eval_checkpoint import evaluate_checkpoint
+    from trainer.eval_checkpoint import evaluate_checkpoints
 
-    return evaluate_checkpoint(load_config(Path(checkpoint) / "config.yaml", overrides), Path(checkpoint)).result.loss
+    cfg = load_config(Path(checkpoint) / "config.yaml", overrides)
+    (evaluated,) = evaluate_checkpoints(cfg, [Path(checkpoint)])
+    return evaluated.result.loss
 
 
 @pytest.mark.parametrize("overrides", [["parallel.tp=2"], ["parallel.pp=2"], ["zero.stage=3"]],
@@ -80,14 +85,14 @@ def test_eval_on_other_data_without_a_training_split(trained: dict, tmp_path: Pa
     out = pretrain("eval", "--checkpoint", str(trained["dir"] / "checkpoints"), "--json", str(tmp_path / "e.json"),
                    "data.synthetic=false", datasets, "data.eval_split=test", "data.num_workers=0")
     assert out.returncode == 0, out.stderr[-3000:]
-    summary = json.loads((tmp_path / "e.json").read_text())
+    (summary,) = json.loads((tmp_path / "e.json").read_text())
     per_dataset = summary["per_dataset"]
     assert sorted(per_dataset) == [str(tmp_path / "same"), str(tmp_path / "web")]
     # web: 32 samples / micro 4 = 8 micro-batches (eval_steps 2 x grad_accum 4 = 8 at most); same: 16 / 4 = 4.
     assert summary["num_microbatches_per_rank"] == 12
     assert summary["val_loss"] == pytest.approx((8 * per_dataset[str(tmp_path / "web")]
                                                  + 4 * per_dataset[str(tmp_path / "same")]) / 12, rel=1e-6)
-    assert f"  {tmp_path / 'web'}  " in out.stdout
+    assert out.stdout.splitlines()[0].split() == ["step", "val_loss", "perplexity", "web", "same", "checkpoint"]
 
 
 @pytest.mark.parametrize(("args", "message"), [
