@@ -12,6 +12,7 @@ same samples per optimizer step, and TP/PP ranks of one DP rank all see the same
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +21,8 @@ import torch
 
 from trainer.bootstrap import ParallelContext
 from trainer.config import Config, ConfigError, Derived
+
+log = logging.getLogger(__name__)
 
 SYNTHETIC_STATE_VERSION = 1
 _SPLIT_SALT = {"train": 0x5EED_0000, "val": 0x5EED_0001}
@@ -170,7 +173,10 @@ def validation_passes(cfg: Config, derived: Derived, ctx: ParallelContext) -> An
     for entry in cfg.data.datasets:
         manifest = Manifest.load(entry.path)
         if cfg.data.eval_split not in manifest.splits:
-            continue  # a dataset prepared without a validation split is trained on, not evaluated
+            if ctx.rank == 0:  # said, not silently skipped: a dataset prepared without it is trained on only
+                log.warning("%s has no %r split (it has %s): not evaluated", entry.path, cfg.data.eval_split,
+                            ", ".join(sorted(manifest.splits)) or "none")
+            continue
         _check_eval_split_fits(cfg, ctx, entry.path, manifest.splits[cfg.data.eval_split].num_samples)
         loader = EvalLoader(entry.path, micro_batch_size=train.micro_batch_size_per_gpu, dp_rank=ctx.dp_rank,
                             dp_size=ctx.dp, split=cfg.data.eval_split, max_microbatches=microbatches,

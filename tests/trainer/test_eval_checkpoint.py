@@ -81,7 +81,9 @@ def test_eval_on_other_data_without_a_training_split(trained: dict, tmp_path: Pa
     rng = np.random.default_rng(0)
     write_dataset_from_arrays(tmp_path / "web", {"test": rng.integers(0, 256, (32, 65))}, samples_per_shard=16)
     write_dataset_from_arrays(tmp_path / "same", {"test": np.full((16, 65), 255)}, samples_per_shard=16)
-    datasets = f"data.datasets=[{{path: {tmp_path / 'web'}}}, {{path: {tmp_path / 'same'}}}]"
+    write_dataset_from_arrays(tmp_path / "train-only", {"train": np.full((16, 65), 255)}, samples_per_shard=16)
+    datasets = (f"data.datasets=[{{path: {tmp_path / 'web'}}}, {{path: {tmp_path / 'same'}}}, "
+                f"{{path: {tmp_path / 'train-only'}}}]")
     out = pretrain("eval", "--checkpoint", str(trained["dir"] / "checkpoints"), "--json", str(tmp_path / "e.json"),
                    "data.synthetic=false", datasets, "data.eval_split=test", "data.num_workers=0")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -93,6 +95,7 @@ def test_eval_on_other_data_without_a_training_split(trained: dict, tmp_path: Pa
     assert summary["val_loss"] == pytest.approx((8 * per_dataset[str(tmp_path / "web")]
                                                  + 4 * per_dataset[str(tmp_path / "same")]) / 12, rel=1e-6)
     assert out.stdout.splitlines()[0].split() == ["step", "val_loss", "perplexity", "web", "same", "checkpoint"]
+    assert f"{tmp_path / 'train-only'} has no 'test' split (it has train): not evaluated" in out.stderr
 
 
 @pytest.mark.parametrize(("args", "message"), [
