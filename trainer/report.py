@@ -602,15 +602,39 @@ def _draw_loss(ax: Any, runs: list[RunMetrics], colors: list[str], smooth_points
         else:
             ax.plot(x_train, losses, color=color, linewidth=1.8)
         if run.eval:
-            ax.plot(_x_values(run, run.eval, x_axis, x_scale), _values(run.eval, "val_loss"), color=color,
-                    linestyle="--", linewidth=1.0, marker="o", markersize=5)
+            x_eval = _x_values(run, run.eval, x_axis, x_scale)
+            ax.plot(x_eval, _values(run.eval, "val_loss"), color=color, linestyle="--", linewidth=1.0, marker="o",
+                    markersize=5)
+            for key, marker in zip(validation_datasets(runs), DATASET_MARKERS):
+                if _has_values(run.eval, key):
+                    ax.plot(x_eval, _values(run.eval, key), color=color, linestyle=":", linewidth=0.8,
+                            marker=marker, markersize=4)
         _mark_nonfinite(ax, [x for x, loss in zip(x_train, losses) if not math.isfinite(loss)], color)
     ax.set_title("Loss" + (f" (train smoothed over {smooth_points} log points)" if smooth_points > 1 else ""))
     ax.set_ylabel("cross-entropy (nats/token)")
     any_nonfinite = any(not math.isfinite(loss) for run in runs for loss in _values(run.train, "loss"))
     any_resume = any(run.resumes for run in runs)
-    ax.legend(handles=_loss_style_handles(smooth_points, any_nonfinite, any_resume), loc="upper right",
-              fontsize="small")
+    handles = _loss_style_handles(smooth_points, any_nonfinite, any_resume) + _dataset_handles(runs)
+    ax.legend(handles=handles, loc="upper right", fontsize="small")
+
+
+# Each validation dataset of a mixture (val_loss/<dataset>) gets a marker, the same in every run.
+DATASET_MARKERS = ("s", "^", "v", "D", "P", "X", "*", "h")
+
+
+def validation_datasets(runs: list[RunMetrics]) -> list[str]:
+    """The val_loss/<dataset> keys any run logged, sorted; at most one per marker (the summary table has them all)."""
+    keys = sorted({key for run in runs for record in run.eval for key in record if key.startswith("val_loss/")})
+    return keys[:len(DATASET_MARKERS)]
+
+
+def _dataset_handles(runs: list[RunMetrics]) -> list[Any]:
+    from matplotlib.lines import Line2D
+
+    keys = validation_datasets(runs)
+    names = [Path(key.removeprefix("val_loss/")).name or key for key in keys]
+    return [Line2D([], [], color="0.3", linestyle=":", marker=marker, markersize=4, label=f"validation: {name}")
+            for name, marker in zip(names, DATASET_MARKERS)]
 
 
 def _mark_nonfinite(ax: Any, x_values: list[float], color: str) -> None:

@@ -16,7 +16,15 @@ from typing import Any
 import pytest
 
 from launch.cli import main
-from trainer.report import ReportError, format_summary_table, load_run, load_runs, summarize, write_report
+from trainer.report import (
+    ReportError,
+    format_summary_table,
+    load_run,
+    load_runs,
+    summarize,
+    validation_datasets,
+    write_report,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -98,6 +106,11 @@ def test_summary_has_each_validation_dataset(tmp_path: Path) -> None:
     table = format_summary_table(summaries).splitlines()
     assert [line.split()[:4] for line in table if "val loss:" in line] == [
         ["val", "loss:", "code", "3.0000"], ["val", "loss:", "web", "4.5000"]]
+    # Drawn in the loss panel, one marker per dataset across runs (the run without them draws as before).
+    runs = load_runs([tmp_path / "a", tmp_path / "b"])
+    assert validation_datasets(runs) == ["val_loss//data/code", "val_loss//data/web"]
+    png = write_report([tmp_path / "a", tmp_path / "b"], tmp_path / "r.png", out=io.StringIO())
+    assert png_size(png)[0] > 0
 
 
 def test_cli_prints_table_and_writes_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
