@@ -164,6 +164,17 @@ class OptimConfig(_Section):
     no_decay_on: NoDecayConfig = Field(default_factory=NoDecayConfig)
 
 
+class BatchRampupConfig(_Section):
+    """Batch-size warmup (GPT-3; Megatron-LM's --rampup-batch-size START INCREMENT SAMPLES): the global batch starts
+    at `start` samples and grows by `increment` at even intervals of consumed samples, reaching
+    train.global_batch_size once `samples` samples have been trained on. Micro-batch size stays; the accumulation
+    steps grow."""
+
+    start: PositiveInt  # global batch (samples) of the first step
+    increment: PositiveInt  # samples added at each increase
+    samples: PositiveInt  # samples consumed until the global batch reaches train.global_batch_size
+
+
 class TrainConfig(_Section):
     seq_len: PositiveInt  # tokens per sample; a prepared dataset must have been prepared with this --seq-len
     micro_batch_size_per_gpu: PositiveInt  # samples per micro-step per DP rank
@@ -178,6 +189,35 @@ class TrainConfig(_Section):
     # softmax normaliser, which keeps the output logits from drifting (PaLM, OLMo 2: 1e-4; 0: off). The logged `loss`
     # and val_loss stay the cross entropy; the weighted term is logged as `z_loss`.
     z_loss_weight: Annotated[float, Field(ge=0.0)] = 0.0
+    # Batch-size warmup (GPT-3; Megatron-LM's --rampup-batch-size): the global batch starts at `start` samples and
+    # grows by `increment` until `samples` samples are consumed; None: global_batch_size from the first step. The LR
+    # schedule stays in optimizer steps.
+    batch_size_rampup: BatchRampupConfig | None = None
+
+    def ramp_batch_sizes(self) -> list[int]:
+        """The global batch (samples) of each step before the batch reaches global_batch_size, in step order: empty
+        without a rampup. Megatron-LM's rule: after `consumed` samples the batch is start + increment ×
+        floor(consumed / (samples / number of increments)), at most global_batch_size."""
+        ramp = self.batch_size_rampup
+        if ramp is None:
+            return []
+        samples_per_increment = ramp.samples / ((self.global_batch_size - ramp.start) // ramp.increment)
+        sizes: list[int] = []
+        consumed = 0
+        while (size := ramp.start + ramp.increment * int(consumed / samples_per_increment)) < self.global_batch_size:
+            sizes.append(size)
+            consumed += size
+        return sizes
+
+    def samples_consumed(self, steps: int, ramp_sizes: list[int] | None = None) -> int:
+        """Global samples trained on after `steps` optimizer steps."""
+        sizes = self.ramp_batch_sizes() if ramp_sizes is None else ramp_sizes
+        return sum(sizes[:steps]) + max(0, steps - len(sizes)) * self.global_batch_size
+
+    def batch_size_at(self, step: int, ramp_sizes: list[int] | None = None) -> int:
+        """The global batch (samples) of 0-based optimizer step `step` (pass ramp_batch_sizes() when asking often)."""
+        sizes = self.ramp_batch_sizes() if ramp_sizes is None else ramp_sizes
+        return sizes[step] if step < len(sizes) else self.global_batch_size
 
     @property
     def eval_enabled(self) -> bool:
@@ -444,6 +484,7 @@ def _static_problems(cfg: Config) -> list[str]:
     return (
         _model_problems(cfg.model)
         + _schedule_problems(cfg)
+        + _rampup_problems(cfg)
         + _data_problems(cfg.data)
         + _zero_precision_problems(cfg)
         + _fp8_problems(cfg)
@@ -724,7 +765,7 @@ def _data_parallel_size(par: ParallelConfig, world_size: int) -> tuple[int, str 
 def _batch_problems(train: TrainConfig, dp: int) -> list[str]:
     per_step = train.micro_batch_size_per_gpu * dp
     if train.global_batch_size % per_step == 0:
-        return []
+        return _rampup_world_problems(train, per_step)
     lower = max(per_step, train.global_batch_size // per_step * per_step)
     fix = f"set train.global_batch_size to a multiple of {per_step} (e.g. {lower} or {lower + per_step})"
     if train.global_batch_size % dp == 0:
@@ -734,6 +775,29 @@ def _batch_problems(train: TrainConfig, dp: int) -> list[str]:
         f"train.global_batch_size ({train.global_batch_size}) must be divisible by "
         f"train.micro_batch_size_per_gpu × dp ({train.micro_batch_size_per_gpu} × {dp} = {per_step}): {fix}"
     ]
+
+
+def _rampup_world_problems(train: TrainConfig, per_step: int) -> list[str]:
+    ramp = train.batch_size_rampup
+    if ramp is None or (ramp.start % per_step == 0 and ramp.increment % per_step == 0):
+        return []
+    return [f"train.batch_size_rampup start ({ramp.start}) and increment ({ramp.increment}) must be multiples of "
+            f"train.micro_batch_size_per_gpu × dp ({per_step}): every batch of the ramp is whole micro-batches on "
+            f"every DP rank"]
+
+
+def _rampup_problems(cfg: Config) -> list[str]:
+    ramp, train = cfg.train.batch_size_rampup, cfg.train
+    if ramp is None:
+        return []
+    if ramp.start >= train.global_batch_size or (train.global_batch_size - ramp.start) % ramp.increment:
+        return [f"train.batch_size_rampup goes from start ({ramp.start}) by increment ({ramp.increment}) to "
+                f"train.global_batch_size ({train.global_batch_size}): start must be smaller, and the difference a "
+                f"multiple of increment"]
+    if cfg.zero.offload_optimizer != "none":
+        return ["train.batch_size_rampup with zero.offload_optimizer: DeepSpeed's offloaded ZeRO keeps the "
+                "accumulation step count it started with; turn one of them off"]
+    return []
 
 
 def _derive(cfg: Config, world_size: int, device: str) -> Derived:

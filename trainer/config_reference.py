@@ -80,6 +80,11 @@ def keys(model: type[BaseModel] = Config, prefix: str = "") -> list[Key]:
     for name, info in model.model_fields.items():
         path = f"{prefix}{name}"
         section = _section_type(info.annotation)
+        if section is not None and _is_optional(info.annotation):  # the section's own row, then its keys
+            out.append(Key(path, f"{{{', '.join(section.model_fields)}}} or null", default_text(info),
+                           comments.get(name, "")))
+            out.extend(keys(section, f"{path}."))
+            continue
         if section is not None and not _is_list(info.annotation):
             nested = keys(section, f"{path}.")
             if prefix and section.__doc__:  # a section inside a section: its docstring leads its first key's meaning
@@ -97,6 +102,10 @@ def keys(model: type[BaseModel] = Config, prefix: str = "") -> list[Key]:
 def _section_type(annotation: Any) -> type[BaseModel] | None:
     candidates = [annotation, *typing.get_args(annotation)]
     return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+
+
+def _is_optional(annotation: Any) -> bool:
+    return type(None) in typing.get_args(annotation)
 
 
 def _is_list(annotation: Any) -> bool:

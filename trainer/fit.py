@@ -52,15 +52,19 @@ def fit(run: RunContext, hooks: Hook) -> TrainState:
     # After on_train_start: the iterator starts where the (possibly just restored) loader state says.
     batches = TimedBatches(iter(run.train_loader))
     max_steps, eval_interval = run.cfg.train.max_steps, run.cfg.train.eval_interval_steps
+    ramp_sizes = run.cfg.train.ramp_batch_sizes()
     try:
         while state.step < max_steps and state.stop_reason is None:
             hooks.on_step_start(run, state)
+            batch_size = run.cfg.train.batch_size_at(state.step, ramp_sizes)
+            if ramp_sizes:  # batch-size warmup: this step's accumulation steps
+                run.engine.set_train_batch_size(batch_size)
             lr = run.engine.get_lr()[0]  # read before the step: the engine advances the schedule inside it
             start_s = time.perf_counter()
-            loss = train_step(run, batches)
+            loss = train_step(run, batches, explicit_boundary=bool(ramp_sizes))
             state.step += 1
             hooks.on_step_end(run, state, StepOutput(state.step, loss, lr, time.perf_counter() - start_s,
-                                                     batches.take_wait_s()))
+                                                     batches.take_wait_s(), batch_size))
             if run.eval_loader is not None and eval_interval and (
                     state.step % eval_interval == 0 or state.step == max_steps):
                 hooks.on_eval(run, state, evaluate(run, state.step))
@@ -70,15 +74,20 @@ def fit(run: RunContext, hooks: Hook) -> TrainState:
     return state
 
 
-def train_step(run: RunContext, batches: Iterator[Any]) -> torch.Tensor:
-    """One optimizer step over grad_accum_steps micro-batches. Returns the mean loss as a tensor (no host sync)."""
+def train_step(run: RunContext, batches: Iterator[Any], explicit_boundary: bool = False) -> torch.Tensor:
+    """One optimizer step over the engine's gradient_accumulation_steps() micro-batches. Returns the mean loss as a
+    tensor (no host sync). `explicit_boundary`: tell DeepSpeed which micro-step ends the step; its own rule, a running
+    micro-step count modulo the accumulation steps, is wrong once a batch-size warmup changes them."""
     engine = run.engine
     if run.model.is_pipeline:
         # DeepSpeed's 1F1B schedule pulls grad_accum micro-batches (first and last stage), interleaves forward and
         # backward across stages, reduces gradients over DP and steps the optimizer. Its loss is the global mean.
         return engine.train_batch(batches)
     total = torch.zeros((), device=run.ctx.device)
-    for _ in range(run.derived.grad_accum_steps):
+    accumulation_steps = engine.gradient_accumulation_steps()
+    for micro_step in range(accumulation_steps):
+        if explicit_boundary:
+            engine.set_gradient_accumulation_boundary(micro_step == accumulation_steps - 1)
         tokens, labels = next(batches)
         # The logits; under parallel.lm_loss=fused_linear the normed hidden states, which the loss turns into logits.
         outputs = engine(tokens.to(run.ctx.device, non_blocking=True))
@@ -86,7 +95,7 @@ def train_step(run: RunContext, batches: Iterator[Any]) -> torch.Tensor:
         engine.backward(loss)  # scales by 1/grad_accum; the last micro-step reduces gradients over DP
         engine.step()  # steps optimizer and LR schedule only at the accumulation boundary
         total += loss.detach()
-    return total / run.derived.grad_accum_steps
+    return total / accumulation_steps
 
 
 @torch.no_grad()

@@ -71,6 +71,7 @@ class StepOutput:
     lr: float  # the learning rate this step used
     step_time_s: float  # wall time of the step on this rank, data wait included
     data_wait_s: float  # time this rank waited for micro-batches during the step
+    batch_size: int  # global batch of the step in samples (train.global_batch_size, or less during a rampup)
 
 
 @dataclass
@@ -194,6 +195,8 @@ class MetricsHook(Hook):
         self.sinks = sinks
         self._loss_sum: torch.Tensor | None = None
         self._steps = 0
+        self._samples = 0  # global samples of those steps (a batch-size rampup changes them per step)
+        self._ramp_sizes: list[int] | None = None  # train.ramp_batch_sizes(), computed once
         self._data_wait_s = 0.0
         self._busy_s = 0.0  # time inside steps since the last log line
         self._step_start_s = 0.0
@@ -221,6 +224,7 @@ class MetricsHook(Hook):
         loss = out.loss.detach().float()
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
         self._steps += 1
+        self._samples += out.batch_size
         self._data_wait_s += out.data_wait_s
         for sink in self.sinks:
             sink.step(state.step)
@@ -234,7 +238,13 @@ class MetricsHook(Hook):
     def on_eval(self, run: RunContext, state: TrainState, result: EvalOutput) -> None:
         per_dataset = {f"val_loss/{name}": loss for name, loss in result.per_dataset.items()}
         self._emit(run, result.step, {"kind": "eval", "val_loss": result.loss, "val_ppl": _perplexity(result.loss),
-                                      **per_dataset})
+                                      "consumed_tokens": self._consumed_tokens(run, result.step), **per_dataset})
+
+    def _consumed_tokens(self, run: RunContext, step: int) -> int:
+        """Training tokens after `step` steps: report's tokens axis, exact also through a batch-size rampup."""
+        if self._ramp_sizes is None:
+            self._ramp_sizes = run.cfg.train.ramp_batch_sizes()
+        return run.cfg.train.samples_consumed(step, self._ramp_sizes) * run.cfg.train.seq_len
 
     def on_train_end(self, run: RunContext, state: TrainState) -> None:
         for sink in self.sinks:
@@ -246,12 +256,14 @@ class MetricsHook(Hook):
         loss = self._loss_sum.clone()
         dist.all_reduce(loss, group=ctx.dp_group)  # SUM over DP ranks: each holds its own micro-batches' mean
         interval_s = self._busy_s
-        tokens_per_s = self._steps * derived.global_batch_size_tokens / interval_s
+        tokens_per_s = self._samples * run.cfg.train.seq_len / interval_s
         tflops_per_gpu = tokens_per_s * run.flops_per_token / derived.world_size / 1e12
         metrics: dict[str, Any] = {
             "kind": "train",
             "loss": loss.item() / (ctx.dp * self._steps),
             "lr": out.lr,
+            "global_batch_size": out.batch_size,  # samples, of the step logged
+            "consumed_tokens": self._consumed_tokens(run, out.step),
             "grad_norm": global_grad_norm(run.engine),
             "loss_scale": loss_scale(run.engine),
             "skipped_steps": skipped_steps(run.engine),
@@ -264,7 +276,7 @@ class MetricsHook(Hook):
             **memory_metrics(ctx.device),
             **data_mixture_metrics(run.train_loader),
         }
-        self._loss_sum, self._steps, self._data_wait_s, self._busy_s = None, 0, 0.0, 0.0
+        self._loss_sum, self._steps, self._samples, self._data_wait_s, self._busy_s = None, 0, 0, 0.0, 0.0
         return metrics
 
     def _emit(self, run: RunContext, step: int, metrics: dict[str, Any]) -> None:

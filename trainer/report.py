@@ -7,7 +7,8 @@ its Agg canvas directly (no pyplot, so no global backend state and no display ne
 What trainer.hooks.MetricsHook writes (one JSON object per line, through JsonlSink):
   every train.log_interval_steps and at the last step:
     {"step", "time_s", "kind": "train", "loss", "lr", "grad_norm", "loss_scale", "tokens_per_s", "tflops_per_gpu",
-     "mfu", "step_time_s", "data_wait_s", "max_rss_gib" | "max_memory_allocated_gib", "z_loss" (with a z-loss)}
+     "mfu", "step_time_s", "data_wait_s", "max_rss_gib" | "max_memory_allocated_gib", "global_batch_size",
+     "consumed_tokens", "z_loss" (with a z-loss)}
   after each evaluation:
     {"step", "time_s", "kind": "eval", "val_loss", "val_ppl", "val_loss/<dataset>" (several validation datasets)}
 `loss` is the mean over the steps since the previous log line; `tokens_per_s`, `step_time_s` and `data_wait_s` cover
@@ -33,7 +34,7 @@ Record = dict[str, Any]  # one parsed metrics line, plus "segment" and "elapsed_
 # Keys whose value, when present, must be a number or null; anything else means the line is corrupt.
 NUMERIC_KEYS: tuple[str, ...] = (
     "time_s", "loss", "lr", "grad_norm", "loss_scale", "tokens_per_s", "tflops_per_gpu", "mfu", "step_time_s",
-    "data_wait_s", "val_loss", "val_ppl", "z_loss",
+    "data_wait_s", "val_loss", "val_ppl", "z_loss", "global_batch_size", "consumed_tokens",
 )
 REQUIRED_KEY = {"train": "loss", "eval": "val_loss"}
 MAX_WARNINGS_PER_FILE = 5  # a file cut by a full disk can have thousands of bad lines: name a few, count the rest
@@ -340,7 +341,7 @@ def summarize(run: RunMetrics) -> RunSummary:
     return RunSummary(
         label=run.label,
         steps=last_step,
-        tokens_seen=None if last_step is None or run.tokens_per_step is None else last_step * run.tokens_per_step,
+        tokens_seen=_tokens_seen(run),
         first_loss=losses[0] if losses else None,
         last_loss=losses[-1] if losses else None,
         min_loss=min(finite_losses, key=lambda point: point[1]) if finite_losses else None,
@@ -358,6 +359,14 @@ def summarize(run: RunMetrics) -> RunSummary:
         restarts=run.restarts,
         malformed_lines=len(run.malformed_lines),
     )
+
+
+def _tokens_seen(run: RunMetrics) -> int | None:
+    if not run.train:
+        return None
+    if isinstance(run.train[-1].get("consumed_tokens"), int):
+        return int(run.train[-1]["consumed_tokens"])
+    return None if run.tokens_per_step is None else run.train[-1]["step"] * run.tokens_per_step
 
 
 def _steady_train_records(train: list[Record]) -> list[Record]:
@@ -565,11 +574,19 @@ def _x_scale(runs: list[RunMetrics], x_axis: XAxis) -> XScale:
 
 def _x_values(run: RunMetrics, records: list[Record], x_axis: XAxis, x_scale: XScale) -> list[float]:
     if x_axis == "tokens":
-        assert run.tokens_per_step is not None  # checked by _x_scale
-        return [record["step"] * run.tokens_per_step for record in records]
+        return [_tokens_at(run, record) for record in records]
     if x_axis == "time":
         return [record["elapsed_s"] / x_scale.divisor for record in records]
     return [float(record["step"]) for record in records]
+
+
+def _tokens_at(run: RunMetrics, record: Record) -> float:
+    """Training tokens at a record: logged (`consumed_tokens`, exact through a batch-size rampup), else step ×
+    the batch (metrics written before it was logged)."""
+    if isinstance(record.get("consumed_tokens"), int):
+        return float(record["consumed_tokens"])
+    assert run.tokens_per_step is not None  # checked by _x_scale
+    return float(record["step"] * run.tokens_per_step)
 
 
 def _has_values(records: list[Record], key: str) -> bool:
@@ -650,7 +667,8 @@ def _mark_resumes(ax: Any, run: RunMetrics, color: str, x_axis: XAxis, x_scale: 
     for resume in run.resumes:
         if x_axis == "time" and resume.elapsed_s is None:
             continue
-        x = {"step": float(resume.step), "tokens": resume.step * (run.tokens_per_step or 0),
+        at_step = next((r for r in run.train if r["step"] == resume.step), {"step": resume.step})
+        x = {"step": float(resume.step), "tokens": _tokens_at(run, at_step) if run.tokens_per_step else 0.0,
              "time": (resume.elapsed_s or 0.0) / x_scale.divisor}[x_axis]
         ax.axvline(x, color=color, linestyle=":", linewidth=1.2, alpha=0.8)
 

@@ -117,6 +117,7 @@ def _dry_run_report(cfg: Any, derived: Any, args: argparse.Namespace, world_sour
         f"batch        {derived.global_batch_size} samples × {cfg.train.seq_len} tokens = "
         f"{derived.global_batch_size_tokens:,} tokens/step = micro {derived.micro_batch_size_per_gpu} × "
         f"grad_accum {derived.grad_accum_steps} × dp {derived.dp}",
+        *_rampup_lines(cfg),
         f"parameters   {params.total:,} ({_si(params.total)}; non-embedding {_si(params.non_embedding)}; "
         f"vocab {cfg.model.vocab_size:,} padded to {derived.padded_vocab_size:,})",
         f"FLOPs/token  {flops.total:.3e} training (matmul {flops.matmul:.3e} + attention {flops.attention:.3e}); "
@@ -126,6 +127,14 @@ def _dry_run_report(cfg: Any, derived: Any, args: argparse.Namespace, world_sour
         json.dumps(build_deepspeed_config(cfg, derived), indent=2),
     ]
     return "\n".join(lines)
+
+
+def _rampup_lines(cfg: Any) -> list[str]:
+    ramp, sizes = cfg.train.batch_size_rampup, cfg.train.ramp_batch_sizes()
+    if ramp is None:
+        return []
+    return [f"rampup       global batch {ramp.start} → {cfg.train.global_batch_size} samples by {ramp.increment}: "
+            f"{len(sizes):,} steps, {sum(sizes):,} samples before the full batch (LR schedule in steps as always)"]
 
 
 def _memory_lines(cfg: Any, derived: Any, memory: Any) -> list[str]:

@@ -114,7 +114,8 @@ def lr_factor(step: int, cfg: Config) -> float:
 
 def train_hf_reference(model: Any, cfg: Config, z_losses: list[float] | None = None) -> list[float]:
     """The textbook loop on HF's model: one forward over each whole global batch (the mean over the batch does not
-    depend on how our run splits it over DP ranks and micro-steps). With train.z_loss_weight, PaLM's z-loss is added
+    depend on how our run splits it over DP ranks and micro-steps; with train.batch_size_rampup the global batches
+    grow as the config says). With train.z_loss_weight, PaLM's z-loss is added
     to the objective as its paper writes it (weight · log²Z per token, averaged); the returned losses stay the cross
     entropy, and each step's weighted z term goes to `z_losses`."""
     no_decay = [p for name, p in model.named_parameters() if name.endswith("norm.weight")]
@@ -123,12 +124,14 @@ def train_hf_reference(model: Any, cfg: Config, z_losses: list[float] | None = N
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
-    batch = cfg.train.global_batch_size
-    stream = SyntheticTokens(vocab_size=cfg.model.vocab_size, seq_len=cfg.train.seq_len, micro_batch_size=batch,
-                             seed=cfg.train.seed)
-    losses = []
+    ramp_sizes = cfg.train.ramp_batch_sizes()  # train.batch_size_rampup: smaller global batches first
+    consumed_samples, losses = 0, []
     for step in range(cfg.train.max_steps):
-        tokens, labels = stream.microbatch(step * batch)
+        batch = cfg.train.batch_size_at(step, ramp_sizes)
+        stream = SyntheticTokens(vocab_size=cfg.model.vocab_size, seq_len=cfg.train.seq_len,
+                                 micro_batch_size=batch, seed=cfg.train.seed)
+        tokens, labels = stream.microbatch(consumed_samples)  # the next `batch` samples of the one global order
+        consumed_samples += batch
         logits = model(tokens).logits  # (B, T, vocab_size): HF's model has no padding columns
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         z_loss = cfg.train.z_loss_weight * logits.logsumexp(dim=-1).square().mean()

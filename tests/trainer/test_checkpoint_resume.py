@@ -151,3 +151,22 @@ def test_a_cooldown_branched_from_a_stable_checkpoint_is_the_planned_wsd_run(tmp
     for kind, tensors in planned["tensors"].items():
         for name, tensor in tensors.items():
             assert torch.equal(cooldown["tensors"][kind][name], tensor), (kind, name)
+
+
+RAMPUP = ["train.batch_size_rampup={start: 4, increment: 4, samples: 24}"]  # global batches 4, 4, 8, 12, then 16
+
+
+@pytest.mark.parametrize(("world_size", "overrides"), [(1, []), (2, ["parallel.pp=2"])], ids=["same-layout", "pp2"])
+def test_resume_inside_a_batch_size_rampup_continues_it(tmp_path: Path, world_size: int,
+                                                         overrides: list[str]) -> None:
+    """Saved at step 2 (batch 4), resumed: steps 3-6 take 8, 12, 16, 16 samples from the same place in the data, so
+    the losses are the uninterrupted run's (bit for bit in its layout)."""
+    source = run(1, RAMPUP, tmp_path / "source")
+    assert source["meta"]["consumed_samples"] == 4 + 4 + 8 + 12 + 16 + 16
+    resumed = resume(source, world_size, [*RAMPUP, *overrides], tmp_path / "resumed")
+    assert resumed["meta"]["consumed_samples"] == source["meta"]["consumed_samples"]
+    for step in (3, 4, 5, 6):
+        if world_size == 1:
+            assert resumed["losses"][step] == source["losses"][step], step
+        else:
+            assert abs(resumed["losses"][step] - source["losses"][step]) <= REL_TOL * source["losses"][step], step

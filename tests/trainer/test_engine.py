@@ -84,6 +84,33 @@ def test_decay_steps_that_cannot_run_are_refused(overrides: list[str], message: 
         load_config(TINY, overrides)
 
 
+def test_batch_size_rampup_follows_megatrons_rule() -> None:
+    """From 4 by 4 to 16 over 48 samples: 3 increases, one every 16 consumed samples (Megatron-LM's
+    --rampup-batch-size 4 4 48): 4 until 16 samples are consumed, 8 until 32, 12 until 48, then 16."""
+    train = load_config(TINY, ["train.batch_size_rampup={start: 4, increment: 4, samples: 48}"]).train
+    assert train.ramp_batch_sizes() == [4, 4, 4, 4, 8, 8, 12, 12]
+    assert [train.batch_size_at(step) for step in (0, 4, 7, 8, 1000)] == [4, 8, 12, 16, 16]
+    assert load_config(TINY).train.ramp_batch_sizes() == [] and load_config(TINY).train.batch_size_at(0) == 16
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["train.batch_size_rampup={start: 16, increment: 4, samples: 48}"], "start must be smaller"),
+    (["train.batch_size_rampup={start: 4, increment: 8, samples: 48}"], "the difference a multiple of increment"),
+    (["train.batch_size_rampup={start: 4, increment: 4, samples: 48}", "zero.stage=1",
+      "zero.offload_optimizer=cpu"], "with zero.offload_optimizer"),
+])
+def test_rampups_that_cannot_run_are_refused(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(TINY, overrides)
+
+
+def test_a_rampup_batch_must_be_whole_micro_batches_on_every_rank() -> None:
+    cfg = load_config(TINY, ["train.batch_size_rampup={start: 4, increment: 4, samples: 48}"])
+    cfg.validate_for_world(1)  # micro 4 x dp 1
+    with pytest.raises(ConfigError, match=re.escape("must be multiples of train.micro_batch_size_per_gpu × dp (8)")):
+        cfg.validate_for_world(2)
+
+
 def test_constant_and_no_warmup() -> None:
     assert [lr_multiplier(s, optim(decay="constant", warmup_steps=0), 10) for s in (0, 9)] == [1.0, 1.0]
     assert lr_multiplier(0, optim(warmup_steps=0), 10) == 1.0

@@ -58,45 +58,51 @@ def _train(rank: int, world_size: int, overrides: list[str]) -> None:
 
 
 # Large enough that leaving the z-loss out moves the losses far beyond REL_TOL (checked in the test); PaLM uses 1e-4.
-Z_LOSS_WEIGHT = 0.01
-# vocab_size, tied embeddings, z-loss weight → the layouts trained on it (world size, overrides).
-CASES: dict[tuple[int, bool, float], dict[str, tuple[int, list[str]]]] = {
-    (500, False, 0.0): {"tp1": (1, []),
-                        "zero3-dp2": (2, ["zero.stage=3"]),
-                        "tp2-pp2": (4, ["parallel.tp=2", "parallel.pp=2"])},
-    (384, False, 0.0): {"tp1": (1, []),
-                        "tp2": (2, ["parallel.tp=2"]),
-                        "pp2": (2, ["parallel.pp=2"])},
-    (389, True, 0.0): {"tp2-sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
-                       "zero1-dp2": (2, ["zero.stage=1"])},
-    (500, False, Z_LOSS_WEIGHT): {"tp1": (1, []),
-                                  "tp2-fused": (2, ["parallel.tp=2", "parallel.lm_loss=fused_linear"]),
-                                  "pp2-dp2": (4, ["parallel.pp=2", "zero.stage=1"])},
+Z_LOSS = "train.z_loss_weight=0.01"
+# Global batches 8, 8, 8, 8, then 16 (the tiny config's): a batch-size warmup in every layout below.
+RAMPUP = "train.batch_size_rampup={start: 8, increment: 8, samples: 32}"
+# vocab_size, tied embeddings, objective overrides (also the reference's) → the layouts trained on it (world size,
+# overrides).
+CASES: dict[tuple[int, bool, tuple[str, ...]], dict[str, tuple[int, list[str]]]] = {
+    (500, False, ()): {"tp1": (1, []),
+                       "zero3-dp2": (2, ["zero.stage=3"]),
+                       "tp2-pp2": (4, ["parallel.tp=2", "parallel.pp=2"])},
+    (384, False, ()): {"tp1": (1, []),
+                       "tp2": (2, ["parallel.tp=2"]),
+                       "pp2": (2, ["parallel.pp=2"])},
+    (389, True, ()): {"tp2-sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+                      "zero1-dp2": (2, ["zero.stage=1"])},
+    (500, False, (Z_LOSS,)): {"tp1": (1, []),
+                              "tp2-fused": (2, ["parallel.tp=2", "parallel.lm_loss=fused_linear"]),
+                              "pp2-dp2": (4, ["parallel.pp=2", "zero.stage=1"])},
+    (500, False, (RAMPUP,)): {"tp1": (1, []),
+                              "zero2-dp2": (2, ["zero.stage=2"]),
+                              "pp2": (2, ["parallel.pp=2"])},
 }
 PARAMS = [(*case, layout) for case, layouts in CASES.items() for layout in layouts]
+CASE_NAMES = {(): "", (Z_LOSS,): "-zloss", (RAMPUP,): "-rampup"}
 
 
-def _overrides(vocab: int, tie: bool, z_loss_weight: float) -> list[str]:
-    return [*BASE, f"model.vocab_size={vocab}", f"model.tie_embeddings={str(tie).lower()}",
-            f"train.z_loss_weight={z_loss_weight}"]
+def _overrides(vocab: int, tie: bool, objective: tuple[str, ...]) -> list[str]:
+    return [*BASE, f"model.vocab_size={vocab}", f"model.tie_embeddings={str(tie).lower()}", *objective]
 
 
 @pytest.fixture(scope="module")
-def references(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, bool, float], dict[str, Any]]:
+def references(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, bool, tuple[str, ...]], dict[str, Any]]:
     """Per case: the HF directory our runs start from, and the reference's per-step losses (and z terms) and final
     weights."""
     from trainer.hf import import_hf_to_dir
 
     out = {}
-    for vocab, tie, z_loss_weight in CASES:
+    for vocab, tie, objective in CASES:
         root = tmp_path_factory.mktemp(f"vocab{vocab}")
         model = hf_llama(vocab, tie, seed=vocab)
         initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
         model.save_pretrained(root / "hf")
         imported = import_hf_to_dir(root / "hf", root / "imported", tp=1)
         z_losses: list[float] = []
-        losses = train_hf_reference(model, load_config(TINY, _overrides(vocab, tie, z_loss_weight)), z_losses)
-        out[vocab, tie, z_loss_weight] = {
+        losses = train_hf_reference(model, load_config(TINY, _overrides(vocab, tie, objective)), z_losses)
+        out[vocab, tie, objective] = {
             "root": root, "init_from": imported.out_dir / "model.safetensors", "losses": losses, "z_losses": z_losses,
             "initial": initial, "weights": {k: v.detach().clone() for k, v in model.state_dict().items()}}
     return out
@@ -104,11 +110,11 @@ def references(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, bool
 
 @pytest.fixture(scope="module")
 def trained(references: dict) -> Any:
-    """(vocab, tie, z-loss weight, layout) → the run directory of our training in that layout; each trains once."""
-    runs: dict[tuple[int, bool, float, str], Path] = {}
+    """(vocab, tie, objective, layout) → the run directory of our training in that layout; each trains once."""
+    runs: dict[tuple[int, bool, tuple[str, ...], str], Path] = {}
 
-    def get(vocab: int, tie: bool, z_loss_weight: float, layout: str) -> Path:
-        case = (vocab, tie, z_loss_weight)
+    def get(vocab: int, tie: bool, objective: tuple[str, ...], layout: str) -> Path:
+        case = (vocab, tie, objective)
         if (*case, layout) not in runs:
             reference, (world_size, overrides) = references[case], CASES[case][layout]
             run_dir = reference["root"] / layout
@@ -141,22 +147,25 @@ def _export(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "model.safetensors")
 
 
-@pytest.mark.parametrize(("vocab", "tie", "z_loss_weight", "layout"), PARAMS,
-                         ids=[f"vocab{v}{'-zloss' if z else ''}-{layout}" for v, _, z, layout in PARAMS])
-def test_training_equals_hf_and_adamw(references: dict, trained: Any, vocab: int, tie: bool, z_loss_weight: float,
-                                      layout: str) -> None:
+@pytest.mark.parametrize(("vocab", "tie", "objective", "layout"), PARAMS,
+                         ids=[f"vocab{v}{CASE_NAMES[o]}-{layout}" for v, _, o, layout in PARAMS])
+def test_training_equals_hf_and_adamw(references: dict, trained: Any, vocab: int, tie: bool,
+                                      objective: tuple[str, ...], layout: str) -> None:
     from trainer.hf.full_state import load_full_state_dict
 
-    reference = references[vocab, tie, z_loss_weight]
-    run_dir = trained(vocab, tie, z_loss_weight, layout)
+    reference = references[vocab, tie, objective]
+    run_dir = trained(vocab, tie, objective, layout)
     ours, want = _losses(run_dir), reference["losses"]
     worst = _worst_rel(ours, want)
     assert worst <= REL_TOL, f"per-step losses differ from the HF reference by {worst:.2e} relative:\n{ours}\n{want}"
-    if z_loss_weight:
-        assert _worst_rel(_losses(run_dir, "z_loss"), reference["z_losses"]) <= REL_TOL
-        # The z-loss changes the training: the same model trained without it is far outside the tolerance.
-        without = references[vocab, tie, 0.0]["losses"]
+    if objective:
+        # The z-loss and the rampup change the training: the same model trained without them is far outside REL_TOL.
+        without = references[vocab, tie, ()]["losses"]
         assert _worst_rel(without, want) > 100 * REL_TOL, _worst_rel(without, want)
+    if objective == (Z_LOSS,):
+        assert _worst_rel(_losses(run_dir, "z_loss"), reference["z_losses"]) <= REL_TOL
+    if objective == (RAMPUP,):
+        assert _losses(run_dir, "global_batch_size") == [8, 8, 8, 8] + [16] * (STEPS - 4)
 
     exported = _export(run_dir)
     assert sorted(exported) == sorted(k for k in reference["weights"] if not (tie and k == "lm_head.weight"))
@@ -175,6 +184,6 @@ def test_training_equals_hf_and_adamw(references: dict, trained: Any, vocab: int
 
 def test_tp1_and_tp2_train_the_same_model_when_only_tp2_pads(trained: Any) -> None:
     """vocab 384: a multiple of 128 (no padding at tp 1) but not of 256 (padded to 512 at tp 2)."""
-    tp1, tp2 = _losses(trained(384, False, 0.0, "tp1")), _losses(trained(384, False, 0.0, "tp2"))
+    tp1, tp2 = _losses(trained(384, False, (), "tp1")), _losses(trained(384, False, (), "tp2"))
     worst = max(abs(a - b) / abs(b) for a, b in zip(tp1, tp2))
     assert worst <= REL_TOL, (tp1, tp2)

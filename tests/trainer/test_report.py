@@ -330,3 +330,14 @@ def test_report_of_a_real_training_run(tmp_path: Path) -> None:
     assert summary.mean_mfu is None and summary.malformed_lines == 0
     assert "tiny" in out.getvalue().splitlines()[0]
     assert png_size(png)[0] >= 1200
+
+
+def test_tokens_come_from_the_logged_count_through_a_batch_size_rampup(tmp_path: Path) -> None:
+    """Lines with consumed_tokens (a rampup: 4, 4, 8, 12, then 16 samples of 64 tokens): tokens seen and the tokens
+    axis are those counts, not step × the final batch."""
+    lines = [train_line(step, 1000.0 + step, 5.0, 1000.0, 1.0, consumed_tokens=tokens, global_batch_size=batch)
+             for step, tokens, batch in ((2, 512, 4), (4, 1792, 12), (6, 3840, 16))]
+    run = load_runs([write_run(tmp_path / "ramp", lines)])[0]
+    assert summarize(run).tokens_seen == 3840  # step 6 × 16 × 64 would say 6144
+    png = write_report([tmp_path / "ramp"], tmp_path / "r.png", x_axis="tokens", out=io.StringIO())
+    assert png_size(png)[0] > 0
