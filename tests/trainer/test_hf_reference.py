@@ -77,6 +77,7 @@ CASES: dict[tuple[int, bool, tuple[str, ...]], dict[str, tuple[int, list[str]]]]
                               "pp2-dp2": (4, ["parallel.pp=2", "zero.stage=1"])},
     (500, False, (RAMPUP,)): {"tp1": (1, []),
                               "zero2-dp2": (2, ["zero.stage=2"]),
+                              "zero3-dp2": (2, ["zero.stage=3"]),
                               "pp2": (2, ["parallel.pp=2"])},
 }
 PARAMS = [(*case, layout) for case, layouts in CASES.items() for layout in layouts]
