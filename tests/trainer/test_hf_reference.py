@@ -78,7 +78,8 @@ CASES: dict[tuple[int, bool, tuple[str, ...]], dict[str, tuple[int, list[str]]]]
     (500, False, (RAMPUP,)): {"tp1": (1, []),
                               "zero2-dp2": (2, ["zero.stage=2"]),
                               "zero3-dp2": (2, ["zero.stage=3"]),
-                              "pp2": (2, ["parallel.pp=2"])},
+                              "pp2": (2, ["parallel.pp=2"]),
+                              "pp2-dp2": (4, ["parallel.pp=2", "zero.stage=1"])},
 }
 PARAMS = [(*case, layout) for case, layouts in CASES.items() for layout in layouts]
 CASE_NAMES = {(): "", (Z_LOSS,): "-zloss", (RAMPUP,): "-rampup"}
