@@ -19,7 +19,7 @@ examples:
   pretrain eval --checkpoint runs/tiny/checkpoints "data.datasets=[{path: data/held-out}]" data.eval_split=test
   pretrain eval --checkpoint runs/wsd-a/checkpoints --checkpoint runs/wsd-b/checkpoints   # two WSD cooldowns
   pretrain eval --checkpoint runs/tiny/checkpoints --every --json curve.json  # every checkpoint, oldest first
-  torchrun --nproc_per_node 8 -m launch eval --checkpoint runs/7b/checkpoints parallel.tp=2   # any layout
+  pretrain eval --nproc 8 --checkpoint runs/7b/checkpoints parallel.tp=2      # 8 processes here (torchrun), any layout
 
 The config is the first checkpoint's own (config.yaml, saved with it) unless --config is given; dotted overrides
 apply on top. The model is built once and each checkpoint loaded into it in turn (they must share the model's
@@ -42,6 +42,9 @@ def register(subparsers: Any) -> None:
                         help="every intact checkpoint of each directory, oldest first, not only the newest")
     parser.add_argument("--config", metavar="YAML", help="run config (default: the checkpoint's config.yaml)")
     parser.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="processes on this machine, as `launch local` starts them (default: %(default)s; under "
+                             "a launcher that sets RANK, WORLD_SIZE, ... this is not needed)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. train.eval_steps=50 data.eval_split=test")
     parser.set_defaults(func=run)
@@ -52,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
 
     paths = [Path(path) for path in args.checkpoint]
     cfg = load_config(args.config or _checkpoint_config(paths[0]), args.overrides)
+    if args.nproc > 1 and "RANK" not in os.environ:
+        return _launch_local(args, cfg)
     from trainer.eval_checkpoint import evaluate_checkpoints  # heavy (torch, deepspeed, megatron)
 
     evaluations = evaluate_checkpoints(cfg, paths, every=args.every)
@@ -61,6 +66,21 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(summaries, indent=2) + "\n")
     return 0
+
+
+def _launch_local(args: argparse.Namespace, cfg: Any) -> int:
+    """This command again in `--nproc` processes under torchrun, with `launch local`'s environment and exit codes."""
+    import sys
+
+    from launch.commands.launch_local import process_environment, run_forwarding_stop_signals
+
+    cfg.validate_for_world(args.nproc)  # one clear error now instead of the same one from N processes
+    again = [arg for path in args.checkpoint for arg in ("--checkpoint", path)]
+    again += ["--every"] * args.every + ["--config", args.config] * bool(args.config)
+    again += ["--json", args.json] * bool(args.json)
+    command = [sys.executable, "-m", "launch.torchrun_agent", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "launch", "eval", *again, *args.overrides]
+    return run_forwarding_stop_signals(command, {**os.environ, **process_environment(cfg.launch.device, args.nproc)})
 
 
 def _checkpoint_config(path: Path) -> Path:

@@ -75,6 +75,16 @@ def test_eval_in_another_layout_gives_the_same_loss(trained: dict, overrides: li
         assert abs(loss - trained["val"][6]) <= REL_TOL * trained["val"][6], (loss, trained["val"][6])
 
 
+def test_eval_starts_its_own_processes_with_nproc(trained: dict, tmp_path: Path) -> None:
+    """`--nproc 2`: torchrun here, as `launch local` starts it; one table (rank 0), the run's loss under TP 2."""
+    out = pretrain("eval", "--nproc", "2", "--checkpoint", str(trained["dir"] / "checkpoints"), "parallel.tp=2",
+                   "--json", str(tmp_path / "e.json"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    (summary,) = json.loads((tmp_path / "e.json").read_text())
+    assert abs(summary["val_loss"] - trained["val"][6]) <= REL_TOL * trained["val"][6]
+    assert out.stdout.count("step  val_loss") == 1
+
+
 def test_eval_on_other_data_without_a_training_split(trained: dict, tmp_path: Path) -> None:
     from data_pipeline.manifest import write_dataset_from_arrays
 
