@@ -14,16 +14,13 @@ batches (`train.eval_steps`), or comparing checkpoints, e.g. the cooldowns branc
 
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
-from trainer.bootstrap import ParallelContext, destroy_parallel, init_parallel, single_process_defaults
+from trainer.bootstrap import ParallelContext, destroy_parallel
 from trainer.checkpoint.layout import CheckpointError
 from trainer.checkpoint.load import choose_valid, load_checkpoint, shared_candidates
 from trainer.config import Config, ConfigError, Derived
@@ -33,9 +30,7 @@ from trainer.estimate import flops_per_token
 from trainer.fit import evaluate
 from trainer.hooks import EvalOutput, RunContext
 from trainer.parallelize import build_model_on_meta, parallelize
-from trainer.train import release_run, seed_everything
-
-log = logging.getLogger(__name__)
+from trainer.train import join_process_groups, plan_this_world, release_run, seed_everything
 
 
 @dataclass(frozen=True)
@@ -52,14 +47,9 @@ def evaluate_checkpoints(cfg: Config, paths: Sequence[Path], every: bool = False
     if cfg.train.eval_steps == 0:
         raise ConfigError("train.eval_steps is 0, so there is nothing to evaluate: set train.eval_steps=N (global "
                           "batches of each validation dataset)")
-    single_process_defaults()
-    derived = cfg.validate_for_world(int(os.environ["WORLD_SIZE"]))
-    if derived.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("launch.device is cuda but this process sees no CUDA device: run on a GPU node or set "
-                          "launch.device=cpu (gloo)")
+    derived = plan_this_world(cfg)
     owns_group = not dist.is_initialized()
-    ctx = init_parallel(cfg.parallel.tp, cfg.parallel.pp, backend="gloo" if derived.device == "cpu" else "nccl",
-                        timeout_s=cfg.faults.collective_timeout_s)
+    ctx = join_process_groups(cfg, derived)
     try:
         checkpoints = _choose(paths, every, ctx, cfg.checkpoint.verify_on_load)
         run = _build(cfg, derived, ctx)

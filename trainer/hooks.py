@@ -237,7 +237,7 @@ class MetricsHook(Hook):
 
     def on_eval(self, run: RunContext, state: TrainState, result: EvalOutput) -> None:
         per_dataset = {f"val_loss/{name}": loss for name, loss in result.per_dataset.items()}
-        self._emit(run, result.step, {"kind": "eval", "val_loss": result.loss, "val_ppl": _perplexity(result.loss),
+        self._emit(run, result.step, {"kind": "eval", "val_loss": result.loss, "val_ppl": perplexity(result.loss),
                                       "consumed_tokens": self._consumed_tokens(run, result.step), **per_dataset})
 
     def _consumed_tokens(self, run: RunContext, step: int) -> int:
@@ -428,7 +428,7 @@ class ConsoleSink:
             self._bar.close()
 
 
-def _perplexity(loss: float) -> float:
+def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past ~709
 
 

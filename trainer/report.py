@@ -341,7 +341,7 @@ def summarize(run: RunMetrics) -> RunSummary:
     return RunSummary(
         label=run.label,
         steps=last_step,
-        tokens_seen=_tokens_seen(run),
+        tokens_seen=_tokens_at(run, run.train[-1]) if run.train else None,
         first_loss=losses[0] if losses else None,
         last_loss=losses[-1] if losses else None,
         min_loss=min(finite_losses, key=lambda point: point[1]) if finite_losses else None,
@@ -359,14 +359,6 @@ def summarize(run: RunMetrics) -> RunSummary:
         restarts=run.restarts,
         malformed_lines=len(run.malformed_lines),
     )
-
-
-def _tokens_seen(run: RunMetrics) -> int | None:
-    if not run.train:
-        return None
-    if isinstance(run.train[-1].get("consumed_tokens"), int):
-        return int(run.train[-1]["consumed_tokens"])
-    return None if run.tokens_per_step is None else run.train[-1]["step"] * run.tokens_per_step
 
 
 def _steady_train_records(train: list[Record]) -> list[Record]:
@@ -428,12 +420,18 @@ def format_summary_table(summaries: list[RunSummary]) -> str:
     return _render_table(rows)
 
 
+def dataset_labels(names: list[str]) -> list[str]:
+    """Short names for validation datasets logged by their configured paths: each path's last part when those are
+    unique, else the paths."""
+    short = [Path(name).name or name for name in names]
+    return short if len(set(short)) == len(short) else names
+
+
 def _per_dataset_val_rows(summaries: list[RunSummary]) -> list[tuple[str, list[str]]]:
     """One row per validation dataset any run logged, named by the dataset directory's last part when those are
     unique (the logged names are the configured paths)."""
     names = sorted({name for s in summaries for name in s.last_val_loss_per_dataset})
-    short = [Path(name).name or name for name in names]
-    labels = short if len(set(short)) == len(short) else names
+    labels = dataset_labels(names)
     return [(f"  val loss: {label}", [_fmt(s.last_val_loss_per_dataset.get(name), "{:.4f}") for s in summaries])
             for name, label in zip(names, labels, strict=True)]
 
@@ -574,19 +572,18 @@ def _x_scale(runs: list[RunMetrics], x_axis: XAxis) -> XScale:
 
 def _x_values(run: RunMetrics, records: list[Record], x_axis: XAxis, x_scale: XScale) -> list[float]:
     if x_axis == "tokens":
-        return [_tokens_at(run, record) for record in records]
+        return [float(_tokens_at(run, record) or 0) for record in records]  # _x_scale checked that it is known
     if x_axis == "time":
         return [record["elapsed_s"] / x_scale.divisor for record in records]
     return [float(record["step"]) for record in records]
 
 
-def _tokens_at(run: RunMetrics, record: Record) -> float:
+def _tokens_at(run: RunMetrics, record: Record) -> int | None:
     """Training tokens at a record: logged (`consumed_tokens`, exact through a batch-size rampup), else step ×
-    the batch (metrics written before it was logged)."""
+    the batch (metrics written before it was logged), else None."""
     if isinstance(record.get("consumed_tokens"), int):
-        return float(record["consumed_tokens"])
-    assert run.tokens_per_step is not None  # checked by _x_scale
-    return float(record["step"] * run.tokens_per_step)
+        return int(record["consumed_tokens"])
+    return None if run.tokens_per_step is None else record["step"] * run.tokens_per_step
 
 
 def _has_values(records: list[Record], key: str) -> bool:
@@ -648,8 +645,7 @@ def validation_datasets(runs: list[RunMetrics]) -> list[str]:
 def _dataset_handles(runs: list[RunMetrics]) -> list[Any]:
     from matplotlib.lines import Line2D
 
-    keys = validation_datasets(runs)
-    names = [Path(key.removeprefix("val_loss/")).name or key for key in keys]
+    names = dataset_labels([key.removeprefix("val_loss/") for key in validation_datasets(runs)])
     return [Line2D([], [], color="0.3", linestyle=":", marker=marker, markersize=4, label=f"validation: {name}")
             for name, marker in zip(names, DATASET_MARKERS)]
 
@@ -668,7 +664,7 @@ def _mark_resumes(ax: Any, run: RunMetrics, color: str, x_axis: XAxis, x_scale: 
         if x_axis == "time" and resume.elapsed_s is None:
             continue
         at_step = next((r for r in run.train if r["step"] == resume.step), {"step": resume.step})
-        x = {"step": float(resume.step), "tokens": _tokens_at(run, at_step) if run.tokens_per_step else 0.0,
+        x = {"step": float(resume.step), "tokens": float(_tokens_at(run, at_step) or 0),
              "time": (resume.elapsed_s or 0.0) / x_scale.divisor}[x_axis]
         ax.axvline(x, color=color, linestyle=":", linewidth=1.2, alpha=0.8)
 

@@ -39,12 +39,7 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: Config, extra_hooks: Sequence[Hook] = ()) -> TrainState:
-    single_process_defaults()  # no launcher: a world of one
-    # Before the process groups: a plan that does not fit the world fails on every rank with its fix, not in a hang.
-    derived = cfg.validate_for_world(int(os.environ["WORLD_SIZE"]))
-    if derived.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("launch.device is cuda but this process sees no CUDA device: run on a GPU node or set "
-                          "launch.device=cpu (gloo)")
+    derived = plan_this_world(cfg)
     if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
         raise ConfigError("logging.wandb is true but the wandb package is not installed here: pip install wandb "
                           "(or pip install -e '.[wandb]'), or set logging.wandb=false")
@@ -52,8 +47,7 @@ def train(cfg: Config, extra_hooks: Sequence[Hook] = ()) -> TrainState:
     # killing the process (Python's default for SIGUSR1) with no checkpoint and no requeue code.
     signals = StopSignals.install()
     owns_group = not dist.is_initialized()  # a test harness may have created it; then it also destroys it
-    ctx = init_parallel(cfg.parallel.tp, cfg.parallel.pp, backend="gloo" if derived.device == "cpu" else "nccl",
-                        timeout_s=cfg.faults.collective_timeout_s)
+    ctx = join_process_groups(cfg, derived)
     try:
         run_dir = Path(derived.run_dir)
         # Before anything is written into the run directory: a second job on it must leave its files alone.
@@ -65,6 +59,22 @@ def train(cfg: Config, extra_hooks: Sequence[Hook] = ()) -> TrainState:
         signals.uninstall()
         if owns_group:
             destroy_parallel()  # before exit: gloo ranks abort at exit without it (notes/deepspeed-cpu.md)
+
+
+def plan_this_world(cfg: Config) -> Derived:
+    """The derived plan for this process's world (WORLD_SIZE; one process without a launcher), on every rank before
+    any process group: a plan that does not fit the world fails on every rank with its fix, not in a hang."""
+    single_process_defaults()  # no launcher: a world of one
+    derived = cfg.validate_for_world(int(os.environ["WORLD_SIZE"]))
+    if derived.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("launch.device is cuda but this process sees no CUDA device: run on a GPU node or set "
+                          "launch.device=cpu (gloo)")
+    return derived
+
+
+def join_process_groups(cfg: Config, derived: Derived) -> ParallelContext:
+    return init_parallel(cfg.parallel.tp, cfg.parallel.pp, backend="gloo" if derived.device == "cpu" else "nccl",
+                         timeout_s=cfg.faults.collective_timeout_s)
 
 
 def _train_in_run_dir(cfg: Config, derived: Derived, ctx: ParallelContext, run_dir: Path, signals: StopSignals,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -96,19 +95,21 @@ def _checkpoint_config(path: Path) -> Path:
 
 
 def _summary(evaluated: Any) -> dict[str, Any]:
+    from trainer.hooks import perplexity
+
     result = evaluated.result
     return {"checkpoint": str(evaluated.checkpoint), "step": evaluated.step, "val_loss": result.loss,
-            "val_ppl": math.exp(result.loss) if result.loss < 700 else math.inf,
+            "val_ppl": perplexity(result.loss),
             "num_microbatches_per_rank": result.num_microbatches, "per_dataset": result.per_dataset}
 
 
 def _format(summaries: list[dict[str, Any]]) -> str:
     """A row per checkpoint; a column per validation dataset when there are several (named by their last path part
     when those are unique)."""
+    from trainer.report import dataset_labels
+
     names = list(summaries[0]["per_dataset"])
-    short = [Path(name).name or name for name in names]
-    labels = short if len(set(short)) == len(short) else names
-    header = ["step", "val_loss", "perplexity", *labels, "checkpoint"]
+    header = ["step", "val_loss", "perplexity", *dataset_labels(names), "checkpoint"]
     rows = [[str(s["step"]), f"{s['val_loss']:.4f}", f"{s['val_ppl']:.2f}",
              *(f"{s['per_dataset'][name]:.4f}" for name in names), s["checkpoint"]] for s in summaries]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
