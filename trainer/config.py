@@ -67,9 +67,22 @@ class ModelConfig(_Section):
     # Normal(0, init_std) for every weight; o_proj and down_proj use init_std / sqrt(2 * num_layers) (GPT-2,
     # Megatron); norms start at 1.
     init_std: PositiveFloat = 0.02
+    # Packed samples hold several documents, each ending with the tokenizer's eos (data_pipeline/packing.py).
+    # causal: every token attends to all earlier tokens of the sample, across document ends (GPT-3, Llama 2);
+    # document: only to earlier tokens of its own document (Llama 3's intra-document mask; Megatron-LM's
+    # --reset-attention-mask). The eos id is the data's (its manifests' tokenizer; synthetic data: 2).
+    attention_mask: Literal["causal", "document"] = "causal"
+    # RoPE positions restart at 0 with each document instead of running over the sample (Megatron-LM's
+    # --reset-position-ids): a document then sees the positions it would see alone, as at inference.
+    reset_position_ids: bool = False
 
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    @property
+    def uses_documents(self) -> bool:
+        """Whether the model reads the document boundaries (the eos tokens) of its input."""
+        return self.attention_mask == "document" or self.reset_position_ids
 
 
 def _on_off_as_text(value: Any) -> Any:

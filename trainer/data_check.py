@@ -12,7 +12,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainer.config import ConfigError
+
 MAX_LISTED = 10  # problems named one by one in a message; the rest are counted
+# Where synthetic data ends a document (model.uses_documents): our tokenizer's eos id (data_pipeline.tokenizer).
+SYNTHETIC_EOS_ID = 2
 
 
 @dataclass
@@ -77,3 +81,26 @@ def _check_split_files(manifest: Any, shards: list[Any], result: DataCheck) -> N
         if size_bytes != shard.num_bytes:
             result.bad_shards.append(f"{path} has {size_bytes} bytes, the manifest records {shard.num_bytes} "
                                      f"(truncated or replaced)")
+
+
+def document_eos_id(cfg: Any) -> int | None:
+    """The token that ends a document in this run's data, where model.uses_documents (else None): the tokenizer's
+    eos id that every prepared dataset's manifest records, or SYNTHETIC_EOS_ID."""
+    if not cfg.model.uses_documents:
+        return None
+    if cfg.data.synthetic:
+        return SYNTHETIC_EOS_ID
+    from data_pipeline.manifest import Manifest
+
+    eos_ids = {entry.path: Manifest.load(entry.path).tokenizer.eos_id for entry in cfg.data.datasets}
+    why = "model.attention_mask=document and model.reset_position_ids split samples into documents at the eos token"
+    for path, eos_id in eos_ids.items():
+        if eos_id < 0:
+            raise ConfigError(f"{why}, but {path} records no eos id (its tokens were written without a tokenizer): "
+                              f"prepare it with `pretrain prepare` (documents end with eos), or set "
+                              f"model.attention_mask=causal model.reset_position_ids=false")
+    if len(set(eos_ids.values())) > 1:
+        raise ConfigError(f"{why}, but the datasets end documents with different eos ids "
+                          f"({', '.join(f'{path}: {eos_id}' for path, eos_id in eos_ids.items())}): train on "
+                          f"datasets prepared with one tokenizer")
+    return next(iter(eos_ids.values()))

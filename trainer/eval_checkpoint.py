@@ -25,6 +25,7 @@ from trainer.checkpoint.layout import CheckpointError
 from trainer.checkpoint.load import choose_valid, load_checkpoint, shared_candidates
 from trainer.config import Config, ConfigError, Derived
 from trainer.data import validation_passes
+from trainer.data_check import document_eos_id
 from trainer.engine import build_engine
 from trainer.estimate import flops_per_token
 from trainer.fit import evaluate
@@ -86,7 +87,7 @@ def _choose(paths: Sequence[Path], every: bool, ctx: ParallelContext, verify: bo
 def _build(cfg: Config, derived: Derived, ctx: ParallelContext) -> RunContext:
     """build_run without the training loader (the data evaluated on may have no training split)."""
     seed_everything(cfg.train.seed)
-    pmodel = parallelize(build_model_on_meta(cfg.model, derived.padded_vocab_size), cfg, derived, ctx)
+    pmodel = parallelize(build_model_on_meta(cfg.model, derived.padded_vocab_size, document_eos_id(cfg)), cfg, derived, ctx)
     engine = build_engine(pmodel, cfg, derived, ctx)
     passes = validation_passes(cfg, derived, ctx)
     if passes is None:

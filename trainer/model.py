@@ -47,18 +47,23 @@ class RMSNorm(nn.Module):
 
 
 def rotary_cos_sin(
-    seq_len: int, head_dim: int, theta: float, device: torch.device, dtype: torch.dtype
+    positions: torch.Tensor | int, head_dim: int, theta: float, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (T, hd) for the half-split layout: frequency i sits at columns i and i + hd/2.
+    """cos, sin for the half-split layout (frequency i sits at columns i and i + hd/2): of shape (T, hd) for
+    `positions` = T (0 .. T-1), or (B, 1, T, hd) for per-row positions (B, T) (model.reset_position_ids), which
+    broadcast over the heads of (B, n, T, hd).
 
     Computed in fp32 on the fly (T * hd/2 products per layer, negligible next to the matmuls): no buffer that a
     `.to(bf16)` could round, nothing to shard or checkpoint.
     """
     exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim  # (hd/2,)
     inv_freq = 1.0 / (theta**exponents)  # (hd/2,), the same float ops as HF so the angles match bit for bit
-    positions = torch.arange(seq_len, device=device, dtype=torch.float32)
-    freqs = positions[:, None] * inv_freq[None, :]  # (T, hd/2); elementwise so autocast cannot lower it
-    angles = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
+    if isinstance(positions, int):
+        positions = torch.arange(positions, device=device)
+    freqs = positions.float()[..., None] * inv_freq  # (..., T, hd/2); elementwise so autocast cannot lower it
+    angles = torch.cat((freqs, freqs), dim=-1)  # (..., T, hd)
+    if angles.dim() == 3:
+        angles = angles.unsqueeze(1)  # (B, 1, T, hd)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -68,26 +73,54 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, n, T, hd); cos, sin: (T, hd) broadcast over batch and heads."""
+    """x: (B, n, T, hd); cos, sin: (T, hd) or (B, 1, T, hd), broadcast over batch and heads."""
     return x * cos + rotate_half(x) * sin
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal SDPA with grouped-query attention. q: (B, nh, T, hd); k, v: (B, nkv, T, hd) → (B, nh, T, hd).
+    `mask` (B, 1, T, T) bool, True where a query may attend, replaces the causal mask (`document_mask`).
 
     Query head i reads kv head i // (nh / nkv), i.e. repeat_interleave (HF's repeat_kv). SDPA's `enable_gqa` does the
-    same without copying K/V, but only the CUDA flash kernel implements it; on CPU, in fp32, or on GPUs flash cannot
-    serve, it would drop to the math kernel (O(T²) memory). So: native GQA where flash takes it, an explicit repeat
-    elsewhere (every backend accepts that).
+    same without copying K/V, but only the CUDA flash kernel implements it; on CPU, in fp32, with a mask, or on GPUs
+    flash cannot serve, it would drop to the math kernel (O(T²) memory). So: native GQA where flash takes it, an
+    explicit repeat elsewhere (every backend accepts that). With a mask, CUDA runs the memory-efficient kernel.
     """
     n_rep = q.shape[1] // k.shape[1]
-    if n_rep == 1:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if q.is_cuda and _flash_takes_gqa(q, k, v):
+    if n_rep > 1 and mask is None and q.is_cuda and _flash_takes_gqa(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    k = k.repeat_interleave(n_rep, dim=1)  # (B, nh, T, hd)
-    v = v.repeat_interleave(n_rep, dim=1)  # (B, nh, T, hd)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if n_rep > 1:
+        k = k.repeat_interleave(n_rep, dim=1)  # (B, nh, T, hd)
+        v = v.repeat_interleave(n_rep, dim=1)  # (B, nh, T, hd)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def document_ids(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """(B, T) → (B, T) int64: which packed document of its row each token belongs to, 0, 1, ... from the row's
+    start. The packer writes every document's tokens followed by eos, so an eos ends its document and the next
+    token starts a new one. (The row's first document may have begun in the previous sample; it is still one.)"""
+    is_eos = (input_ids == eos_token_id).long()
+    return is_eos.cumsum(-1) - is_eos  # documents ended strictly before each token
+
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids → (B, 1, T, T) bool: query t attends to key s iff s <= t in the same document. The
+    diagonal is always True, so no row is fully masked (no NaN from an empty softmax)."""
+    T = doc_ids.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return (doc_ids[:, None, :, None] == doc_ids[:, None, None, :]) & causal  # (B, 1, T, T)
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids → (B, T) int64: each token's position inside its document (0 at a document's start)."""
+    t = torch.arange(doc_ids.shape[-1], device=doc_ids.device).expand_as(doc_ids)
+    # No in-place writes here: under selective activation checkpointing a tensor cached by the policy must not change.
+    starts_here = torch.cat((torch.ones_like(doc_ids[:, :1], dtype=torch.bool), doc_ids[:, 1:] != doc_ids[:, :-1]), 1)
+    start = torch.where(starts_here, t, 0).cummax(dim=-1).values  # the index where each token's document began
+    return t - start
 
 
 def _flash_takes_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -107,8 +140,12 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * hd, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * hd, cfg.hidden_size, bias=False)
+        self.document_mask = cfg.attention_mask == "document"
+        self.reset_position_ids = cfg.reset_position_ids
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (T, B, H); doc_ids: (B, T) from `document_ids`, given when model.uses_documents (full T, also under
+        sequence parallelism)."""
         hd = self.head_dim
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (T, B, nh*hd), (T, B, nkv*hd) x2
         # T comes from the projections, not from x: under sequence parallelism x is this rank's (T/tp, B, H) shard and
@@ -118,9 +155,11 @@ class Attention(nn.Module):
         q = q.view(T, B, -1, hd).permute(1, 2, 0, 3)  # (B, nh, T, hd)
         k = k.view(T, B, -1, hd).permute(1, 2, 0, 3)  # (B, nkv, T, hd)
         v = v.view(T, B, -1, hd).permute(1, 2, 0, 3)  # (B, nkv, T, hd)
-        cos, sin = rotary_cos_sin(T, hd, self.rope_theta, x.device, q.dtype)  # (T, hd) each
+        positions = document_positions(doc_ids) if self.reset_position_ids else T  # (B, T) or T
+        cos, sin = rotary_cos_sin(positions, hd, self.rope_theta, x.device, q.dtype)  # (T, hd) or (B, 1, T, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = causal_attention(q, k, v)  # (B, nh, T, hd)
+        mask = document_mask(doc_ids) if self.document_mask else None  # (B, 1, T, T)
+        y = causal_attention(q, k, v, mask)  # (B, nh, T, hd)
         y = y.permute(2, 0, 1, 3).reshape(T, B, -1)  # (T, B, nh*hd)
         return self.o_proj(y)  # (T, B, H); (T/tp, B, H) under sequence parallelism (o_proj reduce-scatters)
 
@@ -139,7 +178,8 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block. One tensor in, one out (T, B, H): pipeline stages and checkpoint wrappers take it whole."""
+    """Pre-norm block: hidden (T, B, H) in and out, plus the document ids (B, T) where the model uses them (they
+    pass through every layer unchanged; a pipeline stage sends them on with the hidden states)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -148,19 +188,21 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x))
+    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), doc_ids)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Llama(nn.Module):
-    """Input ids (B, T) → logits (B, T, padded_vocab_size). Padding rows are real rows that no label ever selects."""
+    """Input ids (B, T) → logits (B, T, padded_vocab_size). Padding rows are real rows that no label ever selects.
+    `eos_token_id`: where documents end in a packed sample; needed to run when model.uses_documents, else unused."""
 
-    def __init__(self, cfg: ModelConfig, padded_vocab_size: int) -> None:
+    def __init__(self, cfg: ModelConfig, padded_vocab_size: int, eos_token_id: int | None = None) -> None:
         super().__init__()
         if padded_vocab_size < cfg.vocab_size:
             raise ValueError(f"padded_vocab_size ({padded_vocab_size}) must be >= model.vocab_size ({cfg.vocab_size})")
         self.cfg = cfg
+        self.eos_token_id = check_eos_token_id(cfg, eos_token_id)
         self.embed_tokens = nn.Embedding(padded_vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -174,11 +216,23 @@ class Llama(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = self.embed_tokens(input_ids)  # (B, T, H)
         h = h.transpose(0, 1).contiguous()  # (T, B, H): sequence-first from here on (see module docstring)
+        doc_ids = self.document_ids(input_ids)
         for layer in self.layers:
-            h = layer(h)
+            h = layer(h, doc_ids)
         logits = self.lm_head(self.norm(h))  # (T, B, V)
         # A view, no copy: lm_loss flattens it back in (T, B) order for free.
         return logits.transpose(0, 1)  # (B, T, V)
+
+    def document_ids(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """(B, T) document ids for the layers, or None when the model does not use them (plain causal attention)."""
+        return document_ids(input_ids, self.require_eos_token_id()) if self.cfg.uses_documents else None
+
+    def require_eos_token_id(self) -> int:
+        """The eos id, for a model that uses documents (a model built only for its names may lack it)."""
+        if self.eos_token_id is None:
+            raise ValueError("model.attention_mask=document and model.reset_position_ids find documents at the eos "
+                             "token, but the model was built without the data's eos id (Llama(..., eos_token_id))")
+        return self.eos_token_id
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -192,6 +246,16 @@ class Llama(nn.Module):
                 param.normal_(0.0, std)
                 if name in VOCAB_PARAM_NAMES:
                     param[self.cfg.vocab_size:] = 0.0
+
+
+def check_eos_token_id(cfg: ModelConfig, eos_token_id: int | None) -> int | None:
+    """The eos id the model splits documents at: None unless model.uses_documents; a given id must be a token."""
+    if not cfg.uses_documents:
+        return None
+    if eos_token_id is not None and not 0 <= eos_token_id < cfg.vocab_size:
+        raise ValueError(f"eos_token_id {eos_token_id} is not a token of model.vocab_size {cfg.vocab_size}: pass the "
+                         f"data's tokenizer eos id")
+    return eos_token_id
 
 
 def init_std_for(param_name: str, cfg: ModelConfig) -> float | None:

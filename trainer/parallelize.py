@@ -59,7 +59,7 @@ from trainer.compile import compile_backend, compile_layers
 from trainer.loss import ZLoss, chunked_lm_loss, chunked_vocab_parallel_lm_loss, fused_linear_lm_loss
 from trainer.config import Config, Derived, ModelConfig
 from trainer.float8 import convert_to_float8
-from trainer.model import VOCAB_PARAM_NAMES, Llama, init_std_for
+from trainer.model import VOCAB_PARAM_NAMES, Llama, document_ids, init_std_for
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -107,10 +107,11 @@ def canonical_name(pipeline_name: str, num_layers: int) -> str:
 # Entry point
 
 
-def build_model_on_meta(model_cfg: ModelConfig, padded_vocab_size: int) -> Llama:
-    """The whole model's structure on the meta device: no memory; `parallelize` allocates only this rank's part."""
+def build_model_on_meta(model_cfg: ModelConfig, padded_vocab_size: int, eos_token_id: int | None = None) -> Llama:
+    """The whole model's structure on the meta device: no memory; `parallelize` allocates only this rank's part.
+    `eos_token_id`: the data's (trainer.data_check.document_eos_id), where model.uses_documents."""
     with torch.device("meta"):
-        return Llama(model_cfg, padded_vocab_size)
+        return Llama(model_cfg, padded_vocab_size, eos_token_id)
 
 
 def parallelize(model: Llama, cfg: Config, derived: Derived, ctx: ParallelContext) -> ParallelModel:
@@ -118,6 +119,8 @@ def parallelize(model: Llama, cfg: Config, derived: Derived, ctx: ParallelContex
     if (derived.tp, derived.pp) != (ctx.tp, ctx.pp):
         raise ValueError(f"config plans tp={derived.tp} pp={derived.pp} but the process groups are tp={ctx.tp} "
                          f"pp={ctx.pp}: pass the same config to init_parallel and parallelize")
+    if cfg.model.uses_documents:
+        model.require_eos_token_id()  # before any allocation: the stages need it to find the documents
     # 1. Before anything allocates: only this stage's parts leave the meta device.
     parts = StageParts.for_stage(derived.stage_layers, ctx.pp_rank)
     # 2. Before init, because init copies each rank's slice into the shard shapes the TP layers allocate.
@@ -509,28 +512,38 @@ def _apply_activation_checkpointing(layers: list[nn.Module], mode: str) -> None:
         layer.forward = functools.partial(_checkpointed_forward, layer.forward, context_fn)
 
 
-def _checkpointed_forward(forward: Callable[[torch.Tensor], torch.Tensor], context_fn: Callable[[], Any],
-                          x: torch.Tensor) -> torch.Tensor:
+def _checkpointed_forward(forward: Callable[..., torch.Tensor], context_fn: Callable[[], Any], x: torch.Tensor,
+                          doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     if context_fn is noop_context_fn:
         # Not passed explicitly: dynamo (parallel.compile) traces checkpoint's default context but refuses an
         # explicit noop_context_fn ("checkpoint not implemented for ... context_fn").
-        return checkpoint(forward, x, use_reentrant=False)
-    return checkpoint(forward, x, use_reentrant=False, context_fn=context_fn)
+        return checkpoint(forward, x, doc_ids, use_reentrant=False)
+    return checkpoint(forward, x, doc_ids, use_reentrant=False, context_fn=context_fn)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # 6. Pipeline
 
 
-class EmbedStage(nn.Module):
-    """First pipeline part: ids (B, T) → hidden (T, B, H) (Llama.forward's first two lines)."""
+# Between pipeline parts: the hidden states (T, B, H), or (hidden, document ids (B, T)) where model.uses_documents.
+# DeepSpeed sends a tuple as it is and sends back gradients for its floating-point tensors only.
+StageActivations = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
-    def __init__(self, embed_tokens: nn.Module) -> None:
+
+class EmbedStage(nn.Module):
+    """First pipeline part: ids (B, T) → hidden (T, B, H) (Llama.forward's first lines), with the document ids when
+    the model uses them: later stages never see the ids they are computed from."""
+
+    def __init__(self, embed_tokens: nn.Module, eos_token_id: int | None) -> None:
         super().__init__()
         self.embed_tokens = embed_tokens
+        self.eos_token_id = eos_token_id  # Llama.eos_token_id: None unless the model uses documents
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids).transpose(0, 1).contiguous()  # (T, B, H); SP: (T/tp, B, H)
+    def forward(self, input_ids: torch.Tensor) -> StageActivations:
+        hidden = self.embed_tokens(input_ids).transpose(0, 1).contiguous()  # (T, B, H); SP: (T/tp, B, H)
+        if self.eos_token_id is None:
+            return hidden
+        return hidden, document_ids(input_ids, self.eos_token_id)
 
 
 class HeadStage(nn.Module):
@@ -541,8 +554,21 @@ class HeadStage(nn.Module):
         self.norm = norm
         self.lm_head = lm_head
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, activations: StageActivations) -> torch.Tensor:
+        hidden = activations[0] if isinstance(activations, tuple) else activations
         return self.lm_head(self.norm(hidden)).transpose(0, 1)
+
+
+def _take_stage_tuples(layer: nn.Module) -> None:
+    """A decoder layer called with (hidden, doc_ids) as its one argument, as PipelineModule calls its parts, returns
+    the same pair: `forward` is replaced, like activation checkpointing does, so parameter names stay."""
+    layer.forward = functools.partial(_tuple_forward, layer.forward)
+
+
+def _tuple_forward(forward: Callable[..., torch.Tensor],
+                   activations: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    hidden, doc_ids = activations
+    return forward(hidden, doc_ids), doc_ids
 
 
 def pipeline_bounds(stage_layers: Sequence[int]) -> list[int]:
@@ -577,7 +603,10 @@ def _stage_list_pipeline_class() -> type:
 
 def _pipeline(model: Llama, parts: StageParts, stage_layers: Sequence[int], loss_fn: LossFn,
               ctx: ParallelContext) -> nn.Module:
-    layers = [EmbedStage(model.embed_tokens), *model.layers, HeadStage(model.norm, model.lm_head)]
+    if model.cfg.uses_documents:
+        for index in parts.layers:
+            _take_stage_tuples(model.layers[index])
+    layers = [EmbedStage(model.embed_tokens, model.eos_token_id), *model.layers, HeadStage(model.norm, model.lm_head)]
     bounds = pipeline_bounds(stage_layers)
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints the partition table on rank 0
         pipe = _stage_list_pipeline_class()(

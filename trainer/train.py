@@ -27,6 +27,7 @@ from trainer.checkpoint import PREEMPTED, Checkpointer, CheckpointHook, ResumeHo
 from trainer.checkpoint.init_from import init_unless_resuming
 from trainer.config import Config, ConfigError, Derived, save_resolved
 from trainer.data import build_eval_loader, build_train_loader
+from trainer.data_check import document_eos_id
 from trainer.engine import build_engine
 from trainer.estimate import flops_per_token
 from trainer.faults import StepGuard, Watchdog
@@ -165,7 +166,7 @@ def build_run(cfg: Config, derived: Derived, ctx: ParallelContext, run_dir: Path
     # Before the model: weights and synthetic data use their own seeded generators, but anything else random
     # (library code, future dropout) must not depend on what ran before.
     seed_everything(cfg.train.seed)
-    model = build_model_on_meta(cfg.model, derived.padded_vocab_size)  # shapes only
+    model = build_model_on_meta(cfg.model, derived.padded_vocab_size, document_eos_id(cfg))  # shapes only
     pmodel = parallelize(model, cfg, derived, ctx)  # after the groups: shards depend on tp/pp rank
     log.info("rank %d/%d: tp %d/%d pp %d/%d dp %d/%d, %d parameters here", ctx.rank, ctx.world_size,
              ctx.tp_rank, ctx.tp, ctx.pp_rank, ctx.pp, ctx.dp_rank, ctx.dp,

@@ -118,6 +118,7 @@ def _dry_run_report(cfg: Any, derived: Any, args: argparse.Namespace, world_sour
         f"{derived.global_batch_size_tokens:,} tokens/step = micro {derived.micro_batch_size_per_gpu} × "
         f"grad_accum {derived.grad_accum_steps} × dp {derived.dp}",
         *_rampup_lines(cfg),
+        *_document_lines(cfg),
         f"parameters   {params.total:,} ({_si(params.total)}; non-embedding {_si(params.non_embedding)}; "
         f"vocab {cfg.model.vocab_size:,} padded to {derived.padded_vocab_size:,})",
         f"FLOPs/token  {flops.total:.3e} training (matmul {flops.matmul:.3e} + attention {flops.attention:.3e}); "
@@ -135,6 +136,23 @@ def _rampup_lines(cfg: Any) -> list[str]:
         return []
     return [f"rampup       global batch {ramp.start} → {cfg.train.global_batch_size} samples by {ramp.increment}: "
             f"{len(sizes):,} steps, {sum(sizes):,} samples before the full batch (LR schedule in steps as always)"]
+
+
+def _document_lines(cfg: Any) -> list[str]:
+    """model.attention_mask / reset_position_ids, and the eos id the documents end at (read from the data)."""
+    from data_pipeline.errors import DataPipelineError
+    from trainer.data_check import document_eos_id
+
+    if not cfg.model.uses_documents:
+        return []
+    try:
+        eos = f"eos id {document_eos_id(cfg)}"
+    except DataPipelineError:  # a missing dataset: said by _warn_missing_data
+        eos = "the data's eos id (unreadable now)"
+    attention = ("a token attends to earlier tokens of its own document only" if cfg.model.attention_mask == "document"
+                 else "attention crosses document ends")
+    positions = "positions restart at each document" if cfg.model.reset_position_ids else "positions run on"
+    return [f"documents    {attention}; {positions}; a document ends at {eos}"]
 
 
 def _memory_lines(cfg: Any, derived: Any, memory: Any) -> list[str]:

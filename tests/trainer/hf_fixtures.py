@@ -117,7 +117,8 @@ def train_hf_reference(model: Any, cfg: Config, z_losses: list[float] | None = N
     depend on how our run splits it over DP ranks and micro-steps; with train.batch_size_rampup the global batches
     grow as the config says). With train.z_loss_weight, PaLM's z-loss is added
     to the objective as its paper writes it (weight · log²Z per token, averaged); the returned losses stay the cross
-    entropy, and each step's weighted z term goes to `z_losses`."""
+    entropy, and each step's weighted z term goes to `z_losses`. With model.attention_mask=document or
+    model.reset_position_ids, HF's model gets the mask and positions of `packed_document_inputs`."""
     no_decay = [p for name, p in model.named_parameters() if name.endswith("norm.weight")]
     decay = [p for name, p in model.named_parameters() if not name.endswith("norm.weight")]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
@@ -132,7 +133,7 @@ def train_hf_reference(model: Any, cfg: Config, z_losses: list[float] | None = N
                                  micro_batch_size=batch, seed=cfg.train.seed)
         tokens, labels = stream.microbatch(consumed_samples)  # the next `batch` samples of the one global order
         consumed_samples += batch
-        logits = model(tokens).logits  # (B, T, vocab_size): HF's model has no padding columns
+        logits = model(tokens, **packed_document_inputs(tokens, cfg)).logits  # (B, T, vocab): no padding columns
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         z_loss = cfg.train.z_loss_weight * logits.logsumexp(dim=-1).square().mean()
         (loss + z_loss).backward()
@@ -144,3 +145,25 @@ def train_hf_reference(model: Any, cfg: Config, z_losses: list[float] | None = N
         optimizer.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def packed_document_inputs(tokens: torch.Tensor, cfg: Config) -> dict[str, torch.Tensor]:
+    """HF's `attention_mask` (B, 1, T, T) and `position_ids` (B, T) for packed samples, written out token by token
+    from the packing rule (an eos ends its document; trainer.data_check.SYNTHETIC_EOS_ID for synthetic data): a token
+    sees the earlier tokens of its own document (model.attention_mask=document) or of the whole sample, at its
+    position in its document (model.reset_position_ids) or in the sample. Empty for a plain causal model."""
+    from trainer.data_check import SYNTHETIC_EOS_ID
+
+    if not cfg.model.uses_documents:
+        return {}
+    batch, seq = tokens.shape
+    mask = torch.zeros(batch, 1, seq, seq, dtype=torch.bool)
+    positions = torch.zeros(batch, seq, dtype=torch.long)
+    for row in range(batch):
+        start = 0  # where the current document began
+        for t in range(seq):
+            mask[row, 0, t, start if cfg.model.attention_mask == "document" else 0:t + 1] = True
+            positions[row, t] = t - start if cfg.model.reset_position_ids else t
+            if tokens[row, t] == SYNTHETIC_EOS_ID:
+                start = t + 1
+    return {"attention_mask": mask, "position_ids": positions}

@@ -135,6 +135,38 @@ def test_activation_checkpointing_and_sequence_parallel_shrink_activations() -> 
     assert activations("parallel.sequence_parallel=false") > activations("parallel.sequence_parallel=true")
 
 
+def test_the_document_mask_adds_what_the_attention_keeps_for_it() -> None:
+    """Measured: the bytes a decoder layer saves for backward (autograd's saved-tensor hooks, each storage once), with
+    and without model.attention_mask=document, against the estimate's difference. Multi-head attention, because on
+    CPU K and V are repeated to the query heads with or without a mask (the GQA term is a CUDA one)."""
+    import torch
+
+    from trainer.estimate import _layer_activation_bytes_per_token
+    from trainer.model import DecoderLayer, document_ids
+
+    batch, seq = 4, 64
+
+    def saved_bytes_per_token(*overrides: str) -> tuple[float, int]:
+        cfg, derived = setup("tiny", "model.num_kv_heads=4", f"train.seq_len={seq}", *overrides)
+        layer = DecoderLayer(cfg.model)
+        ids = torch.randint(3, 256, (batch, seq), generator=torch.Generator().manual_seed(0))
+        ids[:, ::7] = 2
+        storages: dict[int, int] = {}
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            layer(torch.randn(seq, batch, 64, requires_grad=True),
+                  document_ids(ids, 2) if cfg.model.uses_documents else None)
+        return sum(storages.values()) / (batch * seq), _layer_activation_bytes_per_token(cfg, derived)
+
+    causal_measured, causal_estimated = saved_bytes_per_token()
+    document_measured, document_estimated = saved_bytes_per_token("model.attention_mask=document")
+    assert document_measured - causal_measured == document_estimated - causal_estimated == 4 * seq  # fp32 mask row
+
+
 @pytest.mark.parametrize("name", ["125m", "1b", "7b", "70b"])
 def test_shipped_gpu_configs_fit_an_80gb_gpu(name: str) -> None:
     cfg, derived = setup(name)

@@ -106,3 +106,39 @@ def test_launch_local_refuses_gpus_it_does_not_have() -> None:
     out = pretrain("launch", "local", "--nproc", "8", "--config", "configs/125m.yaml", timeout_s=60)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "add launch.device=cpu" in out.stderr
+
+
+def test_document_masking_reads_the_eos_id_from_the_prepared_data(tmp_path: Path) -> None:
+    """model.attention_mask=document on prepared data: the eos id comes from the manifest's tokenizer; data written
+    without one is refused before the model is built, with what to do."""
+    import numpy as np
+
+    from data_pipeline.manifest import TokenizerInfo, write_dataset_from_arrays
+
+    rng = np.random.default_rng(0)
+    splits = {"train": rng.integers(0, 256, (64, 65)), "val": rng.integers(0, 256, (16, 65))}
+    for samples in splits.values():
+        samples[:, ::9] = 7  # documents of 9 tokens, ended by the tokenizer's eos
+    eos_seven = TokenizerInfo(fingerprint="eos7", vocab_size=256, model_type="bpe", unk_id=0, bos_id=1, eos_id=7,
+                              pad_id=3, model_file=None)
+    write_dataset_from_arrays(tmp_path / "data", splits, samples_per_shard=16, tokenizer=eos_seven)
+    write_dataset_from_arrays(tmp_path / "no_eos", splits, samples_per_shard=16)
+    base = ["train.max_steps=2", "optim.warmup_steps=1", "train.log_interval_steps=1", "train.eval_interval_steps=2",
+            "data.synthetic=false", "data.num_workers=0", "model.attention_mask=document",
+            "model.reset_position_ids=true"]
+    dry = pretrain("train", "--config", "configs/tiny.yaml", "--dry-run", *base,
+                   f"data.datasets=[{{path: {tmp_path / 'data'}}}]")
+    assert "a document ends at eos id 7" in dry.stdout, dry.stdout + dry.stderr
+    losses = {}
+    for mask in ("document", "causal"):
+        run_dir = tmp_path / mask
+        out = pretrain("train", "--config", "configs/tiny.yaml", *base, f"model.attention_mask={mask}",
+                       f"data.datasets=[{{path: {tmp_path / 'data'}}}]", f"logging.run_dir={run_dir}")
+        assert out.returncode == 0, out.stderr[-3000:]
+        losses[mask] = [r["val_loss"] for r in metrics(run_dir) if r["kind"] == "eval"]
+    # Eight documents per sample: the mask changes what every token after the first eos sees.
+    assert abs(losses["document"][0] - losses["causal"][0]) > 1e-3, losses
+    refused = pretrain("train", "--config", "configs/tiny.yaml", *base,
+                       f"data.datasets=[{{path: {tmp_path / 'no_eos'}}}]", f"logging.run_dir={tmp_path / 'refused'}")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "records no eos id" in refused.stderr and "model.attention_mask=causal" in refused.stderr
