@@ -144,6 +144,42 @@ def test_z_loss_trains_like_bf16_on_cuda(bf16_run: dict[str, Any], tmp_path: Pat
     assert all(r["z_loss"] > 0 for r in train_records(tmp_path / "z"))
 
 
+def test_document_mask_on_cuda_equals_each_document_alone() -> None:
+    """model.attention_mask=document on the GPU: SDPA with a mask (the memory-efficient kernel, K/V repeated) on a
+    packed row against the plain causal path (flash, native GQA) on each document alone, eager and inductor-compiled,
+    in bf16 (the CPU tests prove the fp32 numbers against HF)."""
+    from trainer.config import padded_vocab_size
+    from trainer.model import Llama
+
+    cfg = load_config(TINY, ["model.attention_mask=document", "model.reset_position_ids=true", "model.num_layers=4"])
+    packed_model = Llama(cfg.model, padded_vocab_size(cfg.model.vocab_size, 1), eos_token_id=2).cuda().bfloat16()
+    alone_model = Llama(load_config(TINY, ["model.num_layers=4"]).model, packed_model.embed_tokens.num_embeddings)
+    alone_model.load_state_dict(packed_model.state_dict())
+    alone_model = alone_model.cuda().bfloat16().eval()
+    generator = torch.Generator().manual_seed(0)
+    docs = [torch.randint(3, cfg.model.vocab_size, (n,), generator=generator) for n in (300, 700, 1048)]
+    for doc in docs[:-1]:
+        doc[-1] = 2
+    packed = torch.cat(docs)[None].cuda()  # (1, 2048)
+    with torch.no_grad():
+        want = torch.cat([alone_model(doc[None].cuda()) for doc in docs], dim=1).float()
+        for model in (packed_model.eval(), torch.compile(packed_model)):
+            got = model(packed).float()
+            assert (got - want).abs().max().item() <= 0.125, (got - want).abs().max().item()
+            assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.98
+
+
+def test_document_mask_trains_on_cuda(tmp_path: Path) -> None:
+    run_dir = tmp_path / "documents"
+    out = pretrain("train", "--config", str(TINY), *CUDA, "precision.dtype=bf16", "train.max_steps=20",
+                   "optim.warmup_steps=2", "train.log_interval_steps=5", "train.eval_interval_steps=10",
+                   "checkpoint.save_interval_steps=0", "checkpoint.save_at_end=false", "model.attention_mask=document",
+                   "model.reset_position_ids=true", f"logging.run_dir={run_dir}")
+    losses = [r["loss"] for r in train_records(run_dir)]
+    assert len(losses) == 4 and losses[-1] < losses[0], (losses, out.stderr[-2000:])
+    assert "compile" in (run_dir / "logs" / "rank0.log").read_text()  # auto: inductor on CUDA, through the mask
+
+
 def test_eval_of_a_cuda_checkpoint_gives_the_logged_val_loss(bf16_run: dict[str, Any], tmp_path: Path) -> None:
     """`pretrain eval` on the GPU, with the run's own config: the val_loss the run logged at step 20."""
     out = pretrain("eval", "--checkpoint", str(bf16_run["run_dir"] / "checkpoints" / "step_20"), "--json",
