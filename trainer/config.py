@@ -52,6 +52,27 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
 
 
+class RopeScalingConfig(_Section):
+    """RoPE frequency scaling, for a context longer than the one the model was first trained at (HF's
+    rope_parameters; imported from and exported to config.json). linear: every frequency divided by `factor`
+    (position interpolation, Chen et al. 2023). llama3: Llama 3.1's rule: wavelengths shorter than
+    original_max_seq_len / high_freq_factor stay, longer than original_max_seq_len / low_freq_factor are divided
+    by `factor`, and those between move smoothly from one to the other."""
+
+    type: Literal["linear", "llama3"]
+    factor: Annotated[float, Field(ge=1.0)]  # Llama 3.1: 8; Llama 3.2 1B/3B: 32
+    low_freq_factor: PositiveFloat = 1.0  # llama3 only
+    high_freq_factor: PositiveFloat = 4.0  # llama3 only
+    original_max_seq_len: PositiveInt = 8192  # llama3 only: the context the unscaled model was trained at
+
+    @model_validator(mode="after")
+    def _check_llama3(self) -> RopeScalingConfig:
+        if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(f"model.rope_scaling: high_freq_factor ({self.high_freq_factor}) must be greater than "
+                             f"low_freq_factor ({self.low_freq_factor}) (Llama 3.1: 4 and 1)")
+        return self
+
+
 class ModelConfig(_Section):
     vocab_size: PositiveInt  # the tokenizer's vocabulary; the embedding is padded beyond it (Derived.padded_vocab_size)
     hidden_size: PositiveInt  # model width (HF hidden_size)
@@ -61,6 +82,7 @@ class ModelConfig(_Section):
     num_kv_heads: PositiveInt  # = num_heads for multi-head attention; fewer for grouped-query attention
     head_dim: PositiveInt | None = None  # None: hidden_size // num_heads
     rope_theta: PositiveFloat = 10000.0  # RoPE base (Llama 2: 10000; Llama 3: 500000)
+    rope_scaling: RopeScalingConfig | None = None  # None: plain RoPE
     rms_norm_eps: PositiveFloat = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = False  # lm_head shares the input embedding's weight
     max_seq_len: PositiveInt = 2048  # context length recorded for export (HF max_position_embeddings)

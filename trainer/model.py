@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.config import ModelConfig
+from trainer.config import ModelConfig, RopeScalingConfig
 
 # The tensors whose rows are the vocabulary: padded beyond model.vocab_size (Derived.padded_vocab_size), and those
 # rows are kept at exactly zero (init_weights; no gradient reaches them through lm_loss).
@@ -47,7 +47,8 @@ class RMSNorm(nn.Module):
 
 
 def rotary_cos_sin(
-    positions: torch.Tensor | int, head_dim: int, theta: float, device: torch.device, dtype: torch.dtype
+    positions: torch.Tensor | int, head_dim: int, theta: float, device: torch.device, dtype: torch.dtype,
+    scaling: RopeScalingConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin for the half-split layout (frequency i sits at columns i and i + hd/2): of shape (T, hd) for
     `positions` = T (0 .. T-1), or (B, 1, T, hd) for per-row positions (B, T) (model.reset_position_ids), which
@@ -56,8 +57,7 @@ def rotary_cos_sin(
     Computed in fp32 on the fly (T * hd/2 products per layer, negligible next to the matmuls): no buffer that a
     `.to(bf16)` could round, nothing to shard or checkpoint.
     """
-    exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim  # (hd/2,)
-    inv_freq = 1.0 / (theta**exponents)  # (hd/2,), the same float ops as HF so the angles match bit for bit
+    inv_freq = rope_inv_freq(head_dim, theta, device, scaling)  # (hd/2,)
     if isinstance(positions, int):
         positions = torch.arange(positions, device=device)
     freqs = positions.float()[..., None] * inv_freq  # (..., T, hd/2); elementwise so autocast cannot lower it
@@ -65,6 +65,27 @@ def rotary_cos_sin(
     if angles.dim() == 3:
         angles = angles.unsqueeze(1)  # (B, 1, T, hd)
     return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, device: torch.device,
+                  scaling: RopeScalingConfig | None = None) -> torch.Tensor:
+    """(hd/2,) fp32 rotation frequencies theta^(-2i/hd), then model.rope_scaling's rule (see RopeScalingConfig);
+    the same float ops as HF's, so the angles match bit for bit."""
+    exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim  # (hd/2,)
+    inv_freq = 1.0 / (theta**exponents)
+    if scaling is None:
+        return inv_freq
+    if scaling.type == "linear":
+        return inv_freq / scaling.factor
+    # llama3: by wavelength 2π/f, measured in tokens against the original context. Short wavelengths (local
+    # patterns, seen whole many times in the original context) keep their frequency; wavelengths longer than that
+    # context are slowed by `factor` (interpolated); in between, the mix moves linearly in original / wavelength.
+    wavelen = 2 * math.pi / inv_freq
+    original = scaling.original_max_seq_len
+    smooth = (original / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    between = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    slowed = torch.where(wavelen > original / scaling.low_freq_factor, inv_freq / scaling.factor, between)
+    return torch.where(wavelen < original / scaling.high_freq_factor, inv_freq, slowed)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -136,6 +157,7 @@ class Attention(nn.Module):
         hd = cfg.resolved_head_dim()
         self.head_dim = hd
         self.rope_theta = cfg.rope_theta
+        self.rope_scaling = cfg.rope_scaling
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * hd, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * hd, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * hd, bias=False)
@@ -156,7 +178,8 @@ class Attention(nn.Module):
         k = k.view(T, B, -1, hd).permute(1, 2, 0, 3)  # (B, nkv, T, hd)
         v = v.view(T, B, -1, hd).permute(1, 2, 0, 3)  # (B, nkv, T, hd)
         positions = document_positions(doc_ids) if self.reset_position_ids else T  # (B, T) or T
-        cos, sin = rotary_cos_sin(positions, hd, self.rope_theta, x.device, q.dtype)  # (T, hd) or (B, 1, T, hd)
+        cos, sin = rotary_cos_sin(positions, hd, self.rope_theta, x.device, q.dtype,  # (T, hd) or (B, 1, T, hd)
+                                  self.rope_scaling)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         mask = document_mask(doc_ids) if self.document_mask else None  # (B, 1, T, T)
         y = causal_attention(q, k, v, mask)  # (B, nh, T, hd)

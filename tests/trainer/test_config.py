@@ -141,6 +141,11 @@ def test_list_index_out_of_range() -> None:
         ("train.seq_len=0", "train.seq_len: Input should be greater than or equal to 1 (got 0)"),
         ("name=my run", "name: String should match pattern"),
         ("model.vocab_size=null", "model.vocab_size: Input should be a valid integer (got None)"),
+        ("model.rope_scaling={type: yarn, factor: 4.0}", "model.rope_scaling.type: Input should be 'linear' or 'llama3'"),
+        ("model.rope_scaling={type: linear, factor: 0.5}", "model.rope_scaling.factor: Input should be greater than"),
+        ("model.rope_scaling={type: llama3, factor: 8.0, low_freq_factor: 4.0}",
+         "high_freq_factor (4.0) must be greater than low_freq_factor (4.0)"),
+        ("model.attention_mask=block", "model.attention_mask: Input should be 'causal' or 'document'"),
     ],
 )
 def test_bad_values_name_the_dotted_path(override: str, expected: str) -> None:

@@ -13,7 +13,7 @@ import torch
 from hf_fixtures import VOCAB, corpus_documents, greedy_ours, load_hf, per_token_kl, tiny_config, write_corpus
 
 from data_pipeline.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
-from trainer.config import ModelConfig, padded_vocab_size
+from trainer.config import ModelConfig, RopeScalingConfig, padded_vocab_size
 from trainer.hf import (
     HFConversionError,
     export_hf,
@@ -76,6 +76,8 @@ PARITY_CASES = {
     "mha": {"num_kv_heads": 4},
     "mqa-tied": {"num_kv_heads": 1, "tie_embeddings": True},
     "head-dim-48-hidden-6-heads": {"hidden_size": 48, "num_heads": 6, "num_kv_heads": 3, "head_dim": 12},
+    "rope-llama3": {"rope_scaling": RopeScalingConfig(type="llama3", factor=8.0, original_max_seq_len=128)},
+    "rope-linear": {"rope_scaling": RopeScalingConfig(type="linear", factor=4.0)},
 }
 
 
@@ -196,13 +198,14 @@ def test_tokenizer_vocab_must_match_the_model(tmp_path: Path, tokenizers: dict[s
 # HF → ours → HF: every tensor and every config field bit-identical
 
 
-def save_hf_origin(path: Path, tie: bool, dtype: torch.dtype, max_shard_size: str | None = None) -> None:
+def save_hf_origin(path: Path, tie: bool, dtype: torch.dtype, max_shard_size: str | None = None,
+                   rope: dict[str, object] | None = None) -> None:
     """A model that never saw our code: transformers' own init and save_pretrained, non-default fields throughout."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=8,
-        num_key_value_heads=2, head_dim=8, rope_parameters={"rope_type": "default", "rope_theta": 250000.0},
+        num_key_value_heads=2, head_dim=8, rope_parameters=rope or {"rope_type": "default", "rope_theta": 250000.0},
         rms_norm_eps=1e-6, tie_word_embeddings=tie, max_position_embeddings=96, initializer_range=0.05,
         bos_token_id=1, eos_token_id=2, pad_token_id=3,
     )
@@ -253,6 +256,40 @@ def test_imported_model_matches_hf(tmp_path: Path) -> None:
     a, b = logits_pair(ours, load_hf(tmp_path / "origin"))
     print(f"\n[import] max|Δlogits|={(a - b).abs().max().item():.3e} max KL={per_token_kl(a, b).max().item():.3e}")
     assert (a - b).abs().max().item() < MAX_ABS_LOGIT_DELTA and per_token_kl(a, b).max().item() < MAX_KL
+
+
+# Llama 3.1's RoPE (its config.json: factor 8, low 1, high 4, original 8192) with a short original context, so that
+# the 8-wide heads' 4 frequencies fall in all three of its regions: kept, blended and slowed by the factor.
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 250000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+def test_llama3_rope_scaling_imports_computes_hf_logits_and_exports_back(tmp_path: Path) -> None:
+    """Continued pretraining from Llama 3.1 / 3.2: their RoPE scaling is imported (also from the legacy
+    `rope_scaling` key their config.json files use), computed as HF does, and written back unchanged."""
+    from trainer.config import RopeScalingConfig
+
+    save_hf_origin(tmp_path / "origin", tie=True, dtype=torch.float32, rope=LLAMA3_ROPE)
+    model_cfg, state = import_hf(tmp_path / "origin", tp=1)
+    assert model_cfg.rope_theta == 250000.0 and model_cfg.rope_scaling == RopeScalingConfig(
+        type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=64)
+    ours = Llama(model_cfg, padded_vocab_size(model_cfg.vocab_size, 1)).eval()
+    load_into(ours, state)
+    hf = load_hf(tmp_path / "origin")
+    a, b = logits_pair(ours, hf)
+    assert (a - b).abs().max().item() < MAX_ABS_LOGIT_DELTA and per_token_kl(a, b).max().item() < MAX_KL
+    unscaled = Llama(model_cfg.model_copy(update={"rope_scaling": None}), ours.embed_tokens.num_embeddings).eval()
+    load_into(unscaled, state)
+    assert (logits_pair(unscaled, hf)[0] - b).abs().max().item() > 100 * MAX_ABS_LOGIT_DELTA  # it can fail
+
+    export_hf(state, model_cfg, tmp_path / "back")
+    origin_config = json.loads((tmp_path / "origin" / "config.json").read_text())
+    back_config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert back_config["rope_parameters"] == origin_config["rope_parameters"] == LLAMA3_ROPE
+
+    legacy = {key: value for key, value in LLAMA3_ROPE.items() if key != "rope_theta"}
+    _edit_config(tmp_path / "origin", rope_parameters=None, rope_theta=250000.0, rope_scaling=legacy)
+    assert import_hf(tmp_path / "origin", tp=1)[0] == model_cfg
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -527,11 +564,13 @@ UNSUPPORTED = {
     "architectures": ({"architectures": ["LlamaForSequenceClassification"]}, "architectures"),
     "attention_bias": ({"attention_bias": True}, r"attention_bias \(true\): our projections have no bias"),
     "mlp_bias": ({"mlp_bias": True}, r"mlp_bias \(true\)"),
-    "rope-llama3": ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
-                    r"rope_parameters\.rope_type \('llama3'\) must be 'default'"),
+    "rope-yarn": ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0}},
+                  r"rope_parameters\.rope_type \('yarn'\): our model implements plain RoPE and linear or llama3"),
+    "rope-llama3-incomplete": ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
+                               r"rope_parameters \(llama3\) lacks low_freq_factor, high_freq_factor"),
     "rope-extra-field": ({"rope_parameters": {"rope_type": "default", "rope_theta": 5e5, "factor": 2.0}},
                          "rope_parameters has factor"),
-    "legacy-rope-scaling": ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+    "legacy-rope-scaling": ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, r"rope_scaling\.rope_type"),
     "hidden_act": ({"hidden_act": "gelu"}, r"hidden_act \('gelu'\) must be 'silu'"),
     "attention_dropout": ({"attention_dropout": 0.1}, r"attention_dropout \(0\.1\) must be 0"),
     "quantized": ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config"),

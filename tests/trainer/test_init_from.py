@@ -136,3 +136,20 @@ def test_shape_mismatch_is_refused(imported: dict[str, Any], tmp_path: Path) -> 
     # With the model.yaml `convert from-hf` wrote, the message names the config field.
     with pytest.raises(CheckpointCompatibilityError, match=r"model\.hidden_size=64 .* model\.hidden_size=32"):
         init_weights_from(model, cfg, ctx, imported["state"])
+
+
+def test_other_rope_than_the_source_is_warned_about(imported: dict[str, Any],
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """The weights fit, but with another rope_theta or RoPE scaling they compute something else: said, not silent
+    (legitimate when extending the context)."""
+    cfg = load_config(TINY, ["model.rope_scaling={type: llama3, factor: 8.0, original_max_seq_len: 64}"])
+    model = ParallelModel(Llama(cfg.model, 256), loss_fn=None, num_layers=2, is_pipeline=False)  # type: ignore[arg-type]
+    ctx = SimpleNamespace(tp=1, tp_rank=0, rank=0)
+    with caplog.at_level("WARNING", logger="trainer.checkpoint.init_from"):
+        init_weights_from(model, cfg, ctx, imported["state"])
+    assert "was trained with model.rope_scaling=None, this run uses RopeScalingConfig(type='llama3'" in caplog.text
+    caplog.clear()
+    same = load_config(TINY)
+    init_weights_from(ParallelModel(Llama(same.model, 256), loss_fn=None, num_layers=2,  # type: ignore[arg-type]
+                                    is_pipeline=False), same, ctx, imported["state"])
+    assert "was trained with" not in caplog.text

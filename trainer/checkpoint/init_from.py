@@ -41,6 +41,7 @@ from trainer.checkpoint.load import (
     VOCAB_ROW_TENSORS,
     choose_valid,
     find_resume_checkpoint,
+    model_numerics_changes,
     model_shape_changes,
     read_param_block,
     saved_config,
@@ -147,6 +148,11 @@ def init_weights_from(pmodel: Any, cfg: Config, ctx: Any, path: str | Path) -> s
                 raise CheckpointCompatibilityError(
                     f"checkpoint.init_from: {source.description} has {key}={old!r} but this config has "
                     f"{key}={new!r}: set the run's model section to the source's (its model.yaml / config.yaml)")
+            for key, old, new in model_numerics_changes(source.model_cfg, cfg.model):
+                if ctx.rank == 0:  # legitimate when extending the context (a new rope_theta or scaling), else a slip
+                    log.warning("checkpoint.init_from: %s was trained with %s=%r, this run uses %r: its weights "
+                                "will compute something else than they did (intended when extending the context; "
+                                "otherwise copy the source's model section)", source.description, key, old, new)
         tied = cfg.model.tie_embeddings
         names = set(source.entries)
         if tied and LM_HEAD in names:

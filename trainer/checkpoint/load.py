@@ -57,6 +57,8 @@ VOCAB_ROW_TENSORS = ("embed_tokens.weight", "lm_head.weight")
 # Changing these changes the tensors' shapes: such a checkpoint cannot be loaded.
 MODEL_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                       "tie_embeddings")
+# Same tensors, another function: the weights fit, but a model trained with other values computes something else.
+MODEL_NUMERICS_FIELDS = ("rope_theta", "rope_scaling", "rms_norm_eps")
 # Changing these changes which samples come next: refused unless checkpoint.allow_data_change.
 DATA_FIELDS = ("data.synthetic", "data.datasets", "data.train_split", "train.seed", "train.seq_len")
 
@@ -169,6 +171,12 @@ def model_shape_changes(saved: Any, model: Any) -> list[tuple[str, Any, Any]]:
     if saved.resolved_head_dim() != model.resolved_head_dim():
         changes.append(("model.head_dim", saved.resolved_head_dim(), model.resolved_head_dim()))
     return changes
+
+
+def model_numerics_changes(saved: Any, model: Any) -> list[tuple[str, Any, Any]]:
+    """("model.<field>", saved, now) for every ModelConfig field that changes what the same weights compute."""
+    return [(f"model.{field}", getattr(saved, field), getattr(model, field))
+            for field in MODEL_NUMERICS_FIELDS if getattr(saved, field) != getattr(model, field)]
 
 
 def check_compatible(saved: Config, cfg: Config) -> tuple[bool, list[str]]:

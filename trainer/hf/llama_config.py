@@ -6,7 +6,10 @@
     num_layers                          num_hidden_layers
     num_heads / num_kv_heads            num_attention_heads / num_key_value_heads
     head_dim (None: hidden/heads)       head_dim (always written)
-    rope_theta                          rope_parameters = {rope_type: default, rope_theta}
+    rope_theta                          rope_parameters.rope_theta
+    rope_scaling (None: plain RoPE)     rope_parameters.rope_type (default | linear | llama3), factor,
+      {type, factor, low_freq_factor,     low_freq_factor, high_freq_factor, original_max_position_embeddings
+       high_freq_factor, original_max_seq_len}   (legacy config.json: rope_scaling, read the same way)
     rms_norm_eps                        rms_norm_eps
     tie_embeddings                      tie_word_embeddings
     max_seq_len                         max_position_embeddings
@@ -16,7 +19,8 @@
     (export dtype)                      dtype
 
 Import refuses, naming the field, anything our model would compute differently: another architecture, biases,
-another activation, RoPE scaling, attention dropout, quantization.
+another activation, RoPE scaling other than linear and llama3 (YaRN, dynamic NTK, LongRoPE), attention dropout,
+quantization.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer.config import ModelConfig
+from trainer.config import ModelConfig, RopeScalingConfig
 from trainer.hf.errors import HFConversionError
 
 ARCHITECTURE = "LlamaForCausalLM"
@@ -59,7 +63,7 @@ def to_llama_config(cfg: ModelConfig, token_ids: SpecialTokenIds, hf_dtype_name:
             num_attention_heads=cfg.num_heads,
             num_key_value_heads=cfg.num_kv_heads,
             head_dim=cfg.resolved_head_dim(),
-            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+            rope_parameters=rope_parameters(cfg),
             rms_norm_eps=cfg.rms_norm_eps,
             tie_word_embeddings=cfg.tie_embeddings,
             max_position_embeddings=cfg.max_seq_len,
@@ -78,6 +82,39 @@ def to_llama_config(cfg: ModelConfig, token_ids: SpecialTokenIds, hf_dtype_name:
             f"transformers rejects this model shape as a LlamaConfig: {err}. (LlamaConfig requires hidden_size to be "
             f"a multiple of num_attention_heads even when head_dim is set.)"
         ) from err
+
+
+# HF's keys of each RoPE type we implement, besides rope_type and rope_theta.
+_ROPE_TYPE_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
+    """HF's rope_parameters for our model.rope_theta and model.rope_scaling."""
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    ours = {"factor": scaling.factor, "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+            "original_max_position_embeddings": scaling.original_max_seq_len}
+    return {"rope_type": scaling.type, "rope_theta": cfg.rope_theta,
+            **{key: ours[key] for key in _ROPE_TYPE_KEYS[scaling.type]}}
+
+
+def _rope_scaling_from_hf(rope: dict[str, Any], max_position_embeddings: int) -> RopeScalingConfig | None:
+    """model.rope_scaling for HF's resolved rope_parameters (checked by `_rope_problems` first)."""
+    kind = rope.get("rope_type", "default")
+    if kind == "default":
+        return None
+    fields: dict[str, Any] = {"type": kind, "factor": float(rope["factor"])}
+    if kind == "llama3":
+        fields.update(low_freq_factor=float(rope["low_freq_factor"]), high_freq_factor=float(rope["high_freq_factor"]),
+                      # HF's fallback when config.json leaves it out
+                      original_max_seq_len=int(rope.get("original_max_position_embeddings", max_position_embeddings)))
+    return RopeScalingConfig(**fields)
 
 
 def read_config_json(hf_dir: Path) -> dict[str, Any]:
@@ -112,6 +149,7 @@ def model_config_from_hf(raw: dict[str, Any], source: str) -> ModelConfig:
         num_kv_heads=hf.num_key_value_heads,
         head_dim=None if hf.head_dim == hf.hidden_size // hf.num_attention_heads else hf.head_dim,
         rope_theta=float(rope.get("rope_theta", 10000.0)),
+        rope_scaling=_rope_scaling_from_hf(rope, hf.max_position_embeddings),
         rms_norm_eps=float(hf.rms_norm_eps),
         tie_embeddings=bool(hf.tie_word_embeddings),
         max_seq_len=hf.max_position_embeddings,
@@ -161,22 +199,29 @@ def _feature_problems(raw: dict[str, Any]) -> list[str]:
 
 
 def _rope_problems(raw: dict[str, Any]) -> list[str]:
+    """RoPE as config.json writes it: `rope_parameters` (transformers 5) or the legacy `rope_scaling` object."""
     problems = []
-    legacy = raw.get("rope_scaling")
-    if legacy:
-        kind = legacy.get("rope_type", legacy.get("type")) if isinstance(legacy, dict) else legacy
-        if kind != "default":
-            problems.append(f"rope_scaling ({legacy}): RoPE scaling is not supported, only plain RoPE")
-    params = raw.get("rope_parameters")
-    if isinstance(params, dict):
-        kind = params.get("rope_type", "default")
-        extra = sorted(set(params) - {"rope_type", "rope_theta"})
-        if kind != "default":
-            problems.append(f"rope_parameters.rope_type ({kind!r}) must be 'default': RoPE scaling is not supported")
-        elif extra:
-            problems.append(f"rope_parameters has {', '.join(extra)}: only rope_type and rope_theta are supported")
-    elif params is not None:
-        problems.append(f"rope_parameters ({params!r}) must be an object with rope_type and rope_theta")
+    for key in ("rope_scaling", "rope_parameters"):
+        params = raw.get(key)
+        if params is None:
+            continue
+        if not isinstance(params, dict):
+            problems.append(f"{key} ({params!r}) must be an object with rope_type and its parameters")
+            continue
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind not in _ROPE_TYPE_KEYS:
+            problems.append(f"{key}.rope_type ({kind!r}): our model implements plain RoPE and linear or llama3 "
+                            f"scaling ({', '.join(_ROPE_TYPE_KEYS)}), not {kind}")
+            continue
+        allowed = {"rope_type", "type", "rope_theta", *_ROPE_TYPE_KEYS[kind]}
+        extra = sorted(set(params) - allowed)
+        if extra:
+            problems.append(f"{key} has {', '.join(extra)}: not part of {kind} RoPE as our model computes it")
+        # original_max_position_embeddings may be left out (HF then uses max_position_embeddings)
+        missing = [name for name in _ROPE_TYPE_KEYS[kind] if name not in params
+                   and name != "original_max_position_embeddings"]
+        if missing:
+            problems.append(f"{key} ({kind}) lacks {', '.join(missing)}")
     return problems
 
 
