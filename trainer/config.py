@@ -59,7 +59,7 @@ class RopeScalingConfig(_Section):
     original_max_seq_len / high_freq_factor stay, longer than original_max_seq_len / low_freq_factor are divided
     by `factor`, and those between move smoothly from one to the other."""
 
-    type: Literal["linear", "llama3"]
+    type: Literal["linear", "llama3"]  # linear: every frequency / factor; llama3: Llama 3.1's rule by wavelength
     factor: Annotated[float, Field(ge=1.0)]  # Llama 3.1: 8; Llama 3.2 1B/3B: 32
     low_freq_factor: PositiveFloat = 1.0  # llama3 only
     high_freq_factor: PositiveFloat = 4.0  # llama3 only
@@ -82,7 +82,9 @@ class ModelConfig(_Section):
     num_kv_heads: PositiveInt  # = num_heads for multi-head attention; fewer for grouped-query attention
     head_dim: PositiveInt | None = None  # None: hidden_size // num_heads
     rope_theta: PositiveFloat = 10000.0  # RoPE base (Llama 2: 10000; Llama 3: 500000)
-    rope_scaling: RopeScalingConfig | None = None  # None: plain RoPE
+    # RoPE scaling for a longer context than the model first trained at (Llama 3.1-3.3 use llama3; imported from and
+    # exported to HF's rope_parameters). None: plain RoPE.
+    rope_scaling: RopeScalingConfig | None = None
     rms_norm_eps: PositiveFloat = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = False  # lm_head shares the input embedding's weight
     max_seq_len: PositiveInt = 2048  # context length recorded for export (HF max_position_embeddings)
