@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -108,18 +110,17 @@ def decode_tokens(manifest: Manifest, token_ids: np.ndarray) -> str | None:
     model_file = manifest.tokenizer.model_file
     if not model_file:
         return None
-    import sentencepiece
-
     location = manifest.resolve(model_file)
     try:
         if manifest.is_remote:
             import fsspec
 
             with fsspec.open(location, "rb") as f:
-                processor = sentencepiece.SentencePieceProcessor(model_proto=f.read())
+                model_bytes = f.read()
         else:
-            processor = sentencepiece.SentencePieceProcessor(model_file=location)
-    except (OSError, RuntimeError) as err:
+            model_bytes = Path(location).read_bytes()
+        processor = _decoder(model_bytes, model_file)
+    except (OSError, RuntimeError, DataPipelineError) as err:
         raise DataPipelineError(f"cannot load the dataset's tokenizer {location} ({err}); the dataset folder is "
                                 "incomplete, re-copy it or re-run `pretrain prepare`") from err
     eos_id = manifest.tokenizer.eos_id
@@ -132,6 +133,17 @@ def decode_tokens(manifest: Manifest, token_ids: np.ndarray) -> str | None:
             current.append(token)
     pieces.append(processor.decode(current))
     return EOS_MARKER.join(pieces)
+
+
+def _decoder(model_bytes: bytes, model_file: str) -> Any:
+    """Something with decode(ids): the sentencepiece model, or an HF tokenizer.json (data_pipeline.hf_tokenizer)."""
+    if model_file.endswith(".json"):
+        from data_pipeline.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer(model_bytes.decode("utf-8"), source=model_file)
+    import sentencepiece
+
+    return sentencepiece.SentencePieceProcessor(model_proto=model_bytes)
 
 
 def format_sample(view: SampleView, max_ids_shown: int = 32) -> str:

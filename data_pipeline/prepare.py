@@ -79,10 +79,13 @@ from data_pipeline.sources import (
     parse_block,
     read_blocks,
 )
+from data_pipeline.hf_tokenizer import HF_TOKENIZER_FILE, HFTokenizer
 from data_pipeline.tokenizer import (
     METADATA_FILENAME,
+    MODEL_FILENAME,
     Tokenizer,
     copy_tokenizer,
+    load_tokenizer,
     model_file_of,
 )
 
@@ -97,7 +100,7 @@ TOKENIZER_DIRNAME = "tokenizer"
 @dataclass(frozen=True)
 class PrepareConfig:
     inputs: tuple[str, ...]
-    tokenizer: str  # directory from `tokenizer train`, or a .model file
+    tokenizer: str  # directory from `tokenizer train`, a .model file, or an HF model directory with tokenizer.json
     output_dir: str
     val_inputs: tuple[str, ...] = ()  # separate validation files; then val_fraction must be 0
     val_fraction: float = 0.0  # share of --input documents sent to val by a seeded hash of their text
@@ -219,13 +222,19 @@ def prepare(config: PrepareConfig) -> PrepareResult:
     return PrepareResult(out_dir, manifest, report, report_path, time.monotonic() - start_s, warnings)
 
 
-def _load_checked_tokenizer(path: str) -> Tokenizer:
-    tokenizer = Tokenizer.load(path)
+def _load_checked_tokenizer(path: str) -> Tokenizer | HFTokenizer:
+    tokenizer = load_tokenizer(path)
     if tokenizer.eos_id < 0:
+        if isinstance(tokenizer, HFTokenizer):
+            raise DataPipelineError(f"the HF tokenizer {path} names no eos_token (tokenizer_config.json or "
+                                    "special_tokens_map.json); prepare puts eos after each document: add "
+                                    "\"eos_token\": \"<the model's end-of-text token>\" to tokenizer_config.json")
         raise DataPipelineError(f"tokenizer {path} has no eos id; prepare puts eos between documents, so train "
                                 "the tokenizer with `pretrain tokenizer train` (eos_id=2)")
     if tokenizer.vocab_size > 2**32:
         raise DataPipelineError(f"vocab size {tokenizer.vocab_size} does not fit uint32 token ids")
+    if isinstance(tokenizer, HFTokenizer):
+        return tokenizer
     metadata_path = model_file_of(path).parent / METADATA_FILENAME
     if metadata_path.is_file():
         try:
@@ -323,11 +332,12 @@ def _prepare_output_dir(out_dir: Path, overwrite: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _tokenizer_info(tokenizer: Tokenizer) -> TokenizerInfo:
+def _tokenizer_info(tokenizer: Tokenizer | HFTokenizer) -> TokenizerInfo:
+    model_file = MODEL_FILENAME if isinstance(tokenizer, Tokenizer) else HF_TOKENIZER_FILE
     return TokenizerInfo(fingerprint=tokenizer.fingerprint, vocab_size=tokenizer.vocab_size,
                          model_type=tokenizer.model_type, unk_id=tokenizer.unk_id, bos_id=tokenizer.bos_id,
                          eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                         model_file=f"{TOKENIZER_DIRNAME}/tokenizer.model")
+                         model_file=f"{TOKENIZER_DIRNAME}/{model_file}")
 
 
 def _check_split_sizes(split_infos: dict[str, SplitInfo], config: PrepareConfig) -> list[str]:
@@ -416,7 +426,7 @@ class EncodeSettings:
 class TaskEncoder:
     """Parses, validates and tokenizes one task. Runs in worker processes (or inline)."""
 
-    def __init__(self, tokenizer: Tokenizer, settings: EncodeSettings) -> None:
+    def __init__(self, tokenizer: Tokenizer | HFTokenizer, settings: EncodeSettings) -> None:
         self.tokenizer = tokenizer
         self.text_key = settings.text_key
         self.dtype = TOKEN_DTYPES[settings.dtype]
@@ -498,11 +508,11 @@ class _WorkerState:
 _WORKER: _WorkerState | None = None
 
 
-def _init_worker(model_proto: bytes, settings: EncodeSettings, layout: ShardLayout, spool_dir: str,
+def _init_worker(tokenizer: Tokenizer | HFTokenizer, settings: EncodeSettings, layout: ShardLayout, spool_dir: str,
                  main_pid: int) -> None:
     global _WORKER
     _die_with(main_pid)
-    _WORKER = _WorkerState(TaskEncoder(Tokenizer(model_proto), settings), layout, spool_dir)
+    _WORKER = _WorkerState(TaskEncoder(tokenizer, settings), layout, spool_dir)
 
 
 def _die_with(main_pid: int) -> None:
@@ -591,7 +601,7 @@ class Packed:
     entries: dict[str, list[ShardEntry]]
 
 
-def _tokenize_and_pack(config: PrepareConfig, tokenizer: Tokenizer, layout: ShardLayout, splits: list[str],
+def _tokenize_and_pack(config: PrepareConfig, tokenizer: Tokenizer | HFTokenizer, layout: ShardLayout, splits: list[str],
                        train_files: list[SourceFile], val_files: list[SourceFile], report: BadInputReport,
                        source_stats: dict[tuple[str, str], SourceStats]) -> Packed:
     settings = EncodeSettings(layout.dtype_name, tokenizer.eos_id, config.val_fraction, config.seed, config.text_key)
@@ -701,7 +711,7 @@ class _Packing:
 
 
 @contextlib.contextmanager
-def _worker_pool(num_proc: int, tokenizer: Tokenizer, settings: EncodeSettings, layout: ShardLayout,
+def _worker_pool(num_proc: int, tokenizer: Tokenizer | HFTokenizer, settings: EncodeSettings, layout: ShardLayout,
                  spool_parent: str | None) -> Iterator[Executor | None]:
     if num_proc == 1:
         yield None  # inline: no pickling, no spool, and the per-process benchmark measures this path
@@ -712,7 +722,7 @@ def _worker_pool(num_proc: int, tokenizer: Tokenizer, settings: EncodeSettings, 
     ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     with _spool_dir(spool_parent) as spool_dir, ProcessPoolExecutor(
             num_proc, mp_context=ctx, initializer=_init_worker,
-            initargs=(tokenizer.model_proto, settings, layout, spool_dir, os.getpid())) as pool:
+            initargs=(tokenizer, settings, layout, spool_dir, os.getpid())) as pool:
         _start_workers(pool)
         yield pool
 

@@ -28,7 +28,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,6 +39,9 @@ from data_pipeline.sources import (
     expand_inputs,
     iter_documents,
 )
+
+if TYPE_CHECKING:
+    from data_pipeline.hf_tokenizer import HFTokenizer
 
 MODEL_FILENAME = "tokenizer.model"
 METADATA_FILENAME = "tokenizer.json"
@@ -435,13 +438,28 @@ def model_file_of(path: str | os.PathLike[str]) -> Path:
     model_path = candidate / MODEL_FILENAME if candidate.is_dir() else candidate
     if not model_path.is_file():
         raise DataPipelineError(f"no tokenizer model at {model_path}; train one with `pretrain tokenizer train "
-                                "--output DIR` and pass that DIR")
+                                "--output DIR` and pass that DIR, or pass an HF model directory with tokenizer.json")
     return model_path
 
 
-def copy_tokenizer(source: str | os.PathLike[str], dest_dir: Path, tokenizer: Tokenizer) -> None:
-    """Copy tokenizer.model (+ tokenizer.json, or a generated one when the source has none) into `dest_dir`."""
+def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer | HFTokenizer:
+    """Our sentencepiece tokenizer (its directory or .model file), or an HF tokenizer.json (a model directory or the
+    file; data_pipeline.hf_tokenizer) where `path` names one and no sentencepiece model."""
+    from data_pipeline.hf_tokenizer import HFTokenizer, hf_tokenizer_file
+
+    if hf_tokenizer_file(path) is not None:
+        return HFTokenizer.load(path)
+    return Tokenizer.load(path)
+
+
+def copy_tokenizer(source: str | os.PathLike[str], dest_dir: Path, tokenizer: Tokenizer | HFTokenizer) -> None:
+    """Copy tokenizer.model (+ tokenizer.json, or a generated one when the source has none) into `dest_dir`; an HF
+    tokenizer as its tokenizer.json and the config files that name its special tokens."""
     dest_dir.mkdir(parents=True, exist_ok=True)
+    if not isinstance(tokenizer, Tokenizer):
+        for name, text in tokenizer.files.items():
+            (dest_dir / name).write_text(text, encoding="utf-8")
+        return
     model_path = model_file_of(source)
     shutil.copyfile(model_path, dest_dir / MODEL_FILENAME)
     metadata_path = model_path.parent / METADATA_FILENAME

@@ -36,8 +36,9 @@ example (after `pretrain quickstart`, which writes runs/quickstart/hf):
   pretrain convert from-hf --hf runs/quickstart/hf --output runs/imported --tp 2
 
   writes runs/imported/model.safetensors (our parameter names, vocabulary padded to a multiple of
-  tp × 128 rows), runs/imported/model.yaml (the `model:` section for a run config) and, when the HF
-  directory holds a sentencepiece tokenizer.model, runs/imported/tokenizer/. Converting that back with
+  tp × 128 rows), runs/imported/model.yaml (the `model:` section for a run config) and
+  runs/imported/tokenizer/ (the HF directory's sentencepiece tokenizer.model, else its tokenizer.json: what
+  `pretrain prepare --tokenizer` takes to tokenize your data for this model). Converting that back with
   `pretrain convert to-hf --state-dict runs/imported/model.safetensors --config runs/imported/model.yaml
   ... --dtype <the source dtype>` reproduces every tensor bit for bit.
 
@@ -46,9 +47,9 @@ continue pretraining from it (weights only, any tp/pp/dp/zero layout; the vocabu
   pretrain launch local --nproc 2 --config RUN.yaml checkpoint.init_from=runs/imported/model.safetensors
   (a checkpoint to resume from always wins over init_from; an HF directory also works as init_from)
 
-Only the Llama architecture is accepted; config.json fields our model does not implement (attention_bias,
-mlp_bias, rope scaling, another hidden_act, attention_dropout) are refused by name. The stored dtype is kept
-unless --dtype is given.
+Only the Llama architecture is accepted (Llama 3.1-3.3's rope scaling included); config.json fields our model does
+not implement (attention_bias, mlp_bias, YaRN or dynamic rope scaling, another hidden_act, attention_dropout) are
+refused by name. The stored dtype is kept unless --dtype is given.
 """
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
@@ -99,7 +100,8 @@ def _register_to_hf(commands: Any) -> None:
     parser.add_argument("--output", required=True, metavar="DIR", help="HF directory to write")
     tokenizer = parser.add_mutually_exclusive_group(required=True)
     tokenizer.add_argument("--tokenizer", metavar="DIR_OR_MODEL",
-                           help="our tokenizer directory (tokenizer.model), e.g. <dataset>/tokenizer")
+                           help="the tokenizer the data was prepared with, e.g. <dataset>/tokenizer: ours "
+                                "(tokenizer.model) or an HF tokenizer.json directory (written back unchanged)")
     tokenizer.add_argument("--no-tokenizer", action="store_true",
                            help="write weights and configs only (AutoTokenizer will not load the directory)")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
@@ -142,7 +144,7 @@ def run_to_hf(args: argparse.Namespace) -> int:
     print(f"special token ids: bos={tokens.bos} eos={tokens.eos} pad={tokens.pad}"
           + ("" if not args.no_tokenizer else " (no tokenizer written)"))
     for line in result.tokenizer_mismatches:
-        print(f"warning: the exported tokenizer differs from sentencepiece on a probe text: {line}")
+        print(f"warning: the exported tokenizer differs from the data's tokenizer on a probe text: {line}")
     return 0
 
 
@@ -167,9 +169,11 @@ def run_from_hf(args: argparse.Namespace) -> int:
     print(f"wrote {written.out_dir}/model.safetensors: {written.num_tensors} tensors, vocab "
           f"{written.model_cfg.vocab_size} padded to {written.padded_vocab_rows} rows (tp={args.tp})")
     print(f"wrote {written.out_dir}/model.yaml (the model: section for a run config)")
-    if written.tokenizer_copied:
+    if written.tokenizer_copied == "sentencepiece":
         print(f"wrote {written.out_dir}/tokenizer/ (sentencepiece model + our metadata)")
+    elif written.tokenizer_copied == "hf":
+        print(f"wrote {written.out_dir}/tokenizer/ (the HF tokenizer.json and its config files)")
     else:
-        print(f"note: {args.hf} has no sentencepiece tokenizer.model; our data pipeline needs one to tokenize for "
-              f"this model")
+        print(f"note: {args.hf} has no tokenizer (tokenizer.model or tokenizer.json); `pretrain prepare` needs the "
+              f"model's own tokenizer to tokenize data for it")
     return 0

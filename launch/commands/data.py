@@ -35,6 +35,10 @@ example:
   pretrain prepare --input data/train/ --val-input data/heldout.jsonl \\
       --tokenizer tokenizers/bpe32k --output datasets/web-bpe32k-v2
 
+  # continued pretraining of a released model: its own tokenizer (an HF directory with tokenizer.json, or the
+  # tokenizer/ that `pretrain convert from-hf` wrote)
+  pretrain prepare --input data/domain/ --tokenizer runs/imported/tokenizer --output datasets/domain-llama3
+
   writes <output>/manifest.json (last), train/ and val/ webdataset shards, tokenizer/ (a copy of the model) and
   bad_input_report.tsv. Re-running on the same input gives byte-identical files, whatever --num-proc is.
 """
@@ -124,7 +128,8 @@ def _register_prepare(subparsers: Any) -> None:
                         help="share of --input documents held out for validation, chosen by a seeded hash of "
                              "their text (default: 0.01, or 0 with --val-input)")
     parser.add_argument("--tokenizer", required=True, metavar="DIR",
-                        help="directory written by `pretrain tokenizer train` (or a .model file)")
+                        help="directory written by `pretrain tokenizer train` (or a .model file), or an HF "
+                             "tokenizer: a directory with tokenizer.json (and tokenizer_config.json naming eos_token)")
     parser.add_argument("--output", required=True, metavar="DIR", help="dataset directory to write")
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per training sequence; samples hold "
                                                                    "seq_len + 1 (default: %(default)s)")

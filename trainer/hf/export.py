@@ -14,12 +14,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_pipeline.tokenizer import Tokenizer
+from data_pipeline.hf_tokenizer import HFTokenizer
+from data_pipeline.tokenizer import Tokenizer, load_tokenizer
 from trainer.config import ModelConfig
 from trainer.hf.errors import HFConversionError
 from trainer.hf.llama_config import SpecialTokenIds, to_llama_config
 from trainer.hf.staging import check_output_dir, staged_dir
-from trainer.hf.tokenizer import export_tokenizer, probe_mismatches
+from trainer.hf.tokenizer import AnyTokenizer, export_tokenizer, probe_mismatches
 from trainer.hf.transforms import (
     DTYPES,
     HF_DTYPE_NAMES,
@@ -61,13 +62,14 @@ def export_hf(
     model_cfg: ModelConfig,
     out_dir: str | os.PathLike[str],
     *,
-    tokenizer_model: str | os.PathLike[str] | Tokenizer | None = None,
+    tokenizer_model: str | os.PathLike[str] | AnyTokenizer | None = None,
     dtype: DTypeName = "fp32",
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
 ) -> ExportResult:
     """Write an HF Llama directory from our full state dict. Every inconsistency is refused before anything is
-    written. tokenizer_model: our tokenizer directory, a .model file, or a loaded Tokenizer (None: weights only)."""
+    written. tokenizer_model: our tokenizer directory, a .model file, an HF tokenizer (a directory with tokenizer.json,
+    e.g. a dataset's tokenizer/ after continued pretraining), or a loaded one (None: weights only)."""
     target = Path(out_dir)
     check_output_dir(target, overwrite, marker="config.json")
     if dtype not in DTYPES:
@@ -80,8 +82,8 @@ def export_hf(
     to_llama_config(model_cfg, SpecialTokenIds(), hf_dtype_name)  # fail on a shape HF rejects before writing
     with staged_dir(target) as staging:
         write_hf_weights(state, staging, max_shard_bytes)
-        token_ids = (export_tokenizer(tokenizer, staging, model_cfg.max_seq_len) if tokenizer is not None
-                     else SpecialTokenIds())
+        token_ids = (SpecialTokenIds() if tokenizer is None
+                     else export_tokenizer(tokenizer, staging, model_cfg.max_seq_len))
         _write_configs(model_cfg, token_ids, hf_dtype_name, staging)
         written = sorted(path.name for path in staging.iterdir())
     mismatches = probe_mismatches(tokenizer, target) if tokenizer is not None else []
@@ -92,13 +94,13 @@ def export_hf(
     )
 
 
-def _as_tokenizer(tokenizer_model: str | os.PathLike[str] | Tokenizer | None) -> Tokenizer | None:
-    if tokenizer_model is None or isinstance(tokenizer_model, Tokenizer):
+def _as_tokenizer(tokenizer_model: str | os.PathLike[str] | AnyTokenizer | None) -> AnyTokenizer | None:
+    if tokenizer_model is None or isinstance(tokenizer_model, (Tokenizer, HFTokenizer)):
         return tokenizer_model
-    return Tokenizer.load(tokenizer_model)  # DataPipelineError (a user error) names the missing file
+    return load_tokenizer(tokenizer_model)  # DataPipelineError (a user error) names the missing file
 
 
-def _check_vocab(tokenizer: Tokenizer, cfg: ModelConfig) -> None:
+def _check_vocab(tokenizer: AnyTokenizer, cfg: ModelConfig) -> None:
     """HF's vocab_size is both the embedding rows and what the tokenizer may emit: they must be the same number."""
     if tokenizer.vocab_size > cfg.vocab_size:
         raise HFConversionError(

@@ -79,7 +79,7 @@ class ImportWritten:
     model_cfg: ModelConfig
     padded_vocab_rows: int
     num_tensors: int
-    tokenizer_copied: bool  # False: the HF directory has no sentencepiece tokenizer.model
+    tokenizer_copied: str | None  # "sentencepiece", "hf" (tokenizer.json), or None: the HF directory has neither
 
 
 def import_hf_to_dir(
@@ -90,8 +90,9 @@ def import_hf_to_dir(
     dtype: DTypeName | None = None,
     overwrite: bool = False,
 ) -> ImportWritten:
-    """`convert from-hf`: write model.safetensors (our full state dict), model.yaml (a `model:` fragment) and, when
-    the HF directory holds a sentencepiece tokenizer.model, tokenizer/ in our layout. Written whole or not at all."""
+    """`convert from-hf`: write model.safetensors (our full state dict), model.yaml (a `model:` fragment) and
+    tokenizer/, which `pretrain prepare --tokenizer` takes: the HF directory's sentencepiece tokenizer.model in our
+    layout, else its tokenizer.json and config files (data_pipeline.hf_tokenizer). Written whole or not at all."""
     target = Path(out_dir)
     check_output_dir(target, overwrite, marker=MODEL_CONFIG_FILE)
     model_cfg, state_dict = import_hf(hf_dir, tp=tp, dtype=dtype)
@@ -101,6 +102,18 @@ def import_hf_to_dir(
     with staged_dir(target) as staging:
         save_full_state_dict(state_dict, staging / STATE_DICT_FILE, metadata={"source": str(hf_dir), "tp": str(tp)})
         (staging / MODEL_CONFIG_FILE).write_text(model_config_fragment(model_cfg, header), encoding="utf-8")
-        tokenizer = copy_spm_model(Path(hf_dir), staging / TOKENIZER_DIR)
-    return ImportWritten(target, model_cfg, state_dict["embed_tokens.weight"].shape[0], len(state_dict),
-                         tokenizer is not None)
+        tokenizer = _copy_tokenizer(Path(hf_dir), staging / TOKENIZER_DIR)
+    return ImportWritten(target, model_cfg, state_dict["embed_tokens.weight"].shape[0], len(state_dict), tokenizer)
+
+
+def _copy_tokenizer(hf_dir: Path, dest_dir: Path) -> str | None:
+    """The HF directory's tokenizer for our data pipeline: which kind was copied (None: it has none)."""
+    from data_pipeline.hf_tokenizer import HFTokenizer, hf_tokenizer_file
+    from data_pipeline.tokenizer import copy_tokenizer
+
+    if copy_spm_model(hf_dir, dest_dir) is not None:
+        return "sentencepiece"
+    if hf_tokenizer_file(hf_dir) is None:
+        return None
+    copy_tokenizer(hf_dir, dest_dir, HFTokenizer.load(hf_dir))
+    return "hf"

@@ -11,6 +11,9 @@ there disagreed with spm on thousands of indented lines):
 3. save through TokenizersBackend with split_special_tokens=True (a literal "<s>" in text is text, as in spm) and
    add_bos_token=True (HF then prepends BOS like our training data does).
 tokenizer.model itself is copied too: tools such as llama.cpp read it, and `convert from-hf` takes it back.
+
+An HF tokenizer (data_pipeline.hf_tokenizer: continued pretraining of a released model on data its own
+tokenizer.json encoded) is written back as it came: tokenizer.json and its config files, unchanged.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.hf_tokenizer import HFTokenizer
 from data_pipeline.tokenizer import MODEL_FILENAME, Tokenizer
 from trainer.hf.errors import HFConversionError
 from trainer.hf.llama_config import SpecialTokenIds
@@ -57,7 +61,10 @@ def tokenizer_problems(tokenizer: Tokenizer) -> list[str]:
     return problems
 
 
-def special_token_ids(tokenizer: Tokenizer) -> SpecialTokenIds:
+AnyTokenizer = Tokenizer | HFTokenizer
+
+
+def special_token_ids(tokenizer: AnyTokenizer) -> SpecialTokenIds:
     """spm reports a disabled special as -1; HF wants None."""
 
     def present(token_id: int) -> int | None:
@@ -66,10 +73,15 @@ def special_token_ids(tokenizer: Tokenizer) -> SpecialTokenIds:
     return SpecialTokenIds(bos=present(tokenizer.bos_id), eos=present(tokenizer.eos_id), pad=present(tokenizer.pad_id))
 
 
-def export_tokenizer(tokenizer: Tokenizer, out_dir: Path, model_max_length: int) -> SpecialTokenIds:
+def export_tokenizer(tokenizer: AnyTokenizer, out_dir: Path, model_max_length: int) -> SpecialTokenIds:
     """Write tokenizer.json, tokenizer_config.json and tokenizer.model into `out_dir`. model_max_length (the model's
     context, model.max_seq_len) goes into tokenizer_config.json: without it transformers assumes 1e30 and never
-    warns that a text is longer than the model can attend to, nor truncates it with truncation=True."""
+    warns that a text is longer than the model can attend to, nor truncates it with truncation=True. An HF
+    tokenizer's files are written unchanged (its tokenizer_config.json keeps its own model_max_length)."""
+    if isinstance(tokenizer, HFTokenizer):
+        for name, text in tokenizer.files.items():
+            (out_dir / name).write_text(text, encoding="utf-8")
+        return special_token_ids(tokenizer)
     problems = tokenizer_problems(tokenizer)
     if problems:
         raise HFConversionError(
@@ -128,8 +140,9 @@ def _lower_special_scores(vocab: list[list[Any]], tokenizer: Tokenizer) -> None:
             entry[1] = lowest - _SPECIAL_SCORE_MARGIN
 
 
-def probe_mismatches(tokenizer: Tokenizer, hf_dir: Path, texts: tuple[str, ...] = PROBE_TEXTS) -> list[str]:
-    """Load the exported tokenizer as a user would and list every text it encodes or decodes unlike spm."""
+def probe_mismatches(tokenizer: AnyTokenizer, hf_dir: Path, texts: tuple[str, ...] = PROBE_TEXTS) -> list[str]:
+    """Load the exported tokenizer as a user would and list every text it encodes or decodes unlike the tokenizer
+    the data was prepared with."""
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
@@ -138,9 +151,10 @@ def probe_mismatches(tokenizer: Tokenizer, hf_dir: Path, texts: tuple[str, ...] 
         expected = ids.tolist()
         got = hf(text, add_special_tokens=False).input_ids
         if got != expected:
-            mismatches.append(f"encode {text!r}: HF {got} vs sentencepiece {expected}")
+            mismatches.append(f"encode {text!r}: exported {got} vs the data's tokenizer {expected}")
         elif hf.decode(got) != tokenizer.decode(expected):
-            mismatches.append(f"decode {text!r}: HF {hf.decode(got)!r} vs sentencepiece {tokenizer.decode(expected)!r}")
+            mismatches.append(f"decode {text!r}: exported {hf.decode(got)!r} vs the data's tokenizer "
+                              f"{tokenizer.decode(expected)!r}")
     return mismatches
 
 
