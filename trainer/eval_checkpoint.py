@@ -10,13 +10,18 @@ run's checkpoints can be evaluated while it trains); the caller prints or saves 
 
 Used for what the training loop cannot do: evaluating on other data (`data.datasets`, `data.eval_split`), on more
 batches (`train.eval_steps`), or comparing checkpoints, e.g. the cooldowns branched from one warmup-stable-decay run.
+
+`evaluate_weights` does the same for weights without a training state, whatever `checkpoint.init_from` reads (an HF
+model directory, a full state dict, one of our checkpoints): e.g. the base model's loss on the data a continued
+pretraining will train on, the baseline its eval lines are read against.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch.distributed as dist
 
@@ -67,6 +72,32 @@ def evaluate_checkpoints(cfg: Config, paths: Sequence[Path], every: bool = False
             destroy_parallel()
 
 
+def evaluate_weights(cfg: Config, paths: Sequence[Path]) -> list[CheckpointEval]:
+    """Each of `paths` (any checkpoint.init_from source) loaded into the config's model and evaluated (step 0: no
+    training state). The weights go in before the engine is built, as init_from's do (ZeRO-3 partitions them), so
+    each source gets its own build. Collective under a launcher; a world of one without."""
+    from trainer.checkpoint.init_from import init_weights_from
+
+    if cfg.train.eval_steps == 0:
+        raise ConfigError("train.eval_steps is 0, so there is nothing to evaluate: set train.eval_steps=N (global "
+                          "batches of each validation dataset)")
+    derived = plan_this_world(cfg)
+    owns_group = not dist.is_initialized()
+    ctx = join_process_groups(cfg, derived)
+    try:
+        evaluations = []
+        for path in paths:
+            run = _build(cfg, derived, ctx, lambda pmodel, source=path: init_weights_from(pmodel, cfg, ctx, source))
+            try:
+                evaluations.append(CheckpointEval(path, 0, evaluate(run, 0)))
+            finally:
+                release_run(run)
+        return evaluations
+    finally:
+        if owns_group:
+            destroy_parallel()
+
+
 def _choose(paths: Sequence[Path], every: bool, ctx: ParallelContext, verify: bool) -> list[Path]:
     """The checkpoints to evaluate, the same on every rank: each rank hashes its share of the files (collective)."""
     chosen: list[Path] = []
@@ -84,10 +115,15 @@ def _choose(paths: Sequence[Path], every: bool, ctx: ParallelContext, verify: bo
     return chosen
 
 
-def _build(cfg: Config, derived: Derived, ctx: ParallelContext) -> RunContext:
-    """build_run without the training loader (the data evaluated on may have no training split)."""
+def _build(cfg: Config, derived: Derived, ctx: ParallelContext,
+           load_weights: Callable[[Any], object] | None = None) -> RunContext:
+    """build_run without the training loader (the data evaluated on may have no training split); `load_weights`
+    fills the parallel model before the engine is built (evaluate_weights)."""
     seed_everything(cfg.train.seed)
-    pmodel = parallelize(build_model_on_meta(cfg.model, derived.padded_vocab_size, document_eos_id(cfg)), cfg, derived, ctx)
+    pmodel = parallelize(build_model_on_meta(cfg.model, derived.padded_vocab_size, document_eos_id(cfg)), cfg, derived,
+                         ctx)
+    if load_weights is not None:
+        load_weights(pmodel)
     engine = build_engine(pmodel, cfg, derived, ctx)
     passes = validation_passes(cfg, derived, ctx)
     if passes is None:

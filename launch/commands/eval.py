@@ -19,6 +19,8 @@ examples:
   pretrain eval --checkpoint runs/wsd-a/checkpoints --checkpoint runs/wsd-b/checkpoints   # two WSD cooldowns
   pretrain eval --checkpoint runs/tiny/checkpoints --every --json curve.json  # every checkpoint, oldest first
   pretrain eval --nproc 8 --checkpoint runs/7b/checkpoints parallel.tp=2      # 8 processes here (torchrun), any layout
+  pretrain eval --weights runs/imported/model.safetensors --config RUN.yaml  # a base model before continued pretraining
+  pretrain eval --weights path/to/hf-llama --config RUN.yaml                 # an HF directory, as init_from reads it
 
 The config is the first checkpoint's own (config.yaml, saved with it) unless --config is given; dotted overrides
 apply on top. The model is built once and each checkpoint loaded into it in turn (they must share the model's
@@ -26,6 +28,10 @@ shape). It evaluates train.eval_steps global batches of the data.eval_split spli
 has it (of the synthetic stream for a synthetic run). Prints a row per checkpoint: step, loss, perplexity and, with
 several datasets, each one's loss; --json writes a list of the same. Exit codes: 0; 2 a config or checkpoint problem;
 74 a data shard missing or corrupt.
+
+--weights evaluates weights that have no training state, whatever checkpoint.init_from reads: an HF Llama directory,
+a full state dict (*.safetensors, e.g. from `convert from-hf`) or one of our checkpoints; --config names the run
+config whose model (it must fit the weights) and data to use. Its rows show step 0.
 """
 
 
@@ -34,9 +40,13 @@ def register(subparsers: Any) -> None:
         "eval", help="validation loss of a checkpoint, without training (any data, any layout)",
         description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--checkpoint", required=True, action="append", metavar="DIR",
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", action="append", metavar="DIR",
                         help="a checkpoint (step_N) or a directory of them (the newest intact one); repeat it to "
                              "evaluate several")
+    source.add_argument("--weights", action="append", metavar="PATH",
+                        help="weights without a training state (an HF directory, a *.safetensors full state dict, "
+                             "a checkpoint), as checkpoint.init_from reads them; needs --config; repeatable")
     parser.add_argument("--every", action="store_true",
                         help="every intact checkpoint of each directory, oldest first, not only the newest")
     parser.add_argument("--config", metavar="YAML", help="run config (default: the checkpoint's config.yaml)")
@@ -50,15 +60,19 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.config import load_config
+    from trainer.config import ConfigError, load_config
 
-    paths = [Path(path) for path in args.checkpoint]
+    if args.weights and (args.config is None or args.every):
+        raise ConfigError("--weights needs --config (the run config whose model and data to use) and takes no "
+                          "--every: pass --config RUN.yaml, e.g. with the model.yaml `convert from-hf` wrote pasted in")
+    paths = [Path(path) for path in args.checkpoint or args.weights]
     cfg = load_config(args.config or _checkpoint_config(paths[0]), args.overrides)
     if args.nproc > 1 and "RANK" not in os.environ:
         return _launch_local(args, cfg)
-    from trainer.eval_checkpoint import evaluate_checkpoints  # heavy (torch, deepspeed, megatron)
+    from trainer.eval_checkpoint import evaluate_checkpoints, evaluate_weights  # heavy (torch, deepspeed, megatron)
 
-    evaluations = evaluate_checkpoints(cfg, paths, every=args.every)
+    evaluations = (evaluate_weights(cfg, paths) if args.weights
+                   else evaluate_checkpoints(cfg, paths, every=args.every))
     if int(os.environ.get("RANK", "0")) == 0:
         summaries = [_summary(evaluated) for evaluated in evaluations]
         print(_format(summaries))
@@ -74,7 +88,8 @@ def _launch_local(args: argparse.Namespace, cfg: Any) -> int:
     from launch.commands.launch_local import process_environment, run_forwarding_stop_signals
 
     cfg.validate_for_world(args.nproc)  # one clear error now instead of the same one from N processes
-    again = [arg for path in args.checkpoint for arg in ("--checkpoint", path)]
+    flag = "--weights" if args.weights else "--checkpoint"
+    again = [arg for path in args.checkpoint or args.weights for arg in (flag, path)]
     again += ["--every"] * args.every + ["--config", args.config] * bool(args.config)
     again += ["--json", args.json] * bool(args.json)
     command = [sys.executable, "-m", "launch.torchrun_agent", "--standalone", f"--nproc_per_node={args.nproc}",

@@ -2,6 +2,7 @@
 
     pretrain convert from-hf --hf MODEL --output imported           # weights, model.yaml, tokenizer/ (tokenizer.json)
     pretrain prepare --input corpus --tokenizer imported/tokenizer  # the model's own tokenizer, eos after documents
+    pretrain eval --weights MODEL --config run.yaml                 # the baseline: the released model on this data
     pretrain train --config run.yaml checkpoint.init_from=imported/model.safetensors
     pretrain convert to-hf --checkpoint run/checkpoints --tokenizer data/tokenizer --output export
 
@@ -67,6 +68,21 @@ def _first_batch_loss_under_hf(hf_dir: Path, data: Path, global_batch: int) -> f
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)).item()
 
 
+def _val_loss_under_hf(hf_dir: Path, data: Path, num_microbatches: int) -> float:
+    """HF's mean loss over the validation micro-batches `pretrain eval` reads (4 samples each, tiny.yaml)."""
+    from data_pipeline.loader import EvalLoader
+
+    model = load_hf(hf_dir)
+    losses = []
+    for tokens, labels in EvalLoader(str(data), micro_batch_size=4, dp_rank=0, dp_size=1, split="val",
+                                     max_microbatches=num_microbatches):
+        with torch.no_grad():
+            logits = model(tokens).logits
+        losses.append(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)))
+    assert len(losses) == num_microbatches
+    return torch.stack(losses).mean().item()
+
+
 def test_continued_pretraining_of_a_released_model_end_to_end(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -81,8 +97,19 @@ def test_continued_pretraining_of_a_released_model_end_to_end(tmp_path: Path) ->
     run_config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     run_config["model"] = yaml.safe_load((tmp_path / "imported" / "model.yaml").read_text())["model"]
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(run_config))
-    pretrain("train", "--config", str(tmp_path / "run.yaml"), "data.synthetic=false",
-             f"data.datasets=[{{path: {tmp_path / 'data'}}}]", "data.num_workers=0", "train.max_steps=3",
+    data = ["data.synthetic=false", f"data.datasets=[{{path: {tmp_path / 'data'}}}]", "data.num_workers=0"]
+    # The baseline before training: the released model's validation loss on this data, from the HF directory and
+    # from the imported weights alike, and equal to HF's own loss on the same validation micro-batches.
+    for weights in (tmp_path / "released", tmp_path / "imported" / "model.safetensors"):
+        pretrain("eval", "--weights", str(weights), "--config", str(tmp_path / "run.yaml"), *data,
+                 "--json", str(tmp_path / f"{weights.name}.json"))
+    baselines = [json.loads((tmp_path / f"{name}.json").read_text())[0] for name in ("released", "model.safetensors")]
+    assert baselines[0]["val_loss"] == baselines[1]["val_loss"] and baselines[0]["step"] == 0
+    assert baselines[0]["val_loss"] == pytest.approx(_val_loss_under_hf(tmp_path / "released", tmp_path / "data",
+                                                                        baselines[0]["num_microbatches_per_rank"]),
+                                                     rel=1e-5)
+
+    pretrain("train", "--config", str(tmp_path / "run.yaml"), *data, "train.max_steps=3",
              "optim.warmup_steps=1", "train.log_interval_steps=1", "train.eval_interval_steps=0",
              f"checkpoint.init_from={tmp_path / 'imported' / 'model.safetensors'}",
              f"logging.run_dir={tmp_path / 'run'}")

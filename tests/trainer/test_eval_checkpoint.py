@@ -75,6 +75,31 @@ def test_eval_in_another_layout_gives_the_same_loss(trained: dict, overrides: li
         assert abs(loss - trained["val"][6]) <= REL_TOL * trained["val"][6], (loss, trained["val"][6])
 
 
+def _evaluate_weights(rank: int, world_size: int, checkpoint: str, overrides: list[str]) -> float:
+    from trainer.eval_checkpoint import evaluate_weights
+
+    cfg = load_config(Path(checkpoint) / "config.yaml", overrides)
+    (evaluated,) = evaluate_weights(cfg, [Path(checkpoint)])
+    return evaluated.result.loss
+
+
+def test_weights_without_their_training_state_give_the_same_loss(trained: dict, tmp_path: Path) -> None:
+    """--weights: a checkpoint read as checkpoint.init_from reads it (weights only, before the engine is built, so
+    ZeRO-3 partitions them) gives the loss its run logged; so does the HF export of it, through the CLI."""
+    step_6 = trained["dir"] / "checkpoints" / "step_6"
+    for loss in run_distributed(_evaluate_weights, 2, str(step_6), ["zero.stage=3"], timeout_s=180):
+        assert abs(loss - trained["val"][6]) <= REL_TOL * trained["val"][6], (loss, trained["val"][6])
+    assert pretrain("convert", "to-hf", "--checkpoint", str(step_6), "--no-tokenizer", "--output",
+                    str(tmp_path / "hf")).returncode == 0
+    out = pretrain("eval", "--weights", str(tmp_path / "hf"), "--config", str(step_6 / "config.yaml"), "--json",
+                   str(tmp_path / "e.json"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    (summary,) = json.loads((tmp_path / "e.json").read_text())
+    assert summary["step"] == 0 and summary["val_loss"] == pytest.approx(trained["val"][6], rel=REL_TOL)
+    refused = pretrain("eval", "--weights", str(tmp_path / "hf"))
+    assert refused.returncode == 2 and "--weights needs --config" in refused.stderr
+
+
 def test_eval_starts_its_own_processes_with_nproc(trained: dict, tmp_path: Path) -> None:
     """`--nproc 2`: torchrun here, as `launch local` starts it; one table (rank 0), the run's loss under TP 2."""
     out = pretrain("eval", "--nproc", "2", "--checkpoint", str(trained["dir"] / "checkpoints"), "parallel.tp=2",
