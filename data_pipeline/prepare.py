@@ -601,7 +601,8 @@ class Packed:
     entries: dict[str, list[ShardEntry]]
 
 
-def _tokenize_and_pack(config: PrepareConfig, tokenizer: Tokenizer | HFTokenizer, layout: ShardLayout, splits: list[str],
+def _tokenize_and_pack(config: PrepareConfig, tokenizer: Tokenizer | HFTokenizer, layout: ShardLayout,
+                       splits: list[str],
                        train_files: list[SourceFile], val_files: list[SourceFile], report: BadInputReport,
                        source_stats: dict[tuple[str, str], SourceStats]) -> Packed:
     settings = EncodeSettings(layout.dtype_name, tokenizer.eos_id, config.val_fraction, config.seed, config.text_key)

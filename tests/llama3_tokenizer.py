@@ -25,7 +25,8 @@ def write_llama3_like_tokenizer(out: Path, docs: list[str], vocab_size: int = 40
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": {  # an AddedToken written out, as older transformers saved them
+        # eos as an AddedToken written out, as older transformers saved them
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": {
             "__type": "AddedToken", "content": EOS, "lstrip": False, "normalized": False, "rstrip": False,
             "single_word": False, "special": True},
         "model_max_length": 131072, "clean_up_tokenization_spaces": False}))

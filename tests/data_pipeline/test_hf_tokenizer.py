@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_prepare import SAMPLES_PER_SHARD, SEQ_LEN, Corpus, _documents, _read_webdataset, _tree_bytes, corpus  # noqa: F401 (a fixture)
+from test_prepare import SAMPLES_PER_SHARD, SEQ_LEN, Corpus, _documents, _read_webdataset, _tree_bytes
+from test_prepare import corpus  # noqa: F401 (a fixture)
 
 from data_pipeline.errors import DataPipelineError
 from data_pipeline.hf_tokenizer import HFTokenizer

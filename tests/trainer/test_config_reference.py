@@ -29,7 +29,8 @@ def flattened(value: Any, prefix: str = "") -> list[str]:
 
 def test_every_key_of_a_resolved_config_is_documented_once() -> None:
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["data.synthetic=false", "data.datasets=[{path: d, weight: 2}]"])
-    # Optional sections (train.batch_size_rampup, model.rope_scaling) are a leaf while null and their keys once set: both are documented.
+    # Optional sections (train.batch_size_rampup, model.rope_scaling) are a leaf while null and their keys once set:
+    # both are documented.
     ramped = load_config(REPO / "configs" / "tiny.yaml",
                          ["train.batch_size_rampup={start: 4, increment: 4, samples: 48}",
                           "model.rope_scaling={type: llama3, factor: 8.0}"])

@@ -115,7 +115,8 @@ def test_continued_pretraining_of_a_released_model_end_to_end(tmp_path: Path) ->
              f"logging.run_dir={tmp_path / 'run'}")
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     first = next(r["loss"] for r in records if r["kind"] == "train" and r["step"] == 1)
-    want = _first_batch_loss_under_hf(tmp_path / "released", tmp_path / "data", run_config["train"]["global_batch_size"])
+    want = _first_batch_loss_under_hf(tmp_path / "released", tmp_path / "data",
+                                      run_config["train"]["global_batch_size"])
     assert first == pytest.approx(want, rel=1e-5)  # fp32 both sides; the loss before the first update
 
     out = pretrain("convert", "to-hf", "--checkpoint", str(tmp_path / "run" / "checkpoints"), "--tokenizer",
