@@ -110,6 +110,9 @@ class PrepareConfig:
     spool_dir: str | None = None  # where workers leave tokens until their shard is written; None = $TMPDIR
     seed: int = 1234
     text_key: str = "text"
+    # Each document as bos + tokens + eos (Llama 3's format, `<|begin_of_text|> ... <|end_of_text|>`), not tokens +
+    # eos: continued pretraining then sees documents as the model first did. Needs a tokenizer with a bos.
+    add_bos: bool = False
     include_globs: tuple[str, ...] = DEFAULT_INCLUDE_GLOBS
     strict: bool = False
     # A parquet file without the text_key column is a config error (wrong --text-key, or a file that does not
@@ -148,7 +151,7 @@ class PrepareConfig:
         return {
             "seq_len": self.seq_len, "samples_per_shard": self.samples_per_shard, "seed": self.seed,
             "val_fraction": self.val_fraction, "val_split": "files" if self.val_inputs else "fraction",
-            "text_key": self.text_key, "include_globs": list(self.include_globs),
+            "text_key": self.text_key, "include_globs": list(self.include_globs), "add_bos": self.add_bos,
         }
 
 
@@ -187,7 +190,7 @@ class PrepareResult:
 def prepare(config: PrepareConfig) -> PrepareResult:
     start_s = time.monotonic()
     config.validate()
-    tokenizer = _load_checked_tokenizer(config.tokenizer)
+    tokenizer = _load_checked_tokenizer(config.tokenizer, config.add_bos)
     train_files, val_files = _input_files(config)
     # Before any work or output: a column missing from a parquet file is a wrong --text-key, not a bad record.
     report = BadInputReport(strict=config.strict)
@@ -222,7 +225,7 @@ def prepare(config: PrepareConfig) -> PrepareResult:
     return PrepareResult(out_dir, manifest, report, report_path, time.monotonic() - start_s, warnings)
 
 
-def _load_checked_tokenizer(path: str) -> Tokenizer | HFTokenizer:
+def _load_checked_tokenizer(path: str, add_bos: bool = False) -> Tokenizer | HFTokenizer:
     tokenizer = load_tokenizer(path)
     if tokenizer.eos_id < 0:
         if isinstance(tokenizer, HFTokenizer):
@@ -233,6 +236,9 @@ def _load_checked_tokenizer(path: str) -> Tokenizer | HFTokenizer:
                                 "the tokenizer with `pretrain tokenizer train` (eos_id=2)")
     if tokenizer.vocab_size > 2**32:
         raise DataPipelineError(f"vocab size {tokenizer.vocab_size} does not fit uint32 token ids")
+    if add_bos and tokenizer.bos_id < 0:
+        raise DataPipelineError(f"--add-bos puts the tokenizer's bos before each document, but {path} has none: "
+                                f"drop --add-bos, or name a bos_token (HF: in tokenizer_config.json)")
     if isinstance(tokenizer, HFTokenizer):
         return tokenizer
     metadata_path = model_file_of(path).parent / METADATA_FILENAME
@@ -421,6 +427,7 @@ class EncodeSettings:
     val_fraction: float
     seed: int
     text_key: str
+    bos_id: int | None = None  # prepended to each document (PrepareConfig.add_bos)
 
 
 class TaskEncoder:
@@ -431,6 +438,8 @@ class TaskEncoder:
         self.text_key = settings.text_key
         self.dtype = TOKEN_DTYPES[settings.dtype]
         self.eos = np.array([settings.eos_id], dtype=self.dtype)
+        # Around each document: nothing before it (or bos), eos after.
+        self.before = np.array([] if settings.bos_id is None else [settings.bos_id], dtype=self.dtype)
         self.val_threshold = settings.val_fraction * 2**64
         # The split hash is keyed by the seed, so another seed gives another (equally deterministic) split.
         self.hash_key = settings.seed.to_bytes(8, "little", signed=True)
@@ -447,7 +456,7 @@ class TaskEncoder:
             parts: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
             for doc, doc_ids, code in zip(docs, ids, codes, strict=True):
                 split_code, num_bytes = self._split_and_size(doc.text, code)
-                parts[split_code].extend((doc_ids, self.eos))
+                parts[split_code].extend((self.before, doc_ids, self.eos))
                 num_docs, total_bytes = sources.get((doc.source, split_code), (0, 0))
                 sources[(doc.source, split_code)] = (num_docs + 1, total_bytes + num_bytes)
             sink.add(self._concatenate(parts[0]), self._concatenate(parts[1]))
@@ -605,7 +614,8 @@ def _tokenize_and_pack(config: PrepareConfig, tokenizer: Tokenizer | HFTokenizer
                        splits: list[str],
                        train_files: list[SourceFile], val_files: list[SourceFile], report: BadInputReport,
                        source_stats: dict[tuple[str, str], SourceStats]) -> Packed:
-    settings = EncodeSettings(layout.dtype_name, tokenizer.eos_id, config.val_fraction, config.seed, config.text_key)
+    settings = EncodeSettings(layout.dtype_name, tokenizer.eos_id, config.val_fraction, config.seed, config.text_key,
+                              tokenizer.bos_id if config.add_bos else None)
     num_proc = config.resolved_num_proc
     with (_worker_pool(num_proc, tokenizer, settings, layout, config.spool_dir) as pool,
           _progress_bar(config.progress) as bar):

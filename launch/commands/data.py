@@ -37,7 +37,7 @@ example:
 
   # continued pretraining of a released model: its own tokenizer (an HF directory with tokenizer.json, or the
   # tokenizer/ that `pretrain convert from-hf` wrote)
-  pretrain prepare --input data/domain/ --tokenizer runs/imported/tokenizer --output datasets/domain-llama3
+  pretrain prepare --input data/domain/ --tokenizer runs/imported/tokenizer --output datasets/domain-llama3 --add-bos
 
   writes <output>/manifest.json (last), train/ and val/ webdataset shards, tokenizer/ (a copy of the model) and
   bad_input_report.tsv. Re-running on the same input gives byte-identical files, whatever --num-proc is.
@@ -157,7 +157,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
         inputs=tuple(args.input), tokenizer=args.tokenizer, output_dir=args.output,
         val_inputs=tuple(args.val_input), val_fraction=val_fraction, seq_len=args.seq_len,
         samples_per_shard=args.samples_per_shard, num_proc=args.num_proc, spool_dir=args.spool_dir, seed=args.seed,
-        text_key=args.text_key,
+        text_key=args.text_key, add_bos=args.add_bos,
         include_globs=tuple(args.include or ("*.txt",)), strict=args.strict, overwrite=args.overwrite,
         progress=not args.no_progress, skip_files_without_text_key=args.skip_files_without_text_key,
     )
@@ -183,5 +183,8 @@ def _add_input_flags(parser: argparse.ArgumentParser) -> None:
                              "--include '*.jsonl.zst' --include '*.py'")
     parser.add_argument("--text-key", default="text",
                         help="JSON key / parquet or arrow column holding the text (default: %(default)s)")
+    parser.add_argument("--add-bos", action="store_true",
+                        help="put the tokenizer's bos before each document (bos + tokens + eos, Llama 3's format); "
+                             "default: tokens + eos")
     parser.add_argument("--strict", action="store_true",
                         help="stop at the first bad record instead of skipping and counting it")

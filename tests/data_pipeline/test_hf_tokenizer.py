@@ -107,3 +107,25 @@ def test_hf_tokenizers_without_a_usable_eos_are_refused(corpus: Corpus, hf_dir: 
         load_tokenizer(no_eos)
     with pytest.raises(DataPipelineError, match="pass an HF model directory with tokenizer.json"):
         load_tokenizer(tmp_path / "nothing_here")
+
+
+def test_add_bos_frames_each_document_as_llama3_did(corpus: Corpus, hf_dir: Path, tmp_path: Path) -> None:
+    """--add-bos: <|begin_of_text|> tokens <|end_of_text|> per document, recorded in the manifest; a tokenizer
+    without a bos is refused."""
+    from transformers import AutoTokenizer
+
+    prepare(PrepareConfig(inputs=corpus.inputs, tokenizer=str(hf_dir), output_dir=str(tmp_path / "bos"),
+                          seq_len=SEQ_LEN, samples_per_shard=SAMPLES_PER_SHARD, num_proc=2, progress=False,
+                          add_bos=True))
+    manifest = Manifest.load(tmp_path / "bos")
+    reference = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
+    stream = np.concatenate([[400, *reference(doc, add_special_tokens=False).input_ids, 401] for doc in corpus.docs])
+    _, samples = _read_webdataset(tmp_path / "bos", "train", manifest)
+    assert np.array_equal(samples.reshape(-1), stream[: samples.size])
+    assert manifest.prepare_args["add_bos"] is True
+    (hf_dir.parent / "no_bos").mkdir()
+    (hf_dir.parent / "no_bos" / "tokenizer.json").write_text((hf_dir / "tokenizer.json").read_text())
+    (hf_dir.parent / "no_bos" / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOS}))
+    with pytest.raises(DataPipelineError, match="--add-bos puts the tokenizer's bos before each document"):
+        prepare(PrepareConfig(inputs=corpus.inputs, tokenizer=str(hf_dir.parent / "no_bos"),
+                              output_dir=str(tmp_path / "refused"), add_bos=True, progress=False))
