@@ -15,7 +15,7 @@ from typing import Any
 from trainer.config import ConfigError
 
 MAX_LISTED = 10  # problems named one by one in a message; the rest are counted
-# Where synthetic data ends a document (model.uses_documents): our tokenizer's eos id (data_pipeline.tokenizer).
+# Where synthetic data ends a document (ModelConfig.uses_documents): our tokenizer's eos id (data_pipeline.tokenizer).
 SYNTHETIC_EOS_ID = 2
 
 
@@ -84,7 +84,7 @@ def _check_split_files(manifest: Any, shards: list[Any], result: DataCheck) -> N
 
 
 def document_eos_id(cfg: Any) -> int | None:
-    """The token that ends a document in this run's data, where model.uses_documents (else None): the tokenizer's
+    """The token that ends a document in this run's data, where ModelConfig.uses_documents (else None): the tokenizer's
     eos id that every prepared dataset's manifest records, or SYNTHETIC_EOS_ID."""
     if not cfg.model.uses_documents:
         return None

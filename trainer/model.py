@@ -166,7 +166,7 @@ class Attention(nn.Module):
         self.reset_position_ids = cfg.reset_position_ids
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (T, B, H); doc_ids: (B, T) from `document_ids`, given when model.uses_documents (full T, also under
+        """x: (T, B, H); doc_ids: (B, T) from `document_ids`, given when ModelConfig.uses_documents (full T, also under
         sequence parallelism)."""
         hd = self.head_dim
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (T, B, nh*hd), (T, B, nkv*hd) x2
@@ -218,7 +218,8 @@ class DecoderLayer(nn.Module):
 
 class Llama(nn.Module):
     """Input ids (B, T) → logits (B, T, padded_vocab_size). Padding rows are real rows that no label ever selects.
-    `eos_token_id`: where documents end in a packed sample; needed to run when model.uses_documents, else unused."""
+    `eos_token_id`: where documents end in a packed sample; needed to run when ModelConfig.uses_documents, else
+    unused."""
 
     def __init__(self, cfg: ModelConfig, padded_vocab_size: int, eos_token_id: int | None = None) -> None:
         super().__init__()
@@ -272,7 +273,7 @@ class Llama(nn.Module):
 
 
 def check_eos_token_id(cfg: ModelConfig, eos_token_id: int | None) -> int | None:
-    """The eos id the model splits documents at: None unless model.uses_documents; a given id must be a token."""
+    """The eos id the model splits documents at: None unless ModelConfig.uses_documents; a given id must be a token."""
     if not cfg.uses_documents:
         return None
     if eos_token_id is not None and not 0 <= eos_token_id < cfg.vocab_size:

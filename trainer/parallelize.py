@@ -109,7 +109,7 @@ def canonical_name(pipeline_name: str, num_layers: int) -> str:
 
 def build_model_on_meta(model_cfg: ModelConfig, padded_vocab_size: int, eos_token_id: int | None = None) -> Llama:
     """The whole model's structure on the meta device: no memory; `parallelize` allocates only this rank's part.
-    `eos_token_id`: the data's (trainer.data_check.document_eos_id), where model.uses_documents."""
+    `eos_token_id`: the data's (trainer.data_check.document_eos_id), where ModelConfig.uses_documents."""
     with torch.device("meta"):
         return Llama(model_cfg, padded_vocab_size, eos_token_id)
 
@@ -525,7 +525,8 @@ def _checkpointed_forward(forward: Callable[..., torch.Tensor], context_fn: Call
 # 6. Pipeline
 
 
-# Between pipeline parts: the hidden states (T, B, H), or (hidden, document ids (B, T)) where model.uses_documents.
+# Between pipeline parts: the hidden states (T, B, H), or (hidden, document ids (B, T)) where the model uses documents
+# (ModelConfig.uses_documents).
 # DeepSpeed sends a tuple as it is and sends back gradients for its floating-point tensors only.
 StageActivations = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 

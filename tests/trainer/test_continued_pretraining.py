@@ -130,3 +130,38 @@ def test_continued_pretraining_of_a_released_model_end_to_end(tmp_path: Path) ->
     text = docs[3]
     assert (AutoTokenizer.from_pretrained(str(tmp_path / "export"), local_files_only=True)(text).input_ids
             == AutoTokenizer.from_pretrained(str(tmp_path / "released"), local_files_only=True)(text).input_ids)
+
+
+def _loss_under_hf(hf_dir: Path, tokens: torch.Tensor, labels: torch.Tensor) -> float:
+    with torch.no_grad():
+        logits = load_hf(hf_dir)(tokens).logits
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)).item()
+
+
+def test_context_extension_resumes_with_longer_samples_and_scaled_rope(tmp_path: Path) -> None:
+    """Llama 3.1's long-context stage in miniature: a run trained at seq_len 64 continues from its checkpoint at
+    seq_len 128 with llama3 RoPE scaling (new data, `checkpoint.allow_data_change`). The first step after the change
+    (its loss is taken before its update) equals HF's loss for the checkpoint's weights under the new RoPE on the new
+    first batch; under the old RoPE HF's loss is another."""
+    from trainer.data import SyntheticTokens
+
+    # init_std 0.1: at tiny.yaml's 0.02 attention is near-uniform and the RoPE would hardly matter to the loss.
+    run = ["--config", str(REPO / "configs" / "tiny.yaml"), "model.init_std=0.1", "optim.warmup_steps=2",
+           "train.log_interval_steps=1",
+           "train.eval_interval_steps=0", "checkpoint.save_interval_steps=4", f"logging.run_dir={tmp_path / 'run'}"]
+    longer = ["train.seq_len=128", "model.max_seq_len=256",
+              "model.rope_scaling={type: llama3, factor: 8.0, original_max_seq_len: 64}"]
+    pretrain("train", *run, "train.max_steps=4")
+    out = pretrain("train", *run, "train.max_steps=8", *longer, "checkpoint.allow_data_change=true")
+    assert "the new data stream starts at its first sample" in out.stderr and "model.rope_scaling.type" in out.stderr
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    step_5 = next(r["loss"] for r in records if r["kind"] == "train" and r["step"] == 5)
+
+    step_4 = tmp_path / "run" / "checkpoints" / "step_4"
+    for name, overrides in (("scaled", longer), ("unscaled", longer[:2])):
+        pretrain("convert", "to-hf", "--checkpoint", str(step_4), "--no-tokenizer", "--output",
+                 str(tmp_path / name), *overrides)
+    tokens, labels = SyntheticTokens(vocab_size=256, seq_len=128, micro_batch_size=16, seed=1234).microbatch(0)
+    assert step_5 == pytest.approx(_loss_under_hf(tmp_path / "scaled", tokens, labels), rel=1e-5)
+    unscaled = _loss_under_hf(tmp_path / "unscaled", tokens, labels)
+    assert abs(step_5 - unscaled) > 1e-3 * step_5  # measured 1.1e-2
