@@ -292,6 +292,33 @@ def test_llama3_rope_scaling_imports_computes_hf_logits_and_exports_back(tmp_pat
     assert import_hf(tmp_path / "origin", tp=1)[0] == model_cfg
 
 
+def test_from_hf_copies_the_tokenizer_export_can_write_back(tmp_path: Path, tokenizers: dict[str, Tokenizer]) -> None:
+    """tokenizer/ for the data pipeline: the sentencepiece model when export reproduces it exactly, else (Llama 2's
+    nmt_nfkc normalizer) the folder's tokenizer.json; a folder with only a tokenizer.json gives that."""
+    import io
+
+    import sentencepiece as spm
+    from llama3_tokenizer import write_llama3_like_tokenizer
+
+    from trainer.hf import import_hf_to_dir
+
+    save_hf_origin(tmp_path / "origin", tie=False, dtype=torch.float32)
+    write_llama3_like_tokenizer(tmp_path / "origin", corpus_documents(50, seed=4))
+    assert import_hf_to_dir(tmp_path / "origin", tmp_path / "json_only").tokenizer_copied == "hf"
+    assert sorted(p.name for p in (tmp_path / "json_only" / "tokenizer").iterdir()) == [
+        "tokenizer.json", "tokenizer_config.json"]
+
+    (tmp_path / "origin" / "tokenizer.model").write_bytes(tokenizers["bpe"].model_proto)  # ours: identity
+    assert import_hf_to_dir(tmp_path / "origin", tmp_path / "ours").tokenizer_copied == "sentencepiece"
+
+    nfkc = io.BytesIO()  # a Llama-2-style model: NFKC normalization, which export's recipe does not reproduce
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus_documents(200, seed=5)), model_writer=nfkc,
+                                   vocab_size=300, normalization_rule_name="nmt_nfkc", minloglevel=2)
+    (tmp_path / "origin" / "tokenizer.model").write_bytes(nfkc.getvalue())
+    assert import_hf_to_dir(tmp_path / "origin", tmp_path / "llama2").tokenizer_copied == "hf"
+    assert not (tmp_path / "llama2" / "tokenizer" / "tokenizer.model").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Known pitfalls, each shown to be caught
 

@@ -18,7 +18,7 @@ from trainer.hf.errors import HFConversionError
 from trainer.hf.full_state import save_full_state_dict
 from trainer.hf.llama_config import model_config_fragment, model_config_from_hf, read_config_json
 from trainer.hf.staging import check_output_dir, staged_dir
-from trainer.hf.tokenizer import copy_spm_model
+from trainer.hf.tokenizer import copy_spm_model, tokenizer_problems
 from trainer.hf.transforms import (
     DTypeName,
     StateDict,
@@ -107,13 +107,19 @@ def import_hf_to_dir(
 
 
 def _copy_tokenizer(hf_dir: Path, dest_dir: Path) -> str | None:
-    """The HF directory's tokenizer for our data pipeline: which kind was copied (None: it has none)."""
-    from data_pipeline.hf_tokenizer import HFTokenizer, hf_tokenizer_file
-    from data_pipeline.tokenizer import copy_tokenizer
+    """The HF directory's tokenizer for our data pipeline: which kind was copied (None: it has none). Its
+    sentencepiece tokenizer.model when export can write it back exactly (trainer.hf.tokenizer.tokenizer_problems),
+    else its tokenizer.json (Llama 2's folders hold both, and its spm normalizer is not one export reproduces: data
+    encoded by the tokenizer.json HF users run is then written back as it is)."""
+    from data_pipeline.hf_tokenizer import HF_TOKENIZER_FILE, HFTokenizer, hf_tokenizer_file
+    from data_pipeline.tokenizer import MODEL_FILENAME, Tokenizer, copy_tokenizer
 
-    if copy_spm_model(hf_dir, dest_dir) is not None:
+    hf_json = hf_tokenizer_file(hf_dir / HF_TOKENIZER_FILE)  # the file itself: beside a tokenizer.model too
+    spm = hf_dir / MODEL_FILENAME
+    if spm.is_file() and (hf_json is None or not tokenizer_problems(Tokenizer.load(spm))):
+        copy_spm_model(hf_dir, dest_dir)
         return "sentencepiece"
-    if hf_tokenizer_file(hf_dir) is None:
+    if hf_json is None:
         return None
-    copy_tokenizer(hf_dir, dest_dir, HFTokenizer.load(hf_dir))
+    copy_tokenizer(hf_json, dest_dir, HFTokenizer.load(hf_json))
     return "hf"
