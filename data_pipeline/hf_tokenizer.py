@@ -104,11 +104,6 @@ class HFTokenizer:
         self.__init__(state["tokenizer_json"], state["config_files"], state["source"])  # type: ignore[misc]
 
     @property
-    def special_tokens(self) -> dict[str, str | None]:
-        """Role (unk, bos, eos, pad) → token name, None where unset."""
-        return dict(self._special_tokens)
-
-    @property
     def vocab_size(self) -> int:
         """Ids the tokenizer can emit, its added (special) tokens included: HF config.json's vocab_size."""
         return int(self._tok.get_vocab_size(with_added_tokens=True))

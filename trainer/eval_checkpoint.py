@@ -18,7 +18,8 @@ pretraining will train on, the baseline its eval lines are read against.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,13 +51,7 @@ def evaluate_checkpoints(cfg: Config, paths: Sequence[Path], every: bool = False
     """Each of `paths` (a checkpoint, or the newest intact one of a directory of them; with `every`, each intact one
     of it, oldest first), evaluated in turn by one model and engine built once. Collective under a launcher (every
     rank calls it); a world of one without."""
-    if cfg.train.eval_steps == 0:
-        raise ConfigError("train.eval_steps is 0, so there is nothing to evaluate: set train.eval_steps=N (global "
-                          "batches of each validation dataset)")
-    derived = plan_this_world(cfg)
-    owns_group = not dist.is_initialized()
-    ctx = join_process_groups(cfg, derived)
-    try:
+    with _evaluation_world(cfg) as (derived, ctx):
         checkpoints = _choose(paths, every, ctx, cfg.checkpoint.verify_on_load)
         run = _build(cfg, derived, ctx)
         try:
@@ -67,9 +62,6 @@ def evaluate_checkpoints(cfg: Config, paths: Sequence[Path], every: bool = False
             return evaluations
         finally:
             release_run(run)
-    finally:
-        if owns_group:
-            destroy_parallel()
 
 
 def evaluate_weights(cfg: Config, paths: Sequence[Path]) -> list[CheckpointEval]:
@@ -78,13 +70,7 @@ def evaluate_weights(cfg: Config, paths: Sequence[Path]) -> list[CheckpointEval]
     each source gets its own build. Collective under a launcher; a world of one without."""
     from trainer.checkpoint.init_from import init_weights_from
 
-    if cfg.train.eval_steps == 0:
-        raise ConfigError("train.eval_steps is 0, so there is nothing to evaluate: set train.eval_steps=N (global "
-                          "batches of each validation dataset)")
-    derived = plan_this_world(cfg)
-    owns_group = not dist.is_initialized()
-    ctx = join_process_groups(cfg, derived)
-    try:
+    with _evaluation_world(cfg) as (derived, ctx):
         evaluations = []
         for path in paths:
             run = _build(cfg, derived, ctx, lambda pmodel, source=path: init_weights_from(pmodel, cfg, ctx, source))
@@ -93,6 +79,20 @@ def evaluate_weights(cfg: Config, paths: Sequence[Path]) -> list[CheckpointEval]
             finally:
                 release_run(run)
         return evaluations
+
+
+@contextlib.contextmanager
+def _evaluation_world(cfg: Config) -> Iterator[tuple[Derived, ParallelContext]]:
+    """This world's plan and process groups for an evaluation (the groups torn down after, unless a caller owns
+    them)."""
+    if cfg.train.eval_steps == 0:
+        raise ConfigError("train.eval_steps is 0, so there is nothing to evaluate: set train.eval_steps=N (global "
+                          "batches of each validation dataset)")
+    derived = plan_this_world(cfg)
+    owns_group = not dist.is_initialized()
+    ctx = join_process_groups(cfg, derived)
+    try:
+        yield derived, ctx
     finally:
         if owns_group:
             destroy_parallel()
