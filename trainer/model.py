@@ -162,7 +162,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * hd, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * hd, cfg.hidden_size, bias=False)
-        self.document_mask = cfg.attention_mask == "document"
+        self.mask_documents = cfg.attention_mask == "document"
         self.reset_position_ids = cfg.reset_position_ids
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -181,7 +181,7 @@ class Attention(nn.Module):
         cos, sin = rotary_cos_sin(positions, hd, self.rope_theta, x.device, q.dtype,  # (T, hd) or (B, 1, T, hd)
                                   self.rope_scaling)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        mask = document_mask(doc_ids) if self.document_mask else None  # (B, 1, T, T)
+        mask = document_mask(doc_ids) if self.mask_documents else None  # (B, 1, T, T)
         y = causal_attention(q, k, v, mask)  # (B, nh, T, hd)
         y = y.permute(2, 0, 1, 3).reshape(T, B, -1)  # (T, B, nh*hd)
         return self.o_proj(y)  # (T, B, H); (T/tp, B, H) under sequence parallelism (o_proj reduce-scatters)
