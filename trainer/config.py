@@ -292,6 +292,10 @@ class CheckpointConfig(_Section):
     # them: its newest intact one), or an HF Llama directory. Any tp/pp/dp/zero layout
     # (trainer/checkpoint/init_from.py).
     init_from: str | None = None
+    # init_from with a larger model.vocab_size than the source's (tokens added to its tokenizer for continued
+    # pretraining): refuse, or start each new row of embed_tokens and lm_head at the mean of the source's rows
+    # (Hewitt 2021; what transformers' resize_token_embeddings centres its new rows on).
+    init_from_new_vocab_rows: Literal["refuse", "mean"] = "refuse"
     async_save: bool = False  # copy the state to CPU memory, write it in a background thread
     save_at_end: bool = True  # also save after the last step (unless that step was just saved)
     verify_on_load: bool = True  # sha256 of every file before a checkpoint is used (split over the ranks)

@@ -153,3 +153,47 @@ def test_other_rope_than_the_source_is_warned_about(imported: dict[str, Any],
     init_weights_from(ParallelModel(Llama(same.model, 256), loss_fn=None, num_layers=2,  # type: ignore[arg-type]
                                     is_pipeline=False), same, ctx, imported["state"])
     assert "was trained with" not in caplog.text
+
+
+def _hf_with_mean_rows(hf_dir: Path, vocab_size: int) -> Any:
+    """transformers' own resize, its new rows then set to the mean of the old ones (embedding and lm_head)."""
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(str(hf_dir)).float().eval()
+    old = hf.get_input_embeddings().weight.shape[0]
+    hf.resize_token_embeddings(vocab_size, mean_resizing=False)
+    with torch.no_grad():
+        for weight in (hf.get_input_embeddings().weight, hf.get_output_embeddings().weight):
+            weight[old:] = weight[:old].double().mean(dim=0).float()
+    return hf
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_added_tokens_start_at_the_mean_row(imported: dict[str, Any], tmp_path: Path, tp: int) -> None:
+    """model.vocab_size 300 from a 256-token source (44 tokens added to its tokenizer), init_from_new_vocab_rows=mean:
+    the first loss (before any update) equals HF's resized model with mean rows, on a batch that uses the new ids.
+    Under TP 2 the mean is summed over the vocabulary shards. (Zero rows instead: 3.6e-3 away, measured.)"""
+    added = ["model.vocab_size=300", "checkpoint.init_from_new_vocab_rows=mean"]
+    losses = run(tp, [*added, f"parallel.tp={tp}", f"checkpoint.init_from={imported['hf_dir']}"], tmp_path / "run")
+    tokens, labels = SyntheticTokens(vocab_size=300, seq_len=64, micro_batch_size=16, seed=1234).microbatch(0)
+    assert (tokens >= 256).any()
+    with torch.no_grad():
+        logits = _hf_with_mean_rows(imported["hf_dir"], 300)(tokens).logits
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, 300).double(), labels.reshape(-1)).item()
+    assert _close(losses[1], want), (losses[1], want)
+
+
+def test_added_tokens_are_refused_unless_asked_for(imported: dict[str, Any], tmp_path: Path) -> None:
+    cfg = load_config(TINY, ["model.vocab_size=300"])
+    model = ParallelModel(Llama(cfg.model, 384), loss_fn=None, num_layers=2, is_pipeline=False)  # type: ignore[arg-type]
+    ctx = SimpleNamespace(tp=1, tp_rank=0, rank=0)
+    with pytest.raises(CheckpointCompatibilityError, match="model.vocab_size=256 but this config has "
+                                                           "model.vocab_size=300.*init_from_new_vocab_rows=mean"):
+        init_weights_from(model, cfg, ctx, imported["hf_dir"])
+    bare = tmp_path / "bare" / "model.safetensors"  # no model.yaml: the source's vocabulary size is unknown
+    from safetensors.torch import load_file
+
+    save_full_state_dict(load_file(str(imported["state"])), bare)
+    asked = load_config(TINY, ["model.vocab_size=300", "checkpoint.init_from_new_vocab_rows=mean"])
+    with pytest.raises(CheckpointCompatibilityError, match="does not say its vocabulary size"):
+        init_weights_from(model, asked, ctx, bare)

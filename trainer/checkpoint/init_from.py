@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from trainer.checkpoint.io import read_json, tensor_files
 from trainer.checkpoint.layout import (
@@ -138,37 +139,10 @@ def init_weights_from(pmodel: Any, cfg: Config, ctx: Any, path: str | Path) -> s
     """Copy this rank's slice of every parameter of its pipeline stage from `path` into `pmodel` (a ParallelModel,
     before deepspeed.initialize). Returns the source's description. Raises CheckpointCompatibilityError naming the
     tensor (and both shapes) or the model field when the source does not fit the model."""
-    from trainer.parallelize import build_model_on_meta
-
     with _open_source(Path(path), cfg, ctx) as source:
-        if source.model_cfg is not None:
-            changes = model_shape_changes(source.model_cfg, cfg.model)
-            if changes:
-                key, old, new = changes[0]
-                raise CheckpointCompatibilityError(
-                    f"checkpoint.init_from: {source.description} has {key}={old!r} but this config has "
-                    f"{key}={new!r}: set the run's model section to the source's (its model.yaml / config.yaml)")
-            for key, old, new in model_numerics_changes(source.model_cfg, cfg.model):
-                if ctx.rank == 0:  # legitimate when extending the context (a new rope_theta or scaling), else a slip
-                    log.warning("checkpoint.init_from: %s was trained with %s=%r, this run uses %r: its weights "
-                                "will compute something else than they did (intended when extending the context; "
-                                "otherwise copy the source's model section)", source.description, key, old, new)
-        tied = cfg.model.tie_embeddings
-        names = set(source.entries)
-        if tied and LM_HEAD in names:
-            names.discard(LM_HEAD)  # canonical form lists a tied lm_head once, as the embedding; an equal copy is ok
-        expected = {name for name, _ in build_model_on_meta(cfg.model, cfg.model.vocab_size).named_parameters()}
-        if names - expected:
-            raise CheckpointCompatibilityError(
-                f"checkpoint.init_from: {source.description} has tensors this model does not: "
-                f"{sorted(names - expected)[:5]} (a different architecture or num_layers)")
-        for name in VOCAB_ROW_TENSORS:
-            entry = source.entries.get(name)
-            if entry is not None and entry.shape[0] < cfg.model.vocab_size:
-                raise CheckpointCompatibilityError(
-                    f"{name}: {source.description} holds shape {list(entry.shape)}, fewer rows than this model's "
-                    f"model.vocab_size={cfg.model.vocab_size}: set model.vocab_size to the source's")
+        new_vocab_from = _check_fits(source, cfg, ctx)
         warned: set[str] = set()
+        tied = cfg.model.tie_embeddings
         with torch.no_grad():
             for name, param in pmodel.canonical_named_parameters():
                 stored = name if name in source.entries else (EMBED if tied and name == LM_HEAD else None)
@@ -178,7 +152,70 @@ def init_weights_from(pmodel: Any, cfg: Config, ctx: Any, path: str | Path) -> s
                 block = read_param_block(source.files, source.entries[stored], source.keys[stored], name, param, ctx,
                                          warned, hint=_HINT)
                 param.copy_(block.to(param.device, param.dtype))
+                if new_vocab_from is not None and name in VOCAB_ROW_TENSORS:
+                    _fill_new_rows_with_mean(param, new_vocab_from, cfg.model.vocab_size, ctx)
         return source.description
+
+
+def _check_fits(source: _Source, cfg: Config, ctx: Any) -> int | None:
+    """Refuse a source that does not fit the model; warn where it fits but computes otherwise. Returns the source's
+    vocabulary size when the model adds rows to it (checkpoint.init_from_new_vocab_rows=mean), else None."""
+    from trainer.parallelize import build_model_on_meta
+
+    new_vocab_from = _added_vocab_rows(source, cfg)
+    if source.model_cfg is not None:
+        changes = [change for change in model_shape_changes(source.model_cfg, cfg.model)
+                   if not (new_vocab_from is not None and change[0] == "model.vocab_size")]
+        if changes:
+            key, old, new = changes[0]
+            raise CheckpointCompatibilityError(
+                f"checkpoint.init_from: {source.description} has {key}={old!r} but this config has "
+                f"{key}={new!r}: set the run's model section to the source's (its model.yaml / config.yaml)"
+                + (", or let checkpoint.init_from_new_vocab_rows=mean start the added tokens' rows"
+                   if key == "model.vocab_size" and new > old else ""))
+        for key, old, new in model_numerics_changes(source.model_cfg, cfg.model):
+            if ctx.rank == 0:  # legitimate when extending the context (a new rope_theta or scaling), else a slip
+                log.warning("checkpoint.init_from: %s was trained with %s=%r, this run uses %r: its weights "
+                            "will compute something else than they did (intended when extending the context; "
+                            "otherwise copy the source's model section)", source.description, key, old, new)
+    names = set(source.entries)
+    if cfg.model.tie_embeddings and LM_HEAD in names:
+        names.discard(LM_HEAD)  # canonical form lists a tied lm_head once, as the embedding; an equal copy is ok
+    expected = {name for name, _ in build_model_on_meta(cfg.model, cfg.model.vocab_size).named_parameters()}
+    if names - expected:
+        raise CheckpointCompatibilityError(
+            f"checkpoint.init_from: {source.description} has tensors this model does not: "
+            f"{sorted(names - expected)[:5]} (a different architecture or num_layers)")
+    for name in VOCAB_ROW_TENSORS:
+        entry = source.entries.get(name)
+        if new_vocab_from is None and entry is not None and entry.shape[0] < cfg.model.vocab_size:
+            raise CheckpointCompatibilityError(
+                f"{name}: {source.description} holds shape {list(entry.shape)}, fewer rows than this model's "
+                f"model.vocab_size={cfg.model.vocab_size}: set model.vocab_size to the source's")
+    return new_vocab_from
+
+
+def _added_vocab_rows(source: _Source, cfg: Config) -> int | None:
+    """The source's vocabulary size when this model adds tokens to it and may start them at the mean; else None."""
+    if cfg.checkpoint.init_from_new_vocab_rows != "mean":
+        return None
+    if source.model_cfg is None:
+        raise CheckpointCompatibilityError(
+            f"checkpoint.init_from_new_vocab_rows=mean: {source.description} does not say its vocabulary size (a "
+            f"bare state dict: its rows may include padding): keep the model.yaml `convert from-hf` wrote beside it")
+    source_vocab = source.model_cfg.vocab_size
+    return source_vocab if source_vocab < cfg.model.vocab_size else None
+
+
+@torch.no_grad()
+def _fill_new_rows_with_mean(param: torch.Tensor, source_vocab: int, vocab_size: int, ctx: Any) -> None:
+    """Rows [source_vocab, vocab_size) of a vocabulary tensor (this rank's shard of rows under TP) ← the mean of
+    rows [0, source_vocab) over the whole tensor (a sum over the TP group); padding rows stay zero."""
+    rows = torch.arange(param.shape[0], device=param.device) + ctx.tp_rank * param.shape[0]  # global row indices
+    total = param[rows < source_vocab].double().sum(dim=0)
+    if ctx.tp > 1:
+        dist.all_reduce(total, group=ctx.tp_group)
+    param[(rows >= source_vocab) & (rows < vocab_size)] = (total / source_vocab).to(param.dtype)
 
 
 @dataclass(frozen=True)
