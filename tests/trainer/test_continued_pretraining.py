@@ -130,6 +130,10 @@ def test_continued_pretraining_of_a_released_model_end_to_end(tmp_path: Path) ->
     text = docs[3]
     assert (AutoTokenizer.from_pretrained(str(tmp_path / "export"), local_files_only=True)(text).input_ids
             == AutoTokenizer.from_pretrained(str(tmp_path / "released"), local_files_only=True)(text).input_ids)
+    # Sampling straight from the checkpoint finds the training data's HF tokenizer through the run's manifest.
+    out = pretrain("generate", "--checkpoint", str(tmp_path / "run" / "checkpoints"), "--prompt", "def main():",
+                   "--max-new-tokens", "8", "--greedy")
+    assert out.stdout.startswith("def main():")
 
 
 def _loss_under_hf(hf_dir: Path, tokens: torch.Tensor, labels: torch.Tensor) -> float:
