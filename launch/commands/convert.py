@@ -80,6 +80,7 @@ def register(subparsers: Any) -> None:
     commands = group.add_subparsers(dest="convert_command", metavar="<subcommand>", required=True)
     _register_to_hf(commands)
     _register_from_hf(commands)
+    _register_average(commands)
 
 
 def _register_to_hf(commands: Any) -> None:
@@ -127,6 +128,58 @@ def _register_from_hf(commands: Any) -> None:
                         help="dtype of the written weights (default: keep the stored dtype)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier import in --output")
     parser.set_defaults(func=run_from_hf)
+
+
+AVERAGE_EXAMPLE = """\
+examples:
+  pretrain convert average --checkpoint runs/7b/checkpoints --last 5 --output runs/7b/avg-last5
+  pretrain convert average --checkpoint runs/a/checkpoints/step_900 --checkpoint runs/a/checkpoints/step_1000 \\
+      --output runs/a/avg
+
+  writes <output>/model.safetensors (the mean of the checkpoints' weights, fp32) and <output>/model.yaml (their
+  model: section); then, as for `convert from-hf` output:
+      pretrain eval --weights runs/7b/avg-last5/model.safetensors --config runs/7b/config.yaml
+      pretrain convert to-hf --state-dict runs/7b/avg-last5/model.safetensors --config runs/7b/avg-last5/model.yaml \\
+          --tokenizer <dataset>/tokenizer --output runs/7b/hf-avg
+      checkpoint.init_from=runs/7b/avg-last5/model.safetensors (a fresh run from the average)
+
+Llama 3's final pre-trained model is the average of its annealing checkpoints; averaging the last checkpoints of a
+warmup-stable-decay run's stable phase approximates a cooldown (LAWA). Checkpoints of any layouts, one model shape
+(another is refused, naming the field); weights only (no optimizer state).
+"""
+
+
+def _register_average(commands: Any) -> None:
+    parser = commands.add_parser(
+        "average", help="the mean of several checkpoints' weights → one full state dict", formatter_class=_HelpFormatter,
+        description="Average the weights of several checkpoints (any layouts, one model shape).",
+        epilog=AVERAGE_EXAMPLE,
+    )
+    parser.add_argument("--checkpoint", required=True, action="append", metavar="DIR",
+                        help="a checkpoint (step_N) or a directory of them (its newest intact one); repeat it")
+    parser.add_argument("--last", type=int, metavar="N",
+                        help="with one --checkpoint directory: its newest N complete checkpoints")
+    parser.add_argument("--output", required=True, metavar="DIR",
+                        help="directory for model.safetensors and model.yaml")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier average in --output")
+    parser.set_defaults(func=run_average)
+
+
+def run_average(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from trainer.checkpoint.average import average_checkpoints, newest_checkpoints
+    from trainer.config import ConfigError
+
+    if args.last is not None and len(args.checkpoint) != 1:
+        raise ConfigError("--last N takes one --checkpoint: the directory of checkpoints to take the newest N of")
+    paths = (newest_checkpoints(Path(args.checkpoint[0]), args.last) if args.last is not None
+             else [Path(path) for path in args.checkpoint])
+    averaged = average_checkpoints(paths, Path(args.output), overwrite=args.overwrite)
+    print(f"averaged {len(averaged.checkpoints)} checkpoints: {', '.join(str(c) for c in averaged.checkpoints)}")
+    print(f"wrote {averaged.out_dir}/model.safetensors ({averaged.num_tensors} tensors, fp32) and "
+          f"{averaged.out_dir}/model.yaml")
+    return 0
 
 
 def run_to_hf(args: argparse.Namespace) -> int:
