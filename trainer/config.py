@@ -226,6 +226,11 @@ class TrainConfig(_Section):
     # softmax normaliser, which keeps the output logits from drifting (PaLM, OLMo 2: 1e-4; 0: off). The logged `loss`
     # and val_loss stay the cross entropy; the weighted term is logged as `z_loss`.
     z_loss_weight: Annotated[float, Field(ge=0.0)] = 0.0
+    # The loss leaves out the positions whose input is the eos: what follows a document's end is the next document's
+    # first token, which nothing before it predicts (Megatron-LM's --eod-mask-loss; mostly with
+    # model.attention_mask=document). The mean is then over the tokens kept in the whole global batch, however
+    # they fall into micro-batches and DP ranks (as HF's model computes it); validation alike.
+    mask_eos_loss: bool = False
     # Batch-size warmup (GPT-3; Megatron-LM's --rampup-batch-size): the global batch starts at `start` samples and
     # grows by `increment` until `samples` samples are consumed; None: global_batch_size from the first step. The LR
     # schedule stays in optimizer steps.

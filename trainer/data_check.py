@@ -84,21 +84,23 @@ def _check_split_files(manifest: Any, shards: list[Any], result: DataCheck) -> N
 
 
 def document_eos_id(cfg: Any) -> int | None:
-    """The token that ends a document in this run's data, where ModelConfig.uses_documents (else None): the tokenizer's
-    eos id that every prepared dataset's manifest records, or SYNTHETIC_EOS_ID."""
-    if not cfg.model.uses_documents:
+    """The token that ends a document in this run's data, where the run looks for document ends (the model's
+    ModelConfig.uses_documents, or train.mask_eos_loss; else None): the tokenizer's eos id that every prepared
+    dataset's manifest records, or SYNTHETIC_EOS_ID."""
+    if not (cfg.model.uses_documents or cfg.train.mask_eos_loss):
         return None
     if cfg.data.synthetic:
         return SYNTHETIC_EOS_ID
     from data_pipeline.manifest import Manifest
 
     eos_ids = {entry.path: Manifest.load(entry.path).tokenizer.eos_id for entry in cfg.data.datasets}
-    why = "model.attention_mask=document and model.reset_position_ids split samples into documents at the eos token"
+    why = ("model.attention_mask=document, model.reset_position_ids and train.mask_eos_loss find the documents' ends "
+           "at the eos token")
     for path, eos_id in eos_ids.items():
         if eos_id < 0:
             raise ConfigError(f"{why}, but {path} records no eos id (its tokens were written without a tokenizer): "
                               f"prepare it with `pretrain prepare` (documents end with eos), or set "
-                              f"model.attention_mask=causal model.reset_position_ids=false")
+                              f"model.attention_mask=causal model.reset_position_ids=false train.mask_eos_loss=false")
     if len(set(eos_ids.values())) > 1:
         raise ConfigError(f"{why}, but the datasets end documents with different eos ids "
                           f"({', '.join(f'{path}: {eos_id}' for path, eos_id in eos_ids.items())}): train on "

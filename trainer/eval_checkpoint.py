@@ -120,8 +120,8 @@ def _build(cfg: Config, derived: Derived, ctx: ParallelContext,
     """build_run without the training loader (the data evaluated on may have no training split); `load_weights`
     fills the parallel model before the engine is built (evaluate_weights)."""
     seed_everything(cfg.train.seed)
-    pmodel = parallelize(build_model_on_meta(cfg.model, derived.padded_vocab_size, document_eos_id(cfg)), cfg, derived,
-                         ctx)
+    eos_id = document_eos_id(cfg)
+    pmodel = parallelize(build_model_on_meta(cfg.model, derived.padded_vocab_size, eos_id), cfg, derived, ctx)
     if load_weights is not None:
         load_weights(pmodel)
     engine = build_engine(pmodel, cfg, derived, ctx)
@@ -130,4 +130,5 @@ def _build(cfg: Config, derived: Derived, ctx: ParallelContext,
         raise ConfigError(f"no dataset of data.datasets has a {cfg.data.eval_split!r} split: name the split to "
                           f"evaluate with data.eval_split, or datasets that have it with data.datasets")
     flops = flops_per_token(cfg.model, derived.padded_vocab_size, cfg.train.seq_len).total
-    return RunContext(cfg, derived, ctx, pmodel, engine, None, passes, Path(derived.run_dir), flops)
+    return RunContext(cfg, derived, ctx, pmodel, engine, None, passes, Path(derived.run_dir), flops,
+                      eos_loss_masked=eos_id if cfg.train.mask_eos_loss else None)

@@ -16,10 +16,12 @@ from trainer.hooks import EvalOutput, Hook, RunContext, StepOutput, TrainState
 
 
 class TimedBatches:
-    """The training iterator, timing how long each `next` waits for the data loader."""
+    """The training iterator, timing how long each `next` waits for the data loader (and leaving the eos positions
+    out of the labels under train.mask_eos_loss)."""
 
-    def __init__(self, batches: Iterator[Any]) -> None:
+    def __init__(self, batches: Iterator[Any], eos_loss_masked: int | None = None) -> None:
         self._batches = batches
+        self._eos_loss_masked = eos_loss_masked
         self._wait_s = 0.0
 
     def __iter__(self) -> TimedBatches:
@@ -29,7 +31,7 @@ class TimedBatches:
         start_s = time.perf_counter()
         batch = next(self._batches)
         self._wait_s += time.perf_counter() - start_s
-        return batch
+        return mask_eos_labels(batch, self._eos_loss_masked)
 
     def take_wait_s(self) -> float:
         wait_s, self._wait_s = self._wait_s, 0.0
@@ -45,12 +47,34 @@ class TimedBatches:
             close()
 
 
+def mask_eos_labels(batch: tuple[torch.Tensor, torch.Tensor], eos_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, labels) with labels ignored (-100, the losses' ignore_index) where the input token is `eos_id`: the
+    prediction made from a document's end (train.mask_eos_loss). Unchanged when eos_id is None."""
+    if eos_id is None:
+        return batch
+    tokens, labels = batch
+    return tokens, labels.masked_fill(tokens == eos_id, -100)
+
+
+def token_weighted(batches: list[tuple[torch.Tensor, torch.Tensor]], run: RunContext) -> list[tuple[Any, Any]]:
+    """`batches` (this DP rank's micro-batches of one global batch) as (tokens, (labels, scale)): scale = kept_i ×
+    micro-batches × dp / kept in the whole global batch (summed over DP). The engine averages the micro-batch losses
+    over micro-steps and DP ranks; each being its mean over its kept tokens times its scale, that average is the mean
+    over every kept token of the global batch, as HF computes it, whatever the split (parallelize._token_weighted
+    applies the scale). Collective over the DP group."""
+    kept = torch.tensor([float((labels != -100).sum()) for _, labels in batches], dtype=torch.float64)
+    total = kept.sum().to(run.ctx.device)
+    dist.all_reduce(total, group=run.ctx.dp_group)
+    scales = (kept * len(batches) * run.ctx.dp / total.cpu()).float()
+    return [(tokens, (labels, scale)) for (tokens, labels), scale in zip(batches, scales, strict=True)]
+
+
 def fit(run: RunContext, hooks: Hook) -> TrainState:
     """Train until train.max_steps (or until a hook sets state.stop_reason); return the final state."""
     state = TrainState()
     hooks.on_train_start(run, state)  # a checkpointer restores engine, loader and state.step here
     # After on_train_start: the iterator starts where the (possibly just restored) loader state says.
-    batches = TimedBatches(iter(run.train_loader))
+    batches = TimedBatches(iter(run.train_loader), run.eos_loss_masked)
     max_steps, eval_interval = run.cfg.train.max_steps, run.cfg.train.eval_interval_steps
     ramp_sizes = run.cfg.train.ramp_batch_sizes()
     try:
@@ -79,19 +103,21 @@ def train_step(run: RunContext, batches: Iterator[Any], explicit_boundary: bool 
     tensor (no host sync). `explicit_boundary`: tell DeepSpeed which micro-step ends the step; its own rule, a running
     micro-step count modulo the accumulation steps, is wrong once a batch-size warmup changes them."""
     engine = run.engine
+    accumulation_steps = engine.gradient_accumulation_steps()
+    if run.eos_loss_masked is not None:  # a mean over the kept tokens of the whole step, not per micro-batch
+        batches = iter(token_weighted([next(batches) for _ in range(accumulation_steps)], run))
     if run.model.is_pipeline:
         # DeepSpeed's 1F1B schedule pulls grad_accum micro-batches (first and last stage), interleaves forward and
         # backward across stages, reduces gradients over DP and steps the optimizer. Its loss is the global mean.
         return engine.train_batch(batches)
     total = torch.zeros((), device=run.ctx.device)
-    accumulation_steps = engine.gradient_accumulation_steps()
     for micro_step in range(accumulation_steps):
         if explicit_boundary:
             engine.set_gradient_accumulation_boundary(micro_step == accumulation_steps - 1)
         tokens, labels = next(batches)
         # The logits; under parallel.lm_loss=fused_linear the normed hidden states, which the loss turns into logits.
         outputs = engine(tokens.to(run.ctx.device, non_blocking=True))
-        loss = run.model.loss_fn(outputs, labels.to(run.ctx.device, non_blocking=True))
+        loss = run.model.loss_fn(outputs, _to_device(labels, run.ctx.device))
         engine.backward(loss)  # scales by 1/grad_accum; the last micro-step reduces gradients over DP
         engine.step()  # steps optimizer and LR schedule only at the accumulation boundary
         total += loss.detach()
@@ -113,14 +139,24 @@ def evaluate(run: RunContext, step: int) -> EvalOutput:
 
 def _eval_pass(run: RunContext, loader: Any) -> float:
     """Mean loss over one validation dataset's micro-batches on every DP rank."""
+    batches: Any = loader
+    if run.eos_loss_masked is not None:  # the pass's mean over its kept tokens, as in training
+        batches = token_weighted([mask_eos_labels(batch, run.eos_loss_masked) for batch in loader], run)
     if run.model.is_pipeline:
         # Runs the forward schedule over the stages, averages over micro-batches and DP, broadcasts to every stage.
-        return float(run.engine.eval_batch(iter(loader), num_micro_batches=len(loader)))
+        return float(run.engine.eval_batch(iter(batches), num_micro_batches=len(loader)))
     run.engine.eval()
     total = torch.zeros((), device=run.ctx.device)
-    for tokens, labels in loader:
+    for tokens, labels in batches:
         outputs = run.engine(tokens.to(run.ctx.device, non_blocking=True))
-        total += run.model.loss_fn(outputs, labels.to(run.ctx.device, non_blocking=True)).float()
+        total += run.model.loss_fn(outputs, _to_device(labels, run.ctx.device)).float()
     run.engine.train()
     dist.all_reduce(total, group=run.ctx.dp_group)
     return total.item() / (len(loader) * run.ctx.dp)
+
+
+def _to_device(labels: Any, device: torch.device) -> Any:
+    """Labels, or (labels, scale) under train.mask_eos_loss, on `device`."""
+    if isinstance(labels, tuple):
+        return tuple(part.to(device, non_blocking=True) for part in labels)
+    return labels.to(device, non_blocking=True)

@@ -51,9 +51,13 @@ class ZLoss:
     weight: float
     total: torch.Tensor | None = None
     micro_batches: int = 0
+    # The weight of the next recorded micro-batch in the logged mean (train.mask_eos_loss: its share of the tokens
+    # kept, see trainer.fit.token_weighted); the loss scales the gradient alike. Reset after each record.
+    next_scale: torch.Tensor | float = 1.0
 
     def record(self, lse: torch.Tensor, keep: torch.Tensor, count: torch.Tensor) -> None:
-        term = self.weight * (lse.square() * keep).sum() / count.clamp(min=1)
+        term = self.next_scale * self.weight * (lse.square() * keep).sum() / count.clamp(min=1)
+        self.next_scale = 1.0
         self.total = term if self.total is None else self.total + term
         self.micro_batches += 1
 

@@ -147,6 +147,8 @@ def parallelize(model: Llama, cfg: Config, derived: Derived, ctx: ParallelContex
     compiled = compile_layers([model.layers[i] for i in parts.layers], backend)
     z_loss = ZLoss(cfg.train.z_loss_weight) if cfg.train.z_loss_weight else None
     loss_fn = _loss_fn(cfg, ctx, model.lm_head if parts.head else None, z_loss)
+    if cfg.train.mask_eos_loss:
+        loss_fn = _token_weighted(loss_fn, z_loss)
     if ctx.pp == 1:
         return ParallelModel(model, loss_fn, cfg.model.num_layers, False, backend, compiled, fp8_linears, z_loss)
     # 7. Last: PipelineModule registers the finished parts as opaque callables in a flat list.
@@ -286,6 +288,22 @@ def _loss_fn(cfg: Config, ctx: ParallelContext, lm_head: nn.Module | None, z_los
         return functools.partial(chunked_lm_loss, vocab_size=vocab_size, z_loss=z_loss)
     return functools.partial(chunked_vocab_parallel_lm_loss, vocab_size=vocab_size, tp_rank=ctx.tp_rank,
                              tp_group=ctx.tp_group, z_loss=z_loss)
+
+
+def _token_weighted(loss_fn: LossFn, z_loss: ZLoss | None) -> LossFn:
+    """The loss of a micro-batch whose labels come as (labels, scale): its mean over the tokens kept, times `scale`
+    (trainer.fit.token_weighted: its share of the tokens kept in the global batch), so that the engine's mean over
+    micro-batches and DP ranks is the mean over every token kept. Plain labels: the loss unchanged."""
+
+    def loss(outputs: torch.Tensor, labels: Any) -> torch.Tensor:
+        if not isinstance(labels, tuple):
+            return loss_fn(outputs, labels)
+        labels, scale = labels
+        if z_loss is not None and torch.is_grad_enabled():
+            z_loss.next_scale = scale  # the logged z term is weighted like the loss
+        return loss_fn(outputs, labels) * scale
+
+    return loss
 
 
 def _fused_linear_loss_fn(lm_head: nn.Module | None, vocab_size: int, ctx: ParallelContext,

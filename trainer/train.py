@@ -166,7 +166,8 @@ def build_run(cfg: Config, derived: Derived, ctx: ParallelContext, run_dir: Path
     # Before the model: weights and synthetic data use their own seeded generators, but anything else random
     # (library code, future dropout) must not depend on what ran before.
     seed_everything(cfg.train.seed)
-    model = build_model_on_meta(cfg.model, derived.padded_vocab_size, document_eos_id(cfg))  # shapes only
+    eos_id = document_eos_id(cfg)  # the data's, where the model or the loss looks for document ends
+    model = build_model_on_meta(cfg.model, derived.padded_vocab_size, eos_id)  # shapes only
     pmodel = parallelize(model, cfg, derived, ctx)  # after the groups: shards depend on tp/pp rank
     log.info("rank %d/%d: tp %d/%d pp %d/%d dp %d/%d, %d parameters here", ctx.rank, ctx.world_size,
              ctx.tp_rank, ctx.tp, ctx.pp_rank, ctx.pp, ctx.dp_rank, ctx.dp,
@@ -182,7 +183,8 @@ def build_run(cfg: Config, derived: Derived, ctx: ParallelContext, run_dir: Path
     # After the groups: each loader reads its DP rank's slice of every global batch.
     train_loader, eval_loader = build_train_loader(cfg, ctx), build_eval_loader(cfg, derived, ctx)
     flops = flops_per_token(cfg.model, derived.padded_vocab_size, cfg.train.seq_len).total
-    return RunContext(cfg, derived, ctx, pmodel, engine, train_loader, eval_loader, run_dir, flops, resume_choice)
+    return RunContext(cfg, derived, ctx, pmodel, engine, train_loader, eval_loader, run_dir, flops, resume_choice,
+                      eos_id if cfg.train.mask_eos_loss else None)
 
 
 def seed_everything(seed: int) -> None:

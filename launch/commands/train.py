@@ -139,11 +139,12 @@ def _rampup_lines(cfg: Any) -> list[str]:
 
 
 def _document_lines(cfg: Any) -> list[str]:
-    """model.attention_mask / reset_position_ids, and the eos id the documents end at (read from the data)."""
+    """model.attention_mask / reset_position_ids, train.mask_eos_loss, and the eos id the documents end at (read from
+    the data)."""
     from data_pipeline.errors import DataPipelineError
     from trainer.data_check import document_eos_id
 
-    if not cfg.model.uses_documents:
+    if not (cfg.model.uses_documents or cfg.train.mask_eos_loss):
         return []
     try:
         eos = f"eos id {document_eos_id(cfg)}"
@@ -152,7 +153,8 @@ def _document_lines(cfg: Any) -> list[str]:
     attention = ("a token attends to earlier tokens of its own document only" if cfg.model.attention_mask == "document"
                  else "attention crosses document ends")
     positions = "positions restart at each document" if cfg.model.reset_position_ids else "positions run on"
-    return [f"documents    {attention}; {positions}; a document ends at {eos}"]
+    loss = "; no loss where the input is the eos" if cfg.train.mask_eos_loss else ""
+    return [f"documents    {attention}; {positions}{loss}; a document ends at {eos}"]
 
 
 def _memory_lines(cfg: Any, derived: Any, memory: Any) -> list[str]:

@@ -118,7 +118,11 @@ def train_hf_reference(model: Any, cfg: Config, z_losses: list[float] | None = N
     grow as the config says). With train.z_loss_weight, PaLM's z-loss is added
     to the objective as its paper writes it (weight · log²Z per token, averaged); the returned losses stay the cross
     entropy, and each step's weighted z term goes to `z_losses`. With model.attention_mask=document or
-    model.reset_position_ids, HF's model gets the mask and positions of `packed_document_inputs`."""
+    model.reset_position_ids, HF's model gets the mask and positions of `packed_document_inputs`; with
+    train.mask_eos_loss the positions whose input is the eos are left out of both terms (one mean over the global
+    batch's kept tokens)."""
+    from trainer.data_check import SYNTHETIC_EOS_ID
+
     no_decay = [p for name, p in model.named_parameters() if name.endswith("norm.weight")]
     decay = [p for name, p in model.named_parameters() if not name.endswith("norm.weight")]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
@@ -134,8 +138,11 @@ def train_hf_reference(model: Any, cfg: Config, z_losses: list[float] | None = N
         tokens, labels = stream.microbatch(consumed_samples)  # the next `batch` samples of the one global order
         consumed_samples += batch
         logits = model(tokens, **packed_document_inputs(tokens, cfg)).logits  # (B, T, vocab): no padding columns
+        if cfg.train.mask_eos_loss:  # Megatron's --eod-mask-loss: no loss where the input is a document's end
+            labels = torch.where(tokens == SYNTHETIC_EOS_ID, -100, labels)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-        z_loss = cfg.train.z_loss_weight * logits.logsumexp(dim=-1).square().mean()
+        kept = labels != -100  # the z term averages over the tokens the cross entropy averages over
+        z_loss = cfg.train.z_loss_weight * (logits.logsumexp(dim=-1).square() * kept).sum() / kept.sum()
         (loss + z_loss).backward()
         if z_losses is not None:
             z_losses.append(z_loss.item())

@@ -10,7 +10,10 @@ test_hf_reference.py (the "-documents" cases).
 from __future__ import annotations
 
 import collections
+from pathlib import Path
 
+import deepspeed  # noqa: F401  (imported once in the parent: forked ranks start in ~0.3 s)
+import megatron.core.tensor_parallel  # noqa: F401
 import pytest
 import torch
 
@@ -20,8 +23,10 @@ from trainer.config import ConfigError, load_config
 from trainer.data_check import SYNTHETIC_EOS_ID, document_eos_id
 from trainer.model import Llama, document_ids, document_mask, document_positions, lm_loss
 from trainer.parallelize import build_model_on_meta, parallelize
+from trainer.testing import run_distributed
 
 EOS = 2
+DOCUMENT_OVERRIDES = ["model.attention_mask=document", "model.reset_position_ids=true"]
 VOCAB = 250  # padded to 256: the padding columns are in every comparison
 # fp32 on both sides, different kernels (SDPA with a mask vs causal SDPA on the short row): measured <= 1.2e-6.
 ATOL = 1e-5
@@ -147,3 +152,39 @@ def test_the_eos_id_comes_from_the_data(tmp_path) -> None:  # noqa: ANN001
         unknown(torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="not a token"):
         Llama(tiny_model_config(attention_mask="document"), 256, eos_token_id=256)
+
+
+def _evaluate_weights(rank: int, world_size: int, hf_dir: str, overrides: list[str]) -> float:
+    from trainer.eval_checkpoint import evaluate_weights
+
+    (evaluated,) = evaluate_weights(load_config("configs/tiny.yaml", overrides), [Path(hf_dir)])
+    return evaluated.result.loss
+
+
+@pytest.mark.slow
+def test_validation_with_eos_masked_loss_is_one_mean_over_the_kept_tokens(tmp_path: Path) -> None:
+    """train.mask_eos_loss in validation: HF's own mean over every kept token of the validation set (the positions
+    whose input is the eos left out), in 1 process and when DP 2 or PP 2 split the micro-batches otherwise."""
+    from hf_fixtures import hf_llama, packed_document_inputs
+
+    from trainer.data import SyntheticTokens
+
+    overrides = ["model.vocab_size=64", "model.init_std=0.1", *DOCUMENT_OVERRIDES, "train.mask_eos_loss=true",
+                 "train.eval_steps=2"]
+    model = hf_llama(64, tie=False, seed=64).eval()
+    model.save_pretrained(tmp_path / "hf")
+    cfg = load_config("configs/tiny.yaml", overrides)
+    tokens, labels = SyntheticTokens(vocab_size=64, seq_len=64, micro_batch_size=32, seed=1234,
+                                     split="val").microbatch(0)  # eval_steps 2 × global batch 16
+    labels = torch.where(tokens == SYNTHETIC_EOS_ID, -100, labels)
+    with torch.no_grad():
+        logits = model(tokens, **packed_document_inputs(tokens, cfg)).logits
+    per_token = torch.nn.functional.cross_entropy(logits.reshape(-1, 64), labels.reshape(-1), reduction="none")
+    want = per_token.sum().item() / (labels != -100).sum().item()
+    mean_of_microbatch_means = per_token.view(8, -1).sum(1).div((labels != -100).view(8, -1).sum(1)).mean().item()
+    # The weighting matters, so the test can fail: a mean of micro-batch means is 1.2e-5 away (measured); ours 7.4e-8.
+    assert abs(mean_of_microbatch_means - want) > 10 * 1e-6 * want
+    for world_size, layout in ((1, []), (2, ["zero.stage=3"]), (2, ["parallel.pp=2"])):
+        for loss in run_distributed(_evaluate_weights, world_size, str(tmp_path / "hf"), [*overrides, *layout],
+                                    timeout_s=180):
+            assert loss == pytest.approx(want, rel=1e-6), (layout, loss, want)
