@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from trainer.checkpoint.load import choose_valid, load_checkpoint, shared_candid
 from trainer.config import Config, ConfigError, Derived
 from trainer.data import validation_passes
 from trainer.data_check import document_eos_id
+from trainer.downstream import MultipleChoiceTask, TaskResult, score_tasks
 from trainer.engine import build_engine
 from trainer.estimate import flops_per_token
 from trainer.fit import evaluate
@@ -45,9 +46,19 @@ class CheckpointEval:
     checkpoint: Path  # the checkpoint evaluated
     step: int
     result: EvalOutput
+    tasks: list[TaskResult] = field(default_factory=list)  # multiple-choice tasks (trainer.downstream), if asked
 
 
-def evaluate_checkpoints(cfg: Config, paths: Sequence[Path], every: bool = False) -> list[CheckpointEval]:
+@dataclass(frozen=True)
+class Tasks:
+    """Multiple-choice tasks to score besides the validation loss, and the tokenizer that encodes them."""
+
+    tasks: list[MultipleChoiceTask]
+    tokenizer: Any
+
+
+def evaluate_checkpoints(cfg: Config, paths: Sequence[Path], every: bool = False,
+                         tasks: Tasks | None = None) -> list[CheckpointEval]:
     """Each of `paths` (a checkpoint, or the newest intact one of a directory of them; with `every`, each intact one
     of it, oldest first), evaluated in turn by one model and engine built once. Collective under a launcher (every
     rank calls it); a world of one without."""
@@ -58,13 +69,13 @@ def evaluate_checkpoints(cfg: Config, paths: Sequence[Path], every: bool = False
             evaluations = []
             for ckpt in checkpoints:
                 step = load_checkpoint(run, ckpt, restore_data=False).step
-                evaluations.append(CheckpointEval(ckpt, step, evaluate(run, step)))
+                evaluations.append(_evaluate(run, ckpt, step, tasks))
             return evaluations
         finally:
             release_run(run)
 
 
-def evaluate_weights(cfg: Config, paths: Sequence[Path]) -> list[CheckpointEval]:
+def evaluate_weights(cfg: Config, paths: Sequence[Path], tasks: Tasks | None = None) -> list[CheckpointEval]:
     """Each of `paths` (any checkpoint.init_from source) loaded into the config's model and evaluated (step 0: no
     training state). The weights go in before the engine is built, as init_from's do (ZeRO-3 partitions them), so
     each source gets its own build. Collective under a launcher; a world of one without."""
@@ -75,10 +86,15 @@ def evaluate_weights(cfg: Config, paths: Sequence[Path]) -> list[CheckpointEval]
         for path in paths:
             run = _build(cfg, derived, ctx, lambda pmodel, source=path: init_weights_from(pmodel, cfg, ctx, source))
             try:
-                evaluations.append(CheckpointEval(path, 0, evaluate(run, 0)))
+                evaluations.append(_evaluate(run, path, 0, tasks))
             finally:
                 release_run(run)
         return evaluations
+
+
+def _evaluate(run: RunContext, source: Path, step: int, tasks: Tasks | None) -> CheckpointEval:
+    scored = score_tasks(run, tasks.tasks, tasks.tokenizer) if tasks is not None else []
+    return CheckpointEval(source, step, evaluate(run, step), scored)
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ examples:
   pretrain eval --nproc 8 --checkpoint runs/7b/checkpoints parallel.tp=2      # 8 processes here (torchrun), any layout
   pretrain eval --weights runs/imported/model.safetensors --config RUN.yaml  # a base model before continued pretraining
   pretrain eval --weights path/to/hf-llama --config RUN.yaml                 # an HF directory, as init_from reads it
+  pretrain eval --checkpoint runs/7b/checkpoints --every --task tasks/hellaswag.jsonl --task tasks/arc_easy.jsonl
 
 The config is the first checkpoint's own (config.yaml, saved with it) unless --config is given; dotted overrides
 apply on top. The model is built once and each checkpoint loaded into it in turn (they must share the model's
@@ -28,6 +29,10 @@ shape). It evaluates train.eval_steps global batches of the data.eval_split spli
 has it (of the synthetic stream for a synthetic run). Prints a row per checkpoint: step, loss, perplexity and, with
 several datasets, each one's loss; --json writes a list of the same. Exit codes: 0; 2 a config or checkpoint problem;
 74 a data shard missing or corrupt.
+
+--task FILE (repeatable) also scores a multiple-choice task: JSON Lines of {"context": ..., "choices": [...],
+"label": N}, each choice scored by the summed log-probability of its tokens after the context (lm-evaluation-harness's
+acc and acc_norm, per UTF-8 byte), tokenized with the first dataset's tokenizer or --tokenizer (trainer/downstream.py).
 
 --weights evaluates weights that have no training state, whatever checkpoint.init_from reads: an HF Llama directory,
 a full state dict (*.safetensors, e.g. from `convert from-hf`) or one of our checkpoints; --config names the run
@@ -50,6 +55,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--every", action="store_true",
                         help="every intact checkpoint of each directory, oldest first, not only the newest")
     parser.add_argument("--config", metavar="YAML", help="run config (default: the checkpoint's config.yaml)")
+    parser.add_argument("--task", action="append", default=[], metavar="FILE",
+                        help="a multiple-choice task (JSON Lines of context / choices / label) to score; repeatable")
+    parser.add_argument("--tokenizer", metavar="DIR",
+                        help="with --task: the tokenizer (default: the first data.datasets entry's)")
     parser.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     parser.add_argument("--nproc", type=int, default=1, metavar="N",
                         help="processes on this machine, as `launch local` starts them (default: %(default)s; under "
@@ -71,8 +80,9 @@ def run(args: argparse.Namespace) -> int:
         return _launch_local(args, cfg)
     from trainer.eval_checkpoint import evaluate_checkpoints, evaluate_weights  # heavy (torch, deepspeed, megatron)
 
-    evaluations = (evaluate_weights(cfg, paths) if args.weights
-                   else evaluate_checkpoints(cfg, paths, every=args.every))
+    tasks = _tasks(args, cfg)
+    evaluations = (evaluate_weights(cfg, paths, tasks) if args.weights
+                   else evaluate_checkpoints(cfg, paths, every=args.every, tasks=tasks))
     if int(os.environ.get("RANK", "0")) == 0:
         summaries = [_summary(evaluated) for evaluated in evaluations]
         print(_format(summaries))
@@ -92,9 +102,32 @@ def _launch_local(args: argparse.Namespace, cfg: Any) -> int:
     again = [arg for path in args.checkpoint or args.weights for arg in (flag, path)]
     again += ["--every"] * args.every + ["--config", args.config] * bool(args.config)
     again += ["--json", args.json] * bool(args.json)
+    again += [arg for path in args.task for arg in ("--task", path)] + ["--tokenizer", args.tokenizer] * bool(
+        args.tokenizer)
     command = [sys.executable, "-m", "launch.torchrun_agent", "--standalone", f"--nproc_per_node={args.nproc}",
                "-m", "launch", "eval", *again, *args.overrides]
     return run_forwarding_stop_signals(command, {**os.environ, **process_environment(cfg.launch.device, args.nproc)})
+
+
+def _tasks(args: argparse.Namespace, cfg: Any) -> Any:
+    """--task files and the tokenizer that encodes them (None without --task)."""
+    if not args.task:
+        return None
+    from data_pipeline.tokenizer import load_tokenizer
+    from trainer.config import ConfigError
+    from trainer.downstream import MultipleChoiceTask
+    from trainer.eval_checkpoint import Tasks
+
+    tokenizer = args.tokenizer
+    if tokenizer is None and not cfg.data.synthetic and cfg.data.datasets:
+        from data_pipeline.manifest import Manifest
+
+        manifest = Manifest.load(cfg.data.datasets[0].path)
+        tokenizer = manifest.resolve(manifest.tokenizer.model_file) if manifest.tokenizer.model_file else None
+    if tokenizer is None:
+        raise ConfigError("--task needs the tokenizer the model was trained with: the data has none on record "
+                          "(synthetic data, or a dataset without tokenizer/): pass --tokenizer DIR")
+    return Tasks([MultipleChoiceTask.load(path) for path in args.task], load_tokenizer(tokenizer))
 
 
 def _checkpoint_config(path: Path) -> Path:
@@ -115,7 +148,9 @@ def _summary(evaluated: Any) -> dict[str, Any]:
     result = evaluated.result
     return {"checkpoint": str(evaluated.checkpoint), "step": evaluated.step, "val_loss": result.loss,
             "val_ppl": perplexity(result.loss),
-            "num_microbatches_per_rank": result.num_microbatches, "per_dataset": result.per_dataset}
+            "num_microbatches_per_rank": result.num_microbatches, "per_dataset": result.per_dataset,
+            "tasks": {task.name: {"acc": task.acc, "acc_norm": task.acc_norm, "num_examples": task.num_examples,
+                                  "logliks": task.logliks} for task in evaluated.tasks}}
 
 
 def _format(summaries: list[dict[str, Any]]) -> str:
@@ -123,10 +158,13 @@ def _format(summaries: list[dict[str, Any]]) -> str:
     when those are unique)."""
     from trainer.report import dataset_labels
 
-    names = list(summaries[0]["per_dataset"])
-    header = ["step", "val_loss", "perplexity", *dataset_labels(names), "checkpoint"]
+    names, tasks = list(summaries[0]["per_dataset"]), list(summaries[0]["tasks"])
+    task_columns = [f"{task} {metric}" for task in tasks for metric in ("acc", "acc_norm")]
+    header = ["step", "val_loss", "perplexity", *dataset_labels(names), *task_columns, "checkpoint"]
     rows = [[str(s["step"]), f"{s['val_loss']:.4f}", f"{s['val_ppl']:.2f}",
-             *(f"{s['per_dataset'][name]:.4f}" for name in names), s["checkpoint"]] for s in summaries]
+             *(f"{s['per_dataset'][name]:.4f}" for name in names),
+             *(f"{s['tasks'][task][metric]:.4f}" for task in tasks for metric in ("acc", "acc_norm")),
+             s["checkpoint"]] for s in summaries]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
              for row in [header, *rows]]

@@ -1,0 +1,192 @@
+"""Multiple-choice downstream tasks (`pretrain eval --task FILE`): accuracy by log-likelihood, in any layout.
+
+A task is a JSON Lines file, one example per line: `{"context": str, "choices": [str, ...], "label": int}` (HellaSwag,
+ARC, PIQA, ... converted once by the user; nothing is downloaded). Each choice is scored as lm-evaluation-harness
+scores it: the sum of the log-probabilities of its tokens after the context. `acc` picks the highest sum, `acc_norm`
+the highest sum per UTF-8 byte of the choice (lm-eval's length normalisation). Context and choice are tokenized
+separately (the context's tokens, then the choice's) with the run's data tokenizer, so every choice sees the same
+context tokens; a context longer than the sequence loses its first tokens.
+
+How the scores come out of any layout: every (example, choice) is one row of `train.seq_len` tokens whose labels are
+ignored (-100) except the choice's tokens. The rows go through the model in micro-batches as validation batches do
+(spread over DP ranks, through the pipeline under PP), and the loss function is swapped for `RowLogLikelihoods`,
+which computes each row's summed cross entropy with the run's own loss (vocab-parallel under TP, fused lm_head under
+parallel.lm_loss=fused_linear) and keeps it. The rows' sums are then gathered over DP and sent from the last pipeline
+stage to every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from trainer.config import ConfigError
+from trainer.hooks import RunContext
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class MultipleChoiceTask:
+    name: str
+    contexts: list[str]
+    choices: list[list[str]]
+    labels: list[int]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> MultipleChoiceTask:
+        """The task in a JSON Lines file; every bad line is reported with its number and what it needs."""
+        source = Path(path)
+        if not source.is_file():
+            raise ConfigError(f"task file {source} not found: pass a JSON Lines file of "
+                              f'{{"context": ..., "choices": [...], "label": N}} examples')
+        contexts, choices, labels = [], [], []
+        for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            example = _parse(line, f"{source}:{number}")
+            contexts.append(example["context"])
+            choices.append(example["choices"])
+            labels.append(example["label"])
+        if not contexts:
+            raise ConfigError(f"task file {source} holds no examples")
+        return cls(source.stem, contexts, choices, labels)
+
+
+def _parse(line: str, where: str) -> dict[str, Any]:
+    try:
+        example = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{where}: not JSON ({err})") from None
+    ok = (isinstance(example, dict) and isinstance(example.get("context"), str)
+          and isinstance(example.get("choices"), list) and len(example["choices"]) >= 2
+          and all(isinstance(c, str) and c for c in example["choices"])
+          and isinstance(example.get("label"), int) and 0 <= example["label"] < len(example["choices"]))
+    if not ok:
+        raise ConfigError(f'{where}: an example needs "context" (text), "choices" (2 or more non-empty texts) and '
+                          f'"label" (the index of the right choice)')
+    return example
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    name: str
+    acc: float
+    acc_norm: float
+    num_examples: int
+    logliks: list[list[float]]  # per example, per choice: the sum of the choice tokens' log-probabilities
+
+
+def score_tasks(run: RunContext, tasks: list[MultipleChoiceTask], tokenizer: Any) -> list[TaskResult]:
+    """Each task's accuracy under the run's model as it is now. Collective (every rank calls it, with the same
+    tasks); every rank gets the results."""
+    results = []
+    for task in tasks:
+        tokens, labels, owners = task_rows(task, tokenizer, run.cfg.train.seq_len)
+        logliks = -row_loss_sums(run, tokens, labels)
+        per_example: list[list[float]] = [[] for _ in task.contexts]
+        for (example, _), loglik in zip(owners, logliks.tolist(), strict=True):
+            per_example[example].append(loglik)
+        results.append(_accuracy(task, per_example))
+    return results
+
+
+def task_rows(task: MultipleChoiceTask, tokenizer: Any, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """(tokens (R, seq_len), labels (R, seq_len), [(example, choice)] per row): one row per choice, labels ignored
+    except on the choice's tokens, padded at the end."""
+    rows_tokens, rows_labels, owners = [], [], []
+    for example, (context, choices) in enumerate(zip(task.contexts, task.choices, strict=True)):
+        context_ids = tokenizer.encode([context])[0].tolist()
+        for choice, choice_ids in enumerate(tokenizer.encode(choices)):
+            ids = (context_ids + choice_ids.tolist())[-(seq_len + 1):]  # a long context loses its first tokens
+            scored = min(len(choice_ids), len(ids) - 1)
+            tokens = torch.zeros(seq_len, dtype=torch.long)
+            labels = torch.full((seq_len,), IGNORE, dtype=torch.long)
+            tokens[:len(ids) - 1] = torch.tensor(ids[:-1])
+            labels[len(ids) - 1 - scored:len(ids) - 1] = torch.tensor(ids[len(ids) - scored:])
+            rows_tokens.append(tokens)
+            rows_labels.append(labels)
+            owners.append((example, choice))
+    return torch.stack(rows_tokens), torch.stack(rows_labels), owners
+
+
+def _accuracy(task: MultipleChoiceTask, logliks: list[list[float]]) -> TaskResult:
+    right = right_norm = 0
+    for choices, scores, label in zip(task.choices, logliks, task.labels, strict=True):
+        right += max(range(len(scores)), key=scores.__getitem__) == label
+        per_byte = [score / len(choice.encode("utf-8")) for score, choice in zip(scores, choices, strict=True)]
+        right_norm += max(range(len(per_byte)), key=per_byte.__getitem__) == label
+    count = len(task.labels)
+    return TaskResult(task.name, right / count, right_norm / count, count, logliks)
+
+
+class RowLogLikelihoods:
+    """Stands in for the model's loss function while rows are scored: each row's summed cross entropy over its
+    labelled tokens (the run's own loss times the row's count), kept in `sums`. Returns their mean, which nobody
+    reads (DeepSpeed's pipeline needs a loss)."""
+
+    def __init__(self, loss_fn: Any) -> None:
+        self.loss_fn = loss_fn
+        self.sums: list[torch.Tensor] = []
+
+    def __call__(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        sums = []
+        for row in range(labels.shape[0]):
+            count = (labels[row] != IGNORE).sum()
+            if count == 0:  # a padding row
+                sums.append(torch.zeros((), device=labels.device))
+                continue
+            sums.append(self.loss_fn(outputs[row:row + 1], labels[row:row + 1]).float() * count)
+        self.sums += sums
+        return torch.stack(sums).mean()
+
+
+@torch.no_grad()
+def row_loss_sums(run: RunContext, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(R,) summed cross entropy of each row, on every rank. Rows are padded to whole micro-batches on every DP rank
+    and micro-batch m goes to DP rank m % dp."""
+    micro, dp, dp_rank = run.cfg.train.micro_batch_size_per_gpu, run.ctx.dp, run.ctx.dp_rank
+    num_rows = tokens.shape[0]
+    padded = -(-num_rows // (micro * dp)) * micro * dp
+    tokens = torch.cat([tokens, tokens.new_zeros(padded - num_rows, tokens.shape[1])])
+    labels = torch.cat([labels, labels.new_full((padded - num_rows, labels.shape[1]), IGNORE)])
+    mine = [m for m in range(padded // micro) if m % dp == dp_rank]
+    batches = [(tokens[m * micro:(m + 1) * micro], labels[m * micro:(m + 1) * micro]) for m in mine]
+    scorer = RowLogLikelihoods(run.model.loss_fn)
+    if run.model.is_pipeline:
+        pipe = run.engine.module
+        pipe.loss_fn, original = scorer, pipe.loss_fn
+        try:
+            run.engine.eval_batch(iter(batches), num_micro_batches=len(batches))
+        finally:
+            pipe.loss_fn = original
+    else:
+        run.engine.eval()
+        for batch_tokens, batch_labels in batches:
+            scorer(run.engine(batch_tokens.to(run.ctx.device)), batch_labels.to(run.ctx.device))
+        run.engine.train()
+    return _gather(run, mine, micro, scorer.sums, padded)[:num_rows]
+
+
+def _gather(run: RunContext, mine: list[int], micro: int, sums: list[torch.Tensor], padded: int) -> torch.Tensor:
+    """Every DP rank's row sums in row order, on every rank: only the pipeline's last stage computed them."""
+    ctx = run.ctx
+    local = torch.stack(sums).cpu() if sums else torch.empty(0)
+    pieces: list[Any] = [None] * ctx.dp
+    dist.all_gather_object(pieces, (mine, local), group=ctx.dp_group)
+    if ctx.pp > 1:  # the last stage holds them; every stage gets them
+        holder = [pieces]
+        last = dist.get_global_rank(ctx.pp_group, ctx.pp - 1)
+        dist.broadcast_object_list(holder, src=last, group=ctx.pp_group)
+        pieces = holder[0]
+    out = torch.zeros(padded, dtype=torch.float64)
+    for micro_batches, values in pieces:
+        rows = torch.cat([torch.arange(m * micro, (m + 1) * micro) for m in micro_batches])
+        out[rows] = values.double()
+    return out
