@@ -222,6 +222,11 @@ class TrainConfig(_Section):
     eval_interval_steps: NonNegativeInt = 1000  # 0: no periodic eval
     # Global batches per eval: eval_steps × global_batch_size validation samples, the same set for any tp/pp/dp.
     eval_steps: NonNegativeInt = 20
+    # Multiple-choice tasks scored at each eval besides the validation loss (trainer/downstream.py): JSON Lines files
+    # of {"context", "choices", "label"}; logged as acc/<file stem> and acc_norm/<file stem> (lm-eval's metrics).
+    eval_tasks: list[str] = Field(default_factory=list)
+    # The tokenizer that encodes eval_tasks; None: the first data.datasets entry's (what the model trained on).
+    eval_tasks_tokenizer: str | None = None
     # PaLM's auxiliary z-loss: the objective becomes cross entropy + this × mean over tokens of (log Z)², Z the
     # softmax normaliser, which keeps the output logits from drifting (PaLM, OLMo 2: 1e-4; 0: off). The logged `loss`
     # and val_loss stay the cross entropy; the weighted term is logged as `z_loss`.

@@ -27,7 +27,6 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import ConfigError
-from trainer.hooks import RunContext
 
 IGNORE = -100
 
@@ -83,12 +82,44 @@ class TaskResult:
     logliks: list[list[float]]  # per example, per choice: the sum of the choice tokens' log-probabilities
 
 
-def score_tasks(run: RunContext, tasks: list[MultipleChoiceTask], tokenizer: Any) -> list[TaskResult]:
+@dataclass(frozen=True)
+class Tasks:
+    """train.eval_tasks, loaded, and the tokenizer that encodes them."""
+
+    tasks: list[MultipleChoiceTask]
+    tokenizer: Any
+
+
+def load_tasks(cfg: Any) -> Tasks | None:
+    """train.eval_tasks with their tokenizer (train.eval_tasks_tokenizer, else the first dataset's); None without."""
+    if not cfg.train.eval_tasks:
+        return None
+    from data_pipeline.tokenizer import load_tokenizer
+
+    tokenizer = cfg.train.eval_tasks_tokenizer or _data_tokenizer(cfg)
+    if tokenizer is None:
+        raise ConfigError("train.eval_tasks need the tokenizer the model trains with, and the data has none on record "
+                          "(synthetic data, or a dataset without tokenizer/): set train.eval_tasks_tokenizer=DIR "
+                          "(pretrain eval: --tokenizer DIR)")
+    return Tasks([MultipleChoiceTask.load(path) for path in cfg.train.eval_tasks], load_tokenizer(tokenizer))
+
+
+def _data_tokenizer(cfg: Any) -> str | None:
+    """The tokenizer file the first training dataset was encoded with (its manifest names it)."""
+    if cfg.data.synthetic or not cfg.data.datasets:
+        return None
+    from data_pipeline.manifest import Manifest
+
+    manifest = Manifest.load(cfg.data.datasets[0].path)
+    return manifest.resolve(manifest.tokenizer.model_file) if manifest.tokenizer.model_file else None
+
+
+def score_tasks(run: Any, tasks: Tasks) -> list[TaskResult]:
     """Each task's accuracy under the run's model as it is now. Collective (every rank calls it, with the same
     tasks); every rank gets the results."""
     results = []
-    for task in tasks:
-        tokens, labels, owners = task_rows(task, tokenizer, run.cfg.train.seq_len)
+    for task in tasks.tasks:
+        tokens, labels, owners = task_rows(task, tasks.tokenizer, run.cfg.train.seq_len)
         logliks = -row_loss_sums(run, tokens, labels)
         per_example: list[list[float]] = [[] for _ in task.contexts]
         for (example, _), loglik in zip(owners, logliks.tolist(), strict=True):
@@ -148,7 +179,7 @@ class RowLogLikelihoods:
 
 
 @torch.no_grad()
-def row_loss_sums(run: RunContext, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def row_loss_sums(run: Any, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(R,) summed cross entropy of each row, on every rank. Rows are padded to whole micro-batches on every DP rank
     and micro-batch m goes to DP rank m % dp."""
     micro, dp, dp_rank = run.cfg.train.micro_batch_size_per_gpu, run.ctx.dp, run.ctx.dp_rank
@@ -174,7 +205,7 @@ def row_loss_sums(run: RunContext, tokens: torch.Tensor, labels: torch.Tensor) -
     return _gather(run, mine, micro, scorer.sums, padded)[:num_rows]
 
 
-def _gather(run: RunContext, mine: list[int], micro: int, sums: list[torch.Tensor], padded: int) -> torch.Tensor:
+def _gather(run: Any, mine: list[int], micro: int, sums: list[torch.Tensor], padded: int) -> torch.Tensor:
     """Every DP rank's row sums in row order, on every rank: only the pipeline's last stage computed them."""
     ctx = run.ctx
     local = torch.stack(sums).cpu() if sums else torch.empty(0)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from trainer.checkpoint.load import choose_valid, load_checkpoint, shared_candid
 from trainer.config import Config, ConfigError, Derived
 from trainer.data import validation_passes
 from trainer.data_check import document_eos_id
-from trainer.downstream import MultipleChoiceTask, TaskResult, score_tasks
+from trainer.downstream import load_tasks
 from trainer.engine import build_engine
 from trainer.estimate import flops_per_token
 from trainer.fit import evaluate
@@ -45,20 +45,10 @@ from trainer.train import join_process_groups, plan_this_world, release_run, see
 class CheckpointEval:
     checkpoint: Path  # the checkpoint evaluated
     step: int
-    result: EvalOutput
-    tasks: list[TaskResult] = field(default_factory=list)  # multiple-choice tasks (trainer.downstream), if asked
+    result: EvalOutput  # with the train.eval_tasks accuracies in result.tasks
 
 
-@dataclass(frozen=True)
-class Tasks:
-    """Multiple-choice tasks to score besides the validation loss, and the tokenizer that encodes them."""
-
-    tasks: list[MultipleChoiceTask]
-    tokenizer: Any
-
-
-def evaluate_checkpoints(cfg: Config, paths: Sequence[Path], every: bool = False,
-                         tasks: Tasks | None = None) -> list[CheckpointEval]:
+def evaluate_checkpoints(cfg: Config, paths: Sequence[Path], every: bool = False) -> list[CheckpointEval]:
     """Each of `paths` (a checkpoint, or the newest intact one of a directory of them; with `every`, each intact one
     of it, oldest first), evaluated in turn by one model and engine built once. Collective under a launcher (every
     rank calls it); a world of one without."""
@@ -69,13 +59,13 @@ def evaluate_checkpoints(cfg: Config, paths: Sequence[Path], every: bool = False
             evaluations = []
             for ckpt in checkpoints:
                 step = load_checkpoint(run, ckpt, restore_data=False).step
-                evaluations.append(_evaluate(run, ckpt, step, tasks))
+                evaluations.append(CheckpointEval(ckpt, step, evaluate(run, step)))
             return evaluations
         finally:
             release_run(run)
 
 
-def evaluate_weights(cfg: Config, paths: Sequence[Path], tasks: Tasks | None = None) -> list[CheckpointEval]:
+def evaluate_weights(cfg: Config, paths: Sequence[Path]) -> list[CheckpointEval]:
     """Each of `paths` (any checkpoint.init_from source) loaded into the config's model and evaluated (step 0: no
     training state). The weights go in before the engine is built, as init_from's do (ZeRO-3 partitions them), so
     each source gets its own build. Collective under a launcher; a world of one without."""
@@ -86,15 +76,10 @@ def evaluate_weights(cfg: Config, paths: Sequence[Path], tasks: Tasks | None = N
         for path in paths:
             run = _build(cfg, derived, ctx, lambda pmodel, source=path: init_weights_from(pmodel, cfg, ctx, source))
             try:
-                evaluations.append(_evaluate(run, path, 0, tasks))
+                evaluations.append(CheckpointEval(path, 0, evaluate(run, 0)))
             finally:
                 release_run(run)
         return evaluations
-
-
-def _evaluate(run: RunContext, source: Path, step: int, tasks: Tasks | None) -> CheckpointEval:
-    scored = score_tasks(run, tasks.tasks, tasks.tokenizer) if tasks is not None else []
-    return CheckpointEval(source, step, evaluate(run, step), scored)
 
 
 @contextlib.contextmanager
@@ -147,4 +132,4 @@ def _build(cfg: Config, derived: Derived, ctx: ParallelContext,
                           f"evaluate with data.eval_split, or datasets that have it with data.datasets")
     flops = flops_per_token(cfg.model, derived.padded_vocab_size, cfg.train.seq_len).total
     return RunContext(cfg, derived, ctx, pmodel, engine, None, passes, Path(derived.run_dir), flops,
-                      eos_loss_masked=eos_id if cfg.train.mask_eos_loss else None)
+                      tasks=load_tasks(cfg), eos_loss_masked=eos_id if cfg.train.mask_eos_loss else None)

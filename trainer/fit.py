@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from trainer.downstream import score_tasks
 from trainer.hooks import EvalOutput, Hook, RunContext, StepOutput, TrainState
 
 
@@ -134,7 +135,8 @@ def evaluate(run: RunContext, step: int) -> EvalOutput:
     sizes = {name: len(loader) for name, loader in passes.items()}
     num_microbatches = sum(sizes.values())
     loss = sum(means[name] * sizes[name] for name in passes) / num_microbatches
-    return EvalOutput(step, loss, num_microbatches, means if len(passes) > 1 else {})
+    tasks = score_tasks(run, run.tasks) if run.tasks is not None else []
+    return EvalOutput(step, loss, num_microbatches, means if len(passes) > 1 else {}, tasks)
 
 
 def _eval_pass(run: RunContext, loader: Any) -> float:

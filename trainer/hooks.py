@@ -56,6 +56,7 @@ class RunContext:
     run_dir: Path
     flops_per_token: int  # training FLOPs per token for the whole model (trainer.estimate)
     resume_choice: Any = None  # checkpoint.init_from.ResumeChoice when the build already chose what to resume
+    tasks: Any = None  # trainer.downstream.Tasks of train.eval_tasks (None: none)
     eos_loss_masked: int | None = None  # train.mask_eos_loss: the eos id whose positions the loss leaves out
 
 
@@ -82,6 +83,7 @@ class EvalOutput:
     num_microbatches: int  # per DP rank
     # With several validation datasets: each one's mean loss, by the name `tokens/<name>` uses; else empty.
     per_dataset: dict[str, float] = field(default_factory=dict)
+    tasks: list[Any] = field(default_factory=list)  # trainer.downstream.TaskResult of each train.eval_tasks file
 
 
 class Hook:
@@ -238,8 +240,10 @@ class MetricsHook(Hook):
 
     def on_eval(self, run: RunContext, state: TrainState, result: EvalOutput) -> None:
         per_dataset = {f"val_loss/{name}": loss for name, loss in result.per_dataset.items()}
+        tasks = {f"{metric}/{task.name}": getattr(task, metric) for task in result.tasks for metric in ("acc", "acc_norm")}
         self._emit(run, result.step, {"kind": "eval", "val_loss": result.loss, "val_ppl": perplexity(result.loss),
-                                      "consumed_tokens": self._consumed_tokens(run, result.step), **per_dataset})
+                                      "consumed_tokens": self._consumed_tokens(run, result.step), **per_dataset,
+                                      **tasks})
 
     def _consumed_tokens(self, run: RunContext, step: int) -> int:
         """Training tokens after `step` steps: report's tokens axis, exact also through a batch-size rampup."""
@@ -435,7 +439,8 @@ def perplexity(loss: float) -> float:
 
 def format_metrics(step: int, max_steps: int, m: dict[str, Any]) -> str:
     if m["kind"] == "eval":
-        per_dataset = "".join(f" | {key} {value:.4f}" for key, value in m.items() if key.startswith("val_loss/"))
+        per_dataset = "".join(f" | {key} {value:.4f}" for key, value in m.items()
+                              if key.startswith(("val_loss/", "acc/", "acc_norm/")))
         return f"step {step}/{max_steps} | val_loss {m['val_loss']:.4f} | val_ppl {m['val_ppl']:.2f}{per_dataset}"
     parts = [f"step {step}/{max_steps}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}"]
     if "z_loss" in m:

@@ -28,6 +28,7 @@ from trainer.checkpoint.init_from import init_unless_resuming
 from trainer.config import Config, ConfigError, Derived, save_resolved
 from trainer.data import build_eval_loader, build_train_loader
 from trainer.data_check import document_eos_id
+from trainer.downstream import load_tasks
 from trainer.engine import build_engine
 from trainer.estimate import flops_per_token
 from trainer.faults import StepGuard, Watchdog
@@ -184,7 +185,7 @@ def build_run(cfg: Config, derived: Derived, ctx: ParallelContext, run_dir: Path
     train_loader, eval_loader = build_train_loader(cfg, ctx), build_eval_loader(cfg, derived, ctx)
     flops = flops_per_token(cfg.model, derived.padded_vocab_size, cfg.train.seq_len).total
     return RunContext(cfg, derived, ctx, pmodel, engine, train_loader, eval_loader, run_dir, flops, resume_choice,
-                      eos_id if cfg.train.mask_eos_loss else None)
+                      tasks=load_tasks(cfg), eos_loss_masked=eos_id if cfg.train.mask_eos_loss else None)
 
 
 def seed_everything(seed: int) -> None:

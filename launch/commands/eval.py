@@ -33,6 +33,8 @@ several datasets, each one's loss; --json writes a list of the same. Exit codes:
 --task FILE (repeatable) also scores a multiple-choice task: JSON Lines of {"context": ..., "choices": [...],
 "label": N}, each choice scored by the summed log-probability of its tokens after the context (lm-evaluation-harness's
 acc and acc_norm, per UTF-8 byte), tokenized with the first dataset's tokenizer or --tokenizer (trainer/downstream.py).
+It replaces the config's train.eval_tasks, which a run scores at each of its evals and which `pretrain eval` scores
+too when no --task is given.
 
 --weights evaluates weights that have no training state, whatever checkpoint.init_from reads: an HF Llama directory,
 a full state dict (*.safetensors, e.g. from `convert from-hf`) or one of our checkpoints; --config names the run
@@ -58,7 +60,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--task", action="append", default=[], metavar="FILE",
                         help="a multiple-choice task (JSON Lines of context / choices / label) to score; repeatable")
     parser.add_argument("--tokenizer", metavar="DIR",
-                        help="with --task: the tokenizer (default: the first data.datasets entry's)")
+                        help="with --task: the tokenizer (default: train.eval_tasks_tokenizer, else the first "
+                             "data.datasets entry's)")
     parser.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     parser.add_argument("--nproc", type=int, default=1, metavar="N",
                         help="processes on this machine, as `launch local` starts them (default: %(default)s; under "
@@ -75,14 +78,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--weights needs --config (the run config whose model and data to use) and takes no "
                           "--every: pass --config RUN.yaml, e.g. with the model.yaml `convert from-hf` wrote pasted in")
     paths = [Path(path) for path in args.checkpoint or args.weights]
-    cfg = load_config(args.config or _checkpoint_config(paths[0]), args.overrides)
+    cfg = load_config(args.config or _checkpoint_config(paths[0]), [*args.overrides, *_task_overrides(args)])
     if args.nproc > 1 and "RANK" not in os.environ:
         return _launch_local(args, cfg)
     from trainer.eval_checkpoint import evaluate_checkpoints, evaluate_weights  # heavy (torch, deepspeed, megatron)
 
-    tasks = _tasks(args, cfg)
-    evaluations = (evaluate_weights(cfg, paths, tasks) if args.weights
-                   else evaluate_checkpoints(cfg, paths, every=args.every, tasks=tasks))
+    evaluations = (evaluate_weights(cfg, paths) if args.weights
+                   else evaluate_checkpoints(cfg, paths, every=args.every))
     if int(os.environ.get("RANK", "0")) == 0:
         summaries = [_summary(evaluated) for evaluated in evaluations]
         print(_format(summaries))
@@ -109,25 +111,10 @@ def _launch_local(args: argparse.Namespace, cfg: Any) -> int:
     return run_forwarding_stop_signals(command, {**os.environ, **process_environment(cfg.launch.device, args.nproc)})
 
 
-def _tasks(args: argparse.Namespace, cfg: Any) -> Any:
-    """--task files and the tokenizer that encodes them (None without --task)."""
-    if not args.task:
-        return None
-    from data_pipeline.tokenizer import load_tokenizer
-    from trainer.config import ConfigError
-    from trainer.downstream import MultipleChoiceTask
-    from trainer.eval_checkpoint import Tasks
-
-    tokenizer = args.tokenizer
-    if tokenizer is None and not cfg.data.synthetic and cfg.data.datasets:
-        from data_pipeline.manifest import Manifest
-
-        manifest = Manifest.load(cfg.data.datasets[0].path)
-        tokenizer = manifest.resolve(manifest.tokenizer.model_file) if manifest.tokenizer.model_file else None
-    if tokenizer is None:
-        raise ConfigError("--task needs the tokenizer the model was trained with: the data has none on record "
-                          "(synthetic data, or a dataset without tokenizer/): pass --tokenizer DIR")
-    return Tasks([MultipleChoiceTask.load(path) for path in args.task], load_tokenizer(tokenizer))
+def _task_overrides(args: argparse.Namespace) -> list[str]:
+    """--task / --tokenizer as the config keys they set (train.eval_tasks replaces the config's own list)."""
+    overrides = [f"train.eval_tasks={json.dumps(args.task)}"] if args.task else []
+    return overrides + ([f"train.eval_tasks_tokenizer={json.dumps(args.tokenizer)}"] if args.tokenizer else [])
 
 
 def _checkpoint_config(path: Path) -> Path:
@@ -150,7 +137,7 @@ def _summary(evaluated: Any) -> dict[str, Any]:
             "val_ppl": perplexity(result.loss),
             "num_microbatches_per_rank": result.num_microbatches, "per_dataset": result.per_dataset,
             "tasks": {task.name: {"acc": task.acc, "acc_norm": task.acc_norm, "num_examples": task.num_examples,
-                                  "logliks": task.logliks} for task in evaluated.tasks}}
+                                  "logliks": task.logliks} for task in result.tasks}}
 
 
 def _format(summaries: list[dict[str, Any]]) -> str:

@@ -85,13 +85,11 @@ def _hf_scores(setup: dict[str, Any], seq_len: int) -> tuple[list[list[float]], 
 
 
 def _score(rank: int, world_size: int, hf_dir: str, task: str, overrides: list[str]) -> tuple:
-    from data_pipeline.tokenizer import load_tokenizer
-    from trainer.downstream import MultipleChoiceTask
-    from trainer.eval_checkpoint import Tasks, evaluate_weights
+    from trainer.eval_checkpoint import evaluate_weights
 
-    cfg = load_config(TINY, overrides)
-    (evaluated,) = evaluate_weights(cfg, [Path(hf_dir)], Tasks([MultipleChoiceTask.load(task)], load_tokenizer(hf_dir)))
-    (result,) = evaluated.tasks
+    cfg = load_config(TINY, [*overrides, f"train.eval_tasks=[{task}]", f"train.eval_tasks_tokenizer={hf_dir}"])
+    (evaluated,) = evaluate_weights(cfg, [Path(hf_dir)])
+    (result,) = evaluated.result.tasks
     return result.logliks, result.acc, result.acc_norm
 
 
@@ -130,4 +128,23 @@ def test_the_cli_prints_and_writes_task_accuracy(setup: dict[str, Any], tmp_path
     assert bad.returncode == 2 and f"{tmp_path / 'bad.jsonl'}:1: an example needs" in bad.stderr
     no_tokenizer = subprocess.run([*base, "--task", str(setup["task"])], capture_output=True, text=True, cwd=REPO,
                                   env=env, timeout=240)
-    assert no_tokenizer.returncode == 2 and "pass --tokenizer DIR" in no_tokenizer.stderr
+    assert no_tokenizer.returncode == 2 and "(pretrain eval: --tokenizer DIR)" in no_tokenizer.stderr
+
+
+def test_a_run_scores_its_eval_tasks_at_each_eval(setup: dict[str, Any], tmp_path: Path) -> None:
+    """train.eval_tasks: acc/<task> and acc_norm/<task> in every eval record; at the start (the imported weights
+    before any update would give HF's accuracy) and after training alike."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    out = subprocess.run([sys.executable, "-m", "launch", "train", "--config", str(TINY), *OVERRIDES,
+                          "train.max_steps=4", "optim.warmup_steps=1", "train.eval_interval_steps=2",
+                          f"train.eval_tasks=[{setup['task']}]", f"train.eval_tasks_tokenizer={setup['hf']}",
+                          f"checkpoint.init_from={setup['hf']}", f"logging.run_dir={tmp_path / 'run'}"],
+                         capture_output=True, text=True, cwd=REPO, env=env, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4]
+    for record in evals:
+        assert 0 <= record["acc/task"] <= 1 and 0 <= record["acc_norm/task"] <= 1, record
+    assert "acc/task" in out.stderr  # the console line too
