@@ -240,7 +240,8 @@ class MetricsHook(Hook):
 
     def on_eval(self, run: RunContext, state: TrainState, result: EvalOutput) -> None:
         per_dataset = {f"val_loss/{name}": loss for name, loss in result.per_dataset.items()}
-        tasks = {f"{metric}/{task.name}": getattr(task, metric) for task in result.tasks for metric in ("acc", "acc_norm")}
+        tasks = {f"{metric}/{task.name}": getattr(task, metric)
+                 for task in result.tasks for metric in ("acc", "acc_norm")}
         self._emit(run, result.step, {"kind": "eval", "val_loss": result.loss, "val_ppl": perplexity(result.loss),
                                       "consumed_tokens": self._consumed_tokens(run, result.step), **per_dataset,
                                       **tasks})
