@@ -84,6 +84,7 @@ class RunSummary:
     last_val_loss: tuple[int, float] | None
     last_val_ppl: float | None
     last_val_loss_per_dataset: dict[str, float]  # several validation datasets: each one's, from the last eval line
+    last_task_accuracy: dict[str, float]  # "acc/<task>", "acc_norm/<task>" of the last eval line (train.eval_tasks)
     mean_tokens_per_s: float | None  # first log line after each (re)start left out: it includes warm-up
     mean_tflops_per_gpu: float | None  # same lines
     mean_mfu: float | None  # fraction of peak, same lines; None when the run recorded no MFU
@@ -350,6 +351,9 @@ def summarize(run: RunMetrics) -> RunSummary:
         last_val_loss_per_dataset={} if last_eval is None else {
             key.removeprefix("val_loss/"): float(value) for key, value in last_eval.items()
             if key.startswith("val_loss/") and isinstance(value, (int, float))},
+        last_task_accuracy={} if last_eval is None else {
+            key: float(value) for key, value in last_eval.items()
+            if key.startswith(("acc/", "acc_norm/")) and isinstance(value, (int, float))},
         mean_tokens_per_s=_mean(steady, "tokens_per_s"),
         mean_tflops_per_gpu=_mean(steady, "tflops_per_gpu"),
         mean_mfu=_mean(steady, "mfu"),
@@ -403,6 +407,8 @@ def format_summary_table(summaries: list[RunSummary]) -> str:
         ("last val loss", [_fmt_at_step(s.last_val_loss) for s in summaries]),
         ("last val perplexity", [_fmt(s.last_val_ppl, "{:.2f}") for s in summaries]),
         *_per_dataset_val_rows(summaries),
+        *[(f"  {key}", [_fmt(s.last_task_accuracy.get(key), "{:.4f}") for s in summaries])
+          for key in sorted({key for s in summaries for key in s.last_task_accuracy})],
         ("mean tokens/s", [_fmt(s.mean_tokens_per_s, "{:,.0f}") for s in summaries]),
         ("mean TFLOP/s per GPU", [_fmt_3_digits(s.mean_tflops_per_gpu) for s in summaries]),
     ]

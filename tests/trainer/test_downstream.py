@@ -148,3 +148,9 @@ def test_a_run_scores_its_eval_tasks_at_each_eval(setup: dict[str, Any], tmp_pat
     for record in evals:
         assert 0 <= record["acc/task"] <= 1 and 0 <= record["acc_norm/task"] <= 1, record
     assert "acc/task" in out.stderr  # the console line too
+    report = subprocess.run([sys.executable, "-m", "launch", "report", str(tmp_path / "run"), "--output",
+                             str(tmp_path / "report.png")], capture_output=True, text=True, cwd=REPO, env=env,
+                            timeout=240)
+    assert report.returncode == 0, report.stderr[-3000:]
+    row = next(line for line in report.stdout.splitlines() if line.strip().startswith("acc/task"))
+    assert row.split()[-1] == f"{evals[-1]['acc/task']:.4f}"  # the summary table: the last eval's accuracy
