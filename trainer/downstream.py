@@ -3,9 +3,8 @@
 A task is a JSON Lines file, one example per line: `{"context": str, "choices": [str, ...], "label": int}` (HellaSwag,
 ARC, PIQA, ... converted once by the user; nothing is downloaded). Each choice is scored as lm-evaluation-harness
 scores it: the sum of the log-probabilities of its tokens after the context. `acc` picks the highest sum, `acc_norm`
-the highest sum per UTF-8 byte of the choice (lm-eval's length normalisation). Context and choice are tokenized
-separately (the context's tokens, then the choice's) with the run's data tokenizer, so every choice sees the same
-context tokens; a context longer than the sequence loses its first tokens.
+the highest sum per UTF-8 byte of the choice (lm-eval's length normalisation). Context and choice are tokenized as
+lm-eval does (`encode_pair`) with the run's data tokenizer; a context longer than the sequence loses its first tokens.
 
 How the scores come out of any layout: every (example, choice) is one row of `train.seq_len` tokens whose labels are
 ignored (-100) except the choice's tokens. The rows go through the model in micro-batches as validation batches do
@@ -133,9 +132,9 @@ def task_rows(task: MultipleChoiceTask, tokenizer: Any, seq_len: int) -> tuple[t
     except on the choice's tokens, padded at the end."""
     rows_tokens, rows_labels, owners = [], [], []
     for example, (context, choices) in enumerate(zip(task.contexts, task.choices, strict=True)):
-        context_ids = tokenizer.encode([context])[0].tolist()
-        for choice, choice_ids in enumerate(tokenizer.encode(choices)):
-            ids = (context_ids + choice_ids.tolist())[-(seq_len + 1):]  # a long context loses its first tokens
+        for choice, text in enumerate(choices):
+            context_ids, choice_ids = encode_pair(tokenizer, context, text)
+            ids = (context_ids + choice_ids)[-(seq_len + 1):]  # a long context loses its first tokens
             scored = min(len(choice_ids), len(ids) - 1)
             tokens = torch.zeros(seq_len, dtype=torch.long)
             labels = torch.full((seq_len,), IGNORE, dtype=torch.long)
@@ -145,6 +144,20 @@ def task_rows(task: MultipleChoiceTask, tokenizer: Any, seq_len: int) -> tuple[t
             rows_labels.append(labels)
             owners.append((example, choice))
     return torch.stack(rows_tokens), torch.stack(rows_labels), owners
+
+
+def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) by lm-evaluation-harness's rule, so scores compare with its numbers: the
+    context's trailing whitespace moves to the continuation, the pair is encoded whole, and the continuation is what
+    follows the length of the context's own encoding; an empty context is the bos (else eos) token."""
+    if not context:
+        prefix = tokenizer.bos_id if tokenizer.bos_id >= 0 else tokenizer.eos_id
+        return [prefix], tokenizer.encode([continuation])[0].tolist()
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole, alone = (ids.tolist() for ids in tokenizer.encode([context + continuation, context]))
+    return alone, whole[len(alone):]
 
 
 def _accuracy(task: MultipleChoiceTask, logliks: list[list[float]]) -> TaskResult:

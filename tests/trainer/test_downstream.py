@@ -55,7 +55,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     rng = random.Random(0)
     with (root / "task.jsonl").open("w") as f:
         for i in range(10):
-            context = docs[i][: rng.choice((40, 120, 600))]  # the 600-character ones overflow the sequence
+            # Some overflow the sequence (600 characters), some end in spaces, one is empty.
+            context = "" if i == 3 else docs[i][: rng.choice((40, 120, 600))] + rng.choice(("", " ", "  "))
             choices = [docs[100 + 4 * i + j][:rng.randint(5, 60)] for j in range(rng.randint(2, 4))]
             f.write(json.dumps({"context": context, "choices": choices, "label": rng.randrange(len(choices))}) + "\n")
     return {"root": root, "hf": root / "model", "task": root / "task.jsonl"}
@@ -67,11 +68,21 @@ def _hf_scores(setup: dict[str, Any], seq_len: int) -> tuple[list[list[float]], 
     model = LlamaForCausalLM.from_pretrained(str(setup["hf"])).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(setup["hf"]), local_files_only=True)
     logliks, right, right_norm, examples = [], 0, 0, [json.loads(line) for line in setup["task"].open()]
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids
+
     for example in examples:
-        context_ids = tokenizer(example["context"], add_special_tokens=False).input_ids
         scores = []
         for choice in example["choices"]:
-            choice_ids = tokenizer(choice, add_special_tokens=False).input_ids
+            # lm-evaluation-harness's pair encoding: trailing spaces move to the continuation, the pair is encoded
+            # whole, the continuation is what follows the context's own encoding; an empty context is the bos.
+            context, continuation = example["context"].rstrip(), example["context"][len(example["context"].rstrip()):]
+            continuation += choice
+            if example["context"]:
+                context_ids = encode(context)
+                choice_ids = encode(context + continuation)[len(context_ids):]
+            else:
+                context_ids, choice_ids = [tokenizer.bos_token_id], encode(choice)
             ids = (context_ids + choice_ids)[-(seq_len + 1):]
             with torch.no_grad():
                 log_probs = model(torch.tensor([ids[:-1]])).logits[0].double().log_softmax(-1)
