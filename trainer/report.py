@@ -10,7 +10,8 @@ What trainer.hooks.MetricsHook writes (one JSON object per line, through JsonlSi
      "mfu", "step_time_s", "data_wait_s", "max_rss_gib" | "max_memory_allocated_gib", "global_batch_size",
      "consumed_tokens", "z_loss" (with a z-loss)}
   after each evaluation:
-    {"step", "time_s", "kind": "eval", "val_loss", "val_ppl", "val_loss/<dataset>" (several validation datasets)}
+    {"step", "time_s", "kind": "eval", "val_loss", "val_ppl", "val_loss/<dataset>" (several validation datasets),
+     "acc/<task>", "acc_norm/<task>" (train.eval_tasks)}
 `loss` is the mean over the steps since the previous log line; `tokens_per_s`, `step_time_s` and `data_wait_s` cover
 the same interval. grad_norm, loss_scale and mfu may be null (no norm computed / no fp16 / CPU or unknown GPU).
 The file is appended to, so a resumed run logs the steps after its checkpoint again: the later lines win.
@@ -507,6 +508,7 @@ class Panel:
     log_y: bool = False
     log_base: int = 10  # 2 for the fp16 loss scale, which DeepSpeed halves and doubles
     si_ticks: bool = False  # 30000 -> 30K
+    records: Literal["train", "eval"] = "train"  # the lines the key is read from
 
 
 # Drawn in this order, each only when some run logged its key (mfu: GPU with a known peak; loss_scale: fp16).
@@ -541,7 +543,7 @@ def plot_runs(runs: list[RunMetrics], output: Path, *, smooth_points: int = 1, x
     from matplotlib.figure import Figure
 
     x_scale = _x_scale(runs, x_axis)
-    panels = [panel for panel in PANELS if any(_has_values(run.train, panel.key) for run in runs)]
+    panels = drawn_panels(runs)
     rows = math.ceil((len(panels) + 1) / PANEL_COLUMNS)  # + 1: the loss panel
     figure = Figure(figsize=(6.0 * PANEL_COLUMNS, 4.2 * rows + 0.8), layout="constrained")
     FigureCanvasAgg(figure)  # the Agg canvas renders without a display, whatever matplotlib's default backend is
@@ -692,12 +694,22 @@ def _loss_style_handles(smooth_points: int, any_nonfinite: bool, any_resume: boo
     return handles
 
 
+def drawn_panels(runs: list[RunMetrics]) -> list[Panel]:
+    """PANELS that some run logged, then one accuracy panel per multiple-choice task (train.eval_tasks)."""
+    panels = [panel for panel in PANELS if any(_has_values(run.train, panel.key) for run in runs)]
+    tasks = sorted({key.removeprefix("acc/") for run in runs for record in run.eval for key in record
+                    if key.startswith("acc/")})
+    return panels + [Panel(f"acc/{task}", f"{task}: multiple-choice accuracy", "acc (%)", scale=100.0,
+                           records="eval") for task in tasks]
+
+
 def _draw_panel(ax: Any, runs: list[RunMetrics], colors: list[str], panel: Panel, x_axis: XAxis,
                 x_scale: XScale) -> None:
     for run, color in zip(runs, colors):
-        if _has_values(run.train, panel.key):
-            ax.plot(_x_values(run, run.train, x_axis, x_scale), _values(run.train, panel.key, panel.scale),
-                    color=color, linewidth=1.5, marker="." if len(run.train) < 50 else None)
+        records = getattr(run, panel.records)
+        if _has_values(records, panel.key):
+            ax.plot(_x_values(run, records, x_axis, x_scale), _values(records, panel.key, panel.scale),
+                    color=color, linewidth=1.5, marker="." if len(records) < 50 else None)
     ax.set_title(panel.title)
     ax.set_ylabel(panel.ylabel)
     if panel.log_y:

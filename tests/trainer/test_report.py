@@ -19,6 +19,7 @@ from launch.cli import main
 from trainer.report import (
     ReportError,
     format_summary_table,
+    drawn_panels,
     load_run,
     load_runs,
     summarize,
@@ -341,3 +342,21 @@ def test_tokens_come_from_the_logged_count_through_a_batch_size_rampup(tmp_path:
     assert summarize(run).tokens_seen == 3840  # step 6 × 16 × 64 would say 6144
     png = write_report([tmp_path / "ramp"], tmp_path / "r.png", x_axis="tokens", out=io.StringIO())
     assert png_size(png)[0] > 0
+
+
+@pytest.mark.parametrize("x_axis", ["step", "time"])
+def test_task_accuracy_gets_a_panel_and_summary_rows(tmp_path: Path, x_axis: str) -> None:
+    """train.eval_tasks: an accuracy panel per task (from the eval lines) and the last eval's acc / acc_norm rows."""
+    lines = [train_line(10, 10.0, 3.0, 1000.0, 0.5),
+             {**eval_line(10, 11.0, 3.1), "acc/arc": 0.25, "acc_norm/arc": 0.3},
+             train_line(20, 20.0, 2.5, 1000.0, 0.5),
+             {**eval_line(20, 21.0, 2.9), "acc/arc": 0.4, "acc_norm/arc": 0.45}]
+    run = load_run(write_run(tmp_path / "run", lines))
+    assert [panel.key for panel in drawn_panels([run])][-1] == "acc/arc"
+    output = write_report([tmp_path / "run"], tmp_path / "report.png", x_axis=x_axis)
+    assert png_size(output)[1] > 0
+    summary = summarize(run)
+    assert summary.last_task_accuracy == {"acc/arc": 0.4, "acc_norm/arc": 0.45}
+    table = format_summary_table([summary])
+    assert "  acc/arc" in table and "0.4000" in table and "0.4500" in table
+
