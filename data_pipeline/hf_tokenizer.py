@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from data_pipeline.errors import DataPipelineError
+from data_pipeline.tokenizer import MODEL_FILENAME
 
 HF_TOKENIZER_FILE = "tokenizer.json"
 HF_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")  # first one naming a role wins
@@ -42,7 +43,7 @@ def hf_tokenizer_file(path: str | os.PathLike[str]) -> Path | None:
     tokenizer folders keep their metadata in a file also called tokenizer.json)."""
     candidate = Path(path)
     if candidate.is_dir():
-        if (candidate / "tokenizer.model").is_file():
+        if (candidate / MODEL_FILENAME).is_file():
             return None
         candidate = candidate / HF_TOKENIZER_FILE
     if candidate.suffix != ".json" or not candidate.is_file():

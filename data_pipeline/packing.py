@@ -1,9 +1,10 @@
 """Packing a split's token stream into shards: planned in order by one process, written by any.
 
 A split's samples are consecutive `sample_len_tokens` slices of its token stream (every document's tokens followed
-by eos, and preceded by bos with `prepare --add-bos`, in input order), and shard j holds samples [j * samples_per_shard, (j + 1) * samples_per_shard). So once the
-token counts of everything before a shard are known, the shard's content is fixed. `ShardPlanner` turns the
-stream, arriving as `Chunk`s in input order, into `ShardJob`s (which token ranges of which chunks form shard j):
+by eos, and preceded by bos with `prepare --add-bos`, in input order), and shard j holds samples
+[j * samples_per_shard, (j + 1) * samples_per_shard). So once the token counts of everything before a shard are
+known, the shard's content is fixed. `ShardPlanner` turns the stream, arriving as `Chunk`s in input order, into
+`ShardJob`s (which token ranges of which chunks form shard j):
 bookkeeping only, no token is touched. `write_shard` assembles and writes one job wherever it runs. Shards are
 therefore byte-identical whichever process writes them, in whatever order they finish.
 

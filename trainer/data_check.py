@@ -106,3 +106,14 @@ def document_eos_id(cfg: Any) -> int | None:
                           f"({', '.join(f'{path}: {eos_id}' for path, eos_id in eos_ids.items())}): train on "
                           f"datasets prepared with one tokenizer")
     return next(iter(eos_ids.values()))
+
+
+def data_tokenizer_file(cfg: Any) -> str | None:
+    """The tokenizer file the first training dataset was encoded with (its manifest names it); None for synthetic
+    data or a dataset written without a tokenizer."""
+    if cfg.data.synthetic or not cfg.data.datasets:
+        return None
+    from data_pipeline.manifest import Manifest
+
+    manifest = Manifest.load(cfg.data.datasets[0].path)
+    return manifest.resolve(manifest.tokenizer.model_file) if manifest.tokenizer.model_file else None

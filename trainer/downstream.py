@@ -82,52 +82,48 @@ class TaskResult:
 
 
 @dataclass(frozen=True)
-class Tasks:
-    """train.eval_tasks, loaded, and the tokenizer that encodes them."""
+class TaskRows:
+    """A task as the rows the model scores, built once at the run's sequence length (`task_rows`)."""
 
-    tasks: list[MultipleChoiceTask]
-    tokenizer: Any
+    task: MultipleChoiceTask
+    tokens: torch.Tensor  # (R, seq_len)
+    labels: torch.Tensor  # (R, seq_len)
+    owners: list[tuple[int, int]]  # (example, choice) of each row
 
 
-def load_tasks(cfg: Any) -> Tasks | None:
-    """train.eval_tasks with their tokenizer (train.eval_tasks_tokenizer, else the first dataset's); None without."""
+def load_tasks(cfg: Any) -> list[TaskRows] | None:
+    """train.eval_tasks, tokenized once (train.eval_tasks_tokenizer, else the first dataset's tokenizer) into the
+    rows every evaluation scores; None without tasks."""
     if not cfg.train.eval_tasks:
         return None
     from data_pipeline.tokenizer import load_tokenizer
+    from trainer.data_check import data_tokenizer_file
 
-    tokenizer = cfg.train.eval_tasks_tokenizer or _data_tokenizer(cfg)
-    if tokenizer is None:
+    tokenizer_path = cfg.train.eval_tasks_tokenizer or data_tokenizer_file(cfg)
+    if tokenizer_path is None:
         raise ConfigError("train.eval_tasks need the tokenizer the model trains with, and the data has none on record "
                           "(synthetic data, or a dataset without tokenizer/): set train.eval_tasks_tokenizer=DIR "
                           "(pretrain eval: --tokenizer DIR)")
-    return Tasks([MultipleChoiceTask.load(path) for path in cfg.train.eval_tasks], load_tokenizer(tokenizer))
+    tokenizer = load_tokenizer(tokenizer_path)
+    tasks = [MultipleChoiceTask.load(path) for path in cfg.train.eval_tasks]
+    return [TaskRows(task, *task_rows(task, tokenizer, cfg.train.seq_len)) for task in tasks]
 
 
-def _data_tokenizer(cfg: Any) -> str | None:
-    """The tokenizer file the first training dataset was encoded with (its manifest names it)."""
-    if cfg.data.synthetic or not cfg.data.datasets:
-        return None
-    from data_pipeline.manifest import Manifest
-
-    manifest = Manifest.load(cfg.data.datasets[0].path)
-    return manifest.resolve(manifest.tokenizer.model_file) if manifest.tokenizer.model_file else None
-
-
-def score_tasks(run: Any, tasks: Tasks) -> list[TaskResult]:
+def score_tasks(run: Any, tasks: list[TaskRows]) -> list[TaskResult]:
     """Each task's accuracy under the run's model as it is now. Collective (every rank calls it, with the same
     tasks); every rank gets the results."""
     results = []
-    for task in tasks.tasks:
-        tokens, labels, owners = task_rows(task, tasks.tokenizer, run.cfg.train.seq_len)
-        logliks = -row_loss_sums(run, tokens, labels)
-        per_example: list[list[float]] = [[] for _ in task.contexts]
-        for (example, _), loglik in zip(owners, logliks.tolist(), strict=True):
+    for rows in tasks:
+        logliks = -row_loss_sums(run, rows.tokens, rows.labels)
+        per_example: list[list[float]] = [[] for _ in rows.task.contexts]
+        for (example, _), loglik in zip(rows.owners, logliks.tolist(), strict=True):
             per_example[example].append(loglik)
-        results.append(_accuracy(task, per_example))
+        results.append(_accuracy(rows.task, per_example))
     return results
 
 
-def task_rows(task: MultipleChoiceTask, tokenizer: Any, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, list]:
+def task_rows(task: MultipleChoiceTask, tokenizer: Any,
+              seq_len: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
     """(tokens (R, seq_len), labels (R, seq_len), [(example, choice)] per row): one row per choice, labels ignored
     except on the choice's tokens, padded at the end."""
     rows_tokens, rows_labels, owners = [], [], []

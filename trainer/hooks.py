@@ -56,7 +56,7 @@ class RunContext:
     run_dir: Path
     flops_per_token: int  # training FLOPs per token for the whole model (trainer.estimate)
     resume_choice: Any = None  # checkpoint.init_from.ResumeChoice when the build already chose what to resume
-    tasks: Any = None  # trainer.downstream.Tasks of train.eval_tasks (None: none)
+    tasks: Any = None  # train.eval_tasks as trainer.downstream.TaskRows, tokenized once (None: none)
     eos_loss_masked: int | None = None  # train.mask_eos_loss: the eos id whose positions the loss leaves out
 
 

@@ -61,25 +61,14 @@ def run(args: argparse.Namespace) -> int:
 def _export_checkpoint(args: argparse.Namespace, out_dir: Path) -> Path:
     from trainer.checkpoint import resolve_offline
     from trainer.config import load_config
+    from trainer.data_check import data_tokenizer_file
     from trainer.hf import HFConversionError, export_hf, load_full_state_dict
 
     ckpt = resolve_offline(Path(args.checkpoint))
     run_cfg = load_config(ckpt / "config.yaml")
-    tokenizer = args.tokenizer or _training_tokenizer(run_cfg)
+    tokenizer = args.tokenizer or data_tokenizer_file(run_cfg)
     if tokenizer is None:
         raise HFConversionError(f"{ckpt} was trained without a tokenizer on record (synthetic data, or a dataset "
                                 f"without tokenizer/): pass --tokenizer DIR")
     export_hf(load_full_state_dict(ckpt), run_cfg.model, out_dir, tokenizer_model=tokenizer)
     return out_dir
-
-
-def _training_tokenizer(run_cfg: Any) -> str | None:
-    """The sentencepiece model the first training dataset was tokenized with (its manifest names the file)."""
-    from data_pipeline.manifest import Manifest
-
-    if run_cfg.data.synthetic or not run_cfg.data.datasets:
-        return None
-    manifest = Manifest.load(run_cfg.data.datasets[0].path)
-    if manifest.tokenizer.model_file is None:
-        return None
-    return manifest.resolve(manifest.tokenizer.model_file)

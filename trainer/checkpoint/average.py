@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint.layout import CheckpointError, iter_full_tensors
+from trainer.checkpoint.layout import CheckpointError, is_checkpoint_dir, iter_full_tensors
 from trainer.checkpoint.load import (
     VOCAB_ROW_TENSORS,
     candidates,
@@ -49,7 +49,7 @@ class Averaged:
 
 def newest_checkpoints(directory: Path, count: int) -> list[Path]:
     """The newest `count` checkpoints of a directory of them, oldest first (checksums are verified on reading)."""
-    found = [path for path in candidates(directory) if (path / "metadata.json").is_file()]  # newest first
+    found = [path for path in candidates(directory) if is_checkpoint_dir(path)]  # newest first
     if count < 2 or len(found) < count:
         raise CheckpointError(f"--last {count}: {directory} holds {len(found)} complete checkpoints; averaging needs "
                               f"at least 2, and at most that many")
