@@ -15,9 +15,10 @@ back under the same id (SLURM_RESTART_COUNT=1, ...) and resumes from the newest 
 preemption (PreemptMode=REQUEUE) requeues the job itself.
 
 Faults (docs/operations.md): the first rank that fails ends the whole step (--kill-on-bad-exit=1; planned exits 0
-and 75 are mapped to 0 per task so they never trigger it); a hang (76) is requeued at most launch.max_hang_requeues
-times; each job records its outcome in <run_dir>/logs/outcomes/job-<id>, and a chained follow-up exits at once after
-a terminal one (finished, diverged, config error, corrupt data).
+and 75 are mapped to 0 per task so they never trigger it); a hang (76) restarts the job at most
+launch.max_hang_requeues times, as a new job without the suspect nodes where it can (launch/hung_nodes.py); each
+job records its outcome in <run_dir>/logs/outcomes/job-<id>, and a chained follow-up exits at once after a terminal
+one (finished, diverged, config error, corrupt data).
 """
 
 from __future__ import annotations
@@ -159,11 +160,16 @@ def _chain_gate(run_dir: Path) -> list[str]:
     return [
         "# A follow-up of a chain (launch.chain_jobs, --dependency=afterany): after a terminal outcome of the job it",
         "# waited for (finished, diverged, config error, corrupt data) there is nothing to do: release the nodes now.",
-        'if [ -n "${PRETRAIN_CHAIN_AFTER:-}" ] && [ -f "$OUTCOMES/job-$PRETRAIN_CHAIN_AFTER" ]; then',
-        '    read -r before_outcome before_code < "$OUTCOMES/job-$PRETRAIN_CHAIN_AFTER"',
+        "# A job resubmitted without hung nodes (launch/hung_nodes.py) left replaced-<id>: the new job's outcome counts.",
+        'chain_after=${PRETRAIN_CHAIN_AFTER:-}',
+        'while [ -n "$chain_after" ] && [ -f "$OUTCOMES/replaced-$chain_after" ]; do',
+        '    chain_after=$(cat "$OUTCOMES/replaced-$chain_after")',
+        "done",
+        'if [ -n "$chain_after" ] && [ -f "$OUTCOMES/job-$chain_after" ]; then',
+        '    read -r before_outcome before_code < "$OUTCOMES/job-$chain_after"',
         '    case "$before_outcome" in',
         "        finished|diverged|config_error|data_corrupt|hang_gave_up)",
-        '            echo "job $SLURM_JOB_ID: job $PRETRAIN_CHAIN_AFTER ended $before_outcome (exit $before_code): '
+        '            echo "job $SLURM_JOB_ID: job $chain_after ended $before_outcome (exit $before_code): '
         'nothing to train, releasing the nodes"',
         '            record_outcome "$before_outcome" "$before_code"  # so the next follow-up stops too',
         "            exit 0 ;;",
@@ -209,10 +215,9 @@ def _outcome_block(launch: Any, request: SbatchRequest) -> list[str]:
             '        hangs=$(( $(cat "$OUTCOMES/hang-requeues-$SLURM_JOB_ID" 2>/dev/null || echo 0) + 1 ))',
             f'        if still_running && [ "$hangs" -le {launch.max_hang_requeues} ]; then',
             '            echo "$hangs" > "$OUTCOMES/hang-requeues-$SLURM_JOB_ID"',
-            "            record_outcome hang_requeued 76",
-            f'            echo "job $SLURM_JOB_ID: a rank hung (exit 76; stacks in {request.run_dir}/logs/rank*.log), '
-            f'requeueing ($hangs of at most launch.max_hang_requeues={launch.max_hang_requeues})"',
-            '            scontrol requeue "$SLURM_JOB_ID"',
+            f'            echo "job $SLURM_JOB_ID: a rank hung (exit 76; stacks in {request.run_dir}/logs/rank*.log): '
+            f'hang $hangs of at most launch.max_hang_requeues={launch.max_hang_requeues}"',
+            *_hang_restart(launch, request),
             "        elif ! still_running; then",
             "            record_outcome hang 76  # cancelled or past its time limit: not a reason to give up the run",
             "        else",
@@ -236,6 +241,26 @@ def _outcome_block(launch: Any, request: SbatchRequest) -> list[str]:
         "esac",
         *_failure_summary(request),
         'exit "$rc"',
+    ]
+
+
+def _hang_restart(launch: Any, request: SbatchRequest) -> list[str]:
+    """Within the hang budget: a new job without the nodes that hung (launch/hung_nodes.py), else a requeue."""
+    requeue = ["record_outcome hang_requeued 76",
+               'echo "job $SLURM_JOB_ID: requeueing"',
+               'scontrol requeue "$SLURM_JOB_ID"']
+    if not launch.exclude_hung_nodes:
+        return [f"            {line}" for line in requeue]
+    resubmit = [request.python, "-m", "launch.hung_nodes", "--script", str(request.run_dir / "sbatch.sh"),
+                "--outcomes", str(request.run_dir / "logs" / "outcomes")]
+    return [
+        "            # Ranks that never exited (killed with their wrapper) name the suspect nodes: a new job without them.",
+        f'            if new_job=$({shlex.join(resubmit)} --hangs "$hangs"); then',
+        "                record_outcome hang_resubmitted 76",
+        '                echo "job $SLURM_JOB_ID: resubmitted as job $new_job, which resumes from the newest checkpoint"',
+        "            else",
+        *[f"                {line}" for line in requeue],
+        "            fi",
     ]
 
 

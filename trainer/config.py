@@ -411,6 +411,10 @@ class LaunchConfig(_Section):
     # A hung rank (exit 76) ends the whole job step; the batch script then requeues the job at most this many times
     # (per job id), then leaves it failed for a person (docs/operations.md).
     max_hang_requeues: NonNegativeInt = 2
+    # Within that budget, a hang whose ranks never exited on some nodes submits the job again without those nodes
+    # (a new job id, resuming like a requeue) instead of requeueing it onto them; in place when the partition would
+    # keep too few usable nodes, or when no node is suspect (launch/hung_nodes.py, docs/operations.md).
+    exclude_hung_nodes: bool = True
 
 
 class Config(_Section):

@@ -93,10 +93,13 @@ def test_a_hung_rank_ends_the_job_step_and_the_job_is_requeued_and_finishes(tmp_
     stopped = rank_pid(job_id, 1)
     os.kill(stopped, signal.SIGSTOP)  # a rank that neither works nor dies: a hang
     stop_s = time.monotonic()
-    while "requeueing (1 of at most launch.max_hang_requeues=1)" not in job_log(run_dir, job_id):
+    while f"job {job_id}: requeueing" not in job_log(run_dir, job_id):
         assert time.monotonic() - stop_s < hang_timeout_s + 60, job_log(run_dir, job_id)
         time.sleep(0.2)
     step_ended_s = time.monotonic() - stop_s
+    # Rank 1's node is the suspect, but a 2-node job on a 2-node cluster cannot leave it out: requeued in place.
+    assert "hang 1 of at most launch.max_hang_requeues=1" in job_log(run_dir, job_id)
+    assert "the partition keeps 1 usable node(s) for a 2-node job" in job_log(run_dir, job_id)
     assert not Path(f"/proc/{stopped}").exists() or Path(f"/proc/{stopped}/stat").read_text().split()[2] == "Z"
     assert wait_for_job(job_id, timeout_s=300) == "COMPLETED", job_log(run_dir, job_id)
     log = job_log(run_dir, job_id)
@@ -105,6 +108,39 @@ def test_a_hung_rank_ends_the_job_step_and_the_job_is_requeued_and_finishes(tmp_
     assert "watchdog: no training progress" in (run_dir / "logs" / "rank0.log").read_text()
     print(f"SIGSTOP of rank 1 -> step ended and job requeued after {step_ended_s:.1f} s "
           f"(hang_timeout_s={hang_timeout_s}, bound {hang_timeout_s + 60} s)")
+
+
+def job_field(job_id: str, name: str) -> str:
+    fields = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout.split()
+    return next(f.split("=", 1)[1] for f in fields if f.startswith(f"{name}="))
+
+
+def test_a_hang_submits_the_job_again_without_the_hung_node_and_its_follow_up_waits_for_that_job(
+        tmp_path: Path) -> None:
+    """A 1-node job (2 ranks) on a 2-node cluster: the node where a rank never exited is left out of the new job,
+    which resumes and finishes on the other node; the chain's follow-up waits for the new job and stops after it."""
+    run_dir, hang_timeout_s, max_steps = tmp_path / "run", 5, 60
+    first, follow_up = submit(run_dir, "launch.nodes=1", "launch.gpus_per_node=2", "launch.cpus_per_task=1",
+                              f"train.max_steps={max_steps}", "checkpoint.save_interval_steps=10",
+                              f"faults.hang_timeout_s={hang_timeout_s}", "launch.max_hang_requeues=2",
+                              "launch.chain_jobs=1")
+    wait_for_step(run_dir, 25)
+    hung_node = job_field(first, "NodeList")
+    os.kill(rank_pid(first, 1), signal.SIGSTOP)
+    assert wait_for_job(first, timeout_s=hang_timeout_s + 60) == "FAILED", job_log(run_dir, first)
+    outcomes = run_dir / "logs" / "outcomes"
+    assert (outcomes / f"job-{first}").read_text().split() == ["hang_resubmitted", "76"]
+    second = (outcomes / f"replaced-{first}").read_text().strip()
+    assert f"submitted job {second} without {hung_node}" in job_log(run_dir, first)
+    assert "but `scontrol update" not in job_log(run_dir, first)  # every pending follow-up was moved
+    assert job_field(second, "ExcNodeList") == hung_node
+    assert job_field(follow_up, "Dependency").startswith(f"afterany:{second}")
+    assert wait_for_job(second, timeout_s=300) == "COMPLETED", job_log(run_dir, second)
+    assert job_field(second, "NodeList") not in ("", hung_node)
+    assert (outcomes / f"hang-requeues-{second}").read_text().split() == ["1"]  # the budget went on with the job
+    assert sorted(losses(run_dir)) == list(range(1, max_steps + 1))
+    assert wait_for_job(follow_up, timeout_s=120) == "COMPLETED"
+    assert f"job {second} ended finished (exit 0): nothing to train" in job_log(run_dir, follow_up)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,55 @@
+"""Which nodes a hang leaves out of the next job (launch/hung_nodes.py); the real resubmission runs against the
+localhost Slurm in test_slurm_faults.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from launch.hung_nodes import NOT_RESUBMITTED, exclusion, main, suspect_nodes, usable_nodes
+from launch.slurm import SbatchRequest, render_sbatch
+from trainer.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_a_node_is_suspect_when_fewer_of_its_ranks_exited_by_the_watchdog_than_ran_there() -> None:
+    recorded = [(76, "n1"), (76, "n1"), (76, "n2"), (1, "n2"), (76, "n3")]  # n2: one woke up and failed; n3: one killed
+    assert suspect_nodes(recorded, ["n1", "n2", "n3"], tasks_per_node=2) == ["n2", "n3"]
+    assert suspect_nodes([(76, "n1"), (76, "n2")], ["n1", "n2"], tasks_per_node=1) == []
+
+
+def test_down_drained_and_failing_nodes_are_not_counted_as_usable() -> None:
+    rows = ["n1 idle", "n2 mix", "n3 alloc*", "n4 down*", "n5 drain", "n6 drng", "n7 comp", "n8 fail", "n9 maint"]
+    assert usable_nodes(rows) == {"n1", "n2", "n3", "n7"}
+
+
+def test_the_exclusion_adds_the_suspects_to_what_the_job_excluded_already() -> None:
+    assert exclusion(["n3"], ["n1"], {"n1", "n2", "n3", "n4", "n5"}, nodes_needed=2) == ["n1", "n3"]
+
+
+def test_no_exclusion_without_a_suspect_or_when_the_job_could_never_start() -> None:
+    with pytest.raises(ValueError, match="no node can be told apart"):
+        exclusion([], [], {"n1", "n2"}, nodes_needed=1)
+    with pytest.raises(ValueError, match=r"without n1,n2 the partition keeps 1 usable node\(s\) for a 2-node job"):
+        exclusion(["n2"], ["n1"], {"n1", "n2", "n3"}, nodes_needed=2)
+
+
+def test_outside_a_job_it_says_why_and_asks_for_a_requeue_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert main(["--script", str(tmp_path / "sbatch.sh"), "--outcomes", str(tmp_path), "--hangs", "1"]) \
+        == NOT_RESUBMITTED
+    assert "not excluding any node: 'SLURM_JOB_ID' is not set" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("exclude", [True, False])
+def test_the_batch_script_resubmits_only_when_asked(tmp_path: Path, exclude: bool) -> None:
+    cfg = load_config(REPO / "configs/tiny.yaml", [f"launch.exclude_hung_nodes={str(exclude).lower()}"])
+    request = SbatchRequest(config_path=tmp_path / "run" / "config.yaml", run_dir=tmp_path / "run", workdir=tmp_path,
+                            python="/opt/venv/bin/python", requeue_exit_code=75)
+    script = render_sbatch(cfg, request)
+    resubmit = f"/opt/venv/bin/python -m launch.hung_nodes --script {tmp_path}/run/sbatch.sh"
+    assert (resubmit in script) is exclude
+    assert script.count('scontrol requeue "$SLURM_JOB_ID"') == 2  # after a signal's checkpoint; a hang in place
