@@ -126,6 +126,13 @@ class HFTokenizer:
         return self._ids["pad"]
 
     @property
+    def prepends_bos(self) -> bool:
+        """Whether encoding with the special tokens (AutoTokenizer's default, and so lm-evaluation-harness's) puts
+        the bos first: what tokenizer.json's post-processor does (Llama 2 and 3 folders do; GPT-2 and Qwen do not)."""
+        with_special, plain = (self._tok.encode("a", add_special_tokens=add).ids for add in (True, False))
+        return self.bos_id >= 0 and with_special[:1] == [self.bos_id] and plain[:1] != [self.bos_id]
+
+    @property
     def model_type(self) -> str:
         return "hf-" + str(json.loads(self._json)["model"].get("type", "unknown")).lower()
 

@@ -372,6 +372,12 @@ class Tokenizer:
         return int(self._sp.eos_id())
 
     @property
+    def prepends_bos(self) -> bool:
+        """Whether the HF export encodes with the bos first (AutoTokenizer's default, and so lm-evaluation-harness's):
+        trainer/hf/tokenizer.py sets add_bos_token whenever the model has a bos."""
+        return self.bos_id >= 0
+
+    @property
     def pad_id(self) -> int:
         return int(self._sp.pad_id())
 

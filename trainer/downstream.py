@@ -3,8 +3,11 @@
 A task is a JSON Lines file, one example per line: `{"context": str, "choices": [str, ...], "label": int}` (HellaSwag,
 ARC, PIQA, ... converted once by the user; nothing is downloaded). Each choice is scored as lm-evaluation-harness
 scores it: the sum of the log-probabilities of its tokens after the context. `acc` picks the highest sum, `acc_norm`
-the highest sum per UTF-8 byte of the choice (lm-eval's length normalisation). Context and choice are tokenized as
-lm-eval does (`encode_pair`) with the run's data tokenizer; a context longer than the sequence loses its first tokens.
+the highest sum per character of the choice (lm-eval's length normalisation). Context and choice are tokenized as
+lm-eval 0.4 tokenizes them for the exported model (`encode_pair`) with the run's data tokenizer; a context longer than
+the sequence loses its first tokens. The numbers equal lm-eval's on the HF export of the same weights
+(tests/trainer/test_downstream.py runs lm-eval itself) when the task is written as lm-eval writes its requests: the
+context ends with the target delimiter (a space for most tasks) and the choices are the bare answers.
 
 How the scores come out of any layout: every (example, choice) is one row of `train.seq_len` tokens whose labels are
 ignored (-100) except the choice's tokens. The rows go through the model in micro-batches as validation batches do
@@ -143,16 +146,20 @@ def task_rows(task: MultipleChoiceTask, tokenizer: Any,
 
 
 def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) by lm-evaluation-harness's rule, so scores compare with its numbers: the
-    context's trailing whitespace moves to the continuation, the pair is encoded whole, and the continuation is what
-    follows the length of the context's own encoding; an empty context is the bos (else eos) token."""
+    """(context ids, continuation ids) as lm-evaluation-harness 0.4 encodes them for an HF model of ours, so scores
+    compare with its numbers: the context's trailing whitespace moves to the continuation; the pair is encoded whole
+    and the continuation is what follows the context's own encoding, both with the bos first where the tokenizer
+    prepends one by default (`prepends_bos`: AutoTokenizer's default, which lm-eval keeps). An empty context is the
+    bos (else eos) token, or the continuation's own first token when it is that token."""
     if not context:
         prefix = tokenizer.bos_id if tokenizer.bos_id >= 0 else tokenizer.eos_id
-        return [prefix], tokenizer.encode([continuation])[0].tolist()
+        ids = tokenizer.encode([continuation])[0].tolist()
+        return ([prefix], ids) if ids[:1] != [prefix] else (ids[:1], ids[1:])
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole, alone = (ids.tolist() for ids in tokenizer.encode([context + continuation, context]))
+    bos = [tokenizer.bos_id] if tokenizer.prepends_bos else []
+    whole, alone = (bos + ids.tolist() for ids in tokenizer.encode([context + continuation, context]))
     return alone, whole[len(alone):]
 
 
@@ -160,8 +167,8 @@ def _accuracy(task: MultipleChoiceTask, logliks: list[list[float]]) -> TaskResul
     right = right_norm = 0
     for choices, scores, label in zip(task.choices, logliks, task.labels, strict=True):
         right += max(range(len(scores)), key=scores.__getitem__) == label
-        per_byte = [score / len(choice.encode("utf-8")) for score, choice in zip(scores, choices, strict=True)]
-        right_norm += max(range(len(per_byte)), key=per_byte.__getitem__) == label
+        per_char = [score / len(choice) for score, choice in zip(scores, choices, strict=True)]  # lm-eval: characters
+        right_norm += max(range(len(per_char)), key=per_char.__getitem__) == label
     count = len(task.labels)
     return TaskResult(task.name, right / count, right_norm / count, count, logliks)
 

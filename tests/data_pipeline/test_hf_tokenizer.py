@@ -51,6 +51,23 @@ def test_encodes_like_transformers_autotokenizer(hf_dir: Path) -> None:
         TEXTS[:3])[2].tolist()
 
 
+def test_prepends_bos_is_what_autotokenizer_does_by_default(hf_dir: Path, tmp_path: Path) -> None:
+    """Downstream tasks put the bos first exactly where AutoTokenizer (and so lm-eval) does: a Llama 3 folder's
+    post-processor adds it; without a post-processor (GPT-2 style) nothing is added, though a bos is named."""
+    from transformers import AutoTokenizer
+
+    bare = tmp_path / "no_post_processor"
+    bare.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        content = json.loads((hf_dir / name).read_text())
+        content.pop("post_processor", None)
+        (bare / name).write_text(json.dumps(content))
+    for folder, prepends in ((hf_dir, True), (bare, False)):
+        reference = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        assert (reference("hi").input_ids[0] == reference.bos_token_id) is prepends
+        assert load_tokenizer(folder).prepends_bos is prepends
+
+
 def test_the_fingerprint_follows_the_encoding_not_the_formatting(hf_dir: Path, tmp_path: Path) -> None:
     content = json.loads((hf_dir / "tokenizer.json").read_text())
     (tmp_path / "reformatted").mkdir()

@@ -1,9 +1,12 @@
-"""`pretrain eval --task FILE`: multiple-choice accuracy by log-likelihood, equal to transformers' own in every layout.
+"""`pretrain eval --task FILE`: multiple-choice accuracy by log-likelihood, equal to lm-evaluation-harness's in every
+layout.
 
-The reference is `transformers.LlamaForCausalLM` scoring each choice itself (the summed log-softmax of the choice's
-tokens after the context, the context and choice encoded by AutoTokenizer on the same folder), then lm-eval's acc and
-acc_norm. Ours runs the same weights through `evaluate_weights` in 1 process, TP 2 with the fused lm_head + loss,
-PP 2 and ZeRO-3 DP 2: rows spread over DP ranks, through the pipeline, with vocab-parallel losses.
+The reference is lm-evaluation-harness itself (`lm_eval.simple_evaluate`, its HF model class on the same folder of
+weights and tokenizer, the task as a local JSON Lines task): its per-choice log-likelihoods, acc and acc_norm. The
+task has what tells encodings apart: contexts with trailing spaces and one empty, short ones (the tokenizer's bos
+first, as lm-eval encodes) and ones longer than the sequence, choices with non-ASCII characters (acc_norm divides by
+characters, not bytes). Ours runs the same weights through `evaluate_weights` in 1 process, TP 2 with the fused
+lm_head + loss, PP 2 and ZeRO-3 DP 2: rows spread over DP ranks, through the pipeline, with vocab-parallel losses.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 import random
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +38,12 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
 # The tiny config's shape for the HF model; synthetic validation data (the tasks are what is compared).
 OVERRIDES = ["model.vocab_size=402", "train.eval_steps=1"]
+SEQ_LEN = 64  # configs/tiny.yaml train.seq_len: lm-eval gets it as max_length
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A released-looking model folder (weights + Llama-3-like tokenizer) and a task file of 10 examples, some with
-    a context longer than the sequence (64 tokens)."""
+    """A released-looking model folder (weights + Llama-3-like tokenizer) and a task file of 10 examples."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("downstream")
@@ -58,41 +62,56 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             # Some overflow the sequence (600 characters), some end in spaces, one is empty.
             context = "" if i == 3 else docs[i][: rng.choice((40, 120, 600))] + rng.choice(("", " ", "  "))
             choices = [docs[100 + 4 * i + j][:rng.randint(5, 60)] for j in range(rng.randint(2, 4))]
+            if i % 2:  # 2 bytes a character: per-byte and per-character normalisation pick differently
+                choices = [choice + "é" * (7 * j) for j, choice in enumerate(choices)]
             f.write(json.dumps({"context": context, "choices": choices, "label": rng.randrange(len(choices))}) + "\n")
     return {"root": root, "hf": root / "model", "task": root / "task.jsonl"}
 
 
-def _hf_scores(setup: dict[str, Any], seq_len: int) -> tuple[list[list[float]], float, float]:
-    from transformers import AutoTokenizer, LlamaForCausalLM
+# Run in its own process: lm-eval seeds the global RNGs and sets up logging; the test process forks ranks afterwards.
+LM_EVAL_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    model_dir, tasks_dir, seq_len = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    lm = HFLM(pretrained=model_dir, max_length=seq_len, batch_size=1, device="cpu", dtype="float32")
+    out = simple_evaluate(model=lm, tasks=["task"], task_manager=TaskManager(include_path=tasks_dir), log_samples=True)
+    samples = sorted(out["samples"]["task"], key=lambda sample: sample["doc_id"])
+    metrics = out["results"]["task"]
+    print(json.dumps({"logliks": [[resp[0] for resp in s["filtered_resps"]] for s in samples],
+                      "acc": metrics["acc,none"], "acc_norm": metrics["acc_norm,none"]}))
+""")
 
-    model = LlamaForCausalLM.from_pretrained(str(setup["hf"])).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(setup["hf"]), local_files_only=True)
-    logliks, right, right_norm, examples = [], 0, 0, [json.loads(line) for line in setup["task"].open()]
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False).input_ids
 
-    for example in examples:
-        scores = []
-        for choice in example["choices"]:
-            # lm-evaluation-harness's pair encoding: trailing spaces move to the continuation, the pair is encoded
-            # whole, the continuation is what follows the context's own encoding; an empty context is the bos.
-            context, continuation = example["context"].rstrip(), example["context"][len(example["context"].rstrip()):]
-            continuation += choice
-            if example["context"]:
-                context_ids = encode(context)
-                choice_ids = encode(context + continuation)[len(context_ids):]
-            else:
-                context_ids, choice_ids = [tokenizer.bos_token_id], encode(choice)
-            ids = (context_ids + choice_ids)[-(seq_len + 1):]
-            with torch.no_grad():
-                log_probs = model(torch.tensor([ids[:-1]])).logits[0].double().log_softmax(-1)
-            positions = range(len(ids) - 1 - len(choice_ids), len(ids) - 1)
-            scores.append(sum(log_probs[t, ids[t + 1]].item() for t in positions))
-        logliks.append(scores)
-        right += max(range(len(scores)), key=scores.__getitem__) == example["label"]
-        norm = [s / len(c.encode("utf-8")) for s, c in zip(scores, example["choices"], strict=True)]
-        right_norm += max(range(len(norm)), key=norm.__getitem__) == example["label"]
-    return logliks, right / len(examples), right_norm / len(examples)
+@pytest.fixture(scope="module")
+def lm_eval_scores(setup: dict[str, Any]) -> dict[str, Any]:
+    """lm-eval's per-choice log-likelihoods, acc and acc_norm on the HF folder: the task as lm-eval's own YAML (the
+    context and the choice joined with no delimiter, as in our task file)."""
+    tasks_dir = setup["root"] / "lm_eval_tasks"
+    tasks_dir.mkdir(exist_ok=True)
+    (tasks_dir / "task.yaml").write_text(textwrap.dedent(f"""\
+        task: task
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: {setup["task"]}
+        test_split: test
+        output_type: multiple_choice
+        doc_to_text: "{{{{context}}}}"
+        doc_to_choice: "{{{{choices}}}}"
+        doc_to_target: "{{{{label}}}}"
+        target_delimiter: ""
+        metric_list:
+          - metric: acc
+          - metric: acc_norm
+        """))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(setup["root"] / "datasets_cache"), "TOKENIZERS_PARALLELISM": "false"}
+    out = subprocess.run([sys.executable, "-c", LM_EVAL_SCRIPT, str(setup["hf"]), str(tasks_dir), str(SEQ_LEN)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _score(rank: int, world_size: int, hf_dir: str, task: str, overrides: list[str]) -> tuple:
@@ -109,18 +128,20 @@ LAYOUTS = {"1proc": (1, []), "tp2-fused": (2, ["parallel.tp=2", "parallel.lm_los
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_choice_scores_and_accuracy_equal_transformers(setup: dict[str, Any], layout: str) -> None:
-    want_logliks, want_acc, want_acc_norm = _hf_scores(setup, seq_len=64)
+def test_choice_scores_and_accuracy_equal_lm_evaluation_harness(setup: dict[str, Any], lm_eval_scores: dict[str, Any],
+                                                                layout: str) -> None:
+    want_logliks = lm_eval_scores["logliks"]
     world_size, overrides = LAYOUTS[layout]
     for logliks, acc, acc_norm in run_distributed(_score, world_size, str(setup["hf"]), str(setup["task"]),
                                                   [*OVERRIDES, *overrides], timeout_s=240):  # every rank's
         assert [len(s) for s in logliks] == [len(s) for s in want_logliks]
         worst = max(abs(a - b) for got, want in zip(logliks, want_logliks) for a, b in zip(got, want))
-        assert worst <= 1e-4, worst  # fp32 sums of a few dozen log-probabilities, ~-5 each: measured 2.1e-5
-        assert (acc, acc_norm) == (want_acc, want_acc_norm)
+        assert worst <= 1e-4, worst  # fp32 sums of a few dozen log-probabilities, ~-5 each: measured 3.1e-5
+        assert (acc, acc_norm) == (lm_eval_scores["acc"], lm_eval_scores["acc_norm"])
 
 
-def test_the_cli_prints_and_writes_task_accuracy(setup: dict[str, Any], tmp_path: Path) -> None:
+def test_the_cli_prints_and_writes_task_accuracy(setup: dict[str, Any], lm_eval_scores: dict[str, Any],
+                                                tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT", "LOCAL_WORLD_SIZE")}
     base = [sys.executable, "-m", "launch", "eval", "--weights", str(setup["hf"]), "--config", str(TINY),
@@ -131,8 +152,7 @@ def test_the_cli_prints_and_writes_task_accuracy(setup: dict[str, Any], tmp_path
     assert out.stdout.splitlines()[0].split()[3:5] == ["task", "acc"]  # "task acc", "task acc_norm" columns
     (summary,) = json.loads((tmp_path / "e.json").read_text())
     assert summary["tasks"]["task"]["num_examples"] == 10
-    _, want_acc, _ = _hf_scores(setup, seq_len=64)
-    assert summary["tasks"]["task"]["acc"] == want_acc
+    assert summary["tasks"]["task"]["acc"] == lm_eval_scores["acc"]
     (tmp_path / "bad.jsonl").write_text('{"context": "a", "choices": ["b"], "label": 0}\n')
     bad = subprocess.run([*base, "--task", str(tmp_path / "bad.jsonl"), "--tokenizer", str(setup["hf"])],
                          capture_output=True, text=True, cwd=REPO, env=env, timeout=240)

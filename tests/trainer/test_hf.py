@@ -128,6 +128,7 @@ def test_config_generation_config_and_tokenizer_files(tmp_path: Path, tokenizers
     assert tok.model_max_length == 96  # model.max_seq_len, not transformers' 1e30 default
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (1, 2, 3, 0)
     assert tok("x = 1").input_ids == [1] + tokenizers["bpe"].encode(["x = 1"])[0].tolist()  # BOS, as in training
+    assert tokenizers["bpe"].prepends_bos  # what downstream tasks encode with, as lm-eval does with this folder
     assert Tokenizer.load(tmp_path / "hf").fingerprint == tokenizers["bpe"].fingerprint  # tokenizer.model copied
 
 
