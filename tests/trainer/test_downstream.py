@@ -84,18 +84,17 @@ LM_EVAL_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
-def lm_eval_scores(setup: dict[str, Any]) -> dict[str, Any]:
-    """lm-eval's per-choice log-likelihoods, acc and acc_norm on the HF folder: the task as lm-eval's own YAML (the
-    context and the choice joined with no delimiter, as in our task file)."""
-    tasks_dir = setup["root"] / "lm_eval_tasks"
-    tasks_dir.mkdir(exist_ok=True)
+def lm_eval(model_dir: Path, task: Path, work_dir: Path) -> dict[str, Any]:
+    """lm-eval's per-choice log-likelihoods, acc and acc_norm for `task` on the HF folder `model_dir`: the task as
+    lm-eval's own YAML (the context and the choice joined with no delimiter, as in our task file)."""
+    tasks_dir = work_dir / "lm_eval_tasks"
+    tasks_dir.mkdir(parents=True, exist_ok=True)
     (tasks_dir / "task.yaml").write_text(textwrap.dedent(f"""\
         task: task
         dataset_path: json
         dataset_kwargs:
           data_files:
-            test: {setup["task"]}
+            test: {task}
         test_split: test
         output_type: multiple_choice
         doc_to_text: "{{{{context}}}}"
@@ -107,17 +106,24 @@ def lm_eval_scores(setup: dict[str, Any]) -> dict[str, Any]:
           - metric: acc_norm
         """))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "HF_DATASETS_CACHE": str(setup["root"] / "datasets_cache"), "TOKENIZERS_PARALLELISM": "false"}
-    out = subprocess.run([sys.executable, "-c", LM_EVAL_SCRIPT, str(setup["hf"]), str(tasks_dir), str(SEQ_LEN)],
+           "HF_DATASETS_CACHE": str(work_dir / "datasets_cache"), "TOKENIZERS_PARALLELISM": "false"}
+    out = subprocess.run([sys.executable, "-c", LM_EVAL_SCRIPT, str(model_dir), str(tasks_dir), str(SEQ_LEN)],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _score(rank: int, world_size: int, hf_dir: str, task: str, overrides: list[str]) -> tuple:
+@pytest.fixture(scope="module")
+def lm_eval_scores(setup: dict[str, Any]) -> dict[str, Any]:
+    return lm_eval(setup["hf"], setup["task"], setup["root"])
+
+
+def _score(rank: int, world_size: int, hf_dir: str, task: str, overrides: list[str],
+           tokenizer: str | None = None) -> tuple:
     from trainer.eval_checkpoint import evaluate_weights
 
-    cfg = load_config(TINY, [*overrides, f"train.eval_tasks=[{task}]", f"train.eval_tasks_tokenizer={hf_dir}"])
+    cfg = load_config(TINY, [*overrides, f"train.eval_tasks=[{task}]",
+                             f"train.eval_tasks_tokenizer={tokenizer or hf_dir}"])
     (evaluated,) = evaluate_weights(cfg, [Path(hf_dir)])
     (result,) = evaluated.result.tasks
     return result.logliks, result.acc, result.acc_norm
@@ -138,6 +144,35 @@ def test_choice_scores_and_accuracy_equal_lm_evaluation_harness(setup: dict[str,
         worst = max(abs(a - b) for got, want in zip(logliks, want_logliks) for a, b in zip(got, want))
         assert worst <= 1e-4, worst  # fp32 sums of a few dozen log-probabilities, ~-5 each: measured 3.1e-5
         assert (acc, acc_norm) == (lm_eval_scores["acc"], lm_eval_scores["acc_norm"])
+
+
+def test_a_sentencepiece_model_exported_to_hf_scores_as_lm_eval_scores_the_export(setup: dict[str, Any],
+                                                                                  tmp_path: Path) -> None:
+    """Our own tokenizer: the run scores with the sentencepiece model, lm-eval with the HF tokenizer that
+    `convert to-hf` wrote next to the weights (it prepends the bos, as the training data has it)."""
+    from hf_fixtures import VOCAB, write_corpus
+
+    from data_pipeline.tokenizer import TokenizerTrainConfig, train_tokenizer
+    from launch.cli import main
+    from trainer.config import padded_vocab_size
+    from trainer.hf import save_full_state_dict, state_dict_of
+    from trainer.model import Llama
+
+    corpus = write_corpus(tmp_path / "corpus.jsonl", corpus_documents(120, seed=0))
+    train_tokenizer(TokenizerTrainConfig(inputs=(str(corpus),), output_dir=str(tmp_path / "spm"), vocab_size=VOCAB,
+                                         input_sentence_size=0, num_threads=2))
+    overrides = [f"model.vocab_size={VOCAB}", "model.init_std=0.1", "train.eval_steps=1"]
+    torch.manual_seed(0)
+    cfg = load_config(TINY, overrides).model
+    save_full_state_dict(state_dict_of(Llama(cfg, padded_vocab_size(cfg.vocab_size, 1))), tmp_path / "w.safetensors")
+    assert main(["convert", "to-hf", "--state-dict", str(tmp_path / "w.safetensors"), "--config", str(TINY),
+                 *overrides[:2], "--tokenizer", str(tmp_path / "spm"), "--output", str(tmp_path / "hf")]) == 0
+    want = lm_eval(tmp_path / "hf", setup["task"], tmp_path)
+    [(logliks, acc, acc_norm)] = run_distributed(_score, 1, str(tmp_path / "hf"), str(setup["task"]), overrides,
+                                                 str(tmp_path / "spm"), timeout_s=240)
+    worst = max(abs(a - b) for got, w in zip(logliks, want["logliks"]) for a, b in zip(got, w))
+    assert worst <= 1e-4, worst
+    assert (acc, acc_norm) == (want["acc"], want["acc_norm"])
 
 
 def test_the_cli_prints_and_writes_task_accuracy(setup: dict[str, Any], lm_eval_scores: dict[str, Any],
