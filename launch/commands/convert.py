@@ -74,13 +74,16 @@ def size_bytes(text: str) -> int:
 
 def register(subparsers: Any) -> None:
     group = subparsers.add_parser(
-        "convert", help="convert weights to / from a Hugging Face directory", formatter_class=_HelpFormatter,
-        description="Checkpoint conversion to and from Hugging Face format.", epilog=TO_HF_EXAMPLE,
+        "convert", help="convert weights to / from a Hugging Face directory; lm-eval tasks to task files",
+        formatter_class=_HelpFormatter, epilog=TO_HF_EXAMPLE,
+        description="Checkpoint conversion to and from Hugging Face format, checkpoint averaging, and "
+                    "lm-evaluation-harness tasks as task files for `pretrain eval --task` / train.eval_tasks.",
     )
     commands = group.add_subparsers(dest="convert_command", metavar="<subcommand>", required=True)
     _register_to_hf(commands)
     _register_from_hf(commands)
     _register_average(commands)
+    _register_lm_eval_task(commands)
 
 
 def _register_to_hf(commands: Any) -> None:
@@ -163,6 +166,50 @@ def _register_average(commands: Any) -> None:
                         help="directory for model.safetensors and model.yaml")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier average in --output")
     parser.set_defaults(func=run_average)
+
+
+LM_EVAL_TASK_EXAMPLE = """\
+example (where the datasets can be downloaded, e.g. a login node; needs pip install "lm_eval>=0.4.13"):
+  pretrain convert lm-eval-task hellaswag arc_easy piqa --output tasks
+
+  writes tasks/hellaswag.jsonl, tasks/arc_easy.jsonl, tasks/piqa.jsonl ({"context", "choices", "label"} per
+  document of the split lm-eval evaluates); then, with nothing to download:
+      pretrain eval --checkpoint runs/7b/checkpoints --task tasks/hellaswag.jsonl
+      train.eval_tasks=[tasks/hellaswag.jsonl,tasks/arc_easy.jsonl]  (scored at each of a run's evals)
+
+lm-eval builds the requests itself (dataset, prompt template, few-shot examples with its seed 1234), so the
+accuracies equal lm-eval's on the HF export of the same weights. A group (mmlu) writes one file per task.
+Multiple-choice tasks only; Winogrande-style tasks (several contexts, one continuation) are refused by name.
+"""
+
+
+def _register_lm_eval_task(commands: Any) -> None:
+    parser = commands.add_parser(
+        "lm-eval-task", help="lm-evaluation-harness multiple-choice tasks → task files for `eval --task`",
+        formatter_class=_HelpFormatter, epilog=LM_EVAL_TASK_EXAMPLE,
+        description="Write lm-eval multiple-choice tasks as JSON Lines task files that score as lm-eval scores them.",
+    )
+    parser.add_argument("tasks", nargs="+", metavar="TASK", help="lm-eval task, group or tag names")
+    parser.add_argument("--output", required=True, metavar="DIR", help="directory for <task>.jsonl files")
+    parser.add_argument("--num-fewshot", type=int, metavar="N",
+                        help="few-shot examples in each context (default: the task's own, else 0)")
+    parser.add_argument("--limit", type=int, metavar="N", help="only the first N documents of each task")
+    parser.add_argument("--include-path", metavar="DIR", help="a folder of your own lm-eval task YAML files")
+    parser.add_argument("--overwrite", action="store_true", help="replace task files already in --output")
+    parser.set_defaults(func=run_lm_eval_task)
+
+
+def run_lm_eval_task(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from trainer.lm_eval_tasks import convert_lm_eval_tasks
+
+    converted = convert_lm_eval_tasks(args.tasks, Path(args.output), num_fewshot=args.num_fewshot, limit=args.limit,
+                                      include_path=args.include_path, overwrite=args.overwrite)
+    for task in converted:
+        print(f"{task.name}: {task.num_examples} examples, {task.num_fewshot}-shot -> {task.path}")
+    print(f"score them: pretrain eval ... --task {converted[0].path}, or train.eval_tasks=[{converted[0].path}]")
+    return 0
 
 
 def run_average(args: argparse.Namespace) -> int:

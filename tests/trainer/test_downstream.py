@@ -74,19 +74,20 @@ LM_EVAL_SCRIPT = textwrap.dedent("""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-    model_dir, tasks_dir, seq_len = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    model_dir, tasks_dir, name, seq_len, shots = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
     lm = HFLM(pretrained=model_dir, max_length=seq_len, batch_size=1, device="cpu", dtype="float32")
-    out = simple_evaluate(model=lm, tasks=["task"], task_manager=TaskManager(include_path=tasks_dir), log_samples=True)
-    samples = sorted(out["samples"]["task"], key=lambda sample: sample["doc_id"])
-    metrics = out["results"]["task"]
+    out = simple_evaluate(model=lm, tasks=[name], task_manager=TaskManager(include_path=tasks_dir), log_samples=True,
+                          num_fewshot=shots)
+    samples = sorted(out["samples"][name], key=lambda sample: sample["doc_id"])
+    metrics = out["results"][name]
     print(json.dumps({"logliks": [[resp[0] for resp in s["filtered_resps"]] for s in samples],
                       "acc": metrics["acc,none"], "acc_norm": metrics["acc_norm,none"]}))
 """)
 
 
 def lm_eval(model_dir: Path, task: Path, work_dir: Path) -> dict[str, Any]:
-    """lm-eval's per-choice log-likelihoods, acc and acc_norm for `task` on the HF folder `model_dir`: the task as
-    lm-eval's own YAML (the context and the choice joined with no delimiter, as in our task file)."""
+    """lm-eval's per-choice log-likelihoods, acc and acc_norm for our task file `task` on the HF folder `model_dir`:
+    the task as lm-eval's own YAML (the context and the choice joined with no delimiter, as in our task file)."""
     tasks_dir = work_dir / "lm_eval_tasks"
     tasks_dir.mkdir(parents=True, exist_ok=True)
     (tasks_dir / "task.yaml").write_text(textwrap.dedent(f"""\
@@ -105,10 +106,14 @@ def lm_eval(model_dir: Path, task: Path, work_dir: Path) -> dict[str, Any]:
           - metric: acc
           - metric: acc_norm
         """))
+    return run_lm_eval(model_dir, tasks_dir, "task", work_dir)
+
+
+def run_lm_eval(model_dir: Path, tasks_dir: Path, name: str, work_dir: Path, num_fewshot: int = 0) -> dict[str, Any]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_DATASETS_CACHE": str(work_dir / "datasets_cache"), "TOKENIZERS_PARALLELISM": "false"}
-    out = subprocess.run([sys.executable, "-c", LM_EVAL_SCRIPT, str(model_dir), str(tasks_dir), str(SEQ_LEN)],
-                         capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run([sys.executable, "-c", LM_EVAL_SCRIPT, str(model_dir), str(tasks_dir), name, str(SEQ_LEN),
+                          str(num_fewshot)], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -173,6 +178,59 @@ def test_a_sentencepiece_model_exported_to_hf_scores_as_lm_eval_scores_the_expor
     worst = max(abs(a - b) for got, w in zip(logliks, want["logliks"]) for a, b in zip(got, w))
     assert worst <= 1e-4, worst
     assert (acc, acc_norm) == (want["acc"], want["acc_norm"])
+
+
+def write_lm_eval_task(tasks_dir: Path, docs: list[str]) -> None:
+    """An lm-eval task as its YAML files are written (HellaSwag-like: a question, endings, the right ending's text,
+    a space between context and choice, few-shot examples from a train split) and a generation task."""
+    rng = random.Random(1)
+    for split, offset in (("train", 0), ("test", 50)):
+        with (tasks_dir / f"{split}.jsonl").open("w") as f:
+            for i in range(offset, offset + 8):
+                endings = [docs[150 + 4 * i + j][:rng.randint(5, 40)].strip() or "x" for j in range(3)]
+                if i % 2:
+                    endings = [ending + "é" * (5 * j) for j, ending in enumerate(endings)]
+                f.write(json.dumps({"question": docs[i][:rng.choice((30, 80))].strip(), "endings": endings,
+                                    "answer": endings[rng.randrange(3)]}) + "\n")
+    data = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    train: {tasks_dir}/train.jsonl\n" \
+           f"    test: {tasks_dir}/test.jsonl\ntraining_split: train\ntest_split: test\n"
+    (tasks_dir / "mc.yaml").write_text(f"task: mc\n{data}output_type: multiple_choice\n"
+                                       'doc_to_text: "Q: {{question}}\\nA:"\ndoc_to_choice: "{{endings}}"\n'
+                                       'doc_to_target: "{{answer}}"\nmetric_list:\n  - metric: acc\n'
+                                       "  - metric: acc_norm\n")
+    (tasks_dir / "gen.yaml").write_text(f"task: gen\n{data}output_type: generate_until\n"
+                                        'doc_to_text: "{{question}}"\ndoc_to_target: "{{answer}}"\n'
+                                        "metric_list:\n  - metric: exact_match\n")
+
+
+def test_an_lm_eval_task_converted_to_a_task_file_scores_as_lm_eval_scores_it(
+        setup: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`pretrain convert lm-eval-task` with 2 few-shot examples: lm-eval builds the contexts, we score the file."""
+    from launch.cli import main
+
+    tasks_dir = tmp_path / "lm_eval_tasks"
+    tasks_dir.mkdir()
+    write_lm_eval_task(tasks_dir, corpus_documents(400, seed=3))
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    assert main(["convert", "lm-eval-task", "mc", "--output", str(tmp_path / "tasks"), "--include-path",
+                 str(tasks_dir), "--num-fewshot", "2"]) == 0
+    assert "mc: 8 examples, 2-shot" in capsys.readouterr().out
+    converted = [json.loads(line) for line in (tmp_path / "tasks" / "mc.jsonl").open()]
+    assert converted[0]["context"].count("Q: ") == 3 and converted[0]["context"].endswith("A: ")  # 2 shots + itself
+    want = run_lm_eval(setup["hf"], tasks_dir, "mc", tmp_path, num_fewshot=2)
+    [(logliks, acc, acc_norm)] = run_distributed(_score, 1, str(setup["hf"]), str(tmp_path / "tasks" / "mc.jsonl"),
+                                                 OVERRIDES, timeout_s=240)
+    worst = max(abs(a - b) for got, w in zip(logliks, want["logliks"]) for a, b in zip(got, w))
+    assert worst <= 1e-4, worst
+    assert (acc, acc_norm) == (want["acc"], want["acc_norm"])
+
+    refusals = {"gen": "lm-eval task gen is generate_until, not multiple_choice",
+                "mc": "mc.jsonl exists: pass --overwrite", "no_such_task": "is not a registered task/group/tag name"}
+    for name, message in refusals.items():
+        capsys.readouterr()
+        assert main(["convert", "lm-eval-task", name, "--output", str(tmp_path / "tasks"), "--include-path",
+                     str(tasks_dir)]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_the_cli_prints_and_writes_task_accuracy(setup: dict[str, Any], lm_eval_scores: dict[str, Any],
