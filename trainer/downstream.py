@@ -10,7 +10,7 @@ the sequence loses its first tokens. The numbers equal lm-eval's on the HF expor
 context ends with the target delimiter (a space for most tasks) and the choices are the bare answers.
 
 How the scores come out of any layout: every (example, choice) is one row of `train.seq_len` tokens whose labels are
-ignored (-100) except the choice's tokens. The rows go through the model in micro-batches as validation batches do
+ignored (-100) except the choice's tokens, cut after the task's longest row (rounded up to 64). The rows go through the model in micro-batches as validation batches do
 (spread over DP ranks, through the pipeline under PP), and the loss function is swapped for `RowLogLikelihoods`,
 which computes each row's summed cross entropy with the run's own loss (vocab-parallel under TP, fused lm_head under
 parallel.lm_loss=fused_linear) and keeps it. The rows' sums are then gathered over DP and sent from the last pipeline
@@ -20,6 +20,7 @@ stage to every rank.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,6 +200,7 @@ def row_loss_sums(run: Any, tokens: torch.Tensor, labels: torch.Tensor) -> torch
     """(R,) summed cross entropy of each row, on every rank. Rows are padded to whole micro-batches on every DP rank
     and micro-batch m goes to DP rank m % dp."""
     micro, dp, dp_rank = run.cfg.train.micro_batch_size_per_gpu, run.ctx.dp, run.ctx.dp_rank
+    tokens, labels = _trim_columns(tokens, labels, run.ctx.tp)
     num_rows = tokens.shape[0]
     padded = -(-num_rows // (micro * dp)) * micro * dp
     tokens = torch.cat([tokens, tokens.new_zeros(padded - num_rows, tokens.shape[1])])
@@ -209,16 +211,32 @@ def row_loss_sums(run: Any, tokens: torch.Tensor, labels: torch.Tensor) -> torch
     if run.model.is_pipeline:
         pipe = run.engine.module
         pipe.loss_fn, original = scorer, pipe.loss_fn
+        # The stages exchange activation shapes once and then reuse their buffers: rows shorter than the training
+        # sequence need new ones, and training needs its own back afterwards.
+        run.engine.reset_activation_shape()
         try:
             run.engine.eval_batch(iter(batches), num_micro_batches=len(batches))
         finally:
             pipe.loss_fn = original
+            run.engine.reset_activation_shape()
     else:
         run.engine.eval()
         for batch_tokens, batch_labels in batches:
             scorer(run.engine(batch_tokens.to(run.ctx.device)), batch_labels.to(run.ctx.device))
         run.engine.train()
     return _gather(run, mine, micro, scorer.sums, padded)[:num_rows]
+
+
+def _trim_columns(tokens: torch.Tensor, labels: torch.Tensor, tp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows are left-aligned and causal attention never looks right, so the padding columns after the longest row's
+    last scored token change nothing: cut them (HellaSwag's rows are ~100 tokens of a 2048 sequence, 20x less
+    compute). The length is a multiple of 64 (kernel tiles, FP8's multiples of 16) and of tp (sequence parallelism
+    splits it), at most the training sequence."""
+    columns = torch.arange(labels.shape[1])
+    used = int(((labels != IGNORE) * (columns + 1)).max())  # one past the last scored position of any row
+    align = 64 * tp // math.gcd(64, tp)
+    length = min(labels.shape[1], -(-used // align) * align)
+    return tokens[:, :length], labels[:, :length]
 
 
 def _gather(run: Any, mine: list[int], micro: int, sums: list[torch.Tensor], padded: int) -> torch.Tensor:

@@ -233,6 +233,51 @@ def test_an_lm_eval_task_converted_to_a_task_file_scores_as_lm_eval_scores_it(
         assert message in capsys.readouterr().err
 
 
+def test_rows_lose_only_the_padding_columns_after_the_last_scored_token() -> None:
+    from trainer.downstream import IGNORE, _trim_columns
+
+    tokens = torch.arange(2 * 512).view(2, 512)
+    labels = torch.full((2, 512), IGNORE)
+    labels[0, 20:30], labels[1, 5:9] = 7, 8  # the last scored position of any row: 29
+    for tp, length in ((1, 64), (2, 64), (3, 192)):
+        cut_tokens, cut_labels = _trim_columns(tokens, labels, tp)
+        assert cut_tokens.shape == cut_labels.shape == (2, length)
+        assert torch.equal(cut_tokens, tokens[:, :length]) and torch.equal(cut_labels, labels[:, :length])
+    labels[1, 500] = 9
+    assert _trim_columns(tokens, labels, 1)[0].shape == (2, 512)  # never longer than the sequence
+
+
+def _train_losses(rank: int, world_size: int, overrides: list[str], run_dir: str) -> tuple[dict, list]:
+    from trainer.train import train
+
+    train(load_config(TINY, [*OVERRIDES, "train.max_steps=4", "optim.warmup_steps=1", "train.log_interval_steps=1",
+                             "checkpoint.save_interval_steps=0", f"logging.run_dir={run_dir}", *overrides]))
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return ({r["step"]: r["loss"] for r in records if r["kind"] == "train"},
+            [r.get("acc/short") for r in records if r["kind"] == "eval"])
+
+
+@pytest.mark.parametrize("layout", ["1proc", "pp2"])
+def test_short_task_rows_between_training_steps_change_no_training_loss(setup: dict[str, Any], tmp_path: Path,
+                                                                        layout: str) -> None:
+    """Task rows cut to 64 of the 128-token sequence at the evals of steps 2 and 4: under PP the stages exchange
+    the new activation shapes and go back to the training ones, so every loss equals a run without tasks."""
+    docs = corpus_documents(60, seed=5)
+    with (tmp_path / "short.jsonl").open("w") as f:
+        for i in range(6):
+            f.write(json.dumps({"context": docs[i][:30] + " ", "choices": [docs[20 + i][:12], docs[40 + i][:15]],
+                                "label": i % 2}) + "\n")
+    world_size, layout_overrides = LAYOUTS[layout]
+    common = ["train.seq_len=128", "train.eval_interval_steps=2", f"checkpoint.init_from={setup['hf']}",
+              *layout_overrides]
+    tasks = [f"train.eval_tasks=[{tmp_path / 'short.jsonl'}]", f"train.eval_tasks_tokenizer={setup['hf']}"]
+    with_tasks = run_distributed(_train_losses, world_size, [*common, *tasks], str(tmp_path / "a"), timeout_s=240)
+    without = run_distributed(_train_losses, world_size, common, str(tmp_path / "b"), timeout_s=240)
+    (losses, accuracies), (reference_losses, _) = with_tasks[0], without[0]
+    assert losses == reference_losses and sorted(losses) == [1, 2, 3, 4]
+    assert len(accuracies) == 2 and all(acc is not None and 0 <= acc <= 1 for acc in accuracies)
+
+
 def test_the_cli_prints_and_writes_task_accuracy(setup: dict[str, Any], lm_eval_scores: dict[str, Any],
                                                 tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
