@@ -223,7 +223,8 @@ class TrainConfig(_Section):
     # Global batches per eval: eval_steps × global_batch_size validation samples, the same set for any tp/pp/dp.
     eval_steps: NonNegativeInt = 20
     # Multiple-choice tasks scored at each eval besides the validation loss (trainer/downstream.py): JSON Lines files
-    # of {"context", "choices", "label"}; logged as acc/<file stem> and acc_norm/<file stem> (lm-eval's metrics).
+    # of {"context", "choices", "label"}, or directories of them (`pretrain convert lm-eval-task` writes them);
+    # logged as acc/<file stem> and acc_norm/<file stem> (lm-eval's metrics).
     eval_tasks: list[str] = Field(default_factory=list)
     # The tokenizer that encodes eval_tasks; None: the first data.datasets entry's (what the model trained on).
     eval_tasks_tokenizer: str | None = None

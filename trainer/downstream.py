@@ -109,8 +109,24 @@ def load_tasks(cfg: Any) -> list[TaskRows] | None:
                           "(synthetic data, or a dataset without tokenizer/): set train.eval_tasks_tokenizer=DIR "
                           "(pretrain eval: --tokenizer DIR)")
     tokenizer = load_tokenizer(tokenizer_path)
-    tasks = [MultipleChoiceTask.load(path) for path in cfg.train.eval_tasks]
+    tasks = [MultipleChoiceTask.load(path) for path in task_files(cfg.train.eval_tasks)]
     return [TaskRows(task, *task_rows(task, tokenizer, cfg.train.seq_len)) for task in tasks]
+
+
+def task_files(paths: list[str]) -> list[Path]:
+    """Each path is a task file, or a directory whose *.jsonl files are tasks (what `pretrain convert lm-eval-task`
+    writes for a group such as mmlu: one file per task)."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            files.append(path)
+            continue
+        found = sorted(path.glob("*.jsonl"))
+        if not found:
+            raise ConfigError(f"task directory {path} holds no *.jsonl task files: pass task files, or a directory "
+                              f"that `pretrain convert lm-eval-task ... --output {path}` wrote")
+        files += found
+    return files
 
 
 def score_tasks(run: Any, tasks: list[TaskRows]) -> list[TaskResult]:

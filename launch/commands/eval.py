@@ -58,7 +58,8 @@ def register(subparsers: Any) -> None:
                         help="every intact checkpoint of each directory, oldest first, not only the newest")
     parser.add_argument("--config", metavar="YAML", help="run config (default: the checkpoint's config.yaml)")
     parser.add_argument("--task", action="append", default=[], metavar="FILE",
-                        help="a multiple-choice task (JSON Lines of context / choices / label) to score; repeatable")
+                        help="a multiple-choice task (JSON Lines of context / choices / label) to score, or a "
+                             "directory of them (`convert lm-eval-task` output); repeatable")
     parser.add_argument("--tokenizer", metavar="DIR",
                         help="with --task: the tokenizer (default: train.eval_tasks_tokenizer, else the first "
                              "data.datasets entry's)")

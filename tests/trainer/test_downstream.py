@@ -218,7 +218,7 @@ def test_an_lm_eval_task_converted_to_a_task_file_scores_as_lm_eval_scores_it(
     converted = [json.loads(line) for line in (tmp_path / "tasks" / "mc.jsonl").open()]
     assert converted[0]["context"].count("Q: ") == 3 and converted[0]["context"].endswith("A: ")  # 2 shots + itself
     want = run_lm_eval(setup["hf"], tasks_dir, "mc", tmp_path, num_fewshot=2)
-    [(logliks, acc, acc_norm)] = run_distributed(_score, 1, str(setup["hf"]), str(tmp_path / "tasks" / "mc.jsonl"),
+    [(logliks, acc, acc_norm)] = run_distributed(_score, 1, str(setup["hf"]), str(tmp_path / "tasks"),  # the dir
                                                  OVERRIDES, timeout_s=240)
     worst = max(abs(a - b) for got, w in zip(logliks, want["logliks"]) for a, b in zip(got, w))
     assert worst <= 1e-4, worst
@@ -231,6 +231,20 @@ def test_an_lm_eval_task_converted_to_a_task_file_scores_as_lm_eval_scores_it(
         assert main(["convert", "lm-eval-task", name, "--output", str(tmp_path / "tasks"), "--include-path",
                      str(tasks_dir)]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_task_directory_is_each_of_its_task_files(tmp_path: Path) -> None:
+    from trainer.config import ConfigError
+    from trainer.downstream import task_files
+
+    (tmp_path / "mmlu").mkdir()
+    for name in ("mmlu_b.jsonl", "mmlu_a.jsonl", "notes.txt"):
+        (tmp_path / "mmlu" / name).write_text("")
+    assert task_files([str(tmp_path / "one.jsonl"), str(tmp_path / "mmlu")]) == [
+        tmp_path / "one.jsonl", tmp_path / "mmlu" / "mmlu_a.jsonl", tmp_path / "mmlu" / "mmlu_b.jsonl"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="holds no \\*.jsonl task files"):
+        task_files([str(tmp_path / "empty")])
 
 
 def test_rows_lose_only_the_padding_columns_after_the_last_scored_token() -> None:
