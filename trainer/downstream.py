@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import ConfigError
+from trainer.report import is_group_member
 
 IGNORE = -100
 
@@ -42,8 +43,9 @@ class MultipleChoiceTask:
     labels: list[int]
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> MultipleChoiceTask:
-        """The task in a JSON Lines file; every bad line is reported with its number and what it needs."""
+    def load(cls, path: str | os.PathLike[str], group: str | None = None) -> MultipleChoiceTask:
+        """The task in a JSON Lines file; every bad line is reported with its number and what it needs. A task of
+        a group (a directory of task files) is named <group>/<file stem>."""
         source = Path(path)
         if not source.is_file():
             raise ConfigError(f"task file {source} not found: pass a JSON Lines file of "
@@ -58,7 +60,7 @@ class MultipleChoiceTask:
             labels.append(example["label"])
         if not contexts:
             raise ConfigError(f"task file {source} holds no examples")
-        return cls(source.stem, contexts, choices, labels)
+        return cls(f"{group}/{source.stem}" if group else source.stem, contexts, choices, labels)
 
 
 def _parse(line: str, where: str) -> dict[str, Any]:
@@ -109,23 +111,23 @@ def load_tasks(cfg: Any) -> list[TaskRows] | None:
                           "(synthetic data, or a dataset without tokenizer/): set train.eval_tasks_tokenizer=DIR "
                           "(pretrain eval: --tokenizer DIR)")
     tokenizer = load_tokenizer(tokenizer_path)
-    tasks = [MultipleChoiceTask.load(path) for path in task_files(cfg.train.eval_tasks)]
+    tasks = [MultipleChoiceTask.load(path, group) for path, group in task_files(cfg.train.eval_tasks)]
     return [TaskRows(task, *task_rows(task, tokenizer, cfg.train.seq_len)) for task in tasks]
 
 
-def task_files(paths: list[str]) -> list[Path]:
-    """Each path is a task file, or a directory whose *.jsonl files are tasks (what `pretrain convert lm-eval-task`
-    writes for a group such as mmlu: one file per task)."""
-    files: list[Path] = []
+def task_files(paths: list[str]) -> list[tuple[Path, str | None]]:
+    """(task file, its group): each path is a task file (no group), or a directory whose *.jsonl files are the
+    tasks of a group named after it (what `pretrain convert lm-eval-task` writes for a group such as mmlu)."""
+    files: list[tuple[Path, str | None]] = []
     for path in map(Path, paths):
         if not path.is_dir():
-            files.append(path)
+            files.append((path, None))
             continue
         found = sorted(path.glob("*.jsonl"))
         if not found:
             raise ConfigError(f"task directory {path} holds no *.jsonl task files: pass task files, or a directory "
                               f"that `pretrain convert lm-eval-task ... --output {path}` wrote")
-        files += found
+        files += [(file, path.name) for file in found]
     return files
 
 
@@ -139,7 +141,23 @@ def score_tasks(run: Any, tasks: list[TaskRows]) -> list[TaskResult]:
         for (example, _), loglik in zip(rows.owners, logliks.tolist(), strict=True):
             per_example[example].append(loglik)
         results.append(_accuracy(rows.task, per_example))
-    return results
+    return results + group_results(results)
+
+
+def group_results(results: list[TaskResult]) -> list[TaskResult]:
+    """Each group's acc and acc_norm: the mean over its tasks weighted by their examples (lm-eval's rule for mmlu,
+    i.e. the accuracy over all of the group's examples)."""
+    groups: dict[str, list[TaskResult]] = {}
+    for result in results:
+        if is_group_member(result.name):
+            groups.setdefault(result.name.rpartition("/")[0], []).append(result)
+    out = []
+    for name, members in groups.items():
+        examples = sum(member.num_examples for member in members)
+        acc, acc_norm = (sum(getattr(member, metric) * member.num_examples for member in members) / examples
+                         for metric in ("acc", "acc_norm"))
+        out.append(TaskResult(name, acc, acc_norm, examples, []))
+    return out
 
 
 def task_rows(task: MultipleChoiceTask, tokenizer: Any,

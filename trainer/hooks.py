@@ -38,6 +38,7 @@ from trainer.compile import CompileWarmupLog
 from trainer.config import Config, Derived
 from trainer.engine import global_grad_norm, loss_scale, skipped_steps
 from trainer.parallelize import ParallelModel
+from trainer.report import is_group_member
 
 log = logging.getLogger(__name__)
 
@@ -441,7 +442,8 @@ def perplexity(loss: float) -> float:
 def format_metrics(step: int, max_steps: int, m: dict[str, Any]) -> str:
     if m["kind"] == "eval":
         per_dataset = "".join(f" | {key} {value:.4f}" for key, value in m.items()
-                              if key.startswith(("val_loss/", "acc/", "acc_norm/")))
+                              if key.startswith("val_loss/") or (key.startswith(("acc/", "acc_norm/"))
+                                                                 and not is_group_member(key.partition("/")[2])))
         return f"step {step}/{max_steps} | val_loss {m['val_loss']:.4f} | val_ppl {m['val_ppl']:.2f}{per_dataset}"
     parts = [f"step {step}/{max_steps}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}"]
     if "z_loss" in m:

@@ -11,7 +11,8 @@ What trainer.hooks.MetricsHook writes (one JSON object per line, through JsonlSi
      "consumed_tokens", "z_loss" (with a z-loss)}
   after each evaluation:
     {"step", "time_s", "kind": "eval", "val_loss", "val_ppl", "val_loss/<dataset>" (several validation datasets),
-     "acc/<task>", "acc_norm/<task>" (train.eval_tasks)}
+     "acc/<task>", "acc_norm/<task>" (train.eval_tasks; a directory of tasks also "acc/<group>/<task>" per task
+     and "acc/<group>" for the group)}
 `loss` is the mean over the steps since the previous log line; `tokens_per_s`, `step_time_s` and `data_wait_s` cover
 the same interval. grad_norm, loss_scale and mfu may be null (no norm computed / no fp16 / CPU or unknown GPU).
 The file is appended to, so a resumed run logs the steps after its checkpoint again: the later lines win.
@@ -354,7 +355,8 @@ def summarize(run: RunMetrics) -> RunSummary:
             if key.startswith("val_loss/") and isinstance(value, (int, float))},
         last_task_accuracy={} if last_eval is None else {
             key: float(value) for key, value in last_eval.items()
-            if key.startswith(("acc/", "acc_norm/")) and isinstance(value, (int, float))},
+            if key.startswith(("acc/", "acc_norm/")) and not is_group_member(key.partition("/")[2])
+            and isinstance(value, (int, float))},
         mean_tokens_per_s=_mean(steady, "tokens_per_s"),
         mean_tflops_per_gpu=_mean(steady, "tflops_per_gpu"),
         mean_mfu=_mean(steady, "mfu"),
@@ -694,11 +696,17 @@ def _loss_style_handles(smooth_points: int, any_nonfinite: bool, any_resume: boo
     return handles
 
 
+def is_group_member(task: str) -> bool:
+    """A task of a directory of tasks (named <group>/<task>): logged on its own, but shown on the console, in
+    `pretrain eval`'s table and in the report only through its group's accuracy."""
+    return "/" in task
+
+
 def drawn_panels(runs: list[RunMetrics]) -> list[Panel]:
     """PANELS that some run logged, then one accuracy panel per multiple-choice task (train.eval_tasks)."""
     panels = [panel for panel in PANELS if any(_has_values(run.train, panel.key) for run in runs)]
     tasks = sorted({key.removeprefix("acc/") for run in runs for record in run.eval for key in record
-                    if key.startswith("acc/")})
+                    if key.startswith("acc/") and not is_group_member(key.removeprefix("acc/"))})
     return panels + [Panel(f"acc/{task}", f"{task}: multiple-choice accuracy", "acc (%)", scale=100.0,
                            records="eval") for task in tasks]
 

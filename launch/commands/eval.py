@@ -144,9 +144,10 @@ def _summary(evaluated: Any) -> dict[str, Any]:
 def _format(summaries: list[dict[str, Any]]) -> str:
     """A row per checkpoint; a column per validation dataset when there are several (named by their last path part
     when those are unique)."""
-    from trainer.report import dataset_labels
+    from trainer.report import dataset_labels, is_group_member
 
-    names, tasks = list(summaries[0]["per_dataset"]), list(summaries[0]["tasks"])
+    names = list(summaries[0]["per_dataset"])
+    tasks = [task for task in summaries[0]["tasks"] if not is_group_member(task)]  # a group: its accuracy only
     task_columns = [f"{task} {metric}" for task in tasks for metric in ("acc", "acc_norm")]
     header = ["step", "val_loss", "perplexity", *dataset_labels(names), *task_columns, "checkpoint"]
     rows = [[str(s["step"]), f"{s['val_loss']:.4f}", f"{s['val_ppl']:.2f}",

@@ -241,10 +241,25 @@ def test_a_task_directory_is_each_of_its_task_files(tmp_path: Path) -> None:
     for name in ("mmlu_b.jsonl", "mmlu_a.jsonl", "notes.txt"):
         (tmp_path / "mmlu" / name).write_text("")
     assert task_files([str(tmp_path / "one.jsonl"), str(tmp_path / "mmlu")]) == [
-        tmp_path / "one.jsonl", tmp_path / "mmlu" / "mmlu_a.jsonl", tmp_path / "mmlu" / "mmlu_b.jsonl"]
+        (tmp_path / "one.jsonl", None), (tmp_path / "mmlu" / "mmlu_a.jsonl", "mmlu"),
+        (tmp_path / "mmlu" / "mmlu_b.jsonl", "mmlu")]
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="holds no \\*.jsonl task files"):
         task_files([str(tmp_path / "empty")])
+
+
+def test_a_group_scores_the_accuracy_over_all_its_examples_and_the_console_shows_only_that() -> None:
+    from trainer.downstream import TaskResult, group_results
+    from trainer.hooks import format_metrics
+
+    results = [TaskResult("mmlu/a", 1.0, 0.5, 2, []), TaskResult("mmlu/b", 0.0, 0.5, 6, []),
+               TaskResult("hellaswag", 0.3, 0.4, 10, [])]
+    (group,) = group_results(results)
+    assert (group.name, group.acc, group.acc_norm, group.num_examples) == ("mmlu", 0.25, 0.5, 8)
+    record = {"kind": "eval", "val_loss": 2.0, "val_ppl": 7.39, "acc/mmlu/a": 1.0, "acc/mmlu": 0.25,
+              "acc/hellaswag": 0.3}
+    line = format_metrics(10, 20, record)
+    assert "acc/mmlu 0.2500" in line and "acc/hellaswag 0.3000" in line and "mmlu/a" not in line
 
 
 def test_rows_lose_only_the_padding_columns_after_the_last_scored_token() -> None:
