@@ -4,13 +4,17 @@ The batch script runs `python -m launch.hung_nodes` when a hang is within launch
 launch.exclude_hung_nodes is on. It prints the new job id and exits 0, or says why not on stderr and exits 3, and the
 script then requeues the job in place as before.
 
-Which nodes hung: `run_task` writes `<code> <node>` for every task whose rank exited. The ranks that were alive saw
-no progress and their watchdogs exited 76, within one poll interval of each other (the first one waits longer than
-that before it exits). A hung rank does not: --kill-on-bad-exit ends the step at the first 76, and a rank that is
-stuck in the driver or cannot run its signal handler is killed after KillWait with its wrapper, which then records
-nothing; a stopped rank is woken by Slurm's SIGCONT and fails (exit 1) on its vanished peers. So a node where fewer
-tasks exited 76 than ran there is a suspect. When every rank exited 76 (a deadlock in the program, or a stuck rank
-whose own watchdog still fired) no node can be told apart and the job is requeued in place.
+Which nodes hung: `run_task` writes `<code> <node>` for every task whose rank exited, and a rank's watchdog writes
+`task<rank>.hang` (`<unix time> <poll_s> <grace_s> <node>`) when it fires. The ranks that were running saw no
+progress and their watchdogs fired within a poll interval of each other; the first waits a grace period (five poll
+intervals) before it exits, and then the step is ended, so every running rank has fired by then, whatever code it
+ends with (76, or 1 or 143 when the step's end reaches it first). A hung rank did not take part: one stuck in the
+driver, or unable to run anything, is killed after KillWait and records nothing; one that was stopped or frozen is
+woken by Slurm's SIGCONT when the step ends, and fails on its vanished peers or fires a grace period late. So a task
+is a *victim* when its watchdog fired within half a grace period of the first one (without records at all: when it
+exited 76), and a node with a task that is not a victim is a suspect. When every rank is a victim (a deadlock in the
+program, or a stuck rank whose own watchdog still fired in time) no node can be told apart and the job is requeued
+in place.
 
 Why a new job: Slurm refuses `scontrol update ExcNodeList` on a running job ("Job is no longer pending execution"),
 and a requeued job keeps the exclusions it had. So the script submits its own `sbatch.sh` again with --exclude (the
@@ -29,6 +33,7 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.exit_codes import HANG
@@ -40,11 +45,29 @@ _UNUSABLE_STATES = {"down", "drain", "drng", "fail", "failg", "maint", "inval", 
                     "unk"}
 
 
-def suspect_nodes(recorded: list[tuple[int, str]], job_nodes: list[str], tasks_per_node: int) -> list[str]:
-    """The job's nodes, in job order, where fewer tasks exited with the watchdog's 76 than ran there. `recorded`:
-    (exit code, node) of every task that recorded one."""
-    watchdog_exits = Counter(node for code, node in recorded if code == HANG)
-    return [node for node in job_nodes if watchdog_exits[node] < tasks_per_node]
+@dataclass(frozen=True)
+class TaskRecord:
+    """What one task left behind: its exit code (None: killed with its wrapper) and when its watchdog fired (None:
+    it did not)."""
+
+    node: str
+    code: int | None = None
+    fired_unix_s: float | None = None
+    poll_s: float = 0.0
+    grace_s: float = 0.0
+
+
+def suspect_nodes(records: list[TaskRecord], job_nodes: list[str], tasks_per_node: int) -> list[str]:
+    """The job's nodes, in job order, where fewer tasks than ran there were victims of the hang (see above)."""
+    fired = [r for r in records if r.fired_unix_s is not None]
+    if fired:
+        first = min(fired, key=lambda r: r.fired_unix_s or 0.0)
+        late_s = (first.poll_s + first.grace_s) / 2
+        victims = [r for r in fired if (r.fired_unix_s or 0.0) - (first.fired_unix_s or 0.0) <= late_s]
+    else:  # no watchdog records (a script from before them): the exit codes alone
+        victims = [r for r in records if r.code == HANG]
+    count = Counter(r.node for r in victims)
+    return [node for node in job_nodes if count[node] < tasks_per_node]
 
 
 def usable_nodes(sinfo_rows: list[str]) -> set[str]:
@@ -61,7 +84,7 @@ def exclusion(suspects: list[str], excluded_before: list[str], usable: set[str],
     """The --exclude list for the new job; ValueError (with the reason) when there is nothing to exclude or too few
     nodes would be left."""
     if not suspects:
-        raise ValueError("every rank exited by its watchdog (76), so no node can be told apart")
+        raise ValueError("every rank's watchdog fired in time (exit 76), so no node can be told apart")
     excluded = sorted(set(excluded_before) | set(suspects))
     left = len(usable - set(excluded))
     if left < nodes_needed:
@@ -91,10 +114,23 @@ def _excluded_before(job_id: str) -> list[str]:
     return [] if value == "(null)" else _hostnames(value)
 
 
-def _recorded(exit_dir: Path) -> list[tuple[int, str]]:
-    """(exit code, node) of every task that recorded one (`<code> <node>` in task<rank>.rc)."""
-    rows = (path.read_text().split() for path in sorted(exit_dir.glob("task*.rc")))
-    return [(int(row[0]), row[1]) for row in rows if len(row) == 2 and row[0].isdigit()]
+def _task_records(exit_dir: Path) -> list[TaskRecord]:
+    """Each task's exit (task<rank>.rc: `<code> <node>`) and watchdog record (task<rank>.hang: `<unix time> <poll_s>
+    <grace_s> <node>`), whichever it left."""
+    records = []
+    tasks = {path.stem for pattern in ("task*.rc", "task*.hang") for path in exit_dir.glob(pattern)}
+    for task in sorted(tasks):
+        exit_row, hang_row = _fields(exit_dir / f"{task}.rc", 2), _fields(exit_dir / f"{task}.hang", 4)
+        node = (exit_row or hang_row or ["", "?"])[-1]
+        code = int(exit_row[0]) if exit_row and exit_row[0].isdigit() else None
+        timing = [float(value) for value in hang_row[:3]] if hang_row else []
+        records.append(TaskRecord(node, code, *timing))
+    return records
+
+
+def _fields(path: Path, count: int) -> list[str] | None:
+    fields = path.read_text().split() if path.is_file() else []
+    return fields if len(fields) == count else None
 
 
 def _submission_env() -> dict[str, str]:
@@ -120,14 +156,14 @@ def resubmit(script: Path, outcomes: Path, hangs: int) -> str:
     """Submit `script` again without the suspect nodes; return the new job id (ValueError: why not)."""
     job_id, env = os.environ["SLURM_JOB_ID"], os.environ
     job_nodes = _hostnames(env["SLURM_JOB_NODELIST"])
-    suspects = suspect_nodes(_recorded(outcomes / f"tasks-{job_id}"), job_nodes,
+    suspects = suspect_nodes(_task_records(outcomes / f"tasks-{job_id}"), job_nodes,
                              int(env["SLURM_NTASKS_PER_NODE"]))
     partition = env["SLURM_JOB_PARTITION"]
     usable = usable_nodes(_run(["sinfo", "-h", "-N", "-p", partition, "-o", "%N %t"]).splitlines())
     excluded = exclusion(suspects, _excluded_before(job_id), usable, len(job_nodes))
     new_id = _run(["sbatch", "--parsable", f"--exclude={','.join(excluded)}", f"--partition={partition}",
                    f"--dependency=afterany:{job_id}", str(script)], env=_submission_env()).strip().split(";")[0]
-    print(f"job {job_id}: suspect node(s) {','.join(suspects)} (a rank there did not exit by its watchdog); submitted job {new_id} "
+    print(f"job {job_id}: suspect node(s) {','.join(suspects)} (a rank there hung while its peers waited); submitted job {new_id} "
           f"without {','.join(excluded)}", file=sys.stderr)
     # From here on the new job exists: a failure below is reported, never a reason to requeue this one as well.
     try:

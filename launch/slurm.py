@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainer.exit_codes import HANG_RECORD_DIR_ENV
+
 # Environment defaults for GPU jobs; every one is `${VAR:-default}` so a user's exported value wins.
 NCCL_DEFAULTS = {
     "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",  # a failed collective aborts the job instead of hanging it
@@ -298,6 +300,7 @@ def render_sbatch(cfg: Any, request: SbatchRequest) -> str:
         WAIT_FOR,
         _run_task_function(train),
         "export -f wait_for run_task && export EXIT_DIR  # srun's tasks inherit the environment (--export=ALL)",
+        f'export {HANG_RECORD_DIR_ENV}="$EXIT_DIR"  # a rank\'s watchdog writes task<rank>.hang there when it fires',
         JOB_EXIT_CODE,
         "",
         'echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $SLURM_NNODES nodes x $SLURM_NTASKS_PER_NODE tasks, '

@@ -25,3 +25,7 @@ DATA_CORRUPT = 74
 REQUEUE = 75
 HANG = 76
 DIVERGED = 77
+
+# Where a rank's watchdog writes `task<rank>.hang` when it fires (trainer.faults.Watchdog): the sbatch script sets it
+# to its per-job task records, and launch/hung_nodes.py reads them to tell a rank that hung from its waiting peers.
+HANG_RECORD_DIR_ENV = "PRETRAIN_HANG_RECORD_DIR"

@@ -20,11 +20,13 @@ stops with exit code trainer.exit_codes.DIVERGED.
 from __future__ import annotations
 
 import collections
+import contextlib
 import faulthandler
 import functools
 import logging
 import math
 import os
+import socket
 import sys
 import threading
 import time
@@ -221,11 +223,20 @@ class Watchdog(Hook):
     """A daemon thread per rank: if no heartbeat arrives for `timeout_s` (steps beat at start and end, checkpoint
     saves and loads beat per tensor and file), dump every thread's Python stack to this rank's log and stderr, then
     exit with trainer.exit_codes.HANG. Every rank has its own: peers stuck in a collective with the hung rank time
-    out too, so every rank's stacks end up in the logs."""
+    out too, so every rank's stacks end up in the logs.
 
-    def __init__(self, timeout_s: float, log_path: Path | None) -> None:
+    `record_path` (under Slurm: the batch script's task records, launch/hung_nodes.py) gets one line when it fires,
+    `<unix time> <poll_s> <grace_s> <node>`: the ranks that were running fire within a poll interval of each other,
+    so one that fires a grace period later was not running when its peers did (stopped, or frozen, then woken)."""
+
+    def __init__(self, timeout_s: float, log_path: Path | None, record_path: Path | None = None) -> None:
         self.timeout_s = timeout_s
         self.log_path = log_path
+        self.record_path = record_path
+        self.poll_s = min(5.0, max(0.1, timeout_s / 10))
+        # Before exiting: peers stuck in a collective with this rank would fail the moment it exits, with a
+        # connection error instead of their own stack dump. Their watchdogs fire within a poll interval of ours.
+        self.grace_s = min(10.0, max(1.0, timeout_s / 2))
         self._last_beat_s = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -253,13 +264,16 @@ class Watchdog(Hook):
         self._stop.set()
 
     def _watch(self) -> None:
-        poll_s = min(5.0, max(0.1, self.timeout_s / 10))
-        while not self._stop.wait(poll_s):
+        while not self._stop.wait(self.poll_s):
             silent_s = time.monotonic() - self._last_beat_s
             if silent_s > self.timeout_s:
                 self._fire(silent_s)
 
     def _fire(self, silent_s: float) -> None:
+        if self.record_path is not None:
+            with contextlib.suppress(OSError):  # the record helps choose nodes; the exit must happen regardless
+                node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+                self.record_path.write_text(f"{time.time():.3f} {self.poll_s:g} {self.grace_s:g} {node}\n")
         message = (f"watchdog: no training progress for {silent_s:.0f} s (faults.hang_timeout_s={self.timeout_s:g}); "
                    f"Python stacks of every thread follow; exiting with code {exit_codes.HANG}")
         log.error(message)
@@ -272,8 +286,6 @@ class Watchdog(Hook):
                 faulthandler.dump_traceback(file=stream, all_threads=True)
         print(message, file=sys.stderr, flush=True)
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        # Before exiting: peers stuck in a collective with this rank would fail the moment it exits, with a
-        # connection error instead of their own stack dump. Their watchdogs fire within a poll interval of ours.
-        time.sleep(min(10.0, max(1.0, self.timeout_s / 2)))
+        time.sleep(self.grace_s)  # the peers' own dumps first (see __init__)
         # os._exit: the main thread is stuck (maybe inside a collective); normal exit would wait for it forever.
         os._exit(exit_codes.HANG)

@@ -148,7 +148,9 @@ def _release_zero3_globals(module: torch.nn.Module) -> None:
 def training_hooks(run: RunContext, signals: StopSignals, extra_hooks: Sequence[Hook] = ()) -> list[Hook]:
     """The hook list, in calling order: the watchdog first (it also covers resume), resume before anything reads
     state.step, metrics before the guard and the checkpointer (a step is logged before it is judged or saved)."""
-    watchdog = Watchdog(run.cfg.faults.hang_timeout_s, run.run_dir / "logs" / f"rank{run.ctx.rank}.log")
+    records = os.environ.get(exit_codes.HANG_RECORD_DIR_ENV)  # set by the sbatch script (launch/hung_nodes.py reads them)
+    watchdog = Watchdog(run.cfg.faults.hang_timeout_s, run.run_dir / "logs" / f"rank{run.ctx.rank}.log",
+                        Path(records) / f"task{run.ctx.rank}.hang" if records else None)
     checkpointer = Checkpointer(run, signals, progress=watchdog.beat)
     guard = StepGuard(run.cfg.faults, rollback=checkpointer.rollback)
     checkpointer.register_state("faults", guard.state, guard.load_state)

@@ -7,17 +7,39 @@ from pathlib import Path
 
 import pytest
 
-from launch.hung_nodes import NOT_RESUBMITTED, exclusion, main, suspect_nodes, usable_nodes
+from launch.hung_nodes import NOT_RESUBMITTED, TaskRecord, exclusion, main, suspect_nodes, usable_nodes
 from launch.slurm import SbatchRequest, render_sbatch
 from trainer.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_a_node_is_suspect_when_fewer_of_its_ranks_exited_by_the_watchdog_than_ran_there() -> None:
-    recorded = [(76, "n1"), (76, "n1"), (76, "n2"), (1, "n2"), (76, "n3")]  # n2: one woke up and failed; n3: one killed
-    assert suspect_nodes(recorded, ["n1", "n2", "n3"], tasks_per_node=2) == ["n2", "n3"]
-    assert suspect_nodes([(76, "n1"), (76, "n2")], ["n1", "n2"], tasks_per_node=1) == []
+def test_a_node_is_suspect_when_one_of_its_ranks_did_not_fire_its_watchdog_with_its_peers() -> None:
+    poll_s, grace_s = 0.5, 2.5  # faults.hang_timeout_s=5: late means more than 1.5 s after the first
+
+    def fired(node: str, at_s: float, code: int | None = 76) -> TaskRecord:
+        return TaskRecord(node, code, 1000.0 + at_s, poll_s, grace_s)
+
+    records = [fired("n1", 0.0), fired("n1", 0.4, code=143),  # a victim the step's end reached first: still one
+               fired("n2", 0.2), fired("n2", 2.6, code=1),  # stopped, woken by SIGCONT a grace period later
+               fired("n3", 0.1), TaskRecord("n3", code=1),  # never fired: exited on its own, without its peers
+               fired("n4", 0.3), fired("n4", 0.3, code=None)]  # killed with its wrapper after firing: a victim
+    assert suspect_nodes(records, ["n1", "n2", "n3", "n4", "n5"], tasks_per_node=2) == ["n2", "n3", "n5"]
+    everyone = [fired("n1", 0.0), fired("n2", 0.4)]
+    assert suspect_nodes(everyone, ["n1", "n2"], tasks_per_node=1) == []
+    # No watchdog records (an older script): the exit codes say it, 76 for the ranks that waited.
+    assert suspect_nodes([TaskRecord("n1", 76), TaskRecord("n2", 1)], ["n1", "n2"], tasks_per_node=1) == ["n2"]
+
+
+def test_the_records_are_read_as_run_task_and_the_watchdog_write_them(tmp_path: Path) -> None:
+    from launch.hung_nodes import _task_records
+
+    (tmp_path / "task0.rc").write_text("76 n1\n")
+    (tmp_path / "task0.hang").write_text("1000.000 0.5 2.5 n1\n")
+    (tmp_path / "task1.rc").write_text("1 n2\n")
+    (tmp_path / "task2.hang").write_text("1000.100 0.5 2.5 n2\n")  # killed with its wrapper: no .rc
+    assert _task_records(tmp_path) == [TaskRecord("n1", 76, 1000.0, 0.5, 2.5), TaskRecord("n2", 1),
+                                       TaskRecord("n2", None, 1000.1, 0.5, 2.5)]
 
 
 def test_down_drained_and_failing_nodes_are_not_counted_as_usable() -> None:

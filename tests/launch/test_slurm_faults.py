@@ -134,6 +134,8 @@ def test_a_hang_submits_the_job_again_without_the_hung_node_and_its_follow_up_wa
     assert f"submitted job {second} without {hung_node}" in job_log(run_dir, first)
     assert "but `scontrol update" not in job_log(run_dir, first)  # every pending follow-up was moved
     assert job_field(second, "ExcNodeList") == hung_node
+    first_records = outcomes / f"tasks-{first}"
+    assert (first_records / "task0.hang").read_text().split()[3] == hung_node  # rank 0's watchdog fired, in time
     assert job_field(follow_up, "Dependency").startswith(f"afterany:{second}")
     assert wait_for_job(second, timeout_s=300) == "COMPLETED", job_log(run_dir, second)
     assert job_field(second, "NodeList") not in ("", hung_node)
