@@ -163,8 +163,8 @@ def resubmit(script: Path, outcomes: Path, hangs: int) -> str:
     excluded = exclusion(suspects, _excluded_before(job_id), usable, len(job_nodes))
     new_id = _run(["sbatch", "--parsable", f"--exclude={','.join(excluded)}", f"--partition={partition}",
                    f"--dependency=afterany:{job_id}", str(script)], env=_submission_env()).strip().split(";")[0]
-    print(f"job {job_id}: suspect node(s) {','.join(suspects)} (a rank there hung while its peers waited); submitted job {new_id} "
-          f"without {','.join(excluded)}", file=sys.stderr)
+    print(f"job {job_id}: suspect node(s) {','.join(suspects)} (a rank there hung while its peers waited); "
+          f"submitted job {new_id} without {','.join(excluded)}", file=sys.stderr)
     # From here on the new job exists: a failure below is reported, never a reason to requeue this one as well.
     try:
         (outcomes / f"hang-requeues-{new_id}").write_text(f"{hangs}\n")  # the hang budget goes on with the new id

@@ -162,7 +162,8 @@ def _chain_gate(run_dir: Path) -> list[str]:
     return [
         "# A follow-up of a chain (launch.chain_jobs, --dependency=afterany): after a terminal outcome of the job it",
         "# waited for (finished, diverged, config error, corrupt data) there is nothing to do: release the nodes now.",
-        "# A job resubmitted without hung nodes (launch/hung_nodes.py) left replaced-<id>: the new job's outcome counts.",
+        "# A job resubmitted without hung nodes (launch/hung_nodes.py) left replaced-<id>: the new job's outcome",
+        "# counts.",
         'chain_after=${PRETRAIN_CHAIN_AFTER:-}',
         'while [ -n "$chain_after" ] && [ -f "$OUTCOMES/replaced-$chain_after" ]; do',
         '    chain_after=$(cat "$OUTCOMES/replaced-$chain_after")',
@@ -256,10 +257,10 @@ def _hang_restart(launch: Any, request: SbatchRequest) -> list[str]:
     resubmit = [request.python, "-m", "launch.hung_nodes", "--script", str(request.run_dir / "sbatch.sh"),
                 "--outcomes", str(request.run_dir / "logs" / "outcomes")]
     return [
-        "            # Ranks that never exited (killed with their wrapper) name the suspect nodes: a new job without them.",
+        "            # A rank that hung while its peers waited names a suspect node: a new job without it.",
         f'            if new_job=$({shlex.join(resubmit)} --hangs "$hangs"); then',
         "                record_outcome hang_resubmitted 76",
-        '                echo "job $SLURM_JOB_ID: resubmitted as job $new_job, which resumes from the newest checkpoint"',
+        '                echo "job $SLURM_JOB_ID: resubmitted as job $new_job (it resumes from the newest checkpoint)"',
         "            else",
         *[f"                {line}" for line in requeue],
         "            fi",

@@ -10,11 +10,11 @@ the sequence loses its first tokens. The numbers equal lm-eval's on the HF expor
 context ends with the target delimiter (a space for most tasks) and the choices are the bare answers.
 
 How the scores come out of any layout: every (example, choice) is one row of `train.seq_len` tokens whose labels are
-ignored (-100) except the choice's tokens, cut after the task's longest row (rounded up to 64). The rows go through the model in micro-batches as validation batches do
-(spread over DP ranks, through the pipeline under PP), and the loss function is swapped for `RowLogLikelihoods`,
-which computes each row's summed cross entropy with the run's own loss (vocab-parallel under TP, fused lm_head under
-parallel.lm_loss=fused_linear) and keeps it. The rows' sums are then gathered over DP and sent from the last pipeline
-stage to every rank.
+ignored (-100) except the choice's tokens, cut after the task's longest row (rounded up to 64). The rows go through
+the model in micro-batches as validation batches do (spread over DP ranks, through the pipeline under PP), and the
+loss function is swapped for `RowLogLikelihoods`, which computes each row's summed cross entropy with the run's own
+loss (vocab-parallel under TP, fused lm_head under parallel.lm_loss=fused_linear) and keeps it. The rows' sums are
+then gathered over DP and sent from the last pipeline stage to every rank.
 """
 
 from __future__ import annotations
@@ -263,12 +263,12 @@ def row_loss_sums(run: Any, tokens: torch.Tensor, labels: torch.Tensor) -> torch
 
 def _trim_columns(tokens: torch.Tensor, labels: torch.Tensor, tp: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows are left-aligned and causal attention never looks right, so the padding columns after the longest row's
-    last scored token change nothing: cut them (HellaSwag's rows are ~100 tokens of a 2048 sequence, 20x less
-    compute). The length is a multiple of 64 (kernel tiles, FP8's multiples of 16) and of tp (sequence parallelism
-    splits it), at most the training sequence."""
+    last scored token change nothing: cut them (a task of 100-token rows need not pay for a 2048-token sequence).
+    The length is a multiple of 64 (kernel tiles, FP8's multiples of 16) and of tp (sequence parallelism splits it),
+    at most the training sequence."""
     columns = torch.arange(labels.shape[1])
     used = int(((labels != IGNORE) * (columns + 1)).max())  # one past the last scored position of any row
-    align = 64 * tp // math.gcd(64, tp)
+    align = math.lcm(64, tp)
     length = min(labels.shape[1], -(-used // align) * align)
     return tokens[:, :length], labels[:, :length]
 

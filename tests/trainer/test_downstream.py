@@ -74,7 +74,8 @@ LM_EVAL_SCRIPT = textwrap.dedent("""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-    model_dir, tasks_dir, name, seq_len, shots = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    model_dir, tasks_dir, name = sys.argv[1:4]
+    seq_len, shots = int(sys.argv[4]), int(sys.argv[5])
     lm = HFLM(pretrained=model_dir, max_length=seq_len, batch_size=1, device="cpu", dtype="float32")
     out = simple_evaluate(model=lm, tasks=[name], task_manager=TaskManager(include_path=tasks_dir), log_samples=True,
                           num_fewshot=shots)
