@@ -193,7 +193,9 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    bos = [tokenizer.bos_id] if tokenizer.prepends_bos else []
+    # lm-eval leaves the special tokens out for a context that already starts with the bos as text.
+    bos = [tokenizer.bos_id] if tokenizer.prepends_bos and not context.startswith(
+        tokenizer.id_to_piece(tokenizer.bos_id)) else []
     whole, alone = (bos + ids.tolist() for ids in tokenizer.encode([context + continuation, context]))
     return alone, whole[len(alone):]
 
