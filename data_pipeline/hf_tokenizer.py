@@ -19,6 +19,7 @@ Uses `tokenizers`, which transformers (HF export) already brings: no new depende
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -125,10 +126,11 @@ class HFTokenizer:
     def pad_id(self) -> int:
         return self._ids["pad"]
 
-    @property
+    @functools.cached_property
     def prepends_bos(self) -> bool:
         """Whether encoding with the special tokens (AutoTokenizer's default, and so lm-evaluation-harness's) puts
-        the bos first: what tokenizer.json's post-processor does (Llama 2 and 3 folders do; GPT-2 and Qwen do not)."""
+        the bos first: what tokenizer.json's post-processor does (Llama 2 and 3 folders do; GPT-2 and Qwen do not).
+        Asked once per task pair, so encoded once."""
         with_special, plain = (self._tok.encode("a", add_special_tokens=add).ids for add in (True, False))
         return self.bos_id >= 0 and with_special[:1] == [self.bos_id] and plain[:1] != [self.bos_id]
 

@@ -223,8 +223,9 @@ class TrainConfig(_Section):
     # Global batches per eval: eval_steps × global_batch_size validation samples, the same set for any tp/pp/dp.
     eval_steps: NonNegativeInt = 20
     # Multiple-choice tasks scored at each eval besides the validation loss (trainer/downstream.py): JSON Lines files
-    # of {"context", "choices", "label"}, or directories of them (`pretrain convert lm-eval-task` writes them);
-    # logged as acc/<file stem> and acc_norm/<file stem> (lm-eval's metrics).
+    # of {"context", "choices", "label"}, logged as acc/<file stem> and acc_norm/<file stem> (lm-eval's metrics); or
+    # a directory of them (`pretrain convert lm-eval-task` writes one for a group): a group, logged per task as
+    # acc/<dir>/<file stem> and as a whole as acc/<dir>.
     eval_tasks: list[str] = Field(default_factory=list)
     # The tokenizer that encodes eval_tasks; None: the first data.datasets entry's (what the model trained on).
     eval_tasks_tokenizer: str | None = None
@@ -412,9 +413,10 @@ class LaunchConfig(_Section):
     # A hung rank (exit 76) ends the whole job step; the batch script then requeues the job at most this many times
     # (per job id), then leaves it failed for a person (docs/operations.md).
     max_hang_requeues: NonNegativeInt = 2
-    # Within that budget, a hang whose ranks never exited on some nodes submits the job again without those nodes
-    # (a new job id, resuming like a requeue) instead of requeueing it onto them; in place when the partition would
-    # keep too few usable nodes, or when no node is suspect (launch/hung_nodes.py, docs/operations.md).
+    # Within that budget, a hang in which some rank did not fire its watchdog with its peers submits the job again
+    # without that rank's node (a new job id, resuming like a requeue) instead of requeueing it onto it; in place
+    # when the partition would keep too few usable nodes, or when no node is suspect (launch/hung_nodes.py,
+    # docs/operations.md).
     exclude_hung_nodes: bool = True
 
 

@@ -32,7 +32,8 @@ several datasets, each one's loss; --json writes a list of the same. Exit codes:
 
 --task FILE (repeatable) also scores a multiple-choice task: JSON Lines of {"context": ..., "choices": [...],
 "label": N}, each choice scored by the summed log-probability of its tokens after the context (lm-evaluation-harness's
-acc and acc_norm, per character; equal to lm-eval's on the HF export), tokenized with the first dataset's tokenizer or --tokenizer (trainer/downstream.py).
+acc and acc_norm, per character; equal to lm-eval's on the HF export), tokenized with the first dataset's tokenizer
+or --tokenizer (trainer/downstream.py).
 It replaces the config's train.eval_tasks, which a run scores at each of its evals and which `pretrain eval` scores
 too when no --task is given.
 
