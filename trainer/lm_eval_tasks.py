@@ -44,14 +44,17 @@ def convert_lm_eval_tasks(names: Sequence[str], out_dir: Path, *, num_fewshot: i
     except KeyError as err:  # lm-eval's message names the task and says it is unknown
         raise ConfigError(f"lm-eval: {err.args[0]}; `lm-eval ls tasks` lists them, --include-path adds a folder of "
                           f"task YAML files") from None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    converted = []
+    # Every task is checked and built before the first file is written: a refused task leaves no partial output.
+    built = []
     for name, task in tasks.items():
         path = out_dir / f"{name}.jsonl"
         if path.exists() and not overwrite:
             raise ConfigError(f"{path} exists: pass --overwrite to replace it, or choose another --output")
         shots = _prepare(name, task, num_fewshot)
-        examples = task_examples(name, task, limit)
+        built.append((name, path, shots, task_examples(name, task, limit)))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    converted = []
+    for name, path, shots, examples in built:
         path.write_text("".join(json.dumps(example, ensure_ascii=False) + "\n" for example in examples),
                         encoding="utf-8")
         converted.append(ConvertedTask(name, path, len(examples), shots))

@@ -235,6 +235,10 @@ def test_an_lm_eval_task_converted_to_a_task_file_scores_as_lm_eval_scores_it(
         assert main(["convert", "lm-eval-task", name, "--output", str(tmp_path / "tasks"), "--include-path",
                      str(tasks_dir)]) == 2
         assert message in capsys.readouterr().err
+    # A refused task refuses the whole command: the good task before it is not written either.
+    assert main(["convert", "lm-eval-task", "mc", "gen", "--output", str(tmp_path / "fresh"), "--include-path",
+                 str(tasks_dir)]) == 2
+    assert not (tmp_path / "fresh").exists()
 
 
 def test_a_task_directory_is_each_of_its_task_files(tmp_path: Path) -> None:
