@@ -258,11 +258,6 @@ class TrainConfig(_Section):
             consumed += size
         return sizes
 
-    def samples_consumed(self, steps: int, ramp_sizes: list[int] | None = None) -> int:
-        """Global samples trained on after `steps` optimizer steps."""
-        sizes = self.ramp_batch_sizes() if ramp_sizes is None else ramp_sizes
-        return sum(sizes[:steps]) + max(0, steps - len(sizes)) * self.global_batch_size
-
     def batch_size_at(self, step: int, ramp_sizes: list[int] | None = None) -> int:
         """The global batch (samples) of 0-based optimizer step `step` (pass ramp_batch_sizes() when asking often)."""
         sizes = self.ramp_batch_sizes() if ramp_sizes is None else ramp_sizes

@@ -203,7 +203,7 @@ class StepGuard(Hook):
         log.warning("rolled back from step %d to the checkpoint of step %d (rollback %d of at most %d); skipping "
                     "the data window of global samples [%d, %d)", state.step, back.step, self.rollbacks,
                     self.cfg.max_rollbacks, window["first_sample"], window["end_sample"])
-        state.step = back.step
+        state.step, state.consumed_tokens = back.step, back.consumed_tokens
         self._consecutive = 0
 
 

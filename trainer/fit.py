@@ -88,6 +88,7 @@ def fit(run: RunContext, hooks: Hook) -> TrainState:
             start_s = time.perf_counter()
             loss = train_step(run, batches, explicit_boundary=bool(ramp_sizes))
             state.step += 1
+            state.consumed_tokens += batch_size * run.cfg.train.seq_len
             hooks.on_step_end(run, state, StepOutput(state.step, loss, lr, time.perf_counter() - start_s,
                                                      batches.take_wait_s(), batch_size))
             if run.eval_loader is not None and eval_interval and (

@@ -64,6 +64,10 @@ class RunContext:
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps completed (a resumed run starts from its checkpoint's step)
+    # Tokens the weights were trained on, counted step by step: a rollback takes it back with the weights, and a
+    # batch size or seq_len changed at a resume does not recount the steps before it. Not the loader's position,
+    # which also covers a window a rollback skipped, and restarts at 0 after checkpoint.allow_data_change.
+    consumed_tokens: int = 0
     stop_reason: str | None = None  # set by a hook to end training after the current step (e.g. "preempted")
 
 
@@ -200,7 +204,6 @@ class MetricsHook(Hook):
         self._loss_sum: torch.Tensor | None = None
         self._steps = 0
         self._samples = 0  # global samples of those steps (a batch-size rampup changes them per step)
-        self._ramp_sizes: list[int] | None = None  # train.ramp_batch_sizes(), computed once
         self._data_wait_s = 0.0
         self._busy_s = 0.0  # time inside steps since the last log line
         self._step_start_s = 0.0
@@ -233,7 +236,7 @@ class MetricsHook(Hook):
         for sink in self.sinks:
             sink.step(state.step)
         if self._is_log_step(run, state.step):
-            self._emit(run, state.step, self._train_metrics(run, out))
+            self._emit(run, state.step, self._train_metrics(run, state, out))
 
     @staticmethod
     def _is_log_step(run: RunContext, step: int) -> bool:
@@ -244,20 +247,14 @@ class MetricsHook(Hook):
         tasks = {f"{metric}/{task.name}": getattr(task, metric)
                  for task in result.tasks for metric in ("acc", "acc_norm")}
         self._emit(run, result.step, {"kind": "eval", "val_loss": result.loss, "val_ppl": perplexity(result.loss),
-                                      "consumed_tokens": self._consumed_tokens(run, result.step), **per_dataset,
+                                      "consumed_tokens": state.consumed_tokens, **per_dataset,
                                       **tasks})
-
-    def _consumed_tokens(self, run: RunContext, step: int) -> int:
-        """Training tokens after `step` steps: report's tokens axis, exact also through a batch-size rampup."""
-        if self._ramp_sizes is None:
-            self._ramp_sizes = run.cfg.train.ramp_batch_sizes()
-        return run.cfg.train.samples_consumed(step, self._ramp_sizes) * run.cfg.train.seq_len
 
     def on_train_end(self, run: RunContext, state: TrainState) -> None:
         for sink in self.sinks:
             sink.close()
 
-    def _train_metrics(self, run: RunContext, out: StepOutput) -> dict[str, Any]:
+    def _train_metrics(self, run: RunContext, state: TrainState, out: StepOutput) -> dict[str, Any]:
         assert self._loss_sum is not None
         ctx, derived = run.ctx, run.derived
         loss = self._loss_sum.clone()
@@ -270,7 +267,7 @@ class MetricsHook(Hook):
             "loss": loss.item() / (ctx.dp * self._steps),
             "lr": out.lr,
             "global_batch_size": out.batch_size,  # samples, of the step logged
-            "consumed_tokens": self._consumed_tokens(run, out.step),
+            "consumed_tokens": state.consumed_tokens,  # report's tokens axis
             "grad_norm": global_grad_norm(run.engine),
             "loss_scale": loss_scale(run.engine),
             "skipped_steps": skipped_steps(run.engine),

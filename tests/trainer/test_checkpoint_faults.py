@@ -234,6 +234,10 @@ def test_nan_steps_are_skipped_counted_and_rolled_back(world_size: int, override
     assert faults["skipped_windows"] == [{"from_step": 4, "to_step": 7, "first_sample": 64, "end_sample": 112}]
     assert meta["trainer_state"]["adam_step"] == 7.0  # steps 1, 2, 4 before the rollback; 5-8 after
     assert meta["consumed_samples"] == 11 * 16  # 11 attempts, the window included: that data is skipped
+    # ... but the weights were trained on 8 steps: the undone steps 5-7 count no tokens, in the log or checkpoint.
+    assert meta["consumed_tokens"] == 8 * 16 * 64
+    train_lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["consumed_tokens"] for r in train_lines if r["kind"] == "train" and r["step"] == 8] == [8 * 16 * 64]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_2", "step_4", "step_6",
                                                                              "step_8"]
 

@@ -60,6 +60,7 @@ def run(world_size: int, overrides: list[str], run_dir: Path, forbid_pickle: boo
     final = run_dir / "checkpoints" / "step_6"
     return {"losses": {r["step"]: r["loss"] for r in records if r["kind"] == "train"},
             "lrs": {r["step"]: r["lr"] for r in records if r["kind"] == "train"},
+            "tokens": {r["step"]: r["consumed_tokens"] for r in records if r["kind"] == "train"},
             "checkpoints": run_dir / "checkpoints", "final": final, "meta": read_metadata(final),
             "tensors": {kind: dict(iter_full_tensors(final, kind)) for kind in ("param", "exp_avg", "exp_avg_sq")}}
 
@@ -107,6 +108,16 @@ def test_resume_in_the_same_layout_is_bit_exact(layout: str, source_runs: dict, 
     # 6 applied steps (FP16_UnfusedOptimizer takes one more at construction, on zero gradients, in both runs).
     assert resumed["meta"]["trainer_state"]["adam_step"] == source["meta"]["trainer_state"]["adam_step"] in (6.0, 7.0)
     assert resumed["meta"]["trainer_state"]["lr_scheduler"] == source["meta"]["trainer_state"]["lr_scheduler"]
+
+
+def test_a_resume_with_a_larger_batch_counts_the_tokens_trained_step_by_step(source_runs: dict,
+                                                                           tmp_path: Path) -> None:
+    """Steps 1-2 of 16 samples, then 3-6 of 32 (64 tokens each): the tokens axis must not recount steps 1-2 at the
+    new batch size, in metrics.jsonl and in the checkpoint."""
+    resumed = resume(source_runs["single"], 1, ["train.global_batch_size=32"], tmp_path)
+    assert resumed["tokens"] == {step: (2 * 16 + (step - 2) * 32) * 64 for step in (3, 4, 5, 6)}
+    assert resumed["meta"]["consumed_tokens"] == resumed["tokens"][6]
+    assert resumed["meta"]["consumed_samples"] == 2 * 16 + 4 * 32
 
 
 RESHARD = [

@@ -87,6 +87,7 @@ class SaveSchedule:
 class Rollback:
     step: int  # the step training continues from
     consumed_samples_at_checkpoint: int  # the skipped data window is [this, the loader's position now)
+    consumed_tokens: int  # trained tokens at the checkpoint: the steps after it are undone
 
 
 class Checkpointer:
@@ -128,11 +129,12 @@ class Checkpointer:
             if name in loaded.metadata["trainer_state"]:
                 set_(loaded.metadata["trainer_state"][name])
         state.step = self.last_saved_step = loaded.step
+        state.consumed_tokens = loaded.consumed_tokens
         topology = loaded.metadata["topology"]
-        log.info("resumed from %s: step %d, %d samples (%d tokens); saved with tp %d pp %d dp %d zero %d, now tp %d "
-                 "pp %d dp %d zero %d", ckpt, loaded.step, loaded.consumed_samples,
-                 loaded.metadata["consumed_tokens"], topology["tp"], topology["pp"], topology["dp"],
-                 topology["zero_stage"], run.ctx.tp, run.ctx.pp, run.ctx.dp, run.cfg.zero.stage)
+        log.info("resumed from %s: step %d, %d tokens trained, data position %d samples; saved with tp %d pp %d "
+                 "dp %d zero %d, now tp %d pp %d dp %d zero %d", ckpt, loaded.step, loaded.consumed_tokens,
+                 loaded.consumed_samples, topology["tp"], topology["pp"], topology["dp"], topology["zero_stage"],
+                 run.ctx.tp, run.ctx.pp, run.ctx.dp, run.cfg.zero.stage)
         if notes:
             log.info("config changes since the checkpoint: %s", "; ".join(notes))
         return loaded
@@ -153,7 +155,7 @@ class Checkpointer:
         """reason: interval | time | signal | end (recorded as metadata.json "save_reason")."""
         extra = {name: get() for name, (get, _) in self._state_providers.items()}
         background = self.cfg.async_save and not blocking
-        self.saver.save(run, state.step, extra, reason, background=background)
+        self.saver.save(run, state, extra, reason, background=background)
         self.last_saved_step = state.step
         self.schedule.last_save_s = time.monotonic()
 
@@ -196,7 +198,7 @@ class Checkpointer:
         loaded = load_checkpoint(run, ckpt, restore_data=False, progress=self.progress)
         self.last_saved_step = loaded.step
         self._postponed = False  # the save that waited for the streak to end is behind us now
-        return Rollback(loaded.step, loaded.consumed_samples)
+        return Rollback(loaded.step, loaded.consumed_samples, loaded.consumed_tokens)
 
 
 class ResumeHook(Hook):

@@ -213,7 +213,8 @@ def check_compatible(saved: Config, cfg: Config) -> tuple[bool, list[str]]:
 class Loaded:
     path: Path
     step: int
-    consumed_samples: int
+    consumed_samples: int  # the loader's position
+    consumed_tokens: int  # tokens the weights were trained on (TrainState.consumed_tokens)
     metadata: dict[str, Any]
 
 
@@ -230,7 +231,7 @@ def load_checkpoint(run: Any, ckpt: Path, *, restore_data: bool, progress: Progr
     _load_rng(run.ctx, ckpt, meta)
     if restore_data:
         load_data_state(run, meta)
-    return Loaded(ckpt, int(meta["step"]), int(meta["consumed_samples"]), meta)
+    return Loaded(ckpt, int(meta["step"]), int(meta["consumed_samples"]), int(meta["consumed_tokens"]), meta)
 
 
 def _load_tensors(run: Any, ckpt: Path, index: dict[str, TensorEntry], adam_step: float, progress: Progress) -> None:

@@ -265,15 +265,17 @@ def clean_stale_tmp_dirs(root: Path) -> None:
 # Metadata
 
 
-def build_metadata(run: Any, step: int, extra_state: dict[str, Any], reason: str) -> dict[str, Any]:
+def build_metadata(run: Any, state: Any, extra_state: dict[str, Any], reason: str) -> dict[str, Any]:
     """Rank 0's metadata.json body (without "files"). The loader state comes from rank 0, a first-stage rank: under
-    PP only the first and last stages advance their loader."""
+    PP only the first and last stages advance their loader. consumed_samples is the loader's position (resume
+    continues there); consumed_tokens the tokens trained (TrainState.consumed_tokens), which differ after a
+    rollback or checkpoint.allow_data_change."""
     cfg, ctx, engine = run.cfg, run.ctx, run.engine
     loader_state = run.train_loader.state_dict()
     consumed = int(loader_state.get("consumed_samples", 0))
     return {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-        "step": step, "consumed_samples": consumed, "consumed_tokens": consumed * cfg.train.seq_len,
+        "step": state.step, "consumed_samples": consumed, "consumed_tokens": state.consumed_tokens,
         "created_unix_s": round(time.time(), 3), "save_reason": reason,
         "topology": {"world_size": ctx.world_size, "tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp,
                      # Informative: loading reshards by parameter name, whatever the split was.
@@ -358,19 +360,20 @@ class CheckpointSaver:
         self._pending_step: int | None = None
         self._buffers: dict[str, torch.Tensor] = {}  # async snapshot copies, reused (one save in flight at a time)
 
-    def save(self, run: Any, step: int, extra_state: dict[str, Any], reason: str, *,
+    def save(self, run: Any, state: Any, extra_state: dict[str, Any], reason: str, *,
              background: bool) -> Path | None:
-        """Write checkpoint `step`. background: return after the snapshot (async save; the outcome is agreed at the
+        """Write the checkpoint of `state` (a TrainState: its step and consumed tokens). background: return after the snapshot (async save; the outcome is agreed at the
         next `wait`); else return the committed directory (rank 0; None elsewhere). Failures raise CheckpointError
         on every rank."""
         self.wait()  # one save in flight: the previous one must be complete (or reported) first
+        step = state.step
         tmp = self.root / tmp_dir_name(step)
         if self.ctx.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             clean_stale_tmp_dirs(self.root)
             tmp.mkdir()
         dist.barrier()  # before any rank writes: rank 0 has just created the empty temp dir
-        metadata = build_metadata(run, step, extra_state, reason) if self.ctx.rank == 0 else None
+        metadata = build_metadata(run, state, extra_state, reason) if self.ctx.rank == 0 else None
         snap = take_snapshot(run, step, metadata, copy=background, progress=self.progress, buffers=self._buffers)
         self._outcome, self._pending_step = _Outcome(), step
         if background:
