@@ -331,6 +331,13 @@ class FaultsConfig(_Section):
     hang_timeout_s: Annotated[float, Field(ge=0.0)] = 1800.0
     # Bound on every collective (torch.distributed timeout): a rank whose peer died fails after this long.
     collective_timeout_s: PositiveFloat = 600.0
+    # Straggler check (trainer/stragglers.py): at the first logged step after every this many steps, each rank times
+    # the same matmuls on its own device and the ranks compare; also each rank's data-wait share (0: off; a single
+    # process has no peers and never checks).
+    straggler_check_interval_steps: NonNegativeInt = 100
+    # A rank whose probe takes more than this × the median rank's is reported: a warning naming its node and a line
+    # in <run_dir>/stragglers.jsonl.
+    straggler_ratio: Annotated[float, Field(gt=1.0)] = 1.2
 
 
 class LoggingConfig(_Section):

@@ -39,6 +39,7 @@ from trainer.config import Config, Derived
 from trainer.engine import global_grad_norm, loss_scale, skipped_steps
 from trainer.parallelize import ParallelModel
 from trainer.report import is_group_member
+from trainer.stragglers import StragglerMonitor
 
 log = logging.getLogger(__name__)
 
@@ -208,9 +209,13 @@ class MetricsHook(Hook):
         self._busy_s = 0.0  # time inside steps since the last log line
         self._step_start_s = 0.0
         self._peak_tflops: float | None = None
+        self._stragglers: StragglerMonitor | None = None
 
     def on_train_start(self, run: RunContext, state: TrainState) -> None:
         self._peak_tflops = peak_tflops_per_gpu(run.cfg, run.ctx.device)
+        faults = run.cfg.faults
+        self._stragglers = StragglerMonitor(faults.straggler_check_interval_steps, faults.straggler_ratio,
+                                            run.ctx.world_size, run.run_dir)
         failed: Exception | None = None
         try:
             for sink in self.sinks:
@@ -280,6 +285,8 @@ class MetricsHook(Hook):
             **memory_metrics(ctx.device),
             **data_mixture_metrics(run.train_loader),
         }
+        if self._stragglers is not None and self._stragglers.due(out.step):  # collective, like the loss all-reduce
+            metrics.update(self._stragglers.check(run.ctx, out.step, self._data_wait_s / interval_s))
         self._loss_sum, self._steps, self._samples, self._data_wait_s, self._busy_s = None, 0, 0, 0.0, 0.0
         return metrics
 

@@ -8,7 +8,8 @@ What trainer.hooks.MetricsHook writes (one JSON object per line, through JsonlSi
   every train.log_interval_steps and at the last step:
     {"step", "time_s", "kind": "train", "loss", "lr", "grad_norm", "loss_scale", "tokens_per_s", "tflops_per_gpu",
      "mfu", "step_time_s", "data_wait_s", "max_rss_gib" | "max_memory_allocated_gib", "global_batch_size",
-     "consumed_tokens", "z_loss" (with a z-loss)}
+     "consumed_tokens", "z_loss" (with a z-loss), and at straggler checks "device_slowdown_max",
+     "device_slowdown_rank", "data_wait_share_max", "data_wait_share_rank"}
   after each evaluation:
     {"step", "time_s", "kind": "eval", "val_loss", "val_ppl", "val_loss/<dataset>" (several validation datasets),
      "acc/<task>", "acc_norm/<task>" (train.eval_tasks; a directory of tasks also "acc/<group>/<task>" per task
@@ -36,7 +37,8 @@ Record = dict[str, Any]  # one parsed metrics line, plus "segment" and "elapsed_
 # Keys whose value, when present, must be a number or null; anything else means the line is corrupt.
 NUMERIC_KEYS: tuple[str, ...] = (
     "time_s", "loss", "lr", "grad_norm", "loss_scale", "tokens_per_s", "tflops_per_gpu", "mfu", "step_time_s",
-    "data_wait_s", "val_loss", "val_ppl", "z_loss", "global_batch_size", "consumed_tokens",
+    "data_wait_s", "val_loss", "val_ppl", "z_loss", "global_batch_size", "consumed_tokens", "device_slowdown_max",
+    "device_slowdown_rank", "data_wait_share_max", "data_wait_share_rank",
 )
 REQUIRED_KEY = {"train": "loss", "eval": "val_loss"}
 MAX_WARNINGS_PER_FILE = 5  # a file cut by a full disk can have thousands of bad lines: name a few, count the rest
