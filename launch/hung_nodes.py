@@ -1,4 +1,5 @@
-"""After a hang (exit 76): submit the job again without the nodes that hung, instead of requeueing it onto them.
+"""After a hang (exit 76) or a straggler stop (exit 79): submit the job again without the nodes that hung or were
+slow, instead of requeueing it onto them.
 
 The batch script runs `python -m launch.hung_nodes` when a hang is within launch.max_hang_requeues and
 launch.exclude_hung_nodes is on. It prints the new job id and exits 0, or says why not on stderr and exits 3, and the
@@ -24,6 +25,10 @@ checkpoint like a requeued one would.
 
 Not when the partition would keep fewer usable nodes than the job needs (every node counts as usable unless sinfo
 calls it down, drained, failing, ...): the job would wait forever. Then the job is requeued in place.
+
+With --stragglers the suspects are the nodes the trainer named before it exited 79 (faults.straggler_action=
+leave_node, trainer/stragglers.py: the task records' `stragglers` file), and the hang count moves to the new job
+unchanged. When they cannot be left out the script does not requeue: the same nodes would slow the run again.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.exit_codes import HANG
+from trainer.exit_codes import HANG, STRAGGLER_RECORD
 
 NOT_RESUBMITTED = 3  # exit code: requeue in place instead (the reason is on stderr)
 
@@ -80,11 +85,12 @@ def usable_nodes(sinfo_rows: list[str]) -> set[str]:
     return usable
 
 
-def exclusion(suspects: list[str], excluded_before: list[str], usable: set[str], nodes_needed: int) -> list[str]:
+def exclusion(suspects: list[str], excluded_before: list[str], usable: set[str], nodes_needed: int,
+              none_because: str) -> list[str]:
     """The --exclude list for the new job; ValueError (with the reason) when there is nothing to exclude or too few
     nodes would be left."""
     if not suspects:
-        raise ValueError("every rank's watchdog fired in time (exit 76), so no node can be told apart")
+        raise ValueError(none_because)
     excluded = sorted(set(excluded_before) | set(suspects))
     left = len(usable - set(excluded))
     if left < nodes_needed:
@@ -152,22 +158,48 @@ def _repoint_followers(old_id: str, new_id: str, job_name: str) -> list[str]:
     return moved
 
 
-def resubmit(script: Path, outcomes: Path, hangs: int) -> str:
-    """Submit `script` again without the suspect nodes; return the new job id (ValueError: why not)."""
+def straggler_nodes(exit_dir: Path) -> list[str]:
+    """The nodes the trainer named before exiting with the straggler code (none: no record)."""
+    path = exit_dir / STRAGGLER_RECORD
+    return path.read_text().split() if path.is_file() else []
+
+
+@dataclass(frozen=True)
+class Suspects:
+    nodes: list[str]
+    why: str  # what happened there, for the job log
+    none_because: str  # why no node is named, when none is
+    hangs: int  # the hang count the new job carries on with
+
+
+def _suspects(outcomes: Path, job_id: str, job_nodes: list[str], hangs: int | None) -> Suspects:
+    exit_dir = outcomes / f"tasks-{job_id}"
+    if hangs is not None:
+        return Suspects(suspect_nodes(_task_records(exit_dir), job_nodes, int(os.environ["SLURM_NTASKS_PER_NODE"])),
+                        "a rank there hung while its peers waited",
+                        "every rank's watchdog fired in time (exit 76), so no node can be told apart", hangs)
+    count = outcomes / f"hang-requeues-{job_id}"
+    return Suspects(straggler_nodes(exit_dir), "a straggler there slowed every rank",
+                    f"the trainer left no {STRAGGLER_RECORD} record in {exit_dir}",
+                    int(count.read_text()) if count.is_file() else 0)
+
+
+def resubmit(script: Path, outcomes: Path, hangs: int | None) -> str:
+    """Submit `script` again without the suspect nodes; return the new job id (ValueError: why not). hangs: the hang
+    count with this one; None after a straggler stop (the suspects are the stragglers' nodes)."""
     job_id, env = os.environ["SLURM_JOB_ID"], os.environ
     job_nodes = _hostnames(env["SLURM_JOB_NODELIST"])
-    suspects = suspect_nodes(_task_records(outcomes / f"tasks-{job_id}"), job_nodes,
-                             int(env["SLURM_NTASKS_PER_NODE"]))
+    suspects = _suspects(outcomes, job_id, job_nodes, hangs)
     partition = env["SLURM_JOB_PARTITION"]
     usable = usable_nodes(_run(["sinfo", "-h", "-N", "-p", partition, "-o", "%N %t"]).splitlines())
-    excluded = exclusion(suspects, _excluded_before(job_id), usable, len(job_nodes))
+    excluded = exclusion(suspects.nodes, _excluded_before(job_id), usable, len(job_nodes), suspects.none_because)
     new_id = _run(["sbatch", "--parsable", f"--exclude={','.join(excluded)}", f"--partition={partition}",
                    f"--dependency=afterany:{job_id}", str(script)], env=_submission_env()).strip().split(";")[0]
-    print(f"job {job_id}: suspect node(s) {','.join(suspects)} (a rank there hung while its peers waited); "
-          f"submitted job {new_id} without {','.join(excluded)}", file=sys.stderr)
+    print(f"job {job_id}: suspect node(s) {','.join(suspects.nodes)} ({suspects.why}); submitted job {new_id} "
+          f"without {','.join(excluded)}", file=sys.stderr)
     # From here on the new job exists: a failure below is reported, never a reason to requeue this one as well.
     try:
-        (outcomes / f"hang-requeues-{new_id}").write_text(f"{hangs}\n")  # the hang budget goes on with the new id
+        (outcomes / f"hang-requeues-{new_id}").write_text(f"{suspects.hangs}\n")  # the budget goes on with it
         (outcomes / f"replaced-{job_id}").write_text(f"{new_id}\n")  # a follow-up's chain gate reads the new job
         moved = _repoint_followers(job_id, new_id, env.get("SLURM_JOB_NAME", ""))
         if moved:
@@ -181,10 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.hung_nodes", description=__doc__.split("\n\n")[0])
     parser.add_argument("--script", type=Path, required=True, help="the run's sbatch.sh")
     parser.add_argument("--outcomes", type=Path, required=True, help="<run_dir>/logs/outcomes")
-    parser.add_argument("--hangs", type=int, required=True, help="hangs so far, this one included")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--hangs", type=int, help="after a hang: hangs so far, this one included")
+    which.add_argument("--stragglers", action="store_true", help="after a straggler stop (exit 79)")
     args = parser.parse_args(argv)
     try:
-        print(resubmit(args.script, args.outcomes, args.hangs))
+        print(resubmit(args.script, args.outcomes, None if args.stragglers else args.hangs))
     except (ValueError, RuntimeError, KeyError) as err:
         what = f"{err} is not set" if isinstance(err, KeyError) else str(err)
         print(f"job {os.environ.get('SLURM_JOB_ID', '?')}: not excluding any node: {what}", file=sys.stderr)

@@ -130,7 +130,7 @@ run_task() {{
 JOB_EXIT_CODE = """\
 job_exit_code() {  # job_exit_code SRUN_STATUS: the code this job stands for
     local codes=" $(cut -d' ' -f1 "$EXIT_DIR"/task*.rc 2>/dev/null | sort -un | tr '\\n' ' ')" code
-    for code in 77 2 74 76; do
+    for code in 77 2 74 76 79; do
         case "$codes" in *" $code "*) echo "$code"; return ;; esac
     done
     for code in $codes; do
@@ -228,9 +228,11 @@ def _outcome_block(launch: Any, request: SbatchRequest) -> list[str]:
             f'            echo "job $SLURM_JOB_ID: a rank hung (exit 76) after {launch.max_hang_requeues} hang '
             f'requeue(s): giving up. Read the stacks in {request.run_dir}/logs/rank*.log, then resubmit" >&2',
             "        fi ;;"]
+        on_straggler = _straggler_restart(request)
     else:  # launch.requeue=false: a follow-up of the chain (if any) continues the run
         on_signal = [f"        record_outcome stopped_on_signal {code} ;;"]
         on_hang = ["        record_outcome hang 76 ;;"]
+        on_straggler = ["        record_outcome straggler_stopped 79 ;;"]
     return [
         'rc=$(job_exit_code "$srun_status")',
         "case $rc in",
@@ -238,6 +240,7 @@ def _outcome_block(launch: Any, request: SbatchRequest) -> list[str]:
         f"    {code})", *on_signal,
         "    76)", *on_hang,
         "    77) record_outcome diverged 77 ;;",
+        "    79)", *on_straggler,
         "    2) record_outcome config_error 2 ;;",
         "    74) record_outcome data_corrupt 74 ;;",
         '    *) record_outcome crashed "$rc" ;;',
@@ -264,6 +267,26 @@ def _hang_restart(launch: Any, request: SbatchRequest) -> list[str]:
         "            else",
         *[f"                {line}" for line in requeue],
         "            fi",
+    ]
+
+
+def _straggler_restart(request: SbatchRequest) -> list[str]:
+    """faults.straggler_action=leave_node checkpointed and named the slow node(s): a new job without them. Never a
+    requeue in place: the same nodes would slow the run again."""
+    resubmit = [request.python, "-m", "launch.hung_nodes", "--script", str(request.run_dir / "sbatch.sh"),
+                "--outcomes", str(request.run_dir / "logs" / "outcomes"), "--stragglers"]
+    return [
+        "        # The straggler check named a slow node, and the run checkpointed",
+        "        # (faults.straggler_action=leave_node).",
+        f"        if still_running && new_job=$({shlex.join(resubmit)}); then",
+        "            record_outcome straggler_resubmitted 79",
+        '            echo "job $SLURM_JOB_ID: resubmitted as job $new_job without the straggler\'s node (it resumes '
+        'from the newest checkpoint)"',
+        "        else",
+        "            record_outcome straggler_stopped 79",
+        '            echo "job $SLURM_JOB_ID: stopped to leave a straggler\'s node out, but no new job was submitted: '
+        f'resubmit to resume (the node is named in {request.run_dir}/stragglers.jsonl)" >&2',
+        "        fi ;;",
     ]
 
 

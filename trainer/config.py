@@ -338,6 +338,10 @@ class FaultsConfig(_Section):
     # A rank whose probe takes more than this × the median rank's is reported: a warning naming its node and a line
     # in <run_dir>/stragglers.jsonl.
     straggler_ratio: Annotated[float, Field(gt=1.0)] = 1.2
+    # report: warn and record. leave_node: when checks in a row name a straggler (straggler_patience_checks), save a
+    # checkpoint and exit with the straggler code; the sbatch script submits the job again without that node.
+    straggler_action: Literal["report", "leave_node"] = "report"
+    straggler_patience_checks: PositiveInt = 3  # leave_node: checks in a row that must name a straggler
 
 
 class LoggingConfig(_Section):

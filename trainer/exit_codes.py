@@ -15,6 +15,10 @@ DATA_CORRUPT is sysexits.h's EX_IOERR (an input/output error): a shard is missin
 start, or when a rank opens it during training). Restarting would hit the same shard: copy the dataset again or
 re-run `pretrain prepare`. Distinct from CONFIG_ERROR so a scheduler or a person can tell the two apart.
 
+STRAGGLER: with faults.straggler_action=leave_node, the straggler check named the same slow rank(s) at
+faults.straggler_patience_checks checks in a row; a checkpoint was written, then every rank exited. The sbatch script
+submits the job again without the node(s) named in the task records (launch/hung_nodes.py), where it resumes.
+
 Which codes are terminal (a chained follow-up job trains nothing after them) and which are retried: see
 docs/operations.md.
 """
@@ -25,7 +29,10 @@ DATA_CORRUPT = 74
 REQUEUE = 75
 HANG = 76
 DIVERGED = 77
+STRAGGLER = 79
 
 # Where a rank's watchdog writes `task<rank>.hang` when it fires (trainer.faults.Watchdog): the sbatch script sets it
 # to its per-job task records, and launch/hung_nodes.py reads them to tell a rank that hung from its waiting peers.
 HANG_RECORD_DIR_ENV = "PRETRAIN_HANG_RECORD_DIR"
+# In the same directory, before exiting with STRAGGLER, the logging rank writes the straggler nodes, one per line.
+STRAGGLER_RECORD = "stragglers"

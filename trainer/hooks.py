@@ -39,6 +39,7 @@ from trainer.config import Config, Derived
 from trainer.engine import global_grad_norm, loss_scale, skipped_steps
 from trainer.parallelize import ParallelModel
 from trainer.report import is_group_member
+from trainer.stragglers import STOP_REASON as STRAGGLER_STOP
 from trainer.stragglers import StragglerMonitor
 
 log = logging.getLogger(__name__)
@@ -213,9 +214,7 @@ class MetricsHook(Hook):
 
     def on_train_start(self, run: RunContext, state: TrainState) -> None:
         self._peak_tflops = peak_tflops_per_gpu(run.cfg, run.ctx.device)
-        faults = run.cfg.faults
-        self._stragglers = StragglerMonitor(faults.straggler_check_interval_steps, faults.straggler_ratio,
-                                            run.ctx.world_size, run.run_dir)
+        self._stragglers = StragglerMonitor(run.cfg.faults, run.ctx.world_size, run.run_dir)
         failed: Exception | None = None
         try:
             for sink in self.sinks:
@@ -242,6 +241,8 @@ class MetricsHook(Hook):
             sink.step(state.step)
         if self._is_log_step(run, state.step):
             self._emit(run, state.step, self._train_metrics(run, state, out))
+            if self._stragglers is not None and self._stragglers.leave_nodes:
+                state.stop_reason = STRAGGLER_STOP  # the checkpointer saves after this step (on every rank)
 
     @staticmethod
     def _is_log_step(run: RunContext, step: int) -> bool:

@@ -1,4 +1,5 @@
-"""Straggler check: which rank is slower than its peers (faults.straggler_*; docs/operations.md "Stragglers").
+"""Straggler check: which rank is slower than its peers (faults.straggler_check_interval_steps and the rest;
+docs/operations.md, "A slow rank").
 
 In synchronous training every rank waits for the slowest at each collective, so one throttled or failing GPU sets
 the pace of the whole job while its own step time looks like everyone else's: step times cannot name it. A fixed
@@ -10,8 +11,14 @@ reported, with its node, in the log (a warning on the logging rank and on the sl
 gathers each rank's share of step time spent waiting for its data loader (`data_wait_share_max` and its rank): the
 logged `data_wait_s` is the logging rank's alone, and a rank whose shards sit on a slow file system stalls the rest.
 
+With faults.straggler_action=leave_node, a straggler named at faults.straggler_patience_checks checks in a row stops
+the run: the checkpointer saves after that step, every rank exits with exit_codes.STRAGGLER, and under Slurm the
+logging rank has written the nodes to leave out into the job's task records first (launch/hung_nodes.py submits the
+job again without them).
+
 Not seen: a slow network link (the probe sends nothing) and a slow host CPU on a GPU rank (the probe mostly times
-device kernels). The probe keeps three 2048 × 2048 bf16 matrices (24 MiB) on each GPU and runs ~1 ms there.
+device kernels). The probe keeps three 2048 × 2048 bf16 matrices (24 MiB) on each GPU; by its FLOPs it runs about
+1 ms per timed run there (unmeasured).
 """
 
 from __future__ import annotations
@@ -30,9 +37,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from trainer import exit_codes
+
 log = logging.getLogger(__name__)
 
 STRAGGLERS_FILE = "stragglers.jsonl"
+STOP_REASON = "straggler"  # TrainState.stop_reason with faults.straggler_action=leave_node
 PROBE_REPEATS = 5
 
 
@@ -45,8 +55,8 @@ class ProbeShape:
 
 # ~0.55 TFLOP: about 1 ms on an H100/H200 (unmeasured there), long enough for the timer, short beside a step.
 CUDA_PROBE = ProbeShape(2048, 32, torch.bfloat16)
-# ~1.3 GFLOP: ~30 ms on one core of the CI machine; a CPU rank is slowed by what shares its core.
-CPU_PROBE = ProbeShape(256, 40, torch.float32)
+# ~3.4 GFLOP: 31 ms on one core of the CI machine; a CPU rank is slowed by what shares its core.
+CPU_PROBE = ProbeShape(256, 100, torch.float32)
 
 
 class DeviceProbe:
@@ -89,12 +99,17 @@ def node_name() -> str:
 
 
 class StragglerMonitor:
-    """Owned by MetricsHook: `due(step)` at a logged step, then `check(...)` on every rank (it is collective)."""
+    """Owned by MetricsHook: `due(step)` at a logged step, then `check(...)` on every rank (it is collective);
+    `leave_nodes` is set, identically on every rank, when the run should stop and leave those nodes out."""
 
-    def __init__(self, interval_steps: int, ratio: float, world_size: int, run_dir: Path) -> None:
-        self.interval_steps = interval_steps if world_size > 1 else 0  # one process has no peers to compare with
-        self.ratio = ratio
+    def __init__(self, faults: Any, world_size: int, run_dir: Path) -> None:
+        # One process has no peers to compare with.
+        self.interval_steps = faults.straggler_check_interval_steps if world_size > 1 else 0
+        self.ratio = faults.straggler_ratio
+        self.patience = faults.straggler_patience_checks if faults.straggler_action == "leave_node" else None
         self.path = run_dir / STRAGGLERS_FILE
+        self.leave_nodes: list[str] | None = None
+        self._streak = 0  # checks in a row that named a straggler
         self._next_step = self.interval_steps
         self._probe: DeviceProbe | None = None
         self._nodes: list[str] | None = None
@@ -114,26 +129,46 @@ class StragglerMonitor:
         gathered = [torch.empty_like(mine) for _ in range(ctx.world_size)]
         dist.all_gather(gathered, mine)
         probe_s, shares = zip(*(t.tolist() for t in gathered), strict=True)
-        self._report(ctx, step, probe_s)
+        slow = slow_ranks(probe_s, self.ratio)
+        self._report(ctx, step, probe_s, slow)
+        self._decide(ctx, step, slow)
         median_s = statistics.median_low(probe_s)
         slowest = max(range(len(probe_s)), key=probe_s.__getitem__)
         waits_most = max(range(len(shares)), key=shares.__getitem__)
         return {"device_slowdown_max": probe_s[slowest] / median_s, "device_slowdown_rank": slowest,
                 "data_wait_share_max": shares[waits_most], "data_wait_share_rank": waits_most}
 
-    def _report(self, ctx: Any, step: int, probe_s: Sequence[float]) -> None:
+    def _report(self, ctx: Any, step: int, probe_s: Sequence[float], slow: list[tuple[int, float]]) -> None:
         assert self._nodes is not None
         median_s = statistics.median_low(probe_s)
-        for rank, slowdown in slow_ranks(probe_s, self.ratio):
+        for rank, slowdown in slow:
             if not (ctx.is_logging_rank or ctx.rank == rank):
                 continue
             log.warning("straggler at step %d: rank %d on node %s runs the device probe %.2f× slower than the median "
                         "rank (%.1f ms vs %.1f ms; faults.straggler_ratio=%g), and every rank waits for it. Check that "
                         "node's GPU (nvidia-smi -q -d PERFORMANCE: clock throttle reasons) or leave it out of the next "
-                        "job: launch.extra_sbatch='[\"#SBATCH --exclude=%s\"]'", step, rank, self._nodes[rank], slowdown, 1000 * probe_s[rank],
-                        1000 * median_s, self.ratio, self._nodes[rank])
+                        "job: launch.extra_sbatch='[\"#SBATCH --exclude=%s\"]'", step, rank, self._nodes[rank],
+                        slowdown, 1000 * probe_s[rank], 1000 * median_s, self.ratio, self._nodes[rank])
             if ctx.is_logging_rank:
                 record = {"step": step, "unix_s": round(time.time(), 3), "rank": rank, "node": self._nodes[rank],
                           "slowdown": round(slowdown, 4), "probe_s": probe_s[rank], "median_probe_s": median_s}
                 with self.path.open("a", encoding="utf-8") as stream:
                     stream.write(json.dumps(record) + "\n")
+
+    def _decide(self, ctx: Any, step: int, slow: list[tuple[int, float]]) -> None:
+        """faults.straggler_action=leave_node: after `patience` checks in a row with a straggler, leave the nodes of
+        this check's stragglers. Every rank gathered the same times, so every rank decides alike."""
+        assert self._nodes is not None
+        self._streak = self._streak + 1 if slow else 0
+        if self.patience is None or self._streak < self.patience:
+            return
+        self.leave_nodes = sorted({self._nodes[rank] for rank, _ in slow})
+        if not ctx.is_logging_rank:
+            return
+        log.error("straggler: %d check(s) in a row named a slow rank (faults.straggler_patience_checks=%d): saving a "
+                  "checkpoint after step %d, then exiting with code %d to leave node(s) %s out "
+                  "(faults.straggler_action=leave_node)", self._streak, self.patience, step, exit_codes.STRAGGLER,
+                  ",".join(self.leave_nodes))
+        records = os.environ.get(exit_codes.HANG_RECORD_DIR_ENV)  # set by the sbatch script
+        if records:
+            (Path(records) / exit_codes.STRAGGLER_RECORD).write_text("".join(f"{n}\n" for n in self.leave_nodes))

@@ -22,6 +22,8 @@ import multiprocessing as mp
 import os
 import pickle
 import socket
+import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -162,3 +164,42 @@ def _failure_report(outcomes: dict[int, _RankOutcome], procs: list[Any], world_s
         elif not outcome.ok:
             lines.append(f"[rank {rank}] raised:\n{outcome.error}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A straggler, for real: a process slowed from outside
+
+
+_THROTTLE = """
+import os, signal, sys, time
+pid, stop_s, run_s = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+running = True
+def end(*_):
+    global running
+    running = False
+signal.signal(signal.SIGTERM, end)
+try:  # wake on time even when every core is busy (needs root; without it the slowdown is less even)
+    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+except OSError:
+    pass
+try:
+    while running:
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(stop_s)
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(run_s)
+except ProcessLookupError:
+    pass
+finally:
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
+"""
+
+
+def throttle(pid: int, stop_s: float = 0.010, run_s: float = 0.005) -> subprocess.Popen:
+    """Run process `pid` at a fraction of its speed (a third by default), as a throttled GPU would: a child process
+    stops it for `stop_s`, lets it run for `run_s`, and again, until the child is terminated (then `pid` is left
+    running) or `pid` is gone."""
+    return subprocess.Popen([sys.executable, "-c", _THROTTLE, str(pid), str(stop_s), str(run_s)])

@@ -36,6 +36,7 @@ from trainer.fit import fit
 from trainer.hooks import Hook, HookList, RunContext, TrainState, default_hooks, setup_rank_logging
 from trainer.parallelize import build_model_on_meta, parallelize
 from trainer.preflight import check_before_build, errors_in_rank_log, nothing_to_do_message, owned_run_dir
+from trainer.stragglers import STOP_REASON as STRAGGLER_STOP
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,8 @@ def training_hooks(run: RunContext, signals: StopSignals, extra_hooks: Sequence[
 
 def exit_code(state: TrainState) -> int:
     """The process exit code for a finished `train` (trainer.exit_codes): REQUEUE after a checkpoint on a signal."""
-    return exit_codes.REQUEUE if state.stop_reason == PREEMPTED else exit_codes.OK
+    codes = {PREEMPTED: exit_codes.REQUEUE, STRAGGLER_STOP: exit_codes.STRAGGLER}
+    return codes.get(state.stop_reason, exit_codes.OK)
 
 
 def build_run(cfg: Config, derived: Derived, ctx: ParallelContext, run_dir: Path) -> RunContext:

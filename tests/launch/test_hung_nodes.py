@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.hung_nodes import NOT_RESUBMITTED, TaskRecord, exclusion, main, suspect_nodes, usable_nodes
+from launch.hung_nodes import (NOT_RESUBMITTED, TaskRecord, exclusion, main, straggler_nodes, suspect_nodes,
+                                usable_nodes)
 from launch.slurm import SbatchRequest, render_sbatch
 from trainer.config import load_config
 
@@ -48,14 +49,20 @@ def test_down_drained_and_failing_nodes_are_not_counted_as_usable() -> None:
 
 
 def test_the_exclusion_adds_the_suspects_to_what_the_job_excluded_already() -> None:
-    assert exclusion(["n3"], ["n1"], {"n1", "n2", "n3", "n4", "n5"}, nodes_needed=2) == ["n1", "n3"]
+    assert exclusion(["n3"], ["n1"], {"n1", "n2", "n3", "n4", "n5"}, 2, "-") == ["n1", "n3"]
 
 
 def test_no_exclusion_without_a_suspect_or_when_the_job_could_never_start() -> None:
     with pytest.raises(ValueError, match="no node can be told apart"):
-        exclusion([], [], {"n1", "n2"}, nodes_needed=1)
+        exclusion([], [], {"n1", "n2"}, 1, "no node can be told apart")
     with pytest.raises(ValueError, match=r"without n1,n2 the partition keeps 1 usable node\(s\) for a 2-node job"):
-        exclusion(["n2"], ["n1"], {"n1", "n2", "n3"}, nodes_needed=2)
+        exclusion(["n2"], ["n1"], {"n1", "n2", "n3"}, 2, "-")
+
+
+def test_the_straggler_nodes_are_what_the_trainer_recorded(tmp_path: Path) -> None:
+    assert straggler_nodes(tmp_path) == []
+    (tmp_path / "stragglers").write_text("n3\nn7\n")
+    assert straggler_nodes(tmp_path) == ["n3", "n7"]
 
 
 def test_outside_a_job_it_says_why_and_asks_for_a_requeue_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -73,5 +80,7 @@ def test_the_batch_script_resubmits_only_when_asked(tmp_path: Path, exclude: boo
                             python="/opt/venv/bin/python", requeue_exit_code=75)
     script = render_sbatch(cfg, request)
     resubmit = f"/opt/venv/bin/python -m launch.hung_nodes --script {tmp_path}/run/sbatch.sh"
-    assert (resubmit in script) is exclude
+    assert (f'{resubmit} --outcomes {tmp_path}/run/logs/outcomes --hangs "$hangs"' in script) is exclude
+    # A straggler stop (exit 79) was asked for by faults.straggler_action=leave_node: always without its node.
+    assert f"{resubmit} --outcomes {tmp_path}/run/logs/outcomes --stragglers" in script
     assert script.count('scontrol requeue "$SLURM_JOB_ID"') == 2  # after a signal's checkpoint; a hang in place

@@ -16,6 +16,7 @@ import pytest
 
 from launch.slurm import job_state as job_state_of
 from launch.slurm import wait_for_job
+from trainer.testing import throttle
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -143,6 +144,48 @@ def test_a_hang_submits_the_job_again_without_the_hung_node_and_its_follow_up_wa
     assert sorted(losses(run_dir)) == list(range(1, max_steps + 1))
     assert wait_for_job(follow_up, timeout_s=120) == "COMPLETED"
     assert f"job {second} ended finished (exit 0): nothing to train" in job_log(run_dir, follow_up)
+
+
+def wait_for_rank_pid(job_id: str, rank: int, timeout_s: float = 120) -> int:
+    deadline_s = time.monotonic() + timeout_s
+    while True:
+        try:
+            return rank_pid(job_id, rank)
+        except AssertionError:
+            if time.monotonic() > deadline_s:
+                raise
+            time.sleep(0.05)
+
+
+def test_a_straggler_stops_the_job_which_is_submitted_again_without_its_node(tmp_path: Path) -> None:
+    """A 1-node job (2 ranks) on a 2-node cluster, rank 1 run at half speed from its start (trainer.testing.throttle):
+    the checks at steps 4 and 8 name it, the run saves after step 8 and exits 79, and the batch script submits the
+    job again without that node; the new job resumes from step 8 on the other node and finishes."""
+    run_dir, max_steps = tmp_path / "run", 30
+    [first] = submit(run_dir, "launch.nodes=1", "launch.gpus_per_node=2", "launch.cpus_per_task=1",
+                     f"train.max_steps={max_steps}", "checkpoint.save_interval_steps=20",
+                     "faults.straggler_check_interval_steps=4", "faults.straggler_ratio=1.3",
+                     "faults.straggler_action=leave_node", "faults.straggler_patience_checks=2")
+    slowed = throttle(wait_for_rank_pid(first, 1))
+    try:
+        assert wait_for_job(first, timeout_s=300) == "FAILED", job_log(run_dir, first)
+    finally:
+        slowed.terminate()
+        slowed.wait(timeout=10)
+    slow_node = job_field(first, "NodeList")
+    outcomes = run_dir / "logs" / "outcomes"
+    assert (outcomes / f"job-{first}").read_text().split() == ["straggler_resubmitted", "79"], job_log(run_dir, first)
+    assert (outcomes / f"tasks-{first}" / "stragglers").read_text().split() == [slow_node]
+    second = (outcomes / f"replaced-{first}").read_text().strip()
+    assert f"suspect node(s) {slow_node} (a straggler there slowed every rank); submitted job {second}" \
+        in job_log(run_dir, first)
+    assert job_field(second, "ExcNodeList") == slow_node
+    records = [json.loads(line) for line in (run_dir / "stragglers.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["rank"], r["node"]) for r in records] == [(4, 1, slow_node), (8, 1, slow_node)]
+    assert wait_for_job(second, timeout_s=300) == "COMPLETED", job_log(run_dir, second)
+    assert job_field(second, "NodeList") not in ("", slow_node)
+    assert "resumed from" in (rank0 := (run_dir / "logs" / "rank0.log").read_text()) and "/step_8:" in rank0
+    assert sorted(losses(run_dir)) == list(range(1, max_steps + 1))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from trainer.checkpoint.load import (
 )
 from trainer.checkpoint.save import CheckpointSaver
 from trainer.hooks import Hook, RunContext, StepOutput, TrainState
+from trainer.stragglers import STOP_REASON as STRAGGLER_STOP
 
 log = logging.getLogger(__name__)
 PREEMPTED = "preempted"
@@ -152,7 +153,7 @@ class Checkpointer:
 
     # -- save ------------------------------------------------------------------------------------------------------
     def save(self, run: RunContext, state: TrainState, reason: str, *, blocking: bool) -> None:
-        """reason: interval | time | signal | end (recorded as metadata.json "save_reason")."""
+        """reason: interval | time | signal | straggler | end (recorded as metadata.json "save_reason")."""
         extra = {name: get() for name, (get, _) in self._state_providers.items()}
         background = self.cfg.async_save and not blocking
         self.saver.save(run, state, extra, reason, background=background)
@@ -162,6 +163,10 @@ class Checkpointer:
     def step_end(self, run: RunContext, state: TrainState) -> None:
         if self.last_saved_step == state.step:
             return  # e.g. just rolled back to this very checkpoint
+        if state.stop_reason == STRAGGLER_STOP:  # set on every rank alike (trainer/stragglers.py)
+            self.save(run, state, "straggler", blocking=True)
+            self.saver.wait()
+            return
         flags = torch.tensor([self.signals.received is not None,
                               run.ctx.rank == 0 and self.schedule.time_due(time.monotonic())],
                              dtype=torch.int32, device=run.ctx.device)
@@ -225,3 +230,6 @@ class CheckpointHook(Hook):
         if state.stop_reason == PREEMPTED:
             log.warning("stopped after step %d on a signal; checkpoint %s is complete: exiting with the requeue code",
                         state.step, step_dir_name(state.step))
+        elif state.stop_reason == STRAGGLER_STOP:
+            log.warning("stopped after step %d to leave a straggler's node out; checkpoint %s is complete: exiting "
+                        "with the straggler code", state.step, step_dir_name(state.step))
