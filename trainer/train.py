@@ -161,7 +161,8 @@ def training_hooks(run: RunContext, signals: StopSignals, extra_hooks: Sequence[
 
 
 def exit_code(state: TrainState) -> int:
-    """The process exit code for a finished `train` (trainer.exit_codes): REQUEUE after a checkpoint on a signal."""
+    """The process exit code for a finished `train` (trainer.exit_codes): REQUEUE after a checkpoint on a signal,
+    STRAGGLER after one to leave a straggler's node out."""
     codes = {PREEMPTED: exit_codes.REQUEUE, STRAGGLER_STOP: exit_codes.STRAGGLER}
     return codes.get(state.stop_reason, exit_codes.OK)
 

@@ -362,9 +362,9 @@ class CheckpointSaver:
 
     def save(self, run: Any, state: Any, extra_state: dict[str, Any], reason: str, *,
              background: bool) -> Path | None:
-        """Write the checkpoint of `state` (a TrainState: its step and consumed tokens). background: return after the snapshot (async save; the outcome is agreed at the
-        next `wait`); else return the committed directory (rank 0; None elsewhere). Failures raise CheckpointError
-        on every rank."""
+        """Write the checkpoint of `state` (a TrainState: its step and consumed tokens). background: return after the
+        snapshot (async save; the outcome is agreed at the next `wait`); else return the committed directory (rank 0;
+        None elsewhere). Failures raise CheckpointError on every rank."""
         self.wait()  # one save in flight: the previous one must be complete (or reported) first
         step = state.step
         tmp = self.root / tmp_dir_name(step)
