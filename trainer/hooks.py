@@ -237,6 +237,8 @@ class MetricsHook(Hook):
         self._steps += 1
         self._samples += out.batch_size
         self._data_wait_s += out.data_wait_s
+        if self._stragglers is not None:
+            self._stragglers.add_step(out.data_wait_s, out.step_time_s)
         for sink in self.sinks:
             sink.step(state.step)
         if self._is_log_step(run, state.step):
@@ -287,7 +289,7 @@ class MetricsHook(Hook):
             **data_mixture_metrics(run.train_loader),
         }
         if self._stragglers is not None and self._stragglers.due(out.step):  # collective, like the loss all-reduce
-            metrics.update(self._stragglers.check(run.ctx, out.step, self._data_wait_s / interval_s))
+            metrics.update(self._stragglers.check(run.ctx, out.step))
         self._loss_sum, self._steps, self._samples, self._data_wait_s, self._busy_s = None, 0, 0, 0.0, 0.0
         return metrics
 

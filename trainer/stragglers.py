@@ -9,7 +9,10 @@ count), and the ranks compare: a rank that takes more than faults.straggler_rati
 reported, with its node, in the log (a warning on the logging rank and on the slow rank), in
 <run_dir>/stragglers.jsonl and in the train line (`device_slowdown_max`, `device_slowdown_rank`). The same check
 gathers each rank's share of step time spent waiting for its data loader (`data_wait_share_max` and its rank): the
-logged `data_wait_s` is the logging rank's alone, and a rank whose shards sit on a slow file system stalls the rest.
+logged `data_wait_s` is the logging rank's alone, and a rank whose shards come slowly (its node's file system, too
+few loader workers) stalls the rest. A rank that waited for DATA_WAIT_WARN_SHARE of its step time or more, and at
+least twice what the median rank waited, is reported like a slow device (the record's "kind" says which); it does
+not count towards leave_node: more workers or a cache may be the cure, not another node.
 
 With faults.straggler_action=leave_node, a straggler named at faults.straggler_patience_checks checks in a row stops
 the run: the checkpointer saves after that step, every rank exits with exit_codes.STRAGGLER, and under Slurm the
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 STRAGGLERS_FILE = "stragglers.jsonl"
 STOP_REASON = "straggler"  # TrainState.stop_reason with faults.straggler_action=leave_node
 PROBE_REPEATS = 5
+DATA_WAIT_WARN_SHARE = 0.25  # of a rank's step time since the last check: well past what prefetching leaves
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,13 @@ def slow_ranks(probe_s: Sequence[float], ratio: float) -> list[tuple[int, float]
     return [(rank, t / median_s) for rank, t in enumerate(probe_s) if t > ratio * median_s]
 
 
+def data_starved_ranks(shares: Sequence[float], min_share: float = DATA_WAIT_WARN_SHARE) -> list[tuple[int, float]]:
+    """(rank, share) of each rank that waited for its data for at least `min_share` of its step time and at least
+    twice the median rank's share."""
+    median = statistics.median_low(shares)
+    return [(rank, share) for rank, share in enumerate(shares) if share >= min_share and share >= 2 * median]
+
+
 def node_name() -> str:
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
@@ -113,14 +124,21 @@ class StragglerMonitor:
         self._next_step = self.interval_steps
         self._probe: DeviceProbe | None = None
         self._nodes: list[str] | None = None
+        self._data_wait_s = self._step_time_s = 0.0  # this rank's, since the last check
+
+    def add_step(self, data_wait_s: float, step_time_s: float) -> None:
+        self._data_wait_s += data_wait_s
+        self._step_time_s += step_time_s
 
     def due(self, step: int) -> bool:
         return self.interval_steps > 0 and step >= self._next_step
 
-    def check(self, ctx: Any, step: int, data_wait_share: float) -> dict[str, Any]:
-        """Time the probe here, gather every rank's time and data-wait share; report the slow ranks. Returns the
-        train line's keys."""
+    def check(self, ctx: Any, step: int) -> dict[str, Any]:
+        """Time the probe here, gather every rank's time and data-wait share since the last check; report the slow
+        ranks. Returns the train line's keys."""
         self._next_step = (step // self.interval_steps + 1) * self.interval_steps
+        data_wait_share = self._data_wait_s / self._step_time_s if self._step_time_s > 0 else 0.0
+        self._data_wait_s = self._step_time_s = 0.0
         if self._probe is None:
             self._probe = DeviceProbe(ctx.device)
             self._nodes = [""] * ctx.world_size
@@ -131,6 +149,7 @@ class StragglerMonitor:
         probe_s, shares = zip(*(t.tolist() for t in gathered), strict=True)
         slow = slow_ranks(probe_s, self.ratio)
         self._report(ctx, step, probe_s, slow)
+        self._report_data(ctx, step, shares)
         self._decide(ctx, step, slow)
         median_s = statistics.median_low(probe_s)
         slowest = max(range(len(probe_s)), key=probe_s.__getitem__)
@@ -150,10 +169,29 @@ class StragglerMonitor:
                         "job: launch.extra_sbatch='[\"#SBATCH --exclude=%s\"]'", step, rank, self._nodes[rank],
                         slowdown, 1000 * probe_s[rank], 1000 * median_s, self.ratio, self._nodes[rank])
             if ctx.is_logging_rank:
-                record = {"step": step, "unix_s": round(time.time(), 3), "rank": rank, "node": self._nodes[rank],
-                          "slowdown": round(slowdown, 4), "probe_s": probe_s[rank], "median_probe_s": median_s}
-                with self.path.open("a", encoding="utf-8") as stream:
-                    stream.write(json.dumps(record) + "\n")
+                self._record(step, rank, "device", slowdown=round(slowdown, 4), probe_s=probe_s[rank],
+                             median_probe_s=median_s)
+
+    def _report_data(self, ctx: Any, step: int, shares: Sequence[float]) -> None:
+        assert self._nodes is not None
+        median = statistics.median_low(shares)
+        for rank, share in data_starved_ranks(shares):
+            if not (ctx.is_logging_rank or ctx.rank == rank):
+                continue
+            log.warning("straggler at step %d: rank %d on node %s waited for its data for %.0f%% of its step time "
+                        "since the last check (the median rank %.0f%%), and every rank waits for it. Its loader does "
+                        "not keep up there: check that node's access to the shards (file system, data.cache_dir) or "
+                        "raise data.num_workers", step, rank, self._nodes[rank], 100 * share, 100 * median)
+            if ctx.is_logging_rank:
+                self._record(step, rank, "data", data_wait_share=round(share, 4),
+                             median_data_wait_share=round(median, 4))
+
+    def _record(self, step: int, rank: int, kind: str, **values: Any) -> None:
+        assert self._nodes is not None
+        record = {"step": step, "unix_s": round(time.time(), 3), "kind": kind, "rank": rank,
+                  "node": self._nodes[rank], **values}
+        with self.path.open("a", encoding="utf-8") as stream:
+            stream.write(json.dumps(record) + "\n")
 
     def _decide(self, ctx: Any, step: int, slow: list[tuple[int, float]]) -> None:
         """faults.straggler_action=leave_node: after `patience` checks in a row with a straggler, leave the nodes of

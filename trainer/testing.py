@@ -114,11 +114,19 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     ctx = mp.get_context(start_method())
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(fn, rank, world_size, port, backend, args, results), daemon=True)
+    # Not daemonic: a rank may start processes of its own (DataLoader workers), which a daemonic process cannot. So
+    # nothing kills the ranks at exit: every one is joined or killed here, whatever happens.
+    procs = [ctx.Process(target=_rank_main, args=(fn, rank, world_size, port, backend, args, results))
              for rank in range(world_size)]
-    for proc in procs:
-        proc.start()
-    outcomes = _collect(procs, results, world_size, timeout_s)
+    try:
+        for proc in procs:
+            proc.start()
+        outcomes = _collect(procs, results, world_size, timeout_s)
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
     failed = [o for o in outcomes.values() if not o.ok]
     if failed or len(outcomes) < world_size:
         raise DistributedRunError(_failure_report(outcomes, procs, world_size, timeout_s))

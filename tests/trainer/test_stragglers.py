@@ -16,6 +16,7 @@ from typing import Any
 import deepspeed  # noqa: F401
 import megatron.core.parallel_state  # noqa: F401
 import megatron.core.tensor_parallel  # noqa: F401
+import numpy as np
 import pytest
 import torch
 import torch._dynamo  # noqa: F401
@@ -23,7 +24,8 @@ import torch._dynamo  # noqa: F401
 from trainer.checkpoint.layout import read_metadata
 from trainer.config import load_config
 from trainer.exit_codes import HANG_RECORD_DIR_ENV, STRAGGLER
-from trainer.stragglers import DeviceProbe, node_name, slow_ranks
+from trainer.hooks import Hook, RunContext, StepOutput, TrainState
+from trainer.stragglers import DeviceProbe, data_starved_ranks, node_name, slow_ranks
 from trainer.testing import run_distributed, throttle
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,14 +38,14 @@ BASE = ["train.max_steps=6", "train.log_interval_steps=1", "train.eval_interval_
 
 
 def _train(rank: int, world_size: int, run_dir: str, slow_rank: int | None, overrides: list[str] = (),
-           records: str | None = None) -> tuple[int, int]:
+           records: str | None = None, hooks: list[Hook] = ()) -> tuple[int, int]:
     from trainer.train import exit_code, train
 
     if records is not None:
         os.environ[HANG_RECORD_DIR_ENV] = records  # as the sbatch script exports it
     slowed = throttle(os.getpid()) if rank == slow_rank else None
     try:
-        state = train(load_config(TINY, [*BASE, f"logging.run_dir={run_dir}", *overrides]))
+        state = train(load_config(TINY, [*BASE, f"logging.run_dir={run_dir}", *overrides]), extra_hooks=hooks)
         return state.step, exit_code(state)
     finally:
         if slowed is not None:
@@ -94,10 +96,77 @@ def test_leave_node_checkpoints_and_exits_with_the_straggler_code_after_the_pati
     assert "2 check(s) in a row named a slow rank" in log and f"to leave node(s) {node_name()} out" in log
 
 
+def child_pids(pid: int) -> list[int]:
+    children = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if entry.name.isdigit() and int(stat.rpartition(")")[2].split()[1]) == pid:
+            children.append(int(entry.name))
+    return children
+
+
+class SlowLoader(Hook):
+    """Rank 1's data-loader worker, after the first step (which starts it), runs 1 ms in every 201
+    (trainer.testing.throttle): its shards come as from a bad file system, while the rank computes at full speed."""
+
+    def __init__(self) -> None:
+        self.throttles: list[Any] = []
+
+    def on_step_end(self, run: RunContext, state: TrainState, out: StepOutput) -> None:
+        if run.ctx.rank == 1 and not self.throttles:
+            self.throttles = [throttle(pid, stop_s=0.200, run_s=0.001) for pid in child_pids(os.getpid())]
+            assert self.throttles, "rank 1 has no loader worker to slow down"
+
+    def on_train_end(self, run: RunContext, state: TrainState) -> None:
+        for slowed in self.throttles:
+            slowed.terminate()
+            slowed.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from data_pipeline.manifest import write_dataset_from_arrays
+
+    root = tmp_path_factory.mktemp("tokens")
+    rng = np.random.default_rng(0)
+    write_dataset_from_arrays(root, {"train": rng.integers(0, 256, (256, 65))}, samples_per_shard=32)
+    return root
+
+
+@pytest.mark.slow
+def test_a_rank_starved_of_data_is_named_as_such_and_not_as_a_slow_device(dataset: Path, tmp_path: Path) -> None:
+    """The worker prefetches 4 micro-batches (2 steps) in each 1 ms it runs; then the rank waits ~140 ms of 200."""
+    overrides = ["data.synthetic=false", f"data.datasets=[{{path: {dataset}}}]", "data.num_workers=1",
+                 "train.max_steps=16", "faults.straggler_check_interval_steps=4"]
+    run_dir = tmp_path / "run"
+    assert run_distributed(_train, 2, str(run_dir), None, overrides, None, [SlowLoader()], timeout_s=240) \
+        == [(16, 0), (16, 0)]
+    checked = [line for line in train_lines(run_dir) if "data_wait_share_max" in line]
+    assert [line["step"] for line in checked] == [4, 8, 12, 16]
+    for line in checked[1:]:  # steps 1-4: the worker is slowed after step 1, with batches prefetched
+        assert line["data_wait_share_rank"] == 1 and line["data_wait_share_max"] >= 0.25, line
+        assert line["device_slowdown_max"] < 1.3, line
+    records = [json.loads(line) for line in (run_dir / "stragglers.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["kind"], r["rank"]) for r in records if r["step"] > 4] == [
+        (8, "data", 1), (12, "data", 1), (16, "data", 1)]
+    for rank in (0, 1):
+        assert "rank 1 on node" in (run_dir / "logs" / f"rank{rank}.log").read_text()
+        assert "waited for its data for" in (run_dir / "logs" / f"rank{rank}.log").read_text()
+
+
 def test_a_single_process_never_checks(tmp_path: Path) -> None:
     run_dir = tmp_path / "one"
     assert run_distributed(_train, 1, str(run_dir), None, timeout_s=120) == [(6, 0)]
     assert not any("device_slowdown_max" in line for line in train_lines(run_dir))
+
+
+def test_a_rank_starved_of_data_waits_a_quarter_of_its_steps_and_twice_the_median() -> None:
+    assert data_starved_ranks([0.01, 0.6, 0.02, 0.0]) == [(1, 0.6)]
+    assert data_starved_ranks([0.3, 0.35, 0.32]) == []  # every rank waits alike: the data, not a node
+    assert data_starved_ranks([0.01, 0.2]) == []
 
 
 def test_slow_ranks_are_measured_against_the_median_rank() -> None:
