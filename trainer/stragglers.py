@@ -147,19 +147,19 @@ class StragglerMonitor:
         gathered = [torch.empty_like(mine) for _ in range(ctx.world_size)]
         dist.all_gather(gathered, mine)
         probe_s, shares = zip(*(t.tolist() for t in gathered), strict=True)
+        median_s = statistics.median_low(probe_s)
         slow = slow_ranks(probe_s, self.ratio)
-        self._report(ctx, step, probe_s, slow)
+        self._report(ctx, step, probe_s, median_s, slow)
         self._report_data(ctx, step, shares)
         self._decide(ctx, step, slow)
-        median_s = statistics.median_low(probe_s)
         slowest = max(range(len(probe_s)), key=probe_s.__getitem__)
         waits_most = max(range(len(shares)), key=shares.__getitem__)
         return {"device_slowdown_max": probe_s[slowest] / median_s, "device_slowdown_rank": slowest,
                 "data_wait_share_max": shares[waits_most], "data_wait_share_rank": waits_most}
 
-    def _report(self, ctx: Any, step: int, probe_s: Sequence[float], slow: list[tuple[int, float]]) -> None:
+    def _report(self, ctx: Any, step: int, probe_s: Sequence[float], median_s: float,
+                slow: list[tuple[int, float]]) -> None:
         assert self._nodes is not None
-        median_s = statistics.median_low(probe_s)
         for rank, slowdown in slow:
             if not (ctx.is_logging_rank or ctx.rank == rank):
                 continue
