@@ -31,14 +31,11 @@ from trainer.checkpoint.layout import CheckpointError
 from trainer.checkpoint.load import choose_valid, load_checkpoint, shared_candidates
 from trainer.config import Config, ConfigError, Derived
 from trainer.data import validation_passes
-from trainer.data_check import document_eos_id
 from trainer.downstream import load_tasks
-from trainer.engine import build_engine
 from trainer.estimate import flops_per_token
 from trainer.fit import evaluate
 from trainer.hooks import EvalOutput, RunContext
-from trainer.parallelize import build_model_on_meta, parallelize
-from trainer.train import join_process_groups, plan_this_world, release_run, seed_everything
+from trainer.train import build_model_and_engine, join_process_groups, plan_this_world, release_run
 
 
 @dataclass(frozen=True)
@@ -120,12 +117,7 @@ def _build(cfg: Config, derived: Derived, ctx: ParallelContext,
            load_weights: Callable[[Any], object] | None = None) -> RunContext:
     """build_run without the training loader (the data evaluated on may have no training split); `load_weights`
     fills the parallel model before the engine is built (evaluate_weights)."""
-    seed_everything(cfg.train.seed)
-    eos_id = document_eos_id(cfg)
-    pmodel = parallelize(build_model_on_meta(cfg.model, derived.padded_vocab_size, eos_id), cfg, derived, ctx)
-    if load_weights is not None:
-        load_weights(pmodel)
-    engine = build_engine(pmodel, cfg, derived, ctx)
+    pmodel, engine, eos_id, _ = build_model_and_engine(cfg, derived, ctx, before_engine=load_weights)
     passes = validation_passes(cfg, derived, ctx)
     if passes is None:
         raise ConfigError(f"no dataset of data.datasets has a {cfg.data.eval_split!r} split: name the split to "

@@ -14,8 +14,9 @@ import importlib.util
 import logging
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from trainer.estimate import flops_per_token
 from trainer.faults import StepGuard, Watchdog
 from trainer.fit import fit
 from trainer.hooks import Hook, HookList, RunContext, TrainState, default_hooks, setup_rank_logging
-from trainer.parallelize import build_model_on_meta, parallelize
+from trainer.parallelize import ParallelModel, build_model_on_meta, parallelize
 from trainer.preflight import check_before_build, errors_in_rank_log, nothing_to_do_message, owned_run_dir
 from trainer.stragglers import STOP_REASON as STRAGGLER_STOP
 
@@ -169,6 +170,22 @@ def exit_code(state: TrainState) -> int:
 
 def build_run(cfg: Config, derived: Derived, ctx: ParallelContext, run_dir: Path) -> RunContext:
     """Everything `fit` needs, built in the fixed order (also used by bench/bench_trainer_overhead.py)."""
+    # Weights only, and only when there is no checkpoint to resume from.
+    pmodel, engine, eos_id, resume_choice = build_model_and_engine(
+        cfg, derived, ctx, before_engine=lambda pmodel: init_unless_resuming(pmodel, cfg, ctx))
+    # After the groups: each loader reads its DP rank's slice of every global batch.
+    train_loader, eval_loader = build_train_loader(cfg, ctx), build_eval_loader(cfg, derived, ctx)
+    flops = flops_per_token(cfg.model, derived.padded_vocab_size, cfg.train.seq_len).total
+    return RunContext(cfg, derived, ctx, pmodel, engine, train_loader, eval_loader, run_dir, flops, resume_choice,
+                      tasks=load_tasks(cfg), eos_loss_masked=eos_id if cfg.train.mask_eos_loss else None)
+
+
+def build_model_and_engine(cfg: Config, derived: Derived, ctx: ParallelContext,
+                           before_engine: Callable[[ParallelModel], Any] | None = None
+                           ) -> tuple[ParallelModel, Any, int | None, Any]:
+    """(parallel model, DeepSpeed engine, the data's eos id, what `before_engine` returned). `before_engine(pmodel)`
+    runs after parallelize (each rank has its shards) and before deepspeed.initialize (which builds the fp32 master
+    and ZeRO partitions from these weights): the place to load weights (init_from, `pretrain eval --weights`)."""
     # Before the model: weights and synthetic data use their own seeded generators, but anything else random
     # (library code, future dropout) must not depend on what ran before.
     seed_everything(cfg.train.seed)
@@ -181,16 +198,10 @@ def build_run(cfg: Config, derived: Derived, ctx: ParallelContext, run_dir: Path
     if pmodel.fp8_linears:
         log.info("fp8 (%s): %d decoder-layer linears run FP8 matmuls; embedding, lm_head and the rest stay %s",
                  cfg.precision.fp8, pmodel.fp8_linears, cfg.precision.dtype)
-    # After parallelize (each rank copies its shards) and before deepspeed.initialize (which builds the fp32 master
-    # and ZeRO partitions from these weights): weights only, and only when there is no checkpoint to resume from.
-    resume_choice = init_unless_resuming(pmodel, cfg, ctx)
+    loaded = before_engine(pmodel) if before_engine is not None else None
     # After parallelize: DeepSpeed builds the optimizer, fp32 master and ZeRO partitions from the final shards.
     engine = build_engine(pmodel, cfg, derived, ctx)
-    # After the groups: each loader reads its DP rank's slice of every global batch.
-    train_loader, eval_loader = build_train_loader(cfg, ctx), build_eval_loader(cfg, derived, ctx)
-    flops = flops_per_token(cfg.model, derived.padded_vocab_size, cfg.train.seq_len).total
-    return RunContext(cfg, derived, ctx, pmodel, engine, train_loader, eval_loader, run_dir, flops, resume_choice,
-                      tasks=load_tasks(cfg), eos_loss_masked=eos_id if cfg.train.mask_eos_loss else None)
+    return pmodel, engine, eos_id, loaded
 
 
 def seed_everything(seed: int) -> None:
