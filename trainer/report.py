@@ -17,6 +17,7 @@ What trainer.hooks.MetricsHook writes (one JSON object per line, through JsonlSi
 `loss` is the mean over the steps since the previous log line; `tokens_per_s`, `step_time_s` and `data_wait_s` cover
 the same interval. grad_norm, loss_scale and mfu may be null (no norm computed / no fp16 / CPU or unknown GPU).
 The file is appended to, so a resumed run logs the steps after its checkpoint again: the later lines win.
+A run's stragglers.jsonl (trainer/stragglers.py), when there is one, becomes the summary row "stragglers (checks)".
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class RunMetrics:
     description: str = ""  # model, batch, lr from config.yaml: the legend says what the run was, not only its name
     label: str = ""  # legend / table name, unique among the runs of one report (set by load_runs)
     profile_dir: Path | None = None  # where profiling.* writes its windows (trainer/profiling.py)
+    stragglers: list[Record] = field(default_factory=list)  # <run_dir>/stragglers.jsonl (trainer/stragglers.py)
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ class RunSummary:
     loss_scale_drops: int | None  # fp16 only: each drop means an overflow, so at least one skipped step
     restarts: int
     malformed_lines: int
+    stragglers: dict[str, int] = field(default_factory=dict)  # "rank 3 on gpu-041 (device)" → checks that named it
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -129,7 +132,23 @@ def load_run(path: str | Path, warn: TextIO | None = None) -> RunMetrics:
         resumes=resumes,
         description=_describe(config, train, len(resumes)),
         profile_dir=_profile_dir(config, run_dir),
+        stragglers=_read_stragglers(run_dir / "stragglers.jsonl"),
     )
+
+
+def _read_stragglers(path: Path) -> list[Record]:
+    """The straggler check's records; a torn or foreign line is passed over (they only inform the summary)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and {"rank", "node"} <= record.keys():
+            records.append(record)
+    return records
 
 
 def _profile_dir(config: dict[str, Any], run_dir: Path) -> Path:
@@ -367,7 +386,17 @@ def summarize(run: RunMetrics) -> RunSummary:
         loss_scale_drops=_loss_scale_drops(run.train),
         restarts=run.restarts,
         malformed_lines=len(run.malformed_lines),
+        stragglers=_straggler_counts(run.stragglers),
     )
+
+
+def _straggler_counts(records: list[Record]) -> dict[str, int]:
+    """How many checks named each straggler (a rank, its node and why), most named first."""
+    counts: dict[str, int] = {}
+    for record in records:
+        name = f"rank {record['rank']} on {record['node']} ({record.get('kind', 'device')})"
+        counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: -item[1]))
 
 
 def _steady_train_records(train: list[Record]) -> list[Record]:
@@ -428,6 +457,8 @@ def format_summary_table(summaries: list[RunSummary]) -> str:
         rows.append(("restarts (resumed)", [str(s.restarts) for s in summaries]))
     if any(s.malformed_lines for s in summaries):
         rows.append(("malformed lines skipped", [str(s.malformed_lines) for s in summaries]))
+    if any(s.stragglers for s in summaries):
+        rows.append(("stragglers (checks)", [_fmt_stragglers(s.stragglers) for s in summaries]))
     return _render_table(rows)
 
 
@@ -459,6 +490,14 @@ def _render_table(rows: list[tuple[str, list[str]]]) -> str:
 
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else spec.format(value)
+
+
+def _fmt_stragglers(counts: dict[str, int], shown: int = 2) -> str:
+    """The most named stragglers with their check counts: `rank 1 on n1 (device) ×3`, then how many more."""
+    if not counts:
+        return "-"
+    named = ", ".join(f"{name} ×{count}" for name, count in list(counts.items())[:shown])
+    return named + (f", +{len(counts) - shown} more" if len(counts) > shown else "")
 
 
 def _fmt_3_digits(value: float | None) -> str:

@@ -114,6 +114,23 @@ def test_summary_has_each_validation_dataset(tmp_path: Path) -> None:
     assert png_size(png)[0] > 0
 
 
+def test_the_summary_names_the_stragglers_the_checks_named(tmp_path: Path) -> None:
+    plain = write_run(tmp_path / "plain", gpu_fp16_lines())
+    slowed = write_run(tmp_path / "slowed", gpu_fp16_lines())
+    records = [{"step": 100, "kind": "device", "rank": 3, "node": "gpu-041", "slowdown": 1.9},
+               {"step": 200, "kind": "device", "rank": 3, "node": "gpu-041", "slowdown": 1.8},
+               {"step": 200, "kind": "data", "rank": 5, "node": "gpu-007", "data_wait_share": 0.4},
+               {"step": 300, "kind": "device", "rank": 9, "node": "gpu-099", "slowdown": 1.3}]
+    (slowed / "stragglers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4', "utf-8")
+    summaries = [summarize(run) for run in load_runs([plain, slowed])]
+    assert summaries[0].stragglers == {}
+    assert summaries[1].stragglers == {"rank 3 on gpu-041 (device)": 2, "rank 5 on gpu-007 (data)": 1,
+                                       "rank 9 on gpu-099 (device)": 1}  # the torn last line passed over
+    [row] = [line for line in format_summary_table(summaries).splitlines() if line.startswith("stragglers")]
+    assert row.split("  ")[-1].strip() == "rank 3 on gpu-041 (device) ×2, rank 5 on gpu-007 (data) ×1, +1 more"
+    assert "stragglers" not in format_summary_table(summaries[:1])
+
+
 def test_cli_prints_table_and_writes_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = write_run(tmp_path / "gpu_run", gpu_fp16_lines())
     assert main(["report", str(run_dir), "--smooth", "2"]) == 0
