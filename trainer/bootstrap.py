@@ -60,6 +60,12 @@ class ParallelContext:
         return self.dp_rank == 0 and self.tp_rank == 0 and self.is_last_stage
 
 
+def node_name() -> str:
+    """This process's node as Slurm names it (what --exclude takes), else the host name. Task records of hangs and
+    stragglers carry it, so launch/hung_nodes.py can leave that node out."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
 def _quiet_imports() -> None:
     # megatron-core warns at import that Transformer Engine / Apex are absent (expected on CPU and optional on GPU);
     # torch 2.13 warns on every ZeRO collective that the *_tensor variants are deprecated. Both are noise here.

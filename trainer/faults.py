@@ -26,7 +26,6 @@ import functools
 import logging
 import math
 import os
-import socket
 import sys
 import threading
 import time
@@ -38,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from trainer import exit_codes
+from trainer.bootstrap import node_name
 from trainer.config import FaultsConfig
 from trainer.hooks import Hook, RunContext, StepOutput, TrainState
 
@@ -272,8 +272,7 @@ class Watchdog(Hook):
     def _fire(self, silent_s: float) -> None:
         if self.record_path is not None:
             with contextlib.suppress(OSError):  # the record helps choose nodes; the exit must happen regardless
-                node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-                self.record_path.write_text(f"{time.time():.3f} {self.poll_s:g} {self.grace_s:g} {node}\n")
+                self.record_path.write_text(f"{time.time():.3f} {self.poll_s:g} {self.grace_s:g} {node_name()}\n")
         message = (f"watchdog: no training progress for {silent_s:.0f} s (faults.hang_timeout_s={self.timeout_s:g}); "
                    f"Python stacks of every thread follow; exiting with code {exit_codes.HANG}")
         log.error(message)

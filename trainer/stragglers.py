@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import statistics
 import time
 from collections.abc import Sequence
@@ -41,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from trainer import exit_codes
+from trainer.bootstrap import node_name
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +103,6 @@ def data_starved_ranks(shares: Sequence[float], min_share: float = DATA_WAIT_WAR
     twice the median rank's share."""
     median = statistics.median_low(shares)
     return [(rank, share) for rank, share in enumerate(shares) if share >= min_share and share >= 2 * median]
-
-
-def node_name() -> str:
-    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 class StragglerMonitor:

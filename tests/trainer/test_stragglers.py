@@ -21,11 +21,12 @@ import pytest
 import torch
 import torch._dynamo  # noqa: F401
 
+from trainer.bootstrap import node_name
 from trainer.checkpoint.layout import read_metadata
 from trainer.config import load_config
 from trainer.exit_codes import HANG_RECORD_DIR_ENV, STRAGGLER
 from trainer.hooks import Hook, RunContext, StepOutput, TrainState
-from trainer.stragglers import DeviceProbe, data_starved_ranks, node_name, slow_ranks
+from trainer.stragglers import DeviceProbe, data_starved_ranks, slow_ranks
 from trainer.testing import run_distributed, throttle
 
 REPO = Path(__file__).resolve().parents[2]
