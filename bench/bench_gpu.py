@@ -188,6 +188,7 @@ def _time_trainer(run: Any, cfg: Config, derived: Derived, args: argparse.Namesp
                   compile_backend=run.model.compile_backend,
                   activation_checkpointing=cfg.parallel.activation_checkpointing, zero_stage=cfg.zero.stage,
                   precision=cfg.precision.dtype, fp8=cfg.precision.fp8, fp8_linears=run.model.fp8_linears,
+                  attention_mask=cfg.model.attention_mask, attention_kernel=derived.attention_kernel,
                   engine=type(run.engine).__name__,
                   optimizer=type(run.engine.optimizer).__name__,
                   compile_summary=None if warmup_hook is None else warmup_hook.summary,

@@ -13,7 +13,8 @@
 #   bash bench/gpu_session.sh tier    # <= 4 min: python -m pytest -m gpu (issue 12 item 4)           timeout_s 330
 #   bash bench/gpu_session.sh suite   # python -m pytest, the README's test command, GPU visible (issue 12 item 3)
 #   bash bench/gpu_session.sh small   # bench on configs/125m.yaml (issue 13: the small shape; then, budget allowing,
-#                                     #   the fused loss and the document mask: its step time vs causal) timeout_s 240
+#                                     #   the fused loss and the document mask: its step time vs causal,
+#                                     #   FlexAttention (auto on CUDA) vs SDPA's dense mask)             timeout_s 240
 #   bash bench/gpu_session.sh fp8     # 1B trainer no AC: bf16 vs precision.fp8 tensorwise / rowwise
 #                                     #   (issue 13's FP8 lever: does it pay at 1B?)                      timeout_s 330
 #
@@ -59,6 +60,7 @@ case $stage in
       --profile \
       --then-variant "fused_loss=parallel.activation_checkpointing=none,parallel.lm_loss=fused_linear" \
       --then-variant "documents=parallel.activation_checkpointing=none,model.attention_mask=document,model.reset_position_ids=true" \
+      --then-variant "documents_sdpa=parallel.activation_checkpointing=none,model.attention_mask=document,model.reset_position_ids=true,parallel.attention_kernel=sdpa" \
       --out "$out_dir/bench_gpu_125m.json" ;;
   fp8)    # the trainer alone (compiled, as on CUDA by default): FP8's matmuls against bf16's on the same shape
     DS_ACCELERATOR=cuda run_timed fp8 310 python3 bench/bench_gpu.py --skip hf_eager hf_compile --budget-s 240 --profile \

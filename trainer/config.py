@@ -136,6 +136,18 @@ class ParallelConfig(_Section):
     # chunks (no fp32 copy). fused_linear: lm_head and the loss in one, chunk by chunk: no logits and no logits'
     # gradient for the whole micro-batch (2 × 1 GB in bf16 at the 1B shape); any tp and pp, ZeRO 0-2.
     lm_loss: Literal["chunked", "fused_linear"] = "chunked"
+    # The attention kernel under model.attention_mask=document (trainer/document_attention.py). sdpa: a dense
+    # (B, 1, T, T) mask into SDPA (CUDA: the memory-efficient kernel, which computes every tile and keeps the mask for
+    # backward). flex: FlexAttention with a block mask built from the document ids: tiles across documents are
+    # skipped, tiles inside one document run unmasked, no T×T mask and native GQA; CUDA only (FlexAttention has no
+    # backward on CPU). auto: flex on launch.device=cuda, sdpa on CPU. The causal mask always runs SDPA (flash).
+    attention_kernel: Literal["auto", "sdpa", "flex"] = "auto"
+
+    def resolved_attention_kernel(self, device: str) -> Literal["sdpa", "flex"]:
+        """parallel.attention_kernel on `device` ("cuda" or "cpu"): the kernel the document mask runs."""
+        if self.attention_kernel == "auto":
+            return "flex" if device == "cuda" else "sdpa"
+        return self.attention_kernel
 
 
 OffloadDevice = Literal["none", "cpu", "nvme"]
@@ -489,6 +501,7 @@ class Derived:
     head_dim: int
     padded_vocab_size: int  # embedding rows: vocab_size rounded up to a multiple of tp * 128
     stage_layers: tuple[int, ...]  # decoder layers on each pipeline stage, first to last (sum: model.num_layers)
+    attention_kernel: str  # what the document mask runs on this device (sdpa or flex); the causal mask: always sdpa
     run_dir: str
     checkpoint_dir: str
 
@@ -552,9 +565,18 @@ def _static_problems(cfg: Config) -> list[str]:
         + _data_problems(cfg.data)
         + _zero_precision_problems(cfg)
         + _fp8_problems(cfg)
+        + _attention_kernel_problems(cfg)
         + _profiling_problems(cfg)
         + _launch_problems(cfg.launch)
     )
+
+
+def _attention_kernel_problems(cfg: Config) -> list[str]:
+    if cfg.parallel.attention_kernel != "flex" or cfg.model.attention_mask == "document":
+        return []
+    return ["parallel.attention_kernel=flex chooses the kernel of model.attention_mask=document, and the mask is causal "
+            "(which always runs SDPA's flash kernel): set model.attention_mask=document, or parallel.attention_kernel="
+            "auto"]
 
 
 def _model_problems(m: ModelConfig) -> list[str]:
@@ -798,6 +820,11 @@ def _pipeline_problems(cfg: Config, device: str) -> list[str]:
             f"model.tie_embeddings cannot be combined with parallel.pp ({cfg.parallel.pp}) > 1 (the embedding and "
             f"lm_head sit on different pipeline stages): set model.tie_embeddings=false or parallel.pp=1"
         )
+    if cfg.parallel.attention_kernel == "flex" and device != "cuda":
+        problems.append(
+            f"parallel.attention_kernel=flex runs on CUDA only (FlexAttention has no backward pass on {device}): set "
+            f"parallel.attention_kernel=auto (flex on CUDA, SDPA elsewhere) or sdpa"
+        )
     if cfg.precision.dtype == "fp16" and device == "cpu":
         problems.append(
             "precision.dtype=fp16 cannot run on CPU (DeepSpeed: 'Type fp16 is not supported on your device'): "
@@ -880,6 +907,7 @@ def _derive(cfg: Config, world_size: int, device: str) -> Derived:
         head_dim=cfg.model.resolved_head_dim(),
         padded_vocab_size=padded_vocab_size(cfg.model.vocab_size, par.tp),
         stage_layers=stage_layers(cfg.model.num_layers, par),
+        attention_kernel=par.resolved_attention_kernel(device) if cfg.model.attention_mask == "document" else "sdpa",
         run_dir=cfg.run_dir,
         checkpoint_dir=cfg.checkpoint_dir,
     )

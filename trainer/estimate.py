@@ -251,7 +251,8 @@ def _layer_activation_bytes_per_token(cfg: Config, derived: Derived, mode: str |
     model.attention_mask=document: SDPA takes a (B, 1, T, T) mask, turned into an additive one in the activation
     dtype that the attention keeps for backward (T elements per token) in none and core_attention (selective
     recomputes it); with a mask CUDA runs the memory-efficient kernel, which has no native GQA, so the attention keeps
-    K and V repeated to the query heads (none, core_attention).
+    K and V repeated to the query heads (none, core_attention). FlexAttention (parallel.attention_kernel=flex) keeps
+    what flash keeps: q, k and v unrepeated, its output and the log-sum-exp; its block mask is O((T / 128)²).
     """
     mode = mode or cfg.parallel.activation_checkpointing
     shape, tp = layer_shape(cfg.model), derived.tp
@@ -263,7 +264,8 @@ def _layer_activation_bytes_per_token(cfg: Config, derived: Derived, mode: str |
         return a * h // sp
     if mode == "selective":
         return a * 3 * h // sp + a * (2 * q + 2 * kv + 2 * inter) + lse
-    document = a * (cfg.train.seq_len + 2 * (q - kv)) if cfg.model.attention_mask == "document" else 0
+    dense_mask = cfg.model.attention_mask == "document" and derived.attention_kernel == "sdpa"
+    document = a * (cfg.train.seq_len + 2 * (q - kv)) if dense_mask else 0
     if mode == "core_attention":
         return 2 * (4 + a) * h // sp + a * (2 * q + 2 * kv + 4 * inter) + document
     return 2 * (4 + a) * h // sp + a * (3 * q + 2 * kv + 4 * inter) + lse + document

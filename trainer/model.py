@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import ModelConfig, RopeScalingConfig
+from trainer.document_attention import document_attention
 
 # The tensors whose rows are the vocabulary: padded beyond model.vocab_size (Derived.padded_vocab_size), and those
 # rows are kept at exactly zero (init_weights; no gradient reaches them through lm_loss).
@@ -164,6 +165,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * hd, cfg.hidden_size, bias=False)
         self.mask_documents = cfg.attention_mask == "document"
         self.reset_position_ids = cfg.reset_position_ids
+        # The document mask's kernel: "sdpa" (a dense mask; runs anywhere) or "flex" (trainer.document_attention;
+        # CUDA training). A kernel choice, not part of the model: trainer.parallelize sets it per
+        # parallel.attention_kernel; a model built here (HF parity, export) computes the same with SDPA.
+        self.document_kernel = "sdpa"
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x: (T, B, H); doc_ids: (B, T) from `document_ids`, given when ModelConfig.uses_documents (full T, also under
@@ -181,8 +186,11 @@ class Attention(nn.Module):
         cos, sin = rotary_cos_sin(positions, hd, self.rope_theta, x.device, q.dtype,  # (T, hd) or (B, 1, T, hd)
                                   self.rope_scaling)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        mask = document_mask(doc_ids) if self.mask_documents else None  # (B, 1, T, T)
-        y = causal_attention(q, k, v, mask)  # (B, nh, T, hd)
+        if self.mask_documents and self.document_kernel == "flex":
+            y = document_attention(q, k, v, doc_ids)  # (B, nh, T, hd)
+        else:
+            mask = document_mask(doc_ids) if self.mask_documents else None  # (B, 1, T, T)
+            y = causal_attention(q, k, v, mask)  # (B, nh, T, hd)
         y = y.permute(2, 0, 1, 3).reshape(T, B, -1)  # (T, B, nh*hd)
         return self.o_proj(y)  # (T, B, H); (T/tp, B, H) under sequence parallelism (o_proj reduce-scatters)
 

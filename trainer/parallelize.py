@@ -12,7 +12,9 @@ The steps run in one fixed order (each constraint is commented where it is appli
                                            under TP the megatron layers' local matmul → torchao's FP8 one
   4. sequence-parallel gradient hooks
   5. activation checkpointing              none | selective | core_attention | full, per decoder layer
-  6. torch.compile of each decoder layer   parallel.compile (trainer/compile.py), in place: names unchanged
+  6. attention kernel, torch.compile       parallel.attention_kernel (the document mask's: SDPA or FlexAttention);
+                                           parallel.compile of each decoder layer (trainer/compile.py), in place:
+                                           names unchanged
   7. pipeline partition                    DeepSpeed PipelineModule over [embed, layer 0..L-1, head], split into
                                            Derived.stage_layers decoder layers per stage (even or uneven)
 
@@ -143,6 +145,8 @@ def parallelize(model: Llama, cfg: Config, derived: Derived, ctx: ParallelContex
     _apply_activation_checkpointing([model.layers[i] for i in parts.layers], cfg.parallel.activation_checkpointing)
     # 6. After TP and checkpointing, so the compiled graph holds the TP collectives and the recompute policy
     #    (torchtitan's order); before the pipeline and deepspeed.initialize, which then call the compiled layers.
+    #    The attention kernel before the first forward, which the compiled graph is traced from.
+    _set_document_kernel([model.layers[i] for i in parts.layers], derived.attention_kernel)
     backend = compile_backend(cfg.parallel.compile, ctx.device.type)
     compiled = compile_layers([model.layers[i] for i in parts.layers], backend)
     z_loss = ZLoss(cfg.train.z_loss_weight) if cfg.train.z_loss_weight else None
@@ -473,8 +477,10 @@ def _ops(*names: str) -> frozenset[Any]:
 
 # Selective: keep what is expensive to recompute (matmuls, attention); recompute elementwise work (norms, rotary,
 # SiLU·mul, residual adds), whose saved inputs cost as much memory as the matmul outputs but little compute.
+# FlexAttention (parallel.attention_kernel=flex) is a higher-order op; checkpointing's policy sees it as such.
 _ATTENTION_CORE_OPS = _ops("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-                           "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+                           "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu") | {
+                               torch.ops.higher_order.flex_attention}
 # FP8 linears (precision.fp8): in eager mode this policy sees aten.mm on torchao's float8 tensors (a dispatch mode runs
 # before the tensor subclass), so they are kept like other matmuls (tests/trainer/test_float8.py counts them);
 # _scaled_mm is the op under it, listed for traces that show it directly.
@@ -540,7 +546,17 @@ def _checkpointed_forward(forward: Callable[..., torch.Tensor], context_fn: Call
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 6. Pipeline
+# 6. Attention kernel
+
+
+def _set_document_kernel(layers: list[nn.Module], kernel: str) -> None:
+    """Derived.attention_kernel (sdpa or flex) for each layer's document mask; a causal model ignores it."""
+    for layer in layers:
+        layer.self_attn.document_kernel = kernel
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 7. Pipeline
 
 
 # Between pipeline parts: the hidden states (T, B, H), or (hidden, document ids (B, T)) where the model uses documents

@@ -198,6 +198,9 @@ def build_model_and_engine(cfg: Config, derived: Derived, ctx: ParallelContext,
     if pmodel.fp8_linears:
         log.info("fp8 (%s): %d decoder-layer linears run FP8 matmuls; embedding, lm_head and the rest stay %s",
                  cfg.precision.fp8, pmodel.fp8_linears, cfg.precision.dtype)
+    if cfg.model.attention_mask == "document":
+        log.info("document mask: %s", {"flex": "FlexAttention, tiles across documents skipped",
+                                        "sdpa": "SDPA with a dense (B, 1, T, T) mask"}[derived.attention_kernel])
     loaded = before_engine(pmodel) if before_engine is not None else None
     # After parallelize: DeepSpeed builds the optimizer, fp32 master and ZeRO partitions from the final shards.
     engine = build_engine(pmodel, cfg, derived, ctx)

@@ -35,6 +35,7 @@ def test_bench_gpu_runs_every_loop_on_cpu_and_writes_json(tmp_path: Path) -> Non
         assert rows[label]["model_freed_after_loop"], f"{label} leaks its model into the next loop"
     assert rows["trainer[no_ac]"]["activation_checkpointing"] == "none"
     assert rows["trainer[no_ac]"]["engine"] == "DeepSpeedEngine"
+    assert (rows["trainer[no_ac]"]["attention_mask"], rows["trainer[no_ac]"]["attention_kernel"]) == ("causal", "sdpa")
     assert rows["trainer[zero1_core]"]["zero_stage"] == 1
     assert rows["trainer[zero1_core]"]["activation_checkpointing"] == "core_attention"
     # Each trainer loop carries the dry-run's memory estimate of its own config (issue 16's GPU check reads it).

@@ -144,22 +144,31 @@ def test_z_loss_trains_like_bf16_on_cuda(bf16_run: dict[str, Any], tmp_path: Pat
     assert all(r["z_loss"] > 0 for r in train_records(tmp_path / "z"))
 
 
-def test_document_mask_on_cuda_equals_each_document_alone() -> None:
-    """model.attention_mask=document on the GPU: SDPA with a mask (the memory-efficient kernel, K/V repeated) on a
-    packed row against the plain causal path (flash, native GQA) on each document alone, eager and inductor-compiled,
-    in bf16 (the CPU tests prove the fp32 numbers against HF)."""
+def _packed_documents(lengths: tuple[int, ...], vocab_size: int, seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    docs = [torch.randint(3, vocab_size, (n,), generator=generator) for n in lengths]
+    for doc in docs[:-1]:
+        doc[-1] = 2
+    return docs
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "flex"])
+def test_document_mask_on_cuda_equals_each_document_alone(kernel: str) -> None:
+    """model.attention_mask=document on the GPU, through either kernel (parallel.attention_kernel: SDPA with a dense
+    mask, the memory-efficient kernel with K/V repeated; FlexAttention's compiled kernel with the block mask) on a
+    packed row, against the plain causal path (flash, native GQA) on each document alone, eager and
+    inductor-compiled, in bf16 (the CPU tests prove the fp32 numbers against HF)."""
     from trainer.config import padded_vocab_size
     from trainer.model import Llama
 
     cfg = load_config(TINY, ["model.attention_mask=document", "model.reset_position_ids=true", "model.num_layers=4"])
     packed_model = Llama(cfg.model, padded_vocab_size(cfg.model.vocab_size, 1), eos_token_id=2).cuda().bfloat16()
+    for layer in packed_model.layers:
+        layer.self_attn.document_kernel = kernel
     alone_model = Llama(load_config(TINY, ["model.num_layers=4"]).model, packed_model.embed_tokens.num_embeddings)
     alone_model.load_state_dict(packed_model.state_dict())
     alone_model = alone_model.cuda().bfloat16().eval()
-    generator = torch.Generator().manual_seed(0)
-    docs = [torch.randint(3, cfg.model.vocab_size, (n,), generator=generator) for n in (300, 700, 1048)]
-    for doc in docs[:-1]:
-        doc[-1] = 2
+    docs = _packed_documents((300, 700, 1048), cfg.model.vocab_size, seed=0)
     packed = torch.cat(docs)[None].cuda()  # (1, 2048)
     with torch.no_grad():
         want = torch.cat([alone_model(doc[None].cuda()) for doc in docs], dim=1).float()
@@ -169,15 +178,54 @@ def test_document_mask_on_cuda_equals_each_document_alone() -> None:
             assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.98
 
 
-def test_document_mask_trains_on_cuda(tmp_path: Path) -> None:
-    run_dir = tmp_path / "documents"
-    out = pretrain("train", "--config", str(TINY), *CUDA, "precision.dtype=bf16", "train.max_steps=20",
-                   "optim.warmup_steps=2", "train.log_interval_steps=5", "train.eval_interval_steps=10",
-                   "checkpoint.save_interval_steps=0", "checkpoint.save_at_end=false", "model.attention_mask=document",
-                   "model.reset_position_ids=true", f"logging.run_dir={run_dir}")
-    losses = [r["loss"] for r in train_records(run_dir)]
-    assert len(losses) == 4 and losses[-1] < losses[0], (losses, out.stderr[-2000:])
-    assert "compile" in (run_dir / "logs" / "rank0.log").read_text()  # auto: inductor on CUDA, through the mask
+def test_flex_document_attention_has_sdpas_loss_and_gradients_on_cuda() -> None:
+    """Forward and backward of FlexAttention's compiled kernel (parallel.attention_kernel=flex) against SDPA with the
+    dense mask, in fp32, two packed rows of 2048 tokens with grouped-query heads: the loss within 1e-5 and every
+    parameter's gradient within 1e-4 of its norm (fp32 rounding of two kernels; CPU has no flex backward)."""
+    from trainer.config import padded_vocab_size
+    from trainer.model import Llama, lm_loss
+
+    cfg = load_config(TINY, ["model.attention_mask=document", "model.reset_position_ids=true"])
+    torch.manual_seed(0)
+    sdpa = Llama(cfg.model, padded_vocab_size(cfg.model.vocab_size, 1), eos_token_id=2).cuda()
+    flex = Llama(cfg.model, sdpa.embed_tokens.num_embeddings, eos_token_id=2).cuda()
+    flex.load_state_dict(sdpa.state_dict())
+    for layer in flex.layers:
+        layer.self_attn.document_kernel = "flex"
+    rows = [torch.cat(_packed_documents(lengths, cfg.model.vocab_size, seed))
+            for seed, lengths in enumerate([(100, 900, 37, 1012), (2049,)])]
+    ids = torch.stack(rows).cuda()  # (2, 2049)
+    losses, grads = [], []
+    for model in (sdpa, flex):
+        loss = lm_loss(model(ids[:, :-1]), ids[:, 1:])
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    for name, want in grads[0].items():
+        error = (grads[1][name] - want).norm() / want.norm()
+        assert error <= 1e-4, (name, error.item())
+
+
+def test_document_mask_trains_on_cuda_through_flex_as_through_sdpa(tmp_path: Path) -> None:
+    """The CLI on CUDA: auto picks FlexAttention for the document mask (the log says so), here with core_attention
+    checkpointing (the recompute policy sees flex's op) and compiled layers; its loss at each logged step within bf16
+    noise (2 %) of the same run on SDPA's dense mask."""
+    losses = {}
+    for kernel, checkpointing in (("sdpa", "none"), ("auto", "core_attention")):
+        run_dir = tmp_path / kernel
+        out = pretrain("train", "--config", str(TINY), *CUDA, "precision.dtype=bf16", "train.max_steps=20",
+                       "optim.warmup_steps=2", "train.log_interval_steps=5", "train.eval_interval_steps=10",
+                       "checkpoint.save_interval_steps=0", "checkpoint.save_at_end=false",
+                       "model.attention_mask=document", "model.reset_position_ids=true", "train.seq_len=128",
+                       f"parallel.attention_kernel={kernel}", f"parallel.activation_checkpointing={checkpointing}",
+                       f"logging.run_dir={run_dir}")
+        losses[kernel] = [r["loss"] for r in train_records(run_dir)]
+        assert len(losses[kernel]) == 4 and losses[kernel][-1] < losses[kernel][0], (losses, out.stderr[-2000:])
+        log = (run_dir / "logs" / "rank0.log").read_text()
+        assert "compile" in log  # auto: inductor on CUDA, through the mask
+        assert ("document mask: FlexAttention" in log) == (kernel == "auto")
+    assert all(abs(f - s) <= 0.02 * s for f, s in zip(losses["auto"], losses["sdpa"])), losses
 
 
 def test_eval_of_a_cuda_checkpoint_gives_the_logged_val_loss(bf16_run: dict[str, Any], tmp_path: Path) -> None:
