@@ -18,7 +18,7 @@ from trainer.hf.errors import HFConversionError
 from trainer.hf.full_state import save_full_state_dict
 from trainer.hf.llama_config import model_config_fragment, model_config_from_hf, read_config_json
 from trainer.hf.staging import check_output_dir, staged_dir
-from trainer.hf.tokenizer import copy_spm_model, tokenizer_problems
+from trainer.hf.tokenizer import tokenizer_problems, write_spm_model
 from trainer.hf.transforms import (
     DTypeName,
     StateDict,
@@ -115,9 +115,9 @@ def _copy_tokenizer(hf_dir: Path, dest_dir: Path) -> str | None:
     from data_pipeline.tokenizer import MODEL_FILENAME, Tokenizer, copy_tokenizer
 
     hf_json = hf_tokenizer_file(hf_dir / HF_TOKENIZER_FILE)  # the file itself: beside a tokenizer.model too
-    spm = hf_dir / MODEL_FILENAME
-    if spm.is_file() and (hf_json is None or not tokenizer_problems(Tokenizer.load(spm))):
-        copy_spm_model(hf_dir, dest_dir)
+    spm = Tokenizer.load(hf_dir / MODEL_FILENAME) if (hf_dir / MODEL_FILENAME).is_file() else None
+    if spm is not None and (hf_json is None or not tokenizer_problems(spm)):
+        write_spm_model(spm, dest_dir)
         return "sentencepiece"
     if hf_json is None:
         return None

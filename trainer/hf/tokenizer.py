@@ -158,16 +158,12 @@ def probe_mismatches(tokenizer: AnyTokenizer, hf_dir: Path, texts: tuple[str, ..
     return mismatches
 
 
-def copy_spm_model(hf_dir: Path, dest_dir: Path) -> Path | None:
-    """For import: the sentencepiece model of an HF directory, written with our tokenizer metadata (None if absent).
-
-    Not data_pipeline's copy_tokenizer: that would take the HF tokenizer.json next to it for our metadata file."""
+def write_spm_model(tokenizer: Tokenizer, dest_dir: Path) -> Path:
+    """For import: an HF directory's sentencepiece model (loaded from its tokenizer.model), written with our tokenizer
+    metadata. Not data_pipeline's copy_tokenizer: that would take the HF tokenizer.json next to it for our metadata
+    file."""
     from data_pipeline.tokenizer import METADATA_FILENAME, write_metadata
 
-    source = hf_dir / MODEL_FILENAME
-    if not source.is_file():
-        return None
-    tokenizer = Tokenizer.load(source)
     dest_dir.mkdir(parents=True, exist_ok=True)
     (dest_dir / MODEL_FILENAME).write_bytes(tokenizer.model_proto)
     write_metadata(tokenizer.describe(), dest_dir / METADATA_FILENAME)
