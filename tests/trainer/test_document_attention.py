@@ -105,6 +105,23 @@ def test_a_model_with_flex_gives_the_logits_of_sdpa_eager_and_compiled() -> None
         torch.testing.assert_close(flex(ids), want, rtol=0, atol=1e-5)
 
 
+def test_the_compiled_kernel_is_inlined_into_a_compiled_layer() -> None:
+    """On CUDA the layer calls the module's torch.compile'd flex_attention; inside a compiled decoder layer dynamo must
+    inline it into the layer's graph (fullgraph: a graph break raises), not stop at it. Traced here on CPU tensors."""
+    from trainer import document_attention
+
+    docs = document_ids(_packed_ids(256, seed=3), EOS)
+    q, k, v = torch.randn(4, 4, 256, 16), torch.randn(4, 2, 256, 16), torch.randn(4, 2, 256, 16)
+
+    def layer_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
+        mask = document_attention.document_block_mask(docs)
+        return document_attention._compiled_flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
+
+    with torch.no_grad():
+        got = torch.compile(layer_core, backend="aot_eager", fullgraph=True)(q, k, v, docs)
+        torch.testing.assert_close(got, causal_attention(q, k, v, document_mask(docs)), rtol=0, atol=2e-6)
+
+
 def test_checkpointing_policies_treat_flex_as_the_attention_core() -> None:
     """selective keeps its output, core_attention recomputes it, as for SDPA's kernels."""
     flex_op = torch.ops.higher_order.flex_attention
