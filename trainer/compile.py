@@ -33,13 +33,6 @@ log = logging.getLogger(__name__)
 _EXTRA_RECOMPILES = 8
 
 
-def compile_backend(mode: str, device_type: str) -> str | None:
-    """The torch.compile backend for `parallel.compile` on `device_type`, or None for eager."""
-    if mode == "off" or (mode == "auto" and device_type != "cuda"):
-        return None
-    return "aot_eager" if mode == "aot_eager" else "inductor"
-
-
 def compile_layers(layers: Iterable[nn.Module], backend: str | None) -> int:
     """Compile each layer in place with `backend` (None: leave eager). Returns the number of layers compiled."""
     if backend is None:

@@ -140,13 +140,27 @@ class ParallelConfig(_Section):
     # (B, 1, T, T) mask into SDPA (CUDA: the memory-efficient kernel, which computes every tile and keeps the mask for
     # backward). flex: FlexAttention with a block mask built from the document ids: tiles across documents are
     # skipped, tiles inside one document run unmasked, no T×T mask and native GQA; CUDA only (FlexAttention has no
-    # backward on CPU). auto: flex on launch.device=cuda, sdpa on CPU. The causal mask always runs SDPA (flash).
+    # backward on CPU), and only where inductor builds its kernel (see `flex_is_fused`). auto: flex where it is
+    # fused on CUDA, else sdpa. The causal mask always runs SDPA (flash).
     attention_kernel: Literal["auto", "sdpa", "flex"] = "auto"
+
+    def compile_backend(self, device: str) -> str | None:
+        """The torch.compile backend of the decoder layers (parallel.compile) on `device`; None: eager."""
+        if self.compile == "off" or (self.compile == "auto" and device != "cuda"):
+            return None
+        return "aot_eager" if self.compile == "aot_eager" else "inductor"
+
+    def flex_is_fused(self, device: str) -> bool:
+        """Whether FlexAttention runs inductor's fused kernel, not its reference math (the full T × T scores): inside
+        inductor-compiled layers; in eager layers it compiles itself, except under selective or core_attention
+        checkpointing, whose recompute policy is a dispatch mode and torch.compile stands aside while one is active."""
+        backend = self.compile_backend(device)
+        return backend == "inductor" or (backend is None and self.activation_checkpointing in ("none", "full"))
 
     def resolved_attention_kernel(self, device: str) -> Literal["sdpa", "flex"]:
         """parallel.attention_kernel on `device` ("cuda" or "cpu"): the kernel the document mask runs."""
         if self.attention_kernel == "auto":
-            return "flex" if device == "cuda" else "sdpa"
+            return "flex" if device == "cuda" and self.flex_is_fused(device) else "sdpa"
         return self.attention_kernel
 
 
@@ -820,17 +834,27 @@ def _pipeline_problems(cfg: Config, device: str) -> list[str]:
             f"model.tie_embeddings cannot be combined with parallel.pp ({cfg.parallel.pp}) > 1 (the embedding and "
             f"lm_head sit on different pipeline stages): set model.tie_embeddings=false or parallel.pp=1"
         )
-    if cfg.parallel.attention_kernel == "flex" and device != "cuda":
-        problems.append(
-            f"parallel.attention_kernel=flex runs on CUDA only (FlexAttention has no backward pass on {device}): set "
-            f"parallel.attention_kernel=auto (flex on CUDA, SDPA elsewhere) or sdpa"
-        )
+    problems += _flex_problems(cfg.parallel, device)
     if cfg.precision.dtype == "fp16" and device == "cpu":
         problems.append(
             "precision.dtype=fp16 cannot run on CPU (DeepSpeed: 'Type fp16 is not supported on your device'): "
             "set precision.dtype=bf16 or fp32"
         )
     return problems
+
+
+def _flex_problems(par: ParallelConfig, device: str) -> list[str]:
+    if par.attention_kernel != "flex":
+        return []
+    if device != "cuda":
+        return [f"parallel.attention_kernel=flex runs on CUDA only (FlexAttention has no backward pass on {device}): "
+                f"set parallel.attention_kernel=auto (flex where it is fused on CUDA, SDPA elsewhere) or sdpa"]
+    if par.flex_is_fused(device):
+        return []
+    return [f"parallel.attention_kernel=flex with parallel.compile={par.compile} and parallel.activation_checkpointing="
+            f"{par.activation_checkpointing} would run FlexAttention's reference math (the full T × T scores of every "
+            f"head: slower and larger than SDPA): set parallel.compile=auto (inductor on CUDA), or "
+            f"parallel.activation_checkpointing=none or full, or parallel.attention_kernel=auto"]
 
 
 def _data_parallel_size(par: ParallelConfig, world_size: int) -> tuple[int, str | None]:

@@ -57,7 +57,7 @@ from torch.utils.checkpoint import (
 )
 
 from trainer.bootstrap import ParallelContext, deepspeed_topology
-from trainer.compile import compile_backend, compile_layers
+from trainer.compile import compile_layers
 from trainer.loss import ZLoss, chunked_lm_loss, chunked_vocab_parallel_lm_loss, fused_linear_lm_loss
 from trainer.config import Config, Derived, ModelConfig
 from trainer.float8 import convert_to_float8
@@ -147,7 +147,7 @@ def parallelize(model: Llama, cfg: Config, derived: Derived, ctx: ParallelContex
     #    (torchtitan's order); before the pipeline and deepspeed.initialize, which then call the compiled layers.
     #    The attention kernel before the first forward, which the compiled graph is traced from.
     _set_document_kernel([model.layers[i] for i in parts.layers], derived.attention_kernel)
-    backend = compile_backend(cfg.parallel.compile, ctx.device.type)
+    backend = cfg.parallel.compile_backend(ctx.device.type)
     compiled = compile_layers([model.layers[i] for i in parts.layers], backend)
     z_loss = ZLoss(cfg.train.z_loss_weight) if cfg.train.z_loss_weight else None
     loss_fn = _loss_fn(cfg, ctx, model.lm_head if parts.head else None, z_loss)

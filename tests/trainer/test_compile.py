@@ -25,7 +25,8 @@ import torch
 import torch._dynamo  # noqa: F401
 
 from test_parallel_training import GOLDEN, REL_TOL, max_rel_diff, run_and_read
-from trainer.compile import compile_backend, is_compiled
+from trainer.compile import is_compiled
+from trainer.config import ParallelConfig
 
 pytestmark = pytest.mark.slow
 
@@ -79,11 +80,14 @@ def test_compile_keeps_names_and_state_dict_keys() -> None:
 
 
 def test_auto_compiles_on_cuda_only() -> None:
-    assert compile_backend("auto", "cuda") == "inductor"
-    assert compile_backend("auto", "cpu") is None
-    assert compile_backend("on", "cpu") == "inductor"
-    assert compile_backend("off", "cuda") is None
-    assert compile_backend("aot_eager", "cpu") == "aot_eager"
+    def backend(mode: str, device: str) -> str | None:
+        return ParallelConfig(compile=mode).compile_backend(device)
+
+    assert backend("auto", "cuda") == "inductor"
+    assert backend("auto", "cpu") is None
+    assert backend("on", "cpu") == "inductor"
+    assert backend("off", "cuda") is None
+    assert backend("aot_eager", "cpu") == "aot_eager"
 
 
 def test_compile_off_is_plain_eager() -> None:

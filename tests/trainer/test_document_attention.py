@@ -139,6 +139,27 @@ def test_auto_is_flex_on_cuda_and_sdpa_on_cpu() -> None:
     assert load_config(TINY).validate_for_world(2, "cuda").attention_kernel == "sdpa"  # causal: flash, always
 
 
+@pytest.mark.parametrize("compile_mode", ["auto", "off", "aot_eager"])
+@pytest.mark.parametrize("checkpointing", ["none", "selective", "core_attention", "full"])
+def test_auto_picks_flex_only_where_inductor_builds_its_kernel(compile_mode: str, checkpointing: str) -> None:
+    """Unfused, FlexAttention is reference math over the full T × T scores: worse than SDPA. It is fused inside
+    inductor-compiled layers (compile auto on CUDA), or compiling itself in eager layers, which torch.compile skips
+    under selective/core_attention checkpointing (a dispatch mode; torch._dynamo.config.inline_torch_dispatch_
+    torch_compile); aot_eager runs it eagerly. An explicit flex there is refused with the ways out."""
+    overrides = ["model.attention_mask=document", f"parallel.compile={compile_mode}",
+                 f"parallel.activation_checkpointing={checkpointing}"]
+    fused = compile_mode == "auto" or (compile_mode == "off" and checkpointing in ("none", "full"))
+    cfg = load_config(TINY, overrides)
+    assert cfg.parallel.flex_is_fused("cuda") == fused
+    assert cfg.validate_for_world(2, "cuda").attention_kernel == ("flex" if fused else "sdpa")
+    forced = load_config(TINY, [*overrides, "parallel.attention_kernel=flex"])
+    if fused:
+        assert forced.validate_for_world(2, "cuda").attention_kernel == "flex"
+    else:
+        with pytest.raises(ConfigError, match="would run FlexAttention's reference math"):
+            forced.validate_for_world(2, "cuda")
+
+
 def test_flex_is_refused_on_cpu_and_without_the_document_mask() -> None:
     cfg = load_config(TINY, ["model.attention_mask=document", "parallel.attention_kernel=flex"])
     with pytest.raises(ConfigError, match=r"attention_kernel=flex runs on CUDA only .* set parallel.attention_kernel="
