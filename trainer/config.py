@@ -127,6 +127,11 @@ class ParallelConfig(_Section):
     # selective: recompute cheap elementwise ops (norms, rotary, SiLU*mul), keep matmul and attention outputs.
     # core_attention: Megatron's "selective": recompute only the attention core, keep everything else.
     activation_checkpointing: Literal["none", "selective", "core_attention", "full"] = "none"
+    # Checkpoint only the first N decoder layers of each pipeline stage; the others keep every activation (Megatron-
+    # LM's --recompute-method block --recompute-num-layers N): less recompute for more memory, the knob between two
+    # modes. None: every layer. A stage with fewer layers checkpoints all of its own. `pretrain plan` picks the
+    # smallest N that fits.
+    activation_checkpointing_layers: PositiveInt | None = None
     # torch.compile of each decoder layer (trainer/compile.py). auto: inductor on launch.device=cuda, off on CPU
     # (inductor's C++ build costs minutes there for little gain); on: inductor everywhere; off: eager; aot_eager:
     # graph capture + AOTAutograd without code generation (debugging and the CPU equivalence tests).
@@ -143,6 +148,18 @@ class ParallelConfig(_Section):
     # backward on CPU), and only where inductor builds its kernel (see `flex_is_fused`). auto: flex where it is
     # fused on CUDA, else sdpa. The causal mask always runs SDPA (flash).
     attention_kernel: Literal["auto", "sdpa", "flex"] = "auto"
+
+    def checkpointing_label(self) -> str:
+        """The mode, with the layers per stage when not all: selective, selective:4 (the first 4 of each stage)."""
+        count = self.activation_checkpointing_layers
+        mode = self.activation_checkpointing
+        return mode if count is None or mode == "none" else f"{mode}:{count}"
+
+    def checkpointed_layers(self, stage_layers: int) -> int:
+        """How many of a pipeline stage's `stage_layers` decoder layers are checkpointed (its first ones)."""
+        if self.activation_checkpointing == "none":
+            return 0
+        return min(self.activation_checkpointing_layers or stage_layers, stage_layers)
 
     def compile_backend(self, device: str) -> str | None:
         """The torch.compile backend of the decoder layers (parallel.compile) on `device`; None: eager."""
@@ -588,9 +605,9 @@ def _static_problems(cfg: Config) -> list[str]:
 def _attention_kernel_problems(cfg: Config) -> list[str]:
     if cfg.parallel.attention_kernel != "flex" or cfg.model.attention_mask == "document":
         return []
-    return ["parallel.attention_kernel=flex chooses the kernel of model.attention_mask=document, and the mask is causal "
-            "(which always runs SDPA's flash kernel): set model.attention_mask=document, or parallel.attention_kernel="
-            "auto"]
+    return ["parallel.attention_kernel=flex chooses the kernel of model.attention_mask=document, and the mask is "
+            "causal (which always runs SDPA's flash kernel): set model.attention_mask=document, or "
+            "parallel.attention_kernel=auto"]
 
 
 def _model_problems(m: ModelConfig) -> list[str]:
@@ -777,7 +794,8 @@ def _model_split_problems(cfg: Config) -> list[str]:
         if count % par.tp:
             choices = _set_str(_divisors(math.gcd(m.num_heads, m.num_kv_heads)))
             problems.append(f"parallel.tp ({par.tp}) must divide model.{field} ({count}): choose tp in {choices}")
-    problems += _stage_layer_problems(m.num_layers, par)
+    stage_problems = _stage_layer_problems(m.num_layers, par)
+    problems += stage_problems or _checkpointed_layers_problems(m.num_layers, par)
     problems += _lm_loss_problems(cfg)
     if par.sequence_parallel and par.tp == 1:
         problems.append(
@@ -790,6 +808,22 @@ def _model_split_problems(cfg: Config) -> list[str]:
             f"parallel.sequence_parallel: choose a seq_len that is a multiple of {par.tp}"
         )
     return problems
+
+
+def _checkpointed_layers_problems(num_layers: int, par: ParallelConfig) -> list[str]:
+    """parallel.activation_checkpointing_layers against the mode and the (valid) stage split."""
+    count = par.activation_checkpointing_layers
+    if count is None:
+        return []
+    if par.activation_checkpointing == "none":
+        return [f"parallel.activation_checkpointing_layers ({count}) chooses how many layers per stage a "
+                f"checkpointing mode applies to, and parallel.activation_checkpointing is none: set a mode "
+                f"(selective, core_attention or full), or parallel.activation_checkpointing_layers=null"]
+    most = max(stage_layers(num_layers, par))
+    if count <= most:
+        return []
+    return [f"parallel.activation_checkpointing_layers ({count}) exceeds the {most} decoder layers of the largest "
+            f"pipeline stage: choose 1..{most}, or null to checkpoint every layer"]
 
 
 def _stage_layer_problems(num_layers: int, par: ParallelConfig) -> list[str]:

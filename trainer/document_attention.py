@@ -3,9 +3,9 @@ CUDA).
 
 Why: SDPA takes the document mask as a dense (B, 1, T, T) tensor. On CUDA that rules out the flash kernel; the
 memory-efficient kernel computes every tile of QK^T, masked or not, has no native GQA (K and V are repeated to the
-query heads) and keeps the mask, as an additive bias, for backward. FlexAttention reads a block mask instead: for each
-128 × 128 tile of (queries, keys), whether it is empty (skipped), full (run without a mask) or partial (the mask function
-decides element by element). Below the diagonal, a packed row of short documents is mostly empty tiles, so the work
+query heads) and keeps the mask, as an additive bias, for backward. FlexAttention reads a block mask instead: for
+each 128 × 128 tile of (queries, keys), whether it is empty (skipped), full (run without a mask) or partial (the mask
+function decides element by element). Below the diagonal, a packed row of short documents is mostly empty tiles, so the work
 falls with the documents' length; nothing T × T is stored.
 
 How the block mask is built: from the document ids directly, not by calling the mask function on every (query, key)

@@ -190,16 +190,20 @@ def _activation_bytes(cfg: Config, derived: Derived, stage: int) -> tuple[int, i
     """Activations one pipeline stage keeps for backward, and its micro-batches in flight.
 
     With 1F1B stage s holds min(pp - s, grad_accum) micro-batches (the first the most, the last one); the last stage
-    also holds the final norm's input and the logits.
+    also holds the final norm's input and the logits. Layers past parallel.activation_checkpointing_layers keep what
+    a layer without checkpointing keeps.
     """
     tokens = cfg.train.seq_len * derived.micro_batch_size_per_gpu
+    layers = derived.stage_layers[stage]
+    checkpointed = cfg.parallel.checkpointed_layers(layers)  # the first ones; the rest keep everything
     per_layer = _layer_activation_bytes_per_token(cfg, derived) * tokens
+    whole_layer = _layer_activation_bytes_per_token(cfg, derived, mode="none") * tokens
     working = 0
-    if cfg.parallel.activation_checkpointing == "full":
+    if cfg.parallel.activation_checkpointing == "full" and checkpointed:
         # Backward recomputes one layer at a time: that layer's full activations exist on top of the saved inputs.
-        working = _layer_activation_bytes_per_token(cfg, derived, mode="none") * tokens
+        working = whole_layer
     in_flight = min(derived.pp - stage, derived.grad_accum_steps)
-    total = in_flight * derived.stage_layers[stage] * per_layer + working
+    total = in_flight * (checkpointed * per_layer + (layers - checkpointed) * whole_layer) + working
     if stage == derived.pp - 1:
         total += _head_activation_bytes(cfg, derived, tokens)
     return total, in_flight

@@ -11,7 +11,8 @@ The steps run in one fixed order (each constraint is commented where it is appli
   3b. FP8 linears                          precision.fp8: decoder-layer nn.Linear → torchao Float8Linear;
                                            under TP the megatron layers' local matmul → torchao's FP8 one
   4. sequence-parallel gradient hooks
-  5. activation checkpointing              none | selective | core_attention | full, per decoder layer
+  5. activation checkpointing              none | selective | core_attention | full, per decoder layer (the
+                                           stage's first activation_checkpointing_layers, default all)
   6. attention kernel, torch.compile       parallel.attention_kernel (the document mask's: SDPA or FlexAttention);
                                            parallel.compile of each decoder layer (trainer/compile.py), in place:
                                            names unchanged
@@ -142,7 +143,10 @@ def parallelize(model: Llama, cfg: Config, derived: Derived, ctx: ParallelContex
         _all_reduce_sequence_parallel_grads(model, ctx.tp_group)
     # 5. After the TP swap, so the swap always walks the plain module tree (a wrapper-based checkpoint, as in
     #    torchtitan, would hide the projections from it); ours only replaces each layer's forward.
-    _apply_activation_checkpointing([model.layers[i] for i in parts.layers], cfg.parallel.activation_checkpointing)
+    #    Only the stage's first parallel.activation_checkpointing_layers layers (Megatron's block method).
+    checkpointed = cfg.parallel.checkpointed_layers(len(parts.layers))
+    _apply_activation_checkpointing([model.layers[i] for i in parts.layers[:checkpointed]],
+                                    cfg.parallel.activation_checkpointing)
     # 6. After TP and checkpointing, so the compiled graph holds the TP collectives and the recompute policy
     #    (torchtitan's order); before the pipeline and deepspeed.initialize, which then call the compiled layers.
     #    The attention kernel before the first forward, which the compiled graph is traced from.

@@ -163,6 +163,8 @@ class Layout:
     activation_checkpointing: str
     # Decoder layers per pipeline stage (plan.stage_splits); None: even.
     stage_layers: tuple[int, ...] | None = None
+    # parallel.activation_checkpointing_layers: the first N layers of each stage checkpointed; None: all.
+    checkpointed_layers: int | None = None
 
     def overrides(self) -> list[str]:
         """The dotted overrides that turn a run config into this layout (dp stays 'auto' = world / (tp·pp))."""
@@ -171,6 +173,7 @@ class Layout:
             f"parallel.tp={self.tp}", f"parallel.pp={self.pp}", f"parallel.pipeline_stage_layers={stages}",
             "parallel.dp=auto", f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}",
             f"parallel.activation_checkpointing={self.activation_checkpointing}",
+            f"parallel.activation_checkpointing_layers={self.checkpointed_layers or 'null'}",
             f"zero.stage={self.zero_stage}", f"train.micro_batch_size_per_gpu={self.micro_batch_size_per_gpu}",
         ]
 
@@ -184,7 +187,14 @@ class Layout:
     def short(self) -> str:
         sp = "+sp" if self.sequence_parallel else ""
         return (f"tp{self.tp}{sp} pp{self.pp_text().replace(' ', '')} dp{self.dp} zero{self.zero_stage} "
-                f"micro{self.micro_batch_size_per_gpu} ac={self.activation_checkpointing}")
+                f"micro{self.micro_batch_size_per_gpu} ac={self.ac_label}")
+
+    @property
+    def ac_label(self) -> str:
+        """The checkpointing mode, with the layers per stage when not all (ParallelConfig.checkpointing_label)."""
+        if self.checkpointed_layers is None:
+            return self.activation_checkpointing
+        return f"{self.activation_checkpointing}:{self.checkpointed_layers}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,7 +246,7 @@ class Candidate:
 @dataclasses.dataclass(frozen=True)
 class PlanResult:
     candidates: list[Candidate]  # fitting layouts, fastest first
-    enumerated: int
+    enumerated: int  # layouts enumerated: each refused, too big, or fitting (candidates less fewer_checkpointed)
     invalid: int  # rejected by the trainer's own config validation
     too_big: int  # valid, but over the memory budget
     usable_memory_gib: float
@@ -244,6 +254,9 @@ class PlanResult:
     given: Candidate | None = None  # the input config's own layout, evaluated the same way (None: not runnable)
     given_problem: str | None = None  # why the input config's layout cannot run on this cluster, or does not fit
     example_refusal: str | None = None  # the most frequent validation message, for the error when nothing fits
+    # Candidates added beside a fitting layout that checkpoints every layer: the same with as few layers
+    # checkpointed per stage as fit (`_fewest_checkpointed`).
+    fewer_checkpointed: int = 0
 
     def given_rank(self) -> int | None:
         """1-based place of the input config's layout among the fitting ones (None when it does not fit). A layout
@@ -371,15 +384,19 @@ def _compute_micro_s(cfg: Config, derived: Derived, cluster: Cluster, calib: Cal
                     for _, params, split in layer_gemms(model)) + attention
     layers = per_layer * derived.stage_layers[stage]
     mode = cfg.parallel.activation_checkpointing
+    checkpointed = cfg.parallel.checkpointed_layers(derived.stage_layers[stage])
     if mode == "full":
-        layers *= 4 / 3  # backward re-runs each layer's forward: 2 of the 6 FLOPs per parameter and token again
+        layers += per_layer * checkpointed / 3  # backward re-runs the layer's forward: 2 of the 6 FLOPs again
     elif mode == "core_attention":
-        layers += attention / 3 * derived.stage_layers[stage]  # one more attention forward (1 of its 3 passes)
+        layers += attention / 3 * checkpointed  # one more attention forward (1 of its 3 passes)
     vocab = derived.padded_vocab_size
     head = _effective_flops(6 * vocab * model.hidden_size / tp, vocab / tp, tokens, gemm)
     per_token = layers + (head if stage == derived.pp - 1 else 0)
     seconds = per_token * tokens / (cluster.gpu.peak_tflops * 1e12 * calib.compute_efficiency)
-    return seconds * (calib.selective_ac_time_factor if mode == "selective" else 1.0)
+    if mode != "selective":
+        return seconds
+    # The factor was measured with every layer selective; a part of the layers costs that part of the extra time.
+    return seconds * (1 + (calib.selective_ac_time_factor - 1) * checkpointed / derived.stage_layers[stage])
 
 
 def _link(cluster: Cluster, stride: int, size: int) -> tuple[float, float]:
@@ -422,8 +439,9 @@ def _tp_comm_micro_s(cfg: Config, derived: Derived, cluster: Cluster, stage: int
         return 0.0
     tokens = derived.micro_batch_size_per_gpu * cfg.train.seq_len
     nbytes = tokens * cfg.model.hidden_size * activation_element_bytes(cfg)
-    per_layer = 6 if cfg.parallel.activation_checkpointing == "full" else 4
-    count = derived.stage_layers[stage] * per_layer + (stage == 0) + (stage == derived.pp - 1)
+    layers = derived.stage_layers[stage]
+    recomputed = cfg.parallel.checkpointed_layers(layers) if cfg.parallel.activation_checkpointing == "full" else 0
+    count = layers * 4 + recomputed * 2 + (stage == 0) + (stage == derived.pp - 1)  # full AC: the forward pair again
     return _collective_s(count * nbytes, tp, _link(cluster, 1, tp), "all_reduce", count)
 
 
@@ -497,7 +515,7 @@ def plan(cfg: Config, cluster: Cluster, calib: Calibration = Calibration(), head
     then to less memory.
     """
     usable_gib = cluster.gpu.memory_gib * (1 - headroom)
-    fits, invalid, too_big, misfit, count = [], 0, 0, None, 0
+    fits, invalid, too_big, misfit, count, fewer_count = [], 0, 0, None, 0, 0
     refusals: collections.Counter[str] = collections.Counter()
     for layout in enumerate_layouts(cfg, cluster.world_size):
         count += 1
@@ -510,6 +528,10 @@ def plan(cfg: Config, cluster: Cluster, calib: Calibration = Calibration(), head
         cand = evaluate(new, derived, layout, cluster, calib)
         if cand.memory.total_bytes / GIB <= usable_gib:
             fits.append(cand)
+            fewer = _fewest_checkpointed(cand, cluster, calib, usable_gib)
+            if fewer is not cand:
+                fits.append(fewer)
+                fewer_count += 1
         else:
             too_big += 1
             if misfit is None or cand.memory.total_bytes < misfit.memory.total_bytes:
@@ -517,7 +539,39 @@ def plan(cfg: Config, cluster: Cluster, calib: Calibration = Calibration(), head
     fits.sort(key=_rank_key)
     given, problem = _given_layout(cfg, cluster, calib, usable_gib)
     refusal = refusals.most_common(1)[0][0] if refusals else None  # the rule that ruled out the most layouts
-    return PlanResult(fits, count, invalid, too_big, usable_gib, misfit, given, problem, refusal)
+    return PlanResult(fits, count, invalid, too_big, usable_gib, misfit, given, problem, refusal, fewer_count)
+
+
+def _fewest_checkpointed(cand: Candidate, cluster: Cluster, calib: Calibration, usable_gib: float) -> Candidate:
+    """A fitting layout that checkpoints every layer, with as few layers per stage checkpointed as still fit
+    (parallel.activation_checkpointing_layers): memory falls and recompute time rises with each layer, so the
+    smallest count that fits is the fastest of the mode. `cand` itself when every layer must be checkpointed, or when
+    none need be (the same layout without checkpointing fits, and is faster)."""
+    par = cand.cfg.parallel
+    if par.activation_checkpointing == "none" or par.activation_checkpointing_layers is not None:
+        return cand
+
+    def fits(count: int) -> bool:
+        variant = par.model_copy(update={"activation_checkpointing_layers": count}) if count else par.model_copy(
+            update={"activation_checkpointing": "none"})
+        return estimate_memory(cand.cfg.model_copy(update={"parallel": variant}), cand.derived).total_bytes / GIB \
+            <= usable_gib
+
+    most = max(cand.derived.stage_layers)
+    if fits(0):
+        return cand
+    low, high = 1, most  # every layer (high) fits
+    while low < high:
+        count = (low + high) // 2
+        if fits(count):
+            high = count
+        else:
+            low = count + 1
+    if low == most:
+        return cand
+    layout = dataclasses.replace(cand.layout, checkpointed_layers=low)
+    new, derived = apply_layout(cand.cfg, layout, cluster)
+    return evaluate(new, derived, layout, cluster, calib)
 
 
 def _problems_line(err: ConfigError) -> str:
@@ -535,7 +589,7 @@ def _given_layout(cfg: Config, cluster: Cluster, calib: Calibration,
     if stages is not None and len(set(stages)) == 1:
         stages = None  # an even split written out is the even split the enumeration makes
     layout = Layout(par.tp, par.pp, dp, par.sequence_parallel, cfg.zero.stage, cfg.train.micro_batch_size_per_gpu,
-                    par.activation_checkpointing, stages)
+                    par.activation_checkpointing, stages, par.activation_checkpointing_layers)
     try:
         new, derived = apply_layout(cfg, layout, cluster)
     except ConfigError as err:

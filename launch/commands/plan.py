@@ -198,7 +198,7 @@ def _as_json(result: Any, cluster: Any, calib: Any, args: argparse.Namespace) ->
         "headroom": args.headroom,
         "usable_memory_gib": result.usable_memory_gib,
         "enumerated": result.enumerated, "invalid": result.invalid, "too_big": result.too_big,
-        "fits": len(result.candidates),
+        "fits": len(result.candidates), "fewer_checkpointed": result.fewer_checkpointed,
         "why": why_line(result),
         "config_layout": None if result.given is None else {**result.given.as_dict(), "rank": result.given_rank()},
         "config_layout_problem": result.given_problem,
@@ -220,7 +220,9 @@ def _report(result: Any, cluster: Any, calib: Any, args: argparse.Namespace) -> 
         f"GB/s intra/inter × {cluster.link_efficiency:g}); compute at {calib.compute_efficiency:.1%} of peak, "
         f"GEMM curve: {calib.gemm.source}",
         f"searched   {result.enumerated} layouts: {result.invalid} refused by config validation, {result.too_big} over "
-        f"{result.usable_memory_gib:.1f} GiB ({args.headroom:.0%} headroom), {len(result.candidates)} fit",
+        f"{result.usable_memory_gib:.1f} GiB ({args.headroom:.0%} headroom), {len(result.candidates)} fit"
+        + (f" ({result.fewer_checkpointed} of them: a layout that needs checkpointing, with only as many layers per "
+           f"stage checkpointed as fit)" if result.fewer_checkpointed else ""),
         "",
         *_table(result.candidates[: args.top]),
         "",
@@ -267,7 +269,7 @@ def _table(candidates: list[Any]) -> list[str]:
                                             m.buffers_bytes, m.total_bytes)]
         rows.append((str(i), str(lay.tp), lay.pp_text(), str(lay.dp), "y" if lay.sequence_parallel else "-",
                      str(lay.zero_stage), str(lay.micro_batch_size_per_gpu), str(c.derived.grad_accum_steps),
-                     lay.activation_checkpointing, *gib, *(_seconds(x) for x in (t.compute_s, t.exposed_comm_s,
+                     lay.ac_label, *gib, *(_seconds(x) for x in (t.compute_s, t.exposed_comm_s,
                                                                                t.bubble_s, t.total_s)),
                      f"{c.tokens_per_s:,.0f}", f"{c.mfu:.1%}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]

@@ -171,7 +171,7 @@ def _memory_lines(cfg: Any, derived: Any, memory: Any) -> list[str]:
         f"{memory.optimizer_bytes / gib:.1f} + activations {memory.activations_bytes / gib:.1f} + DeepSpeed buffers "
         f"{memory.buffers_bytes / gib:.1f} GiB",
         f"             ({cfg.precision.dtype}, ZeRO-{cfg.zero.stage}, activation checkpointing "
-        f"{cfg.parallel.activation_checkpointing}, {memory.in_flight_micro_batches} micro-batch(es) in flight; "
+        f"{cfg.parallel.checkpointing_label()}, {memory.in_flight_micro_batches} micro-batch(es) in flight; "
         f"add CUDA context, NCCL buffers, fragmentation)",
         f"             lm_head + loss on the last stage: {loss_gib:.2f} GiB of the activations "
         f"(parallel.lm_loss={cfg.parallel.lm_loss}; with {other}: {other_gib:.2f} GiB)",

@@ -277,6 +277,24 @@ def test_valid_slurm_times_and_sbatch_lines() -> None:
             "precision.dtype=fp16 cannot run on CPU (DeepSpeed: 'Type fp16 is not supported on your device'): set precision.dtype=bf16 or fp32",
         ),
         (0, [], "world size (0) must be >= 1"),
+        (
+            2,
+            ["parallel.activation_checkpointing_layers=1"],
+            "parallel.activation_checkpointing_layers (1) chooses how many layers per stage a checkpointing mode "
+            "applies to, and parallel.activation_checkpointing is none: set a mode",
+        ),
+        (
+            2,
+            ["parallel.activation_checkpointing=full", "parallel.activation_checkpointing_layers=3"],
+            "parallel.activation_checkpointing_layers (3) exceeds the 2 decoder layers of the largest pipeline stage: "
+            "choose 1..2, or null to checkpoint every layer",
+        ),
+        (
+            2,
+            ["model.num_layers=5", "parallel.pp=2", "parallel.pipeline_stage_layers=[2,3]",
+             "parallel.activation_checkpointing=selective", "parallel.activation_checkpointing_layers=4"],
+            "exceeds the 3 decoder layers of the largest pipeline stage: choose 1..3",
+        ),
     ],
 )
 def test_world_problems(world: int, overrides: list[str], expected: str) -> None:

@@ -167,6 +167,46 @@ def test_the_document_mask_adds_what_the_attention_keeps_for_it() -> None:
     assert document_measured - causal_measured == document_estimated - causal_estimated == 4 * seq  # fp32 mask row
 
 
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_checkpointing_fewer_layers_keeps_one_whole_layer_more_per_layer_left_out(mode: str) -> None:
+    """parallel.activation_checkpointing_layers=2 of 3: measured on CPU (the bytes the parallelized model saves in a
+    forward, each storage once), the third layer saves what a layer without checkpointing saves, one third of the
+    gap between no checkpointing and all layers; the estimate moves by one layer's difference, exactly."""
+    import torch
+
+    from test_parallelize import single_rank_context
+    from trainer.estimate import _layer_activation_bytes_per_token
+    from trainer.parallelize import build_model_on_meta, parallelize
+
+    three = ["model.num_layers=3", "train.micro_batch_size_per_gpu=2", "train.global_batch_size=4"]
+
+    def saved_bytes(*overrides: str) -> tuple[int, int]:
+        cfg, derived = setup("tiny", *three, *overrides, world=1)
+        model = parallelize(build_model_on_meta(cfg.model, derived.padded_vocab_size), cfg, derived,
+                            single_rank_context()).module
+        storages: dict[int, int] = {}
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        ids = torch.randint(0, 256, (2, cfg.train.seq_len), generator=torch.Generator().manual_seed(0))
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            model(ids)
+        return sum(storages.values()), estimate_memory(cfg, derived).activations_bytes
+
+    none_measured, none_estimated = saved_bytes()
+    all_measured, all_estimated = saved_bytes(f"parallel.activation_checkpointing={mode}")
+    two_measured, two_estimated = saved_bytes(f"parallel.activation_checkpointing={mode}",
+                                              "parallel.activation_checkpointing_layers=2")
+    assert all_measured < two_measured < none_measured
+    assert 3 * (two_measured - all_measured) == none_measured - all_measured
+    cfg, derived = setup("tiny", *three, world=1)
+    layer_gap = (_layer_activation_bytes_per_token(cfg, derived, "none")
+                 - _layer_activation_bytes_per_token(cfg, derived, mode)) * 2 * cfg.train.seq_len
+    assert two_estimated - all_estimated == layer_gap and all_estimated < two_estimated < none_estimated
+
+
 @pytest.mark.parametrize("name", ["125m", "1b", "7b", "70b"])
 def test_shipped_gpu_configs_fit_an_80gb_gpu(name: str) -> None:
     cfg, derived = setup(name)

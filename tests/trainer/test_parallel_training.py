@@ -88,7 +88,8 @@ def test_golden_loss_trace(reference: dict) -> None:
 
 LAYOUTS = [
     pytest.param(2, ["parallel.tp=2"], id="tp2"),
-    pytest.param(2, ["parallel.tp=2", "parallel.activation_checkpointing=selective"], id="tp2-selective_ac"),
+    pytest.param(2, ["parallel.tp=2", "parallel.activation_checkpointing=selective",
+                     "parallel.activation_checkpointing_layers=1"], id="tp2-selective_ac-first_layer"),
     pytest.param(2, ["parallel.tp=2", "parallel.sequence_parallel=true",
                      "parallel.activation_checkpointing=selective"], id="tp2-sp-selective_ac"),
     pytest.param(2, ["parallel.pp=2"], id="pp2"),

@@ -7,6 +7,7 @@ test_parallel_training.py; here is what needs no process group.
 from __future__ import annotations
 
 import collections
+import functools
 from pathlib import Path
 
 import pytest
@@ -96,9 +97,9 @@ class _CountMatmuls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _loss_grads_and_backward_matmuls(mode: str,
-                                     counts: dict | None = None) -> tuple[float, dict[str, torch.Tensor], int]:
-    pmodel, cfg = build(f"parallel.activation_checkpointing={mode}")
+def _loss_grads_and_backward_matmuls(mode: str, counts: dict | None = None,
+                                     *overrides: str) -> tuple[float, dict[str, torch.Tensor], int]:
+    pmodel, cfg = build(f"parallel.activation_checkpointing={mode}", *overrides)
     tokens = torch.randint(0, cfg.model.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     loss = lm_loss(pmodel.module(tokens[:, :-1]), tokens[:, 1:])
     with _CountMatmuls() as counter:
@@ -140,6 +141,23 @@ def test_activation_checkpointing_recomputes_what_its_mode_says_and_changes_no_n
     # matmul output, so its backward runs exactly the matmuls of the model without checkpointing.
     assert matmuls_full == matmuls_none + 2 * 6
     assert matmuls_sel == matmuls_none
+
+
+def test_checkpointing_only_the_first_layers_recomputes_only_those() -> None:
+    """parallel.activation_checkpointing_layers=2 of 3 layers: full recompute runs the 6 projections of 2 layers again,
+    not 3; the third layer keeps its activations. The numbers are those of no checkpointing, to the bit."""
+    three = "model.num_layers=3"
+    loss_none, grads_none, matmuls_none = _loss_grads_and_backward_matmuls("none", None, three)
+    loss_all, _, matmuls_all = _loss_grads_and_backward_matmuls("full", None, three)
+    loss_two, grads_two, matmuls_two = _loss_grads_and_backward_matmuls(
+        "full", None, three, "parallel.activation_checkpointing_layers=2")
+    assert loss_none == loss_all == loss_two
+    for name, grad in grads_none.items():
+        assert torch.equal(grad, grads_two[name]), name
+    assert (matmuls_all, matmuls_two) == (matmuls_none + 3 * 6, matmuls_none + 2 * 6)
+    pmodel, _ = build("parallel.activation_checkpointing=full", three, "parallel.activation_checkpointing_layers=2")
+    checkpointed = [isinstance(layer.forward, functools.partial) for layer in pmodel.module.layers]
+    assert checkpointed == [True, True, False]  # the first ones (Megatron's block method)
 
 
 def test_activation_checkpointing_keeps_names() -> None:

@@ -86,14 +86,15 @@ def test_layouts_are_checked_by_the_dry_run_validation() -> None:
 def test_every_planned_layout_passes_validation_and_fits_memory() -> None:
     cluster = Cluster(32, 8, H100)
     result = plan(config("70b"), cluster, headroom=0.15)
-    assert result.enumerated == result.invalid + result.too_big + len(result.candidates)
+    assert result.enumerated == result.invalid + result.too_big + len(result.candidates) - result.fewer_checkpointed
     assert result.invalid > 0 and result.too_big > 0 and result.candidates
     budget_bytes = H100.memory_gib * 0.85 * GIB
     for cand in result.candidates:
         assert cand.cfg.validate_for_world(256) == cand.derived
         assert estimate_memory(cand.cfg, cand.derived).total_bytes == cand.memory.total_bytes <= budget_bytes
     times = [c.time.total_s for c in result.candidates]
-    assert all(a <= b * (1 + 1e-6) for a, b in zip(times, times[1:]))  # ties (6 digits) go to the tie-breakers
+    # Ties (times equal to 6 significant digits: up to 1e-5 apart) go to the tie-breakers.
+    assert all(a <= b * (1 + 1e-5) for a, b in zip(times, times[1:]))
     # Less headroom admits more layouts; all the old ones stay.
     looser = plan(config("70b"), cluster, headroom=0.05)
     assert len(looser.candidates) > len(result.candidates)
@@ -377,3 +378,30 @@ def test_a_lighter_first_stage_fits_where_the_balanced_split_does_not() -> None:
     assert set(roomy) == {None, (19, 20, 20, 21), (18, 20, 21, 21)}
     assert roomy[None].time.total_s < roomy[(18, 20, 21, 21)].time.total_s
     assert roomy[None].memory.total_bytes > roomy[(18, 20, 21, 21)].memory.total_bytes
+
+
+def test_a_layout_that_needs_checkpointing_also_comes_with_the_fewest_layers_that_fit() -> None:
+    """1B on one H200: micro-batches that do not fit without checkpointing fit with it on every layer, and with it on
+    only the first N layers (parallel.activation_checkpointing_layers), N the smallest that fits: N - 1 does not.
+    Fewer recomputed layers are faster; a layout that fits without checkpointing gets no partial twin."""
+    cluster = Cluster(1, 1, GPUS["h200"])
+    result = plan(config("1b"), cluster)
+    budget_bytes = result.usable_memory_gib * GIB
+    partial = [c for c in result.candidates if c.layout.checkpointed_layers is not None]
+    assert partial and len(partial) == result.fewer_checkpointed
+    by_layout = {c.layout: c for c in result.candidates}
+    for cand in partial:
+        count = cand.layout.checkpointed_layers
+        assert 0 < count < cand.cfg.model.num_layers and cand.layout.ac_label.endswith(f":{count}")
+        assert cand.cfg.parallel.activation_checkpointing_layers == count
+        fewer = apply_layout(cand.cfg, dataclasses.replace(cand.layout, checkpointed_layers=count - 1 or None,
+                                                           activation_checkpointing="none" if count == 1 else
+                                                           cand.layout.activation_checkpointing), cluster)
+        assert estimate_memory(*fewer).total_bytes > budget_bytes >= cand.memory.total_bytes
+        every_layer = by_layout[dataclasses.replace(cand.layout, checkpointed_layers=None)]
+        assert cand.time.total_s < every_layer.time.total_s and cand.memory.total_bytes > every_layer.memory.total_bytes
+    assert not any(dataclasses.replace(c.layout, activation_checkpointing="none", checkpointed_layers=None) in by_layout
+                   for c in partial)
+    # The written overrides carry the count: what `plan --write` saves, `submit` runs.
+    assert f"parallel.activation_checkpointing_layers={partial[0].layout.checkpointed_layers}" in \
+        partial[0].layout.overrides()
