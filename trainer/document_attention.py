@@ -30,8 +30,11 @@ TILE = 128  # FlexAttention's default block size, for queries and keys alike
 
 # Uncompiled, flex_attention runs reference math over the full T × T scores; torch.compile generates the fused kernel
 # that skips tiles. Wrapping costs nothing until the first call. Inside a compiled decoder layer (parallel.compile),
-# dynamo inlines this into the layer's graph; in an eager layer it is its own compiled region.
-_compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+# dynamo inlines this into the layer's graph; in an eager layer it is its own compiled region. Shapes are not pinned
+# (no dynamic=False): training has one sequence length, but `pretrain eval` scores tasks at lengths cut to multiples
+# of 64, and past dynamo's recompile limit (8 shapes) a pinned region would fall back to the reference math; a second
+# shape here compiles one dynamic kernel instead.
+_compiled_flex_attention = torch.compile(flex_attention)
 
 
 def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
