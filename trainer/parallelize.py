@@ -491,6 +491,13 @@ _ATTENTION_CORE_OPS = _ops("_scaled_dot_product_flash_attention", "_scaled_dot_p
 _SAVE_OPS = _ops("mm", "addmm", "bmm", "_scaled_mm") | _ATTENTION_CORE_OPS
 
 
+# Buffers made and filled in place, which core_attention makes again rather than keeps: uninitialised memory and the
+# copies into it. Under sequence parallelism megatron's reduce-scatter allocates its output and fills it in place (on
+# gloo: a copy, then the collective's write), so a kept copy_ result reads as mutated by the next write; making the
+# buffer again costs no compute (selective recomputes them too).
+_REMADE_OPS = _ops("empty_like", "empty_strided", "copy_") | {torch.ops.aten.empty.memory_format}
+
+
 def _collective_policy(op: Any) -> CheckpointPolicy | None:
     """Both selective modes: what to do with a TP collective (None: not a collective)."""
     if getattr(op, "namespace", "") not in ("c10d", "_c10d_functional"):
@@ -512,8 +519,11 @@ def _selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Checkpoin
 def _core_attention_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
     """Megatron's selective recompute (Korthikanti et al. 2022, `--recompute-granularity selective`): only the
     attention core (softmax(QK^T)V) runs again in backward; every other output, matmuls and elementwise alike, is
-    kept. Its inputs q, k, v are kept, so the recompute is one attention forward per layer and nothing else."""
-    if op in _ATTENTION_CORE_OPS:
+    kept. Its inputs q, k, v are kept, so the recompute is one attention forward per layer and nothing else that
+    computes: views are taken again too (free, and a kept view shares its base's version counter: under sequence
+    parallelism megatron all-gathers each layer's input into one reused buffer, so a kept view of it would read as
+    mutated once the next layer gathers)."""
+    if op in _ATTENTION_CORE_OPS or op in _REMADE_OPS or getattr(op, "is_view", False):
         return CheckpointPolicy.PREFER_RECOMPUTE
     return _collective_policy(op) or CheckpointPolicy.MUST_SAVE
 

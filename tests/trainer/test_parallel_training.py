@@ -92,6 +92,8 @@ LAYOUTS = [
                      "parallel.activation_checkpointing_layers=1"], id="tp2-selective_ac-first_layer"),
     pytest.param(2, ["parallel.tp=2", "parallel.sequence_parallel=true",
                      "parallel.activation_checkpointing=selective"], id="tp2-sp-selective_ac"),
+    pytest.param(2, ["parallel.tp=2", "parallel.sequence_parallel=true",
+                     "parallel.activation_checkpointing=core_attention"], id="tp2-sp-core_attention_ac"),
     pytest.param(2, ["parallel.pp=2"], id="pp2"),
     pytest.param(2, [], id="dp2-vs-dp1-with-2x-accum"),
     pytest.param(2, ["zero.stage=1"], id="dp2-zero1"),

@@ -110,6 +110,18 @@ def _loss_grads_and_backward_matmuls(mode: str, counts: dict | None = None,
     return loss.item(), grads, counter.count
 
 
+def computing_ops_added(before: dict, after: dict) -> set[str]:
+    """The ops `after` ran more often than `before`, less views (which compute nothing: core_attention takes them
+    again rather than keeping them) other than the checkpoint's own detaches."""
+    added = {name for name, n in (collections.Counter(after) - collections.Counter(before)).items() if n}
+
+    def is_view(name: str) -> bool:  # names are "<op>.<overload>"
+        op, _, overload = name.partition(".")
+        return getattr(getattr(torch.ops.aten, op), overload).is_view
+
+    return {name for name in added if name == "detach.default" or not is_view(name)}
+
+
 def test_core_attention_checkpointing_recomputes_only_the_attention_core() -> None:
     """Megatron's selective recompute: one attention forward per layer runs again in backward, no matmul, no
     elementwise op; the numbers are those of no checkpointing, to the bit."""
@@ -122,9 +134,10 @@ def test_core_attention_checkpointing_recomputes_only_the_attention_core() -> No
         assert torch.equal(grad, grads_core[name]), name
     assert matmuls_core == matmuls_none
     # What the backward runs on top of no checkpointing: the attention forward once per layer (tiny has 2), plus
-    # the checkpoint's own detaches (bookkeeping on cached outputs, no compute). No norm, rotary or SiLU.
-    added = {name for name, n in (collections.Counter(core_counts) - collections.Counter(none_counts)).items() if n}
-    assert added == {"_scaled_dot_product_flash_attention_for_cpu.default", "detach.default"}
+    # the checkpoint's own detaches (bookkeeping on cached outputs, no compute) and views taken again (metadata, no
+    # compute). No norm, rotary or SiLU.
+    assert computing_ops_added(none_counts, core_counts) == {"_scaled_dot_product_flash_attention_for_cpu.default",
+                                                             "detach.default"}
     assert core_counts["_scaled_dot_product_flash_attention_for_cpu.default"] == 2
 
 
