@@ -42,7 +42,9 @@ export PATH=/tmp/shim:$PATH
 run_timed() {  # label, timeout seconds, command...
   local label=$1 limit_s=$2; shift 2
   local start_s=$(date +%s)
-  timeout "$limit_s" "$@" 2>&1 | tee -a "$out_dir/$stage.log"
+  # SIGINT first: pytest then ends as on Ctrl-C and still writes its junit XML and durations for the tests that ran
+  # (a plain SIGTERM loses them); bench_gpu.py has written its JSON after every loop anyway. SIGKILL 20 s later.
+  timeout -s INT -k 20 "$limit_s" "$@" 2>&1 | tee -a "$out_dir/$stage.log"
   local rc=${PIPESTATUS[0]}
   echo "== $label: exit $rc in $(( $(date +%s) - start_s )) s (limit $limit_s s)" | tee -a "$out_dir/$stage.log"
 }
