@@ -51,28 +51,28 @@ run_timed() {  # label, timeout seconds, command...
 
 case $stage in
   bench)  # trainer no AC, trainer with the config's AC (ZeRO-2), HF eager, HF compiled, then ZeRO-1 + core_attention
-    DS_ACCELERATOR=cuda run_timed bench 420 python3 bench/bench_gpu.py --out "$out_dir/bench_gpu_1b.json" \
+    DS_ACCELERATOR=cuda run_timed bench 410 python3 bench/bench_gpu.py --out "$out_dir/bench_gpu_1b.json" \
       --then-variant "zero1_core_attn=zero.stage=1,parallel.activation_checkpointing=core_attention" \
       --then-variant "fused_loss=parallel.activation_checkpointing=none,parallel.lm_loss=fused_linear" ;;
   profile)  # steps 3-4 of the warm-up call are profiled (past the compile of steps 1-2); the timed numbers cross-check bench
-    DS_ACCELERATOR=cuda run_timed profile 310 python3 bench/bench_gpu.py --profile --memory-snapshot \
+    DS_ACCELERATOR=cuda run_timed profile 300 python3 bench/bench_gpu.py --profile --memory-snapshot \
       --skip hf_eager --steps 4 --warmup-steps 4 --budget-s 230 --out "$out_dir/bench_gpu_1b_profile.json" ;;
   small)    # small models are where launch overhead shows: --profile's GPU busy % says how much
-    DS_ACCELERATOR=cuda run_timed small 220 python3 bench/bench_gpu.py --config configs/125m.yaml --budget-s 150 \
+    DS_ACCELERATOR=cuda run_timed small 210 python3 bench/bench_gpu.py --config configs/125m.yaml --budget-s 150 \
       --profile \
       --then-variant "fused_loss=parallel.activation_checkpointing=none,parallel.lm_loss=fused_linear" \
       --then-variant "documents=parallel.activation_checkpointing=none,model.attention_mask=document,model.reset_position_ids=true" \
       --then-variant "documents_sdpa=parallel.activation_checkpointing=none,model.attention_mask=document,model.reset_position_ids=true,parallel.attention_kernel=sdpa" \
       --out "$out_dir/bench_gpu_125m.json" ;;
   fp8)    # the trainer alone (compiled, as on CUDA by default): FP8's matmuls against bf16's on the same shape
-    DS_ACCELERATOR=cuda run_timed fp8 310 python3 bench/bench_gpu.py --skip hf_eager hf_compile --budget-s 240 --profile \
+    DS_ACCELERATOR=cuda run_timed fp8 300 python3 bench/bench_gpu.py --skip hf_eager hf_compile --budget-s 240 --profile \
       --variant "no_ac=parallel.activation_checkpointing=none" \
       --variant "fp8_tensorwise=parallel.activation_checkpointing=none,precision.fp8=tensorwise" \
       --variant "fp8_rowwise=parallel.activation_checkpointing=none,precision.fp8=rowwise" \
       --out "$out_dir/bench_gpu_1b_fp8.json" ;;
   tier)   # conftest sets DS_ACCELERATOR=cpu for the CPU tests; the CUDA runs must switch DeepSpeed themselves
-    run_timed tier 310 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=0 --junitxml="$out_dir/tier.xml" ;;
+    run_timed tier 300 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=0 --junitxml="$out_dir/tier.xml" ;;
   suite)
-    run_timed suite 580 python3 -m pytest -q -p no:cacheprovider --durations=20 --junitxml="$out_dir/suite.xml" ;;
+    run_timed suite 560 python3 -m pytest -q -p no:cacheprovider --durations=20 --junitxml="$out_dir/suite.xml" ;;
   *) echo "unknown stage $stage: $stages" >&2; exit 2 ;;
 esac
