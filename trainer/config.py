@@ -764,7 +764,7 @@ def _world_problems(cfg: Config, world_size: int, device: str) -> list[str]:
     """Does the run plan fit `world_size` processes? Each message: dotted path, numbers, the fix."""
     if world_size < 1:
         return [f"world size ({world_size}) must be >= 1: pass --world-size or set launch.nodes and gpus_per_node"]
-    problems = _model_split_problems(cfg) + _pipeline_problems(cfg, device)
+    problems = _model_split_problems(cfg) + _pipeline_problems(cfg, device) + _flex_problems(cfg.parallel, device)
     absent = [r for r in cfg.profiling.ranks if r >= world_size] if cfg.profiling.enabled else []
     if absent:
         problems.append(f"profiling.ranks {absent} are not in a world of {world_size}: choose ranks in "
@@ -868,7 +868,6 @@ def _pipeline_problems(cfg: Config, device: str) -> list[str]:
             f"model.tie_embeddings cannot be combined with parallel.pp ({cfg.parallel.pp}) > 1 (the embedding and "
             f"lm_head sit on different pipeline stages): set model.tie_embeddings=false or parallel.pp=1"
         )
-    problems += _flex_problems(cfg.parallel, device)
     if cfg.precision.dtype == "fp16" and device == "cpu":
         problems.append(
             "precision.dtype=fp16 cannot run on CPU (DeepSpeed: 'Type fp16 is not supported on your device'): "

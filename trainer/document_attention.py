@@ -5,12 +5,13 @@ Why: SDPA takes the document mask as a dense (B, 1, T, T) tensor. On CUDA that r
 memory-efficient kernel computes every tile of QK^T, masked or not, has no native GQA (K and V are repeated to the
 query heads) and keeps the mask, as an additive bias, for backward. FlexAttention reads a block mask instead: for
 each 128 × 128 tile of (queries, keys), whether it is empty (skipped), full (run without a mask) or partial (the mask
-function decides element by element). Below the diagonal, a packed row of short documents is mostly empty tiles, so the work
-falls with the documents' length; nothing T × T is stored.
+function decides element by element). Below the diagonal, a packed row of short documents is mostly empty tiles, so
+the work falls with the documents' length; nothing T × T is stored.
 
 How the block mask is built: from the document ids directly, not by calling the mask function on every (query, key)
-pair as torch's `create_block_mask` does (O(B · T²)). The ids never decrease along a row (`trainer.model.document_ids`),
-so the documents a tile touches are the contiguous range from its first token's to its last token's, and
+pair as torch's `create_block_mask` does (O(B · T²)). The ids never decrease along a row
+(`trainer.model.document_ids`), so the documents a tile touches are the contiguous range from its first token's to its
+last token's, and
   - a key tile after the query tile is empty (causal);
   - an earlier key tile is full iff its first token is in the query tile's last token's document (every token between
     is then in that document too; a short last query tile is never full), partial iff its last token reaches the
