@@ -26,6 +26,7 @@ from trainer.config import (
     Derived,
     apply_overrides,
     balanced_stage_layers,
+    checkpointing_label,
     parse_config,
     stage_layers_text,
 )
@@ -191,10 +192,7 @@ class Layout:
 
     @property
     def ac_label(self) -> str:
-        """The checkpointing mode, with the layers per stage when not all (ParallelConfig.checkpointing_label)."""
-        if self.checkpointed_layers is None:
-            return self.activation_checkpointing
-        return f"{self.activation_checkpointing}:{self.checkpointed_layers}"
+        return checkpointing_label(self.activation_checkpointing, self.checkpointed_layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -551,11 +549,10 @@ def _fewest_checkpointed(cand: Candidate, cluster: Cluster, calib: Calibration, 
     if par.activation_checkpointing == "none" or par.activation_checkpointing_layers is not None:
         return cand
 
-    def fits(count: int) -> bool:
-        variant = par.model_copy(update={"activation_checkpointing_layers": count}) if count else par.model_copy(
-            update={"activation_checkpointing": "none"})
-        return estimate_memory(cand.cfg.model_copy(update={"parallel": variant}), cand.derived).total_bytes / GIB \
-            <= usable_gib
+    def fits(count: int) -> bool:  # 0: no checkpointing at all
+        update = {"activation_checkpointing_layers": count} if count else {"activation_checkpointing": "none"}
+        variant = cand.cfg.model_copy(update={"parallel": par.model_copy(update=update)})
+        return estimate_memory(variant, cand.derived).total_bytes / GIB <= usable_gib
 
     most = max(cand.derived.stage_layers)
     if fits(0):
