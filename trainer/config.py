@@ -149,9 +149,6 @@ class ParallelConfig(_Section):
     # fused on CUDA, else sdpa. The causal mask always runs SDPA (flash).
     attention_kernel: Literal["auto", "sdpa", "flex"] = "auto"
 
-    def checkpointing_label(self) -> str:
-        return checkpointing_label(self.activation_checkpointing, self.activation_checkpointing_layers)
-
     def checkpointed_layers(self, stage_layers: int) -> int:
         """How many of a pipeline stage's `stage_layers` decoder layers are checkpointed (its first ones)."""
         if self.activation_checkpointing == "none":
@@ -176,12 +173,6 @@ class ParallelConfig(_Section):
         if self.attention_kernel == "auto":
             return "flex" if device == "cuda" and self.flex_is_fused(device) else "sdpa"
         return self.attention_kernel
-
-
-def checkpointing_label(mode: str, layers: int | None) -> str:
-    """An activation checkpointing mode, with the layers per stage when not all: selective, selective:4 (the first
-    4 layers of each stage)."""
-    return mode if layers is None or mode == "none" else f"{mode}:{layers}"
 
 
 OffloadDevice = Literal["none", "cpu", "nvme"]

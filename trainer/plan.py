@@ -26,7 +26,6 @@ from trainer.config import (
     Derived,
     apply_overrides,
     balanced_stage_layers,
-    checkpointing_label,
     parse_config,
     stage_layers_text,
 )
@@ -192,7 +191,10 @@ class Layout:
 
     @property
     def ac_label(self) -> str:
-        return checkpointing_label(self.activation_checkpointing, self.checkpointed_layers)
+        """The checkpointing mode, with the layers per stage when not all: selective:4 (the first 4 of each stage)."""
+        if self.checkpointed_layers is None:
+            return self.activation_checkpointing
+        return f"{self.activation_checkpointing}:{self.checkpointed_layers}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -118,7 +118,7 @@ def _dry_run_report(cfg: Any, derived: Any, args: argparse.Namespace, world_sour
         f"{derived.global_batch_size_tokens:,} tokens/step = micro {derived.micro_batch_size_per_gpu} × "
         f"grad_accum {derived.grad_accum_steps} × dp {derived.dp}",
         *_rampup_lines(cfg),
-        *_document_lines(cfg),
+        *_document_lines(cfg, derived),
         f"parameters   {params.total:,} ({_si(params.total)}; non-embedding {_si(params.non_embedding)}; "
         f"vocab {cfg.model.vocab_size:,} padded to {derived.padded_vocab_size:,})",
         f"FLOPs/token  {flops.total:.3e} training (matmul {flops.matmul:.3e} + attention {flops.attention:.3e}); "
@@ -138,9 +138,18 @@ def _rampup_lines(cfg: Any) -> list[str]:
             f"{len(sizes):,} steps, {sum(sizes):,} samples before the full batch (LR schedule in steps as always)"]
 
 
-def _document_lines(cfg: Any) -> list[str]:
-    """model.attention_mask / reset_position_ids, train.mask_eos_loss, and the eos id the documents end at (read from
-    the data)."""
+def _checkpointing_text(cfg: Any, derived: Any) -> str:
+    """The mode, and on how many layers of each stage when not on all of every stage's."""
+    par = cfg.parallel
+    if par.activation_checkpointing == "none" or all(
+            par.checkpointed_layers(layers) == layers for layers in derived.stage_layers):
+        return par.activation_checkpointing
+    return f"{par.activation_checkpointing} on the first {par.activation_checkpointing_layers} layer(s) of each stage"
+
+
+def _document_lines(cfg: Any, derived: Any) -> list[str]:
+    """model.attention_mask / reset_position_ids (and the mask's kernel), train.mask_eos_loss, and the eos id the
+    documents end at (read from the data)."""
     from data_pipeline.errors import DataPipelineError
     from trainer.data_check import document_eos_id
 
@@ -150,8 +159,9 @@ def _document_lines(cfg: Any) -> list[str]:
         eos = f"eos id {document_eos_id(cfg)}"
     except DataPipelineError:  # a missing dataset: said by _warn_missing_data
         eos = "the data's eos id (unreadable now)"
-    attention = ("a token attends to earlier tokens of its own document only" if cfg.model.attention_mask == "document"
-                 else "attention crosses document ends")
+    kernel = {"flex": "FlexAttention", "sdpa": "SDPA with a dense mask"}[derived.attention_kernel]
+    attention = (f"a token attends to earlier tokens of its own document only ({kernel})"
+                 if cfg.model.attention_mask == "document" else "attention crosses document ends")
     positions = "positions restart at each document" if cfg.model.reset_position_ids else "positions run on"
     loss = "; no loss where the input is the eos" if cfg.train.mask_eos_loss else ""
     return [f"documents    {attention}; {positions}{loss}; a document ends at {eos}"]
@@ -171,7 +181,7 @@ def _memory_lines(cfg: Any, derived: Any, memory: Any) -> list[str]:
         f"{memory.optimizer_bytes / gib:.1f} + activations {memory.activations_bytes / gib:.1f} + DeepSpeed buffers "
         f"{memory.buffers_bytes / gib:.1f} GiB",
         f"             ({cfg.precision.dtype}, ZeRO-{cfg.zero.stage}, activation checkpointing "
-        f"{cfg.parallel.checkpointing_label()}, {memory.in_flight_micro_batches} micro-batch(es) in flight; "
+        f"{_checkpointing_text(cfg, derived)}, {memory.in_flight_micro_batches} micro-batch(es) in flight; "
         f"add CUDA context, NCCL buffers, fragmentation)",
         f"             lm_head + loss on the last stage: {loss_gib:.2f} GiB of the activations "
         f"(parallel.lm_loss={cfg.parallel.lm_loss}; with {other}: {other_gib:.2f} GiB)",

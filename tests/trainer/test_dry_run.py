@@ -105,6 +105,19 @@ def test_uneven_pipeline_stages_from_the_command_line() -> None:
     assert "parallel.pipeline_stage_layers=[27,27,26]" in out.stderr
 
 
+def test_the_document_kernel_and_partial_checkpointing_are_shown() -> None:
+    """What the run will do: the document mask's kernel (FlexAttention on CUDA, SDPA's dense mask on CPU) and
+    checkpointing on only the first layers of each stage."""
+    out = pretrain("--config", "configs/1b.yaml", "--dry-run", "model.attention_mask=document",
+                   "parallel.activation_checkpointing_layers=8")
+    assert out.returncode == 0, out.stderr
+    assert "its own document only (FlexAttention)" in out.stdout
+    assert "activation checkpointing selective on the first 8 layer(s) of each stage" in out.stdout
+    out = pretrain("--config", "configs/tiny.yaml", "--dry-run", "model.attention_mask=document")
+    assert "its own document only (SDPA with a dense mask)" in out.stdout
+    assert "activation checkpointing none," in out.stdout
+
+
 def test_world_size_from_environment() -> None:
     out = pretrain("--config", "configs/tiny.yaml", "--dry-run", env_extra={"WORLD_SIZE": "4"})
     assert out.returncode == 0, out.stderr
