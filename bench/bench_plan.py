@@ -73,7 +73,10 @@ def time_model(hidden: int) -> list[str]:
     intermediate = -(-hidden * 8 // 3 // 16) * 16
     return [f"model.hidden_size={hidden}", f"model.intermediate_size={intermediate}", *TIME_MODEL_REST]
 
-TIME_LAYOUTS = {"DP2": [], "TP2": ["parallel.tp=2"], "PP2": ["parallel.pp=2"]}
+TIME_LAYOUTS = {"DP2": [], "TP2": ["parallel.tp=2"], "PP2": ["parallel.pp=2"],
+                # full AC on every layer, and on the first 2 of 4: the recompute the plan prices at N / L of the mode's
+                "DP2full": ["parallel.activation_checkpointing=full"],
+                "DP2full2": ["parallel.activation_checkpointing=full", "parallel.activation_checkpointing_layers=2"]}
 MEMORY_MODEL = ["model.vocab_size=8192", "model.hidden_size=512", "model.intermediate_size=1376",
                 "model.num_layers=4", "model.num_heads=8", "model.num_kv_heads=4", "model.max_seq_len=256",
                 "train.seq_len=256", "train.micro_batch_size_per_gpu=4", "train.global_batch_size=8",
@@ -403,11 +406,12 @@ def print_time(result: dict[str, Any]) -> None:
         p = pred[name]
         print(f"{name:<8}{med[name]:>12.3f}{flat[name]['total_s']:>13.3f}{p['total_s']:>14.3f}{p['comm_s']:>9.3f}"
               f"{p['bubble_s']:>10.3f}")
-    print(f"{'ratio':<10}{'measured':>10}{'flat':>9}{'pred/meas':>11}{'curve':>9}{'pred/meas':>11}")
-    for a, b in (("TP2", "DP2"), ("PP2", "DP2"), ("PP2", "TP2"), ("DP2", "1proc")):
+    print(f"{'ratio':<14}{'measured':>10}{'flat':>9}{'pred/meas':>11}{'curve':>9}{'pred/meas':>11}")
+    for a, b in (("TP2", "DP2"), ("PP2", "DP2"), ("PP2", "TP2"), ("DP2", "1proc"), ("DP2full", "DP2"),
+                 ("DP2full2", "DP2")):
         m = med[a] / med[b]
         f, p = flat[a]["total_s"] / flat[b]["total_s"], pred[a]["total_s"] / pred[b]["total_s"]
-        print(f"{a + '/' + b:<10}{m:>10.3f}{f:>9.3f}{f / m:>11.3f}{p:>9.3f}{p / m:>11.3f}")
+        print(f"{a + '/' + b:<14}{m:>10.3f}{f:>9.3f}{f / m:>11.3f}{p:>9.3f}{p / m:>11.3f}")
 
 
 def print_memory(rows: dict[str, dict[str, Any]]) -> None:
