@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer.exit_codes import HANG_RECORD_DIR_ENV
+from trainer.exit_codes import HANG_RECORD_DIR_ENV, PRIORITY
 
 # Environment defaults for GPU jobs; every one is `${VAR:-default}` so a user's exported value wins.
 NCCL_DEFAULTS = {
@@ -125,12 +125,12 @@ run_task() {{
 }}"""
 
 
-# The job's outcome from the tasks' recorded codes. Order: a code that needs a person wins over a retryable one, and a
-# hang (76) over the killed peers' codes (143, 137) that --kill-on-bad-exit causes.
+# The job's outcome from the tasks' recorded codes. Order (trainer.exit_codes.PRIORITY): a code that needs a person
+# wins over a retryable one, and a hang (76) over the killed peers' codes (143, 137) that --kill-on-bad-exit causes.
 JOB_EXIT_CODE = """\
 job_exit_code() {  # job_exit_code SRUN_STATUS: the code this job stands for
     local codes=" $(cut -d' ' -f1 "$EXIT_DIR"/task*.rc 2>/dev/null | sort -un | tr '\\n' ' ')" code
-    for code in 77 2 74 76 79; do
+    for code in %s; do
         case "$codes" in *" $code "*) echo "$code"; return ;; esac
     done
     for code in $codes; do
@@ -139,7 +139,7 @@ job_exit_code() {  # job_exit_code SRUN_STATUS: the code this job stands for
     case "$codes" in *" 75 "*) echo 75; return ;; esac
     case "$codes" in " 0 ") echo 0; return ;; esac
     echo "$1"  # no task recorded a code (srun failed to start them): srun's own status
-}"""
+}""" % " ".join(map(str, PRIORITY))
 
 
 def _srun_command(launch: Any, request: SbatchRequest) -> str:

@@ -3,8 +3,8 @@
 Plain torchrun reports any failed worker as exit 1 and prints a ~30-line ChildFailedError traceback, also when the
 run stopped as planned: 75 (checkpointed on a signal, requeue), 77 (diverged), 2 (config error), 74 (corrupt data),
 76 (hang), 79 (checkpointed to leave a straggler's node). This runs torchrun's own `run()` in this process, catches
-the ChildFailedError and exits with the code the job stands for (the same order as the sbatch script's: a code that
-needs a person first), printing one line instead of a traceback. The workers' own messages and tracebacks are
+the ChildFailedError and exits with the code the job stands for (trainer.exit_codes.PRIORITY, the sbatch script's
+order too: a code that needs a person first), printing one line instead of a traceback. The workers' own messages and tracebacks are
 untouched (they are the workers' stderr).
 
     python -m launch.torchrun_agent --standalone --nproc_per_node=2 -m launch train --config ...
@@ -15,10 +15,8 @@ from __future__ import annotations
 import logging
 import sys
 
-# Planned exits of `pretrain train` (trainer/exit_codes.py), most important first: when several ranks end
-# differently (one hangs, the others are then stopped), the job is reported by the first of these that occurs.
-PRIORITY = (77, 2, 74, 76, 79)
-REQUEUE = 75
+from trainer.exit_codes import PRIORITY, REQUEUE
+
 EXPLAINED = {0: "finished", 2: "config or usage error", 74: "a data shard is missing, truncated or corrupt",
              75: "checkpointed on a signal: run the same command again to resume", 76: "hang (watchdog)",
              77: "diverged", 79: "checkpointed to leave a straggler's node out: run it again without that node"}

@@ -31,6 +31,11 @@ HANG = 76
 DIVERGED = 77
 STRAGGLER = 79
 
+# When ranks end differently (one hangs, the others are then stopped), the job stands for the first of these that
+# occurs: a code that needs a person before a retryable one. The sbatch script (launch/slurm.py) and `launch local`
+# (launch/torchrun_agent.py) both report a job by this order.
+PRIORITY = (DIVERGED, CONFIG_ERROR, DATA_CORRUPT, HANG, STRAGGLER)
+
 # Where a rank's watchdog writes `task<rank>.hang` when it fires (trainer.faults.Watchdog): the sbatch script sets it
 # to its per-job task records, and launch/hung_nodes.py reads them to tell a rank that hung from its waiting peers.
 HANG_RECORD_DIR_ENV = "PRETRAIN_HANG_RECORD_DIR"
