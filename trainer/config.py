@@ -175,6 +175,9 @@ class ParallelConfig(_Section):
         return self.attention_kernel
 
 
+# The document mask's kernel (Derived.attention_kernel) as the run log and the dry run name it.
+DOCUMENT_KERNEL_NAMES = {"flex": "FlexAttention", "sdpa": "SDPA with a dense mask"}
+
 OffloadDevice = Literal["none", "cpu", "nvme"]
 
 

@@ -26,7 +26,7 @@ from trainer import exit_codes
 from trainer.bootstrap import ParallelContext, destroy_parallel, init_parallel, single_process_defaults
 from trainer.checkpoint import PREEMPTED, Checkpointer, CheckpointHook, ResumeHook, StopSignals
 from trainer.checkpoint.init_from import init_unless_resuming
-from trainer.config import Config, ConfigError, Derived, save_resolved
+from trainer.config import DOCUMENT_KERNEL_NAMES, Config, ConfigError, Derived, save_resolved
 from trainer.data import build_eval_loader, build_train_loader
 from trainer.data_check import document_eos_id
 from trainer.downstream import load_tasks
@@ -199,8 +199,7 @@ def build_model_and_engine(cfg: Config, derived: Derived, ctx: ParallelContext,
         log.info("fp8 (%s): %d decoder-layer linears run FP8 matmuls; embedding, lm_head and the rest stay %s",
                  cfg.precision.fp8, pmodel.fp8_linears, cfg.precision.dtype)
     if cfg.model.attention_mask == "document":
-        log.info("document mask: %s", {"flex": "FlexAttention, tiles across documents skipped",
-                                        "sdpa": "SDPA with a dense (B, 1, T, T) mask"}[derived.attention_kernel])
+        log.info("document mask: %s", DOCUMENT_KERNEL_NAMES[derived.attention_kernel])
     loaded = before_engine(pmodel) if before_engine is not None else None
     # After parallelize: DeepSpeed builds the optimizer, fp32 master and ZeRO partitions from the final shards.
     engine = build_engine(pmodel, cfg, derived, ctx)

@@ -151,6 +151,7 @@ def _document_lines(cfg: Any, derived: Any) -> list[str]:
     """model.attention_mask / reset_position_ids (and the mask's kernel), train.mask_eos_loss, and the eos id the
     documents end at (read from the data)."""
     from data_pipeline.errors import DataPipelineError
+    from trainer.config import DOCUMENT_KERNEL_NAMES
     from trainer.data_check import document_eos_id
 
     if not (cfg.model.uses_documents or cfg.train.mask_eos_loss):
@@ -159,7 +160,7 @@ def _document_lines(cfg: Any, derived: Any) -> list[str]:
         eos = f"eos id {document_eos_id(cfg)}"
     except DataPipelineError:  # a missing dataset: said by _warn_missing_data
         eos = "the data's eos id (unreadable now)"
-    kernel = {"flex": "FlexAttention", "sdpa": "SDPA with a dense mask"}[derived.attention_kernel]
+    kernel = DOCUMENT_KERNEL_NAMES[derived.attention_kernel]
     attention = (f"a token attends to earlier tokens of its own document only ({kernel})"
                  if cfg.model.attention_mask == "document" else "attention crosses document ends")
     positions = "positions restart at each document" if cfg.model.reset_position_ids else "positions run on"
