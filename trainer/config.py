@@ -139,7 +139,7 @@ class ParallelConfig(_Section):
     compile: Annotated[Literal["auto", "on", "off", "aot_eager"], BeforeValidator(_on_off_as_text)] = "auto"
     # The loss (trainer/loss.py). chunked: lm_head makes the (B, T, V) logits, the cross entropy walks them in token
     # chunks (no fp32 copy). fused_linear: lm_head and the loss in one, chunk by chunk: no logits and no logits'
-    # gradient for the whole micro-batch (2 × 1 GB in bf16 at the 1B shape); any tp and pp, ZeRO 0-2.
+    # gradient for the whole micro-batch (2 × 1 GB in bf16 at the 1B shape); any tp, pp and ZeRO stage.
     lm_loss: Literal["chunked", "fused_linear"] = "chunked"
     # The attention kernel under model.attention_mask=document (trainer/document_attention.py). sdpa: a dense
     # (B, 1, T, T) mask into SDPA (CUDA: the memory-efficient kernel, which computes every tile and keeps the mask for
@@ -777,14 +777,6 @@ def _world_problems(cfg: Config, world_size: int, device: str) -> list[str]:
     return problems
 
 
-def _lm_loss_problems(cfg: Config) -> list[str]:
-    if cfg.parallel.lm_loss != "fused_linear" or cfg.zero.stage != 3:
-        return []
-    return ["parallel.lm_loss=fused_linear cannot run with zero.stage=3 (ZeRO-3 releases lm_head's gathered weight "
-            "when lm_head's forward returns, before the fused loss reads it): set parallel.lm_loss=chunked, or "
-            "zero.stage=2"]
-
-
 def _model_split_problems(cfg: Config) -> list[str]:
     m, par, problems = cfg.model, cfg.parallel, []
     for field, count in (("num_heads", m.num_heads), ("num_kv_heads", m.num_kv_heads)):
@@ -793,7 +785,6 @@ def _model_split_problems(cfg: Config) -> list[str]:
             problems.append(f"parallel.tp ({par.tp}) must divide model.{field} ({count}): choose tp in {choices}")
     stage_problems = _stage_layer_problems(m.num_layers, par)
     problems += stage_problems or _checkpointed_layers_problems(m.num_layers, par)
-    problems += _lm_loss_problems(cfg)
     if par.sequence_parallel and par.tp == 1:
         problems.append(
             "parallel.sequence_parallel needs parallel.tp > 1 (it shards activations over the TP group): "

@@ -223,10 +223,10 @@ class RowLogLikelihoods:
         sums = []
         for row in range(labels.shape[0]):
             count = (labels[row] != IGNORE).sum()
-            if count == 0:  # a padding row
-                sums.append(torch.zeros((), device=labels.device))
-                continue
-            sums.append(self.loss_fn(outputs[row:row + 1], labels[row:row + 1]).float() * count)
+            # Padding rows are scored too, and their NaN (0 / 0 tokens) is dropped: every rank must call the loss
+            # alike, as it may hold a collective (the fused loss under ZeRO-3 gathers lm_head's weight at each call).
+            row_loss = self.loss_fn(outputs[row:row + 1], labels[row:row + 1]).float()
+            sums.append(torch.where(count > 0, row_loss * count, 0.0))
         self.sums += sums
         return torch.stack(sums).mean()
 

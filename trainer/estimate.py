@@ -170,7 +170,9 @@ def _buffer_bytes(cfg: Config, derived: Derived) -> int:
     ZeRO-1/2 (stage_1_and_2.setup_buckets, on the first backward, also with dp 1): a gradient bucket of
     zero.reduce_bucket_size_elements in the model dtype, two with overlap_comm. Not with bf16 + fp32 gradient
     accumulation under ZeRO-1: DeepSpeed then runs its BF16_Optimizer, whose fp32 gradients are counted as grads.
-    ZeRO-3: one reduce bucket, the prefetch bucket and one decoder layer gathered whole (its TP shard).
+    ZeRO-3: one reduce bucket, the prefetch bucket and the largest module gathered whole (its TP shard): a decoder
+    layer, or lm_head (the embedding's rows) where the vocabulary is larger (Llama 3's 128K rows at hidden 4096: 2.4×
+    a layer of the 8B).
     On the H200 (1B, ZeRO-2, bf16) the estimate without these was 2.06 GiB under max_memory_allocated; two 5e8-element
     bf16 buckets are 1.86 GiB.
     """
@@ -182,7 +184,9 @@ def _buffer_bytes(cfg: Config, derived: Derived) -> int:
         return (2 if z.overlap_comm else 1) * z.reduce_bucket_size_elements * elem_b
     if z.stage == 3:
         layer = layer_shape(cfg.model).linear_params // derived.tp
-        return (z.reduce_bucket_size_elements + z.stage3_prefetch_bucket_size_elements + layer) * elem_b
+        vocab_shard = derived.padded_vocab_size * cfg.model.hidden_size // derived.tp
+        gathered = max(layer, vocab_shard)
+        return (z.reduce_bucket_size_elements + z.stage3_prefetch_bucket_size_elements + gathered) * elem_b
     return 0
 
 

@@ -243,6 +243,9 @@ class Llama(nn.Module):
             self.lm_head.weight = (
                 self.embed_tokens.weight
             )  # one Parameter; named_parameters() lists embed_tokens.weight
+        # parallel.lm_loss=fused_linear (trainer.parallelize): forward stops at the final norm and the loss calls
+        # lm_head, which then computes the logits chunk by chunk with the loss (trainer.loss.fused_linear_lm_loss).
+        self.head_in_loss = False
         self.init_weights()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -251,7 +254,8 @@ class Llama(nn.Module):
         doc_ids = self.document_ids(input_ids)
         for layer in self.layers:
             h = layer(h, doc_ids)
-        logits = self.lm_head(self.norm(h))  # (T, B, V)
+        h = self.norm(h)
+        logits = h if self.head_in_loss else self.lm_head(h)  # (T, B, V), or (T, B, H) for the fused loss
         # A view, no copy: lm_loss flattens it back in (T, B) order for free.
         return logits.transpose(0, 1)  # (B, T, V)
 

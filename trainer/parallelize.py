@@ -155,6 +155,7 @@ def parallelize(model: Llama, cfg: Config, derived: Derived, ctx: ParallelContex
     compiled = compile_layers([model.layers[i] for i in parts.layers], backend)
     z_loss = ZLoss(cfg.train.z_loss_weight) if cfg.train.z_loss_weight else None
     loss_fn = _loss_fn(cfg, ctx, model.lm_head if parts.head else None, z_loss)
+    model.head_in_loss = cfg.parallel.lm_loss == "fused_linear"  # the model stops at the norm; the loss calls lm_head
     if cfg.train.mask_eos_loss:
         loss_fn = _token_weighted(loss_fn, z_loss)
     if ctx.pp == 1:
@@ -317,20 +318,27 @@ def _token_weighted(loss_fn: LossFn, z_loss: ZLoss | None) -> LossFn:
 def _fused_linear_loss_fn(lm_head: nn.Module | None, vocab_size: int, ctx: ParallelContext,
                           sequence_parallel: bool, z_loss: ZLoss | None) -> LossFn:
     """lm_head stays in the module tree (DeepSpeed optimises its weight, checkpoints save it under its name, tied
-    embeddings share it) but passes the normed hidden states through: the model then returns (B, T, H) where it
-    returned logits, and the loss applies lm_head's weight chunk by chunk (trainer.loss.fused_linear_lm_loss).
+    embeddings share it), but the model stops at the final norm (Llama.head_in_loss / HeadStage) and returns (B, T,
+    H) where it returned logits. The loss then calls lm_head with the labels, and lm_head's forward is the fused loss
+    (trainer.loss.fused_linear_lm_loss): its weight is applied chunk by chunk with the cross entropy. The loss calls
+    the module, not its weight, because ZeRO-3's hooks on the module gather the weight for that forward and again
+    for its backward, whose gradient lands on the whole weight and is reduce-scattered from there.
     Under TP the hidden states enter the way megatron's ColumnParallelLinear takes its input: gathered over the
     sequence under SP (backward: reduce-scatter), else as they are (backward: all-reduce of the partial gradients)."""
     if lm_head is None:  # a pipeline stage without the head never computes the loss
         return _no_loss_here
-    lm_head.forward = _hidden_through  # type: ignore[method-assign]
+
+    def head_loss(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # The weight is read at each call: DeepSpeed casts it (bf16/fp16), and ZeRO-3 gathers it for this call.
+        return fused_linear_lm_loss(hidden, lm_head.weight, labels, vocab_size, ctx.tp_rank,
+                                    ctx.tp_group if ctx.tp > 1 else None, z_loss=z_loss)
+
+    lm_head.forward = head_loss  # type: ignore[method-assign]
 
     def loss(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if ctx.tp > 1:
             hidden = _into_column_parallel(hidden, ctx.tp_group, sequence_parallel)
-        # The weight is read at each call: DeepSpeed casts (bf16/fp16) and may replace it after this is built.
-        return fused_linear_lm_loss(hidden, lm_head.weight, labels, vocab_size, ctx.tp_rank,
-                                    ctx.tp_group if ctx.tp > 1 else None, z_loss=z_loss)
+        return lm_head(hidden, labels)
 
     return loss
 
@@ -349,10 +357,6 @@ def _into_column_parallel(hidden: torch.Tensor, tp_group: Any, sequence_parallel
     else:
         sequence_first = copy_to_tensor_model_parallel_region(sequence_first, group=tp_group)
     return sequence_first.transpose(0, 1)
-
-
-def _hidden_through(hidden: torch.Tensor) -> torch.Tensor:
-    return hidden
 
 
 def _no_loss_here(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -596,16 +600,18 @@ class EmbedStage(nn.Module):
 
 
 class HeadStage(nn.Module):
-    """Last pipeline part: hidden (T, B, H) → logits (B, T, V/tp) (Llama.forward's last two lines)."""
+    """Last pipeline part: hidden (T, B, H) → logits (B, T, V/tp) (Llama.forward's last lines); with `head_in_loss`
+    (parallel.lm_loss=fused_linear) → the normed hidden states (B, T, H), which the loss turns into logits."""
 
-    def __init__(self, norm: nn.Module, lm_head: nn.Module) -> None:
+    def __init__(self, norm: nn.Module, lm_head: nn.Module, head_in_loss: bool) -> None:
         super().__init__()
         self.norm = norm
         self.lm_head = lm_head
+        self.head_in_loss = head_in_loss
 
     def forward(self, activations: StageActivations) -> torch.Tensor:
-        hidden = activations[0] if isinstance(activations, tuple) else activations
-        return self.lm_head(self.norm(hidden)).transpose(0, 1)
+        hidden = self.norm(activations[0] if isinstance(activations, tuple) else activations)
+        return (hidden if self.head_in_loss else self.lm_head(hidden)).transpose(0, 1)
 
 
 def _take_stage_tuples(layer: nn.Module) -> None:
@@ -655,7 +661,8 @@ def _pipeline(model: Llama, parts: StageParts, stage_layers: Sequence[int], loss
     if model.cfg.uses_documents:
         for index in parts.layers:
             _take_stage_tuples(model.layers[index])
-    layers = [EmbedStage(model.embed_tokens, model.eos_token_id), *model.layers, HeadStage(model.norm, model.lm_head)]
+    layers = [EmbedStage(model.embed_tokens, model.eos_token_id), *model.layers,
+              HeadStage(model.norm, model.lm_head, model.head_in_loss)]
     bounds = pipeline_bounds(stage_layers)
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints the partition table on rank 0
         pipe = _stage_list_pipeline_class()(

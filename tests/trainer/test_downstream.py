@@ -139,7 +139,10 @@ def _score(rank: int, world_size: int, hf_dir: str, task: str, overrides: list[s
 
 
 LAYOUTS = {"1proc": (1, []), "tp2-fused": (2, ["parallel.tp=2", "parallel.lm_loss=fused_linear"]),
-           "pp2": (2, ["parallel.pp=2"]), "zero3-dp2": (2, ["zero.stage=3"])}
+           "pp2": (2, ["parallel.pp=2"]), "zero3-dp2": (2, ["zero.stage=3"]),
+           # lm_head partitioned too, and gathered at each row's loss (the fused loss calls it once per row)
+           "zero3-dp2-fused": (2, ["zero.stage=3", "parallel.lm_loss=fused_linear",
+                                   "zero.stage3_param_persistence_threshold_elements=0"])}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -233,6 +233,17 @@ def test_one_h200_measurement_and_deepspeed_buffers() -> None:
     assert estimate_memory(cfg, derived).buffers_bytes == 0
 
 
+def test_zero3_counts_the_largest_module_gathered_whole() -> None:
+    """ZeRO-3 gathers one module's weight whole at a time: a decoder layer, or lm_head where the vocabulary outweighs
+    a layer (Llama 3 8B: 128,256 × 4,096 rows against a 218M-parameter layer)."""
+    zero3 = ["zero.stage=3", "parallel.pp=1", "parallel.tp=2"]
+    buckets = 500_000_000 + 50_000_000
+    for vocab, gathered in ((32_000, 218_103_808 // 2), (128_256, 128_256 * 4096 // 2)):
+        cfg, derived = setup("7b", *zero3, f"model.vocab_size={vocab}", "model.num_kv_heads=8",
+                             "model.intermediate_size=14336", world=8)
+        assert estimate_memory(cfg, derived).buffers_bytes == (buckets + gathered) * 2, vocab
+
+
 def test_fp32_zero_keeps_a_master_copy() -> None:
     cfg, derived = setup("tiny", "zero.stage=1", world=2)
     memory = estimate_memory(cfg, derived)
