@@ -45,6 +45,9 @@ class ParallelContext:
     dp_group: Any
     model_parallel_group: Any  # tp × pp: every rank that holds a different part of one model replica
     device: torch.device
+    # The first and last pipeline stage of this rank's pipeline (megatron's embedding group), which all-reduce the
+    # gradients of tied embeddings split over them; None on middle stages and where pp is 1.
+    embedding_group: Any = None
 
     @property
     def is_first_stage(self) -> bool:
@@ -202,6 +205,7 @@ def init_parallel(tp: int, pp: int, *, backend: str | None = None, timeout_s: fl
         dp_group=ps.get_data_parallel_group(),
         model_parallel_group=ps.get_model_parallel_group(),
         device=device,
+        embedding_group=ps.get_embedding_group(check_initialized=False) if pp > 1 else None,
     )
 
 

@@ -849,13 +849,6 @@ def _pipeline_problems(cfg: Config, device: str) -> list[str]:
             f"zero.stage ({cfg.zero.stage}) cannot be combined with parallel.pp ({cfg.parallel.pp}) > 1 (DeepSpeed "
             f"pipeline allows ZeRO <= 1): set zero.stage=1 or parallel.pp=1"
         )
-    if cfg.parallel.pp > 1 and cfg.model.tie_embeddings:
-        # The embedding lives on the first stage and lm_head on the last; tying them across stages needs an extra
-        # gradient all-reduce between those stages (DeepSpeed TiedLayerSpec) that trainer.parallelize does not build.
-        problems.append(
-            f"model.tie_embeddings cannot be combined with parallel.pp ({cfg.parallel.pp}) > 1 (the embedding and "
-            f"lm_head sit on different pipeline stages): set model.tie_embeddings=false or parallel.pp=1"
-        )
     if cfg.precision.dtype == "fp16" and device == "cpu":
         problems.append(
             "precision.dtype=fp16 cannot run on CPU (DeepSpeed: 'Type fp16 is not supported on your device'): "

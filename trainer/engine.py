@@ -121,7 +121,8 @@ def build_engine(pmodel: ParallelModel, cfg: Config, derived: Derived, ctx: Para
         engine.enable_backward_allreduce = False
     if cfg.precision.dtype == "fp32" and cfg.zero.stage == 0 and cfg.optim.grad_clip > 0:
         params = list(engine.module.parameters())  # fixed from here on: no module walk per step
-        counted = [p for p in params if ctx.tp_rank == 0 or tp_partition_dim(p) is not None]
+        counted = [p for p in params if (ctx.tp_rank == 0 or tp_partition_dim(p) is not None)
+                   and not getattr(p, "ds_pipe_replicated", False)]  # a tied embedding's copy on the last stage
         engine.clip_fp32_gradients = functools.partial(_clip_fp32_gradients, engine, params, counted, ctx,
                                                        cfg.optim.grad_clip)
     return engine
@@ -133,8 +134,8 @@ def _clip_fp32_gradients(engine: Any, params: list[torch.nn.Parameter], counted:
     """Replaces DeepSpeedEngine.clip_fp32_gradients (used only for fp32 without ZeRO). DeepSpeed's version discards
     the norm it computes (so get_global_grad_norm() stays None) and, under a pipeline, skips every replicated
     parameter outside stage 0 (it filters on the grid's tp×pp rank). Here: TP-split gradients count on every TP
-    rank (`counted`), replicated ones on TP rank 0, summed over the tp×pp group. Gradients are already averaged over
-    DP."""
+    rank (`counted`), replicated ones on TP rank 0, a tied embedding's pipeline copy nowhere (the first stage counts
+    it), summed over the tp×pp group. Gradients are already averaged over DP."""
     grads = [p.grad for p in params if p.grad is not None]
     counted_grads = [p.grad for p in counted if p.grad is not None]
     squares = torch.zeros((), dtype=torch.float32, device=ctx.device)

@@ -25,6 +25,12 @@ and activation checkpointing replaces a layer's `forward` instead of wrapping th
 DeepSpeed names a stage's parameters `<index in the layer list>.<name inside the part>`; `canonical_name` maps them
 back. Checkpoints and HF export key on the canonical names.
 
+Tied embeddings (model.tie_embeddings) are one Parameter where pp is 1. Over pipeline stages, the first stage's
+embedding and the last stage's lm_head are two copies, drawn alike and kept alike as Megatron-LM does: the pipeline
+engine sums both copies' gradients over the first and last stage (ctx.embedding_group) before the DP reduction, so
+both take the same update. The last stage's copy is `ParallelModel.tied_replica`: named embed_tokens.weight, counted
+once in gradient norms, and not saved.
+
 Weights are TP- and PP-invariant: each parameter is drawn in full from a generator seeded by (seed, canonical name),
 one parameter at a time (memory bounded by the largest single tensor), and each rank keeps its slice. TP=2 or PP=2
 therefore starts from exactly the TP=1 weights (with the same padded vocabulary).
@@ -64,6 +70,8 @@ from trainer.config import Config, Derived, ModelConfig
 from trainer.float8 import convert_to_float8
 from trainer.model import VOCAB_PARAM_NAMES, Llama, document_ids, init_std_for
 
+TIED_EMBEDDING = "embed_tokens.weight"  # the one tensor of tied embeddings: what checkpoints and the HF export hold
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -83,11 +91,18 @@ class ParallelModel:
     layers_compiled: int = 0
     fp8_linears: int = 0  # this rank's linears with FP8 matmuls (precision.fp8)
     z_loss: ZLoss | None = None  # train.z_loss_weight > 0: what loss_fn recorded of it (on the stage with the head)
+    # Tied embeddings over pipeline stages: the last stage's lm_head weight, a copy of the first stage's embedding
+    # kept equal by summing both gradients over ctx.embedding_group (Megatron's method). It is named
+    # embed_tokens.weight (loaded from that tensor) and is never saved: the first stage saves the weight.
+    tied_replica: nn.Parameter | None = None
 
     def canonical_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(name in the unsharded, unpipelined model, this rank's parameter (a TP shard where `tp_partition_dim`))."""
         for name, param in self.module.named_parameters():
-            yield (canonical_name(name, self.num_layers) if self.is_pipeline else name), param
+            if param is self.tied_replica:
+                yield TIED_EMBEDDING, param
+            else:
+                yield (canonical_name(name, self.num_layers) if self.is_pipeline else name), param
 
 
 def tp_partition_dim(param: torch.Tensor) -> int | None:
@@ -132,7 +147,7 @@ def parallelize(model: Llama, cfg: Config, derived: Derived, ctx: ParallelContex
     # 3. Before activation checkpointing and the pipeline (both only wrap what exists), and before
     #    deepspeed.initialize, which copies these weights into its fp32 master / ZeRO partitions.
     _materialize(model, parts, ctx.device)
-    if cfg.model.tie_embeddings:  # after the swap and materialisation, which both replaced the two modules
+    if cfg.model.tie_embeddings and ctx.pp == 1:  # after the swap and materialisation, which replaced both modules
         model.lm_head.weight = model.embed_tokens.weight
     init_weights_deterministic(model, cfg.model, cfg.train.seed, ctx.tp_rank, ctx.tp)
     # 3b. After init (the FP8 linears keep the initialised Parameters), before checkpointing and compile, which wrap
@@ -161,8 +176,10 @@ def parallelize(model: Llama, cfg: Config, derived: Derived, ctx: ParallelContex
     if ctx.pp == 1:
         return ParallelModel(model, loss_fn, cfg.model.num_layers, False, backend, compiled, fp8_linears, z_loss)
     # 7. Last: PipelineModule registers the finished parts as opaque callables in a flat list.
-    return ParallelModel(_pipeline(model, parts, derived.stage_layers, loss_fn, ctx), loss_fn, cfg.model.num_layers,
-                         True, backend, compiled, fp8_linears, z_loss)
+    pipe = _pipeline(model, parts, derived.stage_layers, loss_fn, ctx)
+    tied_replica = _tie_over_stages(pipe, model, parts, ctx) if cfg.model.tie_embeddings else None
+    return ParallelModel(pipe, loss_fn, cfg.model.num_layers, True, backend, compiled, fp8_linears, z_loss,
+                         tied_replica)
 
 
 @dataclass(frozen=True)
@@ -422,6 +439,8 @@ def init_weights_deterministic(model: nn.Module, model_cfg: ModelConfig, seed: i
     for name, param in model.named_parameters():
         if param.is_meta:
             continue
+        if name == "lm_head.weight" and model_cfg.tie_embeddings:  # the last stage's copy of a tied embedding (pp > 1)
+            name = TIED_EMBEDDING
         std = init_std_for(name, model_cfg)
         if std is None:  # a norm weight
             param.fill_(1.0)
@@ -644,6 +663,18 @@ def _stage_list_pipeline_class() -> type:
     from deepspeed.pipe import PipelineModule
 
     class StageListPipelineModule(PipelineModule):
+        # (this stage's copy of the tied embedding, its group) where model.tie_embeddings; set by `parallelize`.
+        # DeepSpeed's own tying (TiedLayerSpec) builds the modules itself; ours are built and sharded already.
+        tied_embedding: tuple[nn.Parameter, Any] | None = None
+
+        def get_tied_weights_and_groups(self) -> list[tuple[nn.Parameter, Any]]:
+            # The pipeline engine sums these gradients over their group after the last backward (ReduceTiedGrads).
+            return [self.tied_embedding] if self.tied_embedding is not None else []
+
+        def allreduce_tied_weight_gradients(self) -> None:
+            for weight, group in self.get_tied_weights_and_groups():
+                dist.all_reduce(weight.grad, group=group)
+
         def _partition_layers(self, method: str = "uniform") -> None:
             # DeepSpeed passes partition_method through; _pipeline always gives "bounds:...".
             self.parts = [int(bound) for bound in method.removeprefix(_BOUNDS_METHOD).split(",")]
@@ -654,6 +685,23 @@ def _stage_list_pipeline_class() -> type:
             self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
     return StageListPipelineModule
+
+
+def _tie_over_stages(pipe: nn.Module, model: Llama, parts: StageParts, ctx: ParallelContext) -> nn.Parameter | None:
+    """Tied embeddings over pipeline stages: hand the pipeline this stage's copy and the group of the first and last
+    stage (the engine sums the copies' gradients over it after the last backward, before the DP reduction). Returns
+    the last stage's copy (ParallelModel.tied_replica), marked with DeepSpeed's attribute for a parameter that
+    another stage also holds, so gradient norms count it once. After PipelineModule, which clears that mark on
+    every parameter it is given."""
+    if parts.embed:
+        pipe.tied_embedding = (model.embed_tokens.weight, ctx.embedding_group)
+        return None
+    if not parts.head:
+        return None
+    replica = model.lm_head.weight
+    replica.ds_pipe_replicated = True  # type: ignore[attr-defined]
+    pipe.tied_embedding = (replica, ctx.embedding_group)
+    return replica
 
 
 def _pipeline(model: Llama, parts: StageParts, stage_layers: Sequence[int], loss_fn: LossFn,

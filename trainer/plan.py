@@ -351,7 +351,7 @@ def step_time(cfg: Config, derived: Derived, cluster: Cluster, calib: Calibratio
     return StepTime(
         compute_s=micro_batches * compute_micro_s,
         tp_comm_s=micro_batches * tp_micro_s,
-        pp_comm_s=micro_batches * pp_micro_s,
+        pp_comm_s=micro_batches * pp_micro_s + _tied_embedding_comm_s(cfg, derived, cluster),
         dp_comm_s=_dp_comm_exposed_s(cfg, derived, cluster, compute_micro_s),
         bubble_s=(derived.pp - 1) * slot_s,
     )
@@ -457,6 +457,19 @@ def _pp_comm_micro_s(cfg: Config, derived: Derived, cluster: Cluster) -> float:
     bandwidth = (gpu.inter_node_gbps if inter else gpu.intra_node_gbps) * 1e9 * eff
     latency = gpu.inter_latency_s if inter else gpu.intra_latency_s
     return 2 * (latency + nbytes / bandwidth)
+
+
+def _tied_embedding_comm_s(cfg: Config, derived: Derived, cluster: Cluster) -> float:
+    """Tied embeddings over pipeline stages: once per step, after the last backward and before the DP reduction,
+    the first and the last stage all-reduce their copies' gradients (the vocabulary shard; DeepSpeed's
+    ReduceTiedGrads, nothing overlaps it). The two stages are tp·dp·(pp - 1) ranks apart."""
+    if derived.pp == 1 or not cfg.model.tie_embeddings:
+        return 0.0
+    mixed = cfg.precision.dtype != "fp32"
+    grad_bytes = (4 if (not mixed or cfg.precision.fp32_grad_accumulation) else 2)
+    nbytes = derived.padded_vocab_size * cfg.model.hidden_size // derived.tp * grad_bytes
+    stride = derived.tp * derived.dp * (derived.pp - 1)
+    return _collective_s(nbytes, 2, _link(cluster, stride, 2), "all_reduce")
 
 
 def _dp_comm_exposed_s(cfg: Config, derived: Derived, cluster: Cluster, compute_micro_s: float) -> float:

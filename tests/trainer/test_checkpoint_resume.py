@@ -77,6 +77,9 @@ SOURCES = {
     "pp2": (2, ["parallel.pp=2"]),
     "dp2-zero2": (2, ["zero.stage=2"]),
     "bf16-dp2-zero0": (2, ["precision.dtype=bf16"]),  # DeepSpeed's FP16_UnfusedOptimizer holds the fp32 master
+    # Tied embeddings: one tensor in one process; two copies over pipeline stages, of which only the first is saved
+    "tied-single": (1, ["model.tie_embeddings=true"]),
+    "tied-pp2": (2, ["model.tie_embeddings=true", "parallel.pp=2"]),
 }
 
 
@@ -127,6 +130,9 @@ RESHARD = [
     pytest.param("single", 2, ["zero.stage=2"], id="dp1-to-dp2-zero2"),
     pytest.param("dp2-zero2", 2, ["zero.stage=3"], id="zero2-to-zero3"),
     pytest.param("single", 4, ["parallel.tp=2", "parallel.pp=2"], id="tp1-to-tp2xpp2"),
+    pytest.param("tied-pp2", 1, ["model.tie_embeddings=true"], id="tied-pp2-to-pp1"),
+    pytest.param("tied-single", 4, ["model.tie_embeddings=true", "parallel.pp=2", "zero.stage=1"],
+                 id="tied-pp1-to-pp2xdp2-zero1"),
 ]
 
 

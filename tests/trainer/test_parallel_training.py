@@ -126,13 +126,28 @@ def test_bf16_smoke(world_size: int, overrides: list[str], reference: dict, tmp_
     assert got["losses"][-1] < got["losses"][0] - 0.3
 
 
-def test_tied_embeddings_under_tp_and_sp_match_single_process(tmp_path: Path) -> None:
-    """lm_head shares the vocab-parallel embedding shard (the same rows on each TP rank)."""
-    tied = ["model.tie_embeddings=true"]
-    one = run_and_read(1, tied, tmp_path / "tp1")
-    two = run_and_read(2, [*tied, "parallel.tp=2", "parallel.sequence_parallel=true"], tmp_path / "tp2")
-    assert max_rel_diff(two["losses"], one["losses"]) <= REL_TOL
-    assert max_rel_diff([two["val_loss"]], [one["val_loss"]]) <= REL_TOL
+TIED = ["model.tie_embeddings=true"]
+
+
+@pytest.fixture(scope="module")
+def tied_reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return run_and_read(1, TIED, tmp_path_factory.mktemp("tied"))
+
+
+@pytest.mark.parametrize(("world_size", "overrides"), [
+    # lm_head shares the vocab-parallel embedding shard (the same rows on each TP rank)
+    pytest.param(2, ["parallel.tp=2", "parallel.sequence_parallel=true"], id="tp2-sp"),
+    # Two copies, on the first and the last stage, whose gradients are summed over the two stages (and the copy
+    # counted once in the clipped grad norm: BASE clips at 0.5)
+    pytest.param(2, ["parallel.pp=2"], id="pp2"),
+    pytest.param(4, ["parallel.pp=2", "zero.stage=1"], id="pp2xdp2-zero1"),
+])
+def test_tied_embeddings_match_single_process(world_size: int, overrides: list[str], tied_reference: dict,
+                                              tmp_path: Path) -> None:
+    got = run_and_read(world_size, [*TIED, *overrides], tmp_path)
+    assert max_rel_diff(got["losses"], tied_reference["losses"]) <= REL_TOL
+    assert max_rel_diff(got["grad_norms"], tied_reference["grad_norms"]) <= 1e-4
+    assert max_rel_diff([got["val_loss"]], [tied_reference["val_loss"]]) <= REL_TOL
 
 
 def test_training_on_a_prepared_dataset(tmp_path: Path) -> None:

@@ -134,6 +134,22 @@ def test_communication_rules() -> None:
     assert solo.time.exposed_comm_s == 0 and solo.time.bubble_s == 0
 
 
+def test_tied_embeddings_over_stages_add_one_all_reduce_of_the_vocabulary_shard() -> None:
+    """The first and last stage sum their copies' gradients once per step: 2 ranks, across nodes here (tp 2 × dp 4
+    × 3 stages apart on 8-GPU nodes), the bf16 gradient of the (32,000 × 2,048) / tp shard, twice over as an
+    all-reduce, plus 2 hops of latency. The stages' memory: the last one holds its own copy."""
+    cluster = Cluster(4, 8, H100)
+    lay = layout(tp=2, pp=4, dp=4, micro_batch_size_per_gpu=2)
+    untied, tied = (candidate("1b", lay, cluster, f"model.tie_embeddings={t}") for t in ("false", "true"))
+    shard_bytes = 32_000 * 2048 // 2 * 2
+    bandwidth = H100.inter_node_gbps * 1e9 * cluster.link_efficiency
+    want_s = 2 * H100.inter_latency_s + 2 * (1 / 2) * shard_bytes / bandwidth
+    assert tied.time.pp_comm_s - untied.time.pp_comm_s == pytest.approx(want_s)
+    assert tied.time.compute_s == untied.time.compute_s and tied.time.dp_comm_s == untied.time.dp_comm_s
+    single = candidate("1b", layout(tp=2, dp=16, micro_batch_size_per_gpu=2), cluster, "model.tie_embeddings=true")
+    assert single.time.pp_comm_s == 0
+
+
 def test_zero_stage_changes_only_what_it_moves() -> None:
     cluster = Cluster(2, 8, H100)
     by_stage = {s: candidate("1b", layout(dp=16, zero_stage=s, micro_batch_size_per_gpu=4), cluster)

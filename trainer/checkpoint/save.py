@@ -110,7 +110,10 @@ def take_snapshot(run: Any, step: int, metadata: dict[str, Any] | None, *, copy:
 
         snap.config_yaml = dump_resolved(run.cfg, run.derived)
     named = list(run.model.canonical_named_parameters())
-    owners = [_owns(i, tp_partition_dim(param) is not None, ctx) for i, (_, param) in enumerate(named)]
+    # The last stage's copy of a tied embedding is read like every parameter (collective) but written by nobody:
+    # the first stage writes embed_tokens.weight.
+    owners = [_owns(i, tp_partition_dim(param) is not None, ctx) and param is not run.model.tied_replica
+              for i, (_, param) in enumerate(named)]
     reads = access.read_all([param for _, param in named], owners)
     for (name, param), owner, values in zip(named, owners, reads, strict=True):
         if owner:
