@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    if unknown and hasattr(args, "overrides"):
+        unknown = _take_late_overrides(args, unknown)
     if unknown:
         return _refuse_unknown_flags(args, unknown, sys.argv[1:] if argv is None else argv)
     try:
@@ -60,6 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"pretrain {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _take_late_overrides(args: argparse.Namespace, unknown: list[str]) -> list[str]:
+    """argparse fills a positional from one run of words: overrides after a flag that follows the first ones
+    (`launch local --nproc 2 parallel.tp=2 --config X train.max_steps=8`) come back unknown. They are overrides all
+    the same, and later on the line than those taken, so they go last (a key given twice: the later value wins, as
+    in one run). Returns what is still unknown."""
+    late = [word for word in unknown if "=" in word and not word.startswith("-")]
+    args.overrides = [*args.overrides, *late]
+    return [word for word in unknown if word not in late]
 
 
 def _error_text(command: str, err: BaseException) -> str:

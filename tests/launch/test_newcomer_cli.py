@@ -52,6 +52,15 @@ def test_a_config_field_typed_as_a_flag_gets_its_dotted_override(flags: list[str
     assert err.startswith("pretrain train: error: unrecognized arguments") and hint in err
 
 
+def test_overrides_on_both_sides_of_a_flag_are_all_taken(capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse would fill the overrides from the first run of words only and refuse the rest."""
+    argv = ["launch", "local", "--nproc", "2", "parallel.tp=2", "--config", "configs/tiny.yaml", "train.max_steps=8",
+            "--dry-run", "train.max_steps=9"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err  # the command line it would run
+    assert "--config configs/tiny.yaml parallel.tp=2 train.max_steps=8 train.max_steps=9" in err, err
+
+
 # Config sections and their fields, e.g. {"train": {"max_steps", ...}, ...}.
 SECTIONS = {name: set(info.annotation.model_fields) for name, info in Config.model_fields.items()
             if hasattr(info.annotation, "model_fields")}
