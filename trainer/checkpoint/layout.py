@@ -15,7 +15,7 @@
 
 Tensor keys: "param/<name>", "exp_avg/<name>", "exp_avg_sq/<name>", where <name> is the canonical parameter name
 (`Llama.named_parameters()`). Global shapes are the unsharded ones, with the vocabulary padded as in training
-(rows beyond model.vocab_size are real trained rows of lm_head: the loss's softmax sees them).
+(rows beyond model.vocab_size are zero: the loss leaves those columns out of its softmax, so nothing trains them).
 """
 
 from __future__ import annotations
