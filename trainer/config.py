@@ -145,8 +145,8 @@ class ParallelConfig(_Section):
     # (B, 1, T, T) mask into SDPA (CUDA: the memory-efficient kernel, which computes every tile and keeps the mask for
     # backward). flex: FlexAttention with a block mask built from the document ids: tiles across documents are
     # skipped, tiles inside one document run unmasked, no T×T mask and native GQA; CUDA only (FlexAttention has no
-    # backward on CPU), and only where inductor builds its kernel (see `flex_is_fused`). auto: flex where it is
-    # fused on CUDA, else sdpa. The causal mask always runs SDPA (flash).
+    # backward on CPU), on Ampere or later GPUs, and only where inductor builds its kernel (see `flex_is_fused`).
+    # auto: flex where it is fused on an Ampere or later GPU, else sdpa. The causal mask always runs SDPA (flash).
     attention_kernel: Literal["auto", "sdpa", "flex"] = "auto"
 
     def checkpointed_layers(self, stage_layers: int) -> int:
@@ -168,11 +168,24 @@ class ParallelConfig(_Section):
         backend = self.compile_backend(device)
         return backend == "inductor" or (backend is None and self.activation_checkpointing in ("none", "full"))
 
-    def resolved_attention_kernel(self, device: str) -> Literal["sdpa", "flex"]:
-        """parallel.attention_kernel on `device` ("cuda" or "cpu"): the kernel the document mask runs."""
+    def resolved_attention_kernel(self, device: str,
+                                  gpu_capability: tuple[int, int] | None = None) -> Literal["sdpa", "flex"]:
+        """parallel.attention_kernel on `device` ("cuda" or "cpu"): the kernel the document mask runs.
+        `gpu_capability`: the CUDA compute capability where known (training); None (a dry run on a login node,
+        `plan`) takes an Ampere or later GPU."""
         if self.attention_kernel == "auto":
-            return "flex" if device == "cuda" and self.flex_is_fused(device) else "sdpa"
+            fused = device == "cuda" and self.flex_is_fused(device)
+            return "flex" if fused and flex_suits_gpu(gpu_capability) else "sdpa"
         return self.attention_kernel
+
+
+# FlexAttention is Triton's kernel, tuned for Ampere and later. Before (V100: sm 7.0, T4 / RTX 20xx: 7.5) it ran
+# ~10× slower than SDPA (meta-pytorch/attention-gym#21, V100) or failed to compile (pytorch/pytorch#164813, 2080 Ti).
+FLEX_MIN_CAPABILITY = (8, 0)
+
+
+def flex_suits_gpu(gpu_capability: tuple[int, int] | None) -> bool:
+    return gpu_capability is None or tuple(gpu_capability) >= FLEX_MIN_CAPABILITY
 
 
 # The document mask's kernel (Derived.attention_kernel) as the run log and the dry run name it.
@@ -501,16 +514,18 @@ class Config(_Section):
     def profile_dir(self) -> str:
         return self.profiling.dir or os.path.join(self.run_dir, "profile")
 
-    def validate_for_world(self, world_size: int, device: str | None = None) -> Derived:
-        """Check that this run plan fits `world_size` processes on `device` (default: launch.device).
+    def validate_for_world(self, world_size: int, device: str | None = None,
+                           gpu_capability: tuple[int, int] | None = None) -> Derived:
+        """Check that this run plan fits `world_size` processes on `device` (default: launch.device), on GPUs of
+        compute capability `gpu_capability` where known (the training processes pass it; None: Ampere or later).
 
         Raises ConfigError listing every problem; returns the derived values otherwise.
         """
         device = device or self.launch.device
-        problems = _world_problems(self, world_size, device)
+        problems = _world_problems(self, world_size, device, gpu_capability)
         if problems:
             raise ConfigError(f"config does not fit world size {world_size} on {device}:\n" + _bullets(problems))
-        return _derive(self, world_size, device)
+        return _derive(self, world_size, device, gpu_capability)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -757,11 +772,13 @@ def _launch_problems(launch: LaunchConfig) -> list[str]:
     return problems
 
 
-def _world_problems(cfg: Config, world_size: int, device: str) -> list[str]:
+def _world_problems(cfg: Config, world_size: int, device: str,
+                    gpu_capability: tuple[int, int] | None = None) -> list[str]:
     """Does the run plan fit `world_size` processes? Each message: dotted path, numbers, the fix."""
     if world_size < 1:
         return [f"world size ({world_size}) must be >= 1: pass --world-size or set launch.nodes and gpus_per_node"]
-    problems = _model_split_problems(cfg) + _pipeline_problems(cfg, device) + _flex_problems(cfg.parallel, device)
+    problems = (_model_split_problems(cfg) + _pipeline_problems(cfg, device)
+                + _flex_problems(cfg.parallel, device, gpu_capability))
     absent = [r for r in cfg.profiling.ranks if r >= world_size] if cfg.profiling.enabled else []
     if absent:
         problems.append(f"profiling.ranks {absent} are not in a world of {world_size}: choose ranks in "
@@ -857,12 +874,18 @@ def _pipeline_problems(cfg: Config, device: str) -> list[str]:
     return problems
 
 
-def _flex_problems(par: ParallelConfig, device: str) -> list[str]:
+def _flex_problems(par: ParallelConfig, device: str, gpu_capability: tuple[int, int] | None) -> list[str]:
     if par.attention_kernel != "flex":
         return []
     if device != "cuda":
         return [f"parallel.attention_kernel=flex runs on CUDA only (FlexAttention has no backward pass on {device}): "
                 f"set parallel.attention_kernel=auto (flex where it is fused on CUDA, SDPA elsewhere) or sdpa"]
+    if not flex_suits_gpu(gpu_capability):
+        major, minor = gpu_capability  # type: ignore[misc]
+        need = ".".join(map(str, FLEX_MIN_CAPABILITY))
+        return [f"parallel.attention_kernel=flex needs an Ampere or later GPU (compute capability >= {need}); this "
+                f"one is {major}.{minor}, where FlexAttention's Triton kernel runs far slower than SDPA or fails to "
+                f"build: set parallel.attention_kernel=auto (SDPA here) or sdpa"]
     if par.flex_is_fused(device):
         return []
     return [f"parallel.attention_kernel=flex with parallel.compile={par.compile} and parallel.activation_checkpointing="
@@ -929,7 +952,7 @@ def _rampup_problems(cfg: Config) -> list[str]:
     return []
 
 
-def _derive(cfg: Config, world_size: int, device: str) -> Derived:
+def _derive(cfg: Config, world_size: int, device: str, gpu_capability: tuple[int, int] | None = None) -> Derived:
     par, train = cfg.parallel, cfg.train
     dp, _ = _data_parallel_size(par, world_size)
     return Derived(
@@ -945,7 +968,8 @@ def _derive(cfg: Config, world_size: int, device: str) -> Derived:
         head_dim=cfg.model.resolved_head_dim(),
         padded_vocab_size=padded_vocab_size(cfg.model.vocab_size, par.tp),
         stage_layers=stage_layers(cfg.model.num_layers, par),
-        attention_kernel=par.resolved_attention_kernel(device) if cfg.model.attention_mask == "document" else "sdpa",
+        attention_kernel=(par.resolved_attention_kernel(device, gpu_capability)
+                          if cfg.model.attention_mask == "document" else "sdpa"),
         run_dir=cfg.run_dir,
         checkpoint_dir=cfg.checkpoint_dir,
     )

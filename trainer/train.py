@@ -69,11 +69,13 @@ def plan_this_world(cfg: Config) -> Derived:
     """The derived plan for this process's world (WORLD_SIZE; one process without a launcher), on every rank before
     any process group: a plan that does not fit the world fails on every rank with its fix, not in a hang."""
     single_process_defaults()  # no launcher: a world of one
-    derived = cfg.validate_for_world(int(os.environ["WORLD_SIZE"]))
-    if derived.device == "cuda" and not torch.cuda.is_available():
+    if cfg.launch.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("launch.device is cuda but this process sees no CUDA device: run on a GPU node or set "
                           "launch.device=cpu (gloo)")
-    return derived
+    # The GPU generation decides the document mask's kernel (trainer.config.flex_suits_gpu). The first visible GPU
+    # answers for all: a job's GPUs are of one kind (one partition), and its index exists however they are mapped.
+    capability = torch.cuda.get_device_capability(0) if cfg.launch.device == "cuda" else None
+    return cfg.validate_for_world(int(os.environ["WORLD_SIZE"]), gpu_capability=capability)
 
 
 def join_process_groups(cfg: Config, derived: Derived) -> ParallelContext:

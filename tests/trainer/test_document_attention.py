@@ -139,6 +139,25 @@ def test_auto_is_flex_on_cuda_and_sdpa_on_cpu() -> None:
     assert load_config(TINY).validate_for_world(2, "cuda").attention_kernel == "sdpa"  # causal: flash, always
 
 
+@pytest.mark.parametrize(("capability", "auto_kernel"), [
+    ((7, 0), "sdpa"), ((7, 5), "sdpa"), ((8, 0), "flex"), ((8, 6), "flex"), ((9, 0), "flex"), ((10, 0), "flex"),
+    (None, "flex"),  # unknown (a dry run on a login node): an Ampere or later GPU is assumed
+])
+def test_auto_keeps_sdpa_before_ampere_and_flex_is_refused_there(capability: tuple[int, int] | None,
+                                                                 auto_kernel: str) -> None:
+    """FlexAttention's Triton kernel ran ~10× slower than SDPA on a V100 (7.0) and failed to build on a 2080 Ti
+    (7.5)."""
+    cfg = load_config(TINY, ["model.attention_mask=document"])
+    assert cfg.validate_for_world(2, "cuda", gpu_capability=capability).attention_kernel == auto_kernel
+    forced = load_config(TINY, ["model.attention_mask=document", "parallel.attention_kernel=flex"])
+    if auto_kernel == "flex":
+        assert forced.validate_for_world(2, "cuda", gpu_capability=capability).attention_kernel == "flex"
+    else:
+        with pytest.raises(ConfigError, match=rf"needs an Ampere or later GPU .* this one is {capability[0]}\.\d.* "
+                                              r"set parallel.attention_kernel=auto \(SDPA here\) or sdpa"):
+            forced.validate_for_world(2, "cuda", gpu_capability=capability)
+
+
 @pytest.mark.parametrize("compile_mode", ["auto", "off", "aot_eager"])
 @pytest.mark.parametrize("checkpointing", ["none", "selective", "core_attention", "full"])
 def test_auto_picks_flex_only_where_inductor_builds_its_kernel(compile_mode: str, checkpointing: str) -> None:
