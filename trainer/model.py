@@ -225,7 +225,8 @@ class DecoderLayer(nn.Module):
 
 
 class Llama(nn.Module):
-    """Input ids (B, T) → logits (B, T, padded_vocab_size). Padding rows are real rows that no label ever selects.
+    """Input ids (B, T) → logits (B, T, padded_vocab_size), or the final norm's output (B, T, hidden) with
+    `head_in_loss`. Padding rows are real rows that no label ever selects.
     `eos_token_id`: where documents end in a packed sample; needed to run when ModelConfig.uses_documents, else
     unused."""
 
