@@ -31,6 +31,10 @@ Overrides are dotted keys with YAML values (optim.betas=[0.9,0.95], data.dataset
 Every key with its type, default and meaning: docs/config.md.
 """
 
+# A tied model over pipeline stages (trainer/parallelize.py): what the dry run's pipeline line adds.
+_TIED_OVER_STAGES = ("; tied: lm_head is a copy of the embedding, its gradient summed with the embedding's over the "
+                     "first and last stage each step")
+
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -113,7 +117,8 @@ def _dry_run_report(cfg: Any, derived: Any, args: argparse.Namespace, world_sour
         f"world        {derived.world_size} processes ({world_source}) on {derived.device} = "
         f"tp {derived.tp} × pp {derived.pp} × dp {derived.dp}",
         *([f"pipeline     decoder layers per stage {list(derived.stage_layers)} (first to last; embedding on the "
-           f"first, lm_head on the last)"] if derived.pp > 1 else []),
+           f"first, lm_head on the last{_TIED_OVER_STAGES if cfg.model.tie_embeddings else ''})"]
+          if derived.pp > 1 else []),
         f"batch        {derived.global_batch_size} samples × {cfg.train.seq_len} tokens = "
         f"{derived.global_batch_size_tokens:,} tokens/step = micro {derived.micro_batch_size_per_gpu} × "
         f"grad_accum {derived.grad_accum_steps} × dp {derived.dp}",

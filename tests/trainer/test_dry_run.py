@@ -103,6 +103,10 @@ def test_uneven_pipeline_stages_from_the_command_line() -> None:
     out = pretrain("--config", "configs/70b.yaml", "--world-size", "192", "--dry-run", "parallel.pp=3")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "parallel.pipeline_stage_layers=[27,27,26]" in out.stderr
+    tied = pretrain("--config", "configs/tiny.yaml", "--world-size", "2", "--dry-run", "parallel.pp=2",
+                    "model.tie_embeddings=true")
+    assert tied.returncode == 0, tied.stderr
+    assert "lm_head on the last; tied: lm_head is a copy of the embedding" in tied.stdout
 
 
 def test_the_document_kernel_and_partial_checkpointing_are_shown() -> None:
