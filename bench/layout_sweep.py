@@ -11,10 +11,10 @@ checkpointing modes, the fused loss, and their products on 2 and 4 processes). T
 validation losses must equal the one-process ones within --rel-tol. configs/tiny.yaml, fp32, 8 steps, clipping active.
 
 The test suite proves the layouts that matter one by one (tests/trainer/test_parallel_training.py and friends); this
-sweep covers their products with each objective, which is too many for CI. It found the fused loss's collective
-mismatch in task scoring under ZeRO-3 and tied embeddings counted twice in the grad norm before either landed. Run it
-after touching trainer/parallelize.py, the loss, the engine or the checkpointer. A layout the config refuses (e.g. pp 2
-of 3 layers without a stage list) is listed with the refusal's first line, not run.
+sweep covers their products with each objective, which is too many for CI. Its forerunner caught tied embeddings
+counted twice in the grad norm under a pipeline before that landed. Run it after touching trainer/parallelize.py, the
+loss, the engine or the checkpointer. A layout the config refuses (e.g. pp 2 of 3 layers without a stage list) is
+listed with the refusal's first line, not run.
 
 Writes bench/out/layout_sweep.json. Exit status 1 if any layout differs or fails.
 """
