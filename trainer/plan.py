@@ -465,11 +465,14 @@ def _tied_embedding_comm_s(cfg: Config, derived: Derived, cluster: Cluster) -> f
     ReduceTiedGrads, nothing overlaps it). The two stages are tp·dp·(pp - 1) ranks apart."""
     if derived.pp == 1 or not cfg.model.tie_embeddings:
         return 0.0
-    mixed = cfg.precision.dtype != "fp32"
-    grad_bytes = (4 if (not mixed or cfg.precision.fp32_grad_accumulation) else 2)
-    nbytes = derived.padded_vocab_size * cfg.model.hidden_size // derived.tp * grad_bytes
+    nbytes = derived.padded_vocab_size * cfg.model.hidden_size // derived.tp * _grad_element_bytes(cfg)
     stride = derived.tp * derived.dp * (derived.pp - 1)
     return _collective_s(nbytes, 2, _link(cluster, stride, 2), "all_reduce")
+
+
+def _grad_element_bytes(cfg: Config) -> int:
+    """Bytes of one gradient element as the collectives move it: fp32 in fp32 runs and with fp32 accumulation."""
+    return 4 if cfg.precision.dtype == "fp32" or cfg.precision.fp32_grad_accumulation else 2
 
 
 def _dp_comm_exposed_s(cfg: Config, derived: Derived, cluster: Cluster, compute_micro_s: float) -> float:
@@ -487,9 +490,8 @@ def _dp_comm_exposed_s(cfg: Config, derived: Derived, cluster: Cluster, compute_
     link = _link(cluster, derived.tp, dp)
     # Each stage reduces its own parameters over its own DP group, all at once: the largest stage finishes last.
     params = max(stage_params_per_gpu(cfg.model, derived, stage) for stage in range(derived.pp))
-    mixed = cfg.precision.dtype != "fp32"
-    grad_bytes = params * (4 if (not mixed or cfg.precision.fp32_grad_accumulation) else 2)
-    weight_bytes = params * (2 if mixed else 4)
+    grad_bytes = params * _grad_element_bytes(cfg)
+    weight_bytes = params * (4 if cfg.precision.dtype == "fp32" else 2)
     reduce_buckets = math.ceil(params / z.reduce_bucket_size_elements)
     if stage == 0:
         return _collective_s(grad_bytes, dp, link, "all_reduce", reduce_buckets)
