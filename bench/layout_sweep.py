@@ -119,8 +119,8 @@ def sweep(objectives: list[str], rel_tol: float, work: Path) -> list[dict[str, A
             print(f"{objective:14} reference failed:\n{output}", flush=True)
             continue
         for nproc, layout in LAYOUTS:
-            overrides = [*base, *layout_overrides(objective, layout)]
-            name = " ".join(layout_overrides(objective, layout)) or "dp2"
+            own = layout_overrides(objective, layout)
+            overrides, name = [*base, *own], " ".join(own) or "dp2"
             row: dict[str, Any] = {"objective": objective, "layout": name, "nproc": nproc}
             refused = refusal(nproc, overrides)
             if refused:

@@ -4,8 +4,8 @@ Plain torchrun reports any failed worker as exit 1 and prints a ~30-line ChildFa
 run stopped as planned: 75 (checkpointed on a signal, requeue), 77 (diverged), 2 (config error), 74 (corrupt data),
 76 (hang), 79 (checkpointed to leave a straggler's node). This runs torchrun's own `run()` in this process, catches
 the ChildFailedError and exits with the code the job stands for (trainer.exit_codes.PRIORITY, the sbatch script's
-order too: a code that needs a person first), printing one line instead of a traceback. The workers' own messages and tracebacks are
-untouched (they are the workers' stderr).
+order too: a code that needs a person first), printing one line instead of a traceback. The workers' own messages
+and tracebacks are untouched (they are the workers' stderr).
 
     python -m launch.torchrun_agent --standalone --nproc_per_node=2 -m launch train --config ...
 """

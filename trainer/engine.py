@@ -122,7 +122,7 @@ def build_engine(pmodel: ParallelModel, cfg: Config, derived: Derived, ctx: Para
     if cfg.precision.dtype == "fp32" and cfg.zero.stage == 0 and cfg.optim.grad_clip > 0:
         params = list(engine.module.parameters())  # fixed from here on: no module walk per step
         counted = [p for p in params if (ctx.tp_rank == 0 or tp_partition_dim(p) is not None)
-                   and not getattr(p, "ds_pipe_replicated", False)]  # a tied embedding's copy on the last stage
+                   and p is not pmodel.tied_replica]  # a tied embedding's copy on the last stage
         engine.clip_fp32_gradients = functools.partial(_clip_fp32_gradients, engine, params, counted, ctx,
                                                        cfg.optim.grad_clip)
     return engine

@@ -29,8 +29,10 @@ from trainer.config import ModelConfig, RopeScalingConfig
 from trainer.document_attention import document_attention
 
 # The tensors whose rows are the vocabulary: padded beyond model.vocab_size (Derived.padded_vocab_size), and those
-# rows are kept at exactly zero (init_weights; no gradient reaches them through lm_loss).
-VOCAB_PARAM_NAMES = ("embed_tokens.weight", "lm_head.weight")
+# rows are kept at exactly zero (init_weights; no gradient reaches them through lm_loss). Tied embeddings are the
+# first alone (named_parameters() lists the shared tensor once, under its first name).
+EMBED_WEIGHT, LM_HEAD_WEIGHT = "embed_tokens.weight", "lm_head.weight"
+VOCAB_PARAM_NAMES = (EMBED_WEIGHT, LM_HEAD_WEIGHT)
 
 
 class RMSNorm(nn.Module):

@@ -68,9 +68,7 @@ from trainer.compile import compile_layers
 from trainer.loss import ZLoss, chunked_lm_loss, chunked_vocab_parallel_lm_loss, fused_linear_lm_loss
 from trainer.config import Config, Derived, ModelConfig
 from trainer.float8 import convert_to_float8
-from trainer.model import VOCAB_PARAM_NAMES, Llama, document_ids, init_std_for
-
-TIED_EMBEDDING = "embed_tokens.weight"  # the one tensor of tied embeddings: what checkpoints and the HF export hold
+from trainer.model import EMBED_WEIGHT, LM_HEAD_WEIGHT, VOCAB_PARAM_NAMES, Llama, document_ids, init_std_for
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -100,7 +98,7 @@ class ParallelModel:
         """(name in the unsharded, unpipelined model, this rank's parameter (a TP shard where `tp_partition_dim`))."""
         for name, param in self.module.named_parameters():
             if param is self.tied_replica:
-                yield TIED_EMBEDDING, param
+                yield EMBED_WEIGHT, param
             else:
                 yield (canonical_name(name, self.num_layers) if self.is_pipeline else name), param
 
@@ -439,8 +437,8 @@ def init_weights_deterministic(model: nn.Module, model_cfg: ModelConfig, seed: i
     for name, param in model.named_parameters():
         if param.is_meta:
             continue
-        if name == "lm_head.weight" and model_cfg.tie_embeddings:  # the last stage's copy of a tied embedding (pp > 1)
-            name = TIED_EMBEDDING
+        if name == LM_HEAD_WEIGHT and model_cfg.tie_embeddings:  # the last stage's copy of a tied embedding (pp > 1)
+            name = EMBED_WEIGHT
         std = init_std_for(name, model_cfg)
         if std is None:  # a norm weight
             param.fill_(1.0)
@@ -670,10 +668,6 @@ def _stage_list_pipeline_class() -> type:
         def get_tied_weights_and_groups(self) -> list[tuple[nn.Parameter, Any]]:
             # The pipeline engine sums these gradients over their group after the last backward (ReduceTiedGrads).
             return [self.tied_embedding] if self.tied_embedding is not None else []
-
-        def allreduce_tied_weight_gradients(self) -> None:
-            for weight, group in self.get_tied_weights_and_groups():
-                dist.all_reduce(weight.grad, group=group)
 
         def _partition_layers(self, method: str = "uniform") -> None:
             # DeepSpeed passes partition_method through; _pipeline always gives "bounds:...".
